@@ -1,0 +1,305 @@
+"""The run configuration: one typed schema in sections, loaded from YAML plus `dotted.key=value` overrides.
+
+Every field is a dataclass field whose `help` metadata is its documentation: `docs/config.md` is
+generated from it (`loratune config-docs`), and a test fails if the two drift. Loading is strict, as
+qlora.py was not: an unknown key, a wrong type or an impossible combination raises `ConfigError`
+naming the key, what was given and what is allowed. Defaults follow the QLoRA paper (Dettmers et al.
+2023) where it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from loratune.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with documentation; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+REQUIRED = "<required>"
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(REQUIRED, "Base model: a local folder or a hub id (or `demo://llama` for the built-in offline demo model).")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+    tokenizer: str | None = _f(None, "Tokenizer folder or hub id, if not the model's own.")
+    trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off by default: only enable it for models you trust.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f("sdpa", "Attention kernel passed to transformers.")
+
+
+@dataclass
+class QuantizationConfig:
+    bits: Literal[4, 8, 16, 32] = _f(4, "Precision of the frozen base: 4 (QLoRA), 8 (LLM.int8), 16 (plain LoRA in `compute_dtype`) or 32.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type; NF4 is the QLoRA paper's NormalFloat.")
+    double_quant: bool = _f(True, "Quantize the quantization constants too (saves about 0.37 bits per weight).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "Dtype of matmuls and of 16-bit weights. auto: bf16 on a GPU that has it (the paper), fp16 on older GPUs, fp32 on CPU.")
+
+
+@dataclass
+class AdapterConfig:
+    type: Literal["lora", "none"] = _f("lora", "`lora` trains adapters on a frozen base; `none` is full fine-tuning (needs bits 16 or 32).")
+    rank: int = _f(64, "LoRA rank r (paper: 64).")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rslora). Paper: 16.")
+    dropout: float = _f(0.1, "Dropout on the adapter input (paper: 0.1 up to 13B, 0.05 for 33B and 65B).")
+    target_modules: Union[Literal["all-linear"], list[str]] = _f("all-linear", "`all-linear` (every linear layer but the output head, found from the model) or a list of module name suffixes.")
+    exclude_modules: list[str] = _f([], "Module name suffixes never to adapt, applied after target_modules.")
+    rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. `lm_head` after adding tokens).")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = _f(REQUIRED, "A file (.json, .jsonl, .csv, .tsv, .parquet, .txt) or a folder of them.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "prompt_completion", "text", "oasst"] = _f(
+        "auto", "Record format; auto detects it from the records.")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = _f([], "Training datasets.")
+    template: str = _f("auto", "Chat template: `auto` (the tokenizer's own, else chatml), a built-in name, or a path to a .jinja file.")
+    max_length: int = _f(1024, "Cutoff length in tokens of one training sequence.")
+    train_on: Literal["assistant", "all", "last"] = _f("assistant", "Which tokens carry loss: assistant turns, every token, or the last assistant turn.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")
+    batch_size: int = _f(1, "Micro-batch size (sequences per forward pass).")
+    grad_accum: int = _f(16, "Micro-batches accumulated per optimizer step (paper: effective batch 16).")
+    lr: float = _f(2e-4, "Peak learning rate (paper: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B).")
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"] = _f(
+        "paged_adamw_32bit", "Optimizer; paged variants spill state to host memory under memory pressure (paper: paged AdamW 32-bit).")
+    weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warmup (paper: constant).")
+    warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up from 0 (paper: 0.03).")
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm (paper: 0.3); 0 disables clipping.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "Non-reentrant activation checkpointing; auto: on for 4- and 8-bit bases.")
+    seed: int = _f(42, "Seed for weights init, data order and dropout.")
+    log_every: int = _f(10, "Log metrics every N optimizer steps.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("outputs/run", "Output folder: adapter, tokenizer, resolved config, metrics.")
+    overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
+    sample_prompts: list[str] = _f([], "Prompts answered (greedy) before and after training, to show what changed.")
+    sample_max_new_tokens: int = _f(48, "New tokens generated per sample prompt.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dicts become dataclasses)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed and type(value) in {type(a) for a in allowed}:
+            return value
+        suggestion = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        return [_coerce(v, get_args(tp)[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        return _build(tp, value, key)
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{key}': {hint}allowed here: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if getattr(obj, f.name) == REQUIRED:
+            raise ConfigError(f"config key '{prefix + '.' if prefix else ''}{f.name}' is required: {f.metadata['help']}")
+    return obj
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override to the raw mapping; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i])}' has no item {part}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            raise ConfigError(f"override '{dotted}': index {last} is out of range")
+        node[int(last):int(last) + 1] = [value]
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate, and return the typed `Config`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values and combinations that cannot work, naming the keys involved."""
+    q, a, t, d = cfg.quantization, cfg.adapter, cfg.train, cfg.data
+    checks = [
+        (a.type == "none" and q.bits in (4, 8),
+         f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
+        (a.rank < 1, f"adapter.rank must be >= 1, got {a.rank}"),
+        (a.alpha <= 0, f"adapter.alpha must be > 0, got {a.alpha}"),
+        (not 0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}"),
+        (isinstance(a.target_modules, list) and not a.target_modules, "adapter.target_modules is an empty list; use 'all-linear' or name modules"),
+        (t.lr <= 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.batch_size < 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.grad_accum < 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0), "set train.max_steps > 0 or train.epochs > 0"),
+        (not 0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (t.max_grad_norm < 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}"),
+        (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (d.max_length < 8, f"data.max_length must be >= 8, got {d.max_length}"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ConfigError(message)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for YAML output and hashing)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def reference_markdown() -> str:
+    """Markdown reference of every key, its type, default and meaning, generated from the schema."""
+    lines = ["# Configuration reference", "",
+             "Generated from `src/loratune/config.py` by `loratune config-docs`; do not edit by hand.",
+             "Every key can be set in the YAML file or overridden on the command line as `section.key=value`.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        nested = []
+        lines.extend([f"## `{prefix}`", "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            inner = get_args(tp)[0] if get_origin(tp) is list else tp
+            if dataclasses.is_dataclass(inner):
+                nested.append((inner, f"{prefix}.{f.name}" + ("[]" if inner is not tp else "")))
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = "required" if default == REQUIRED else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            lines.append(f"| `{f.name}` | {_type_name(tp)} | {shown} | {f.metadata.get('help', '')} |")
+        lines.append("")
+        for cls_, pre in nested:
+            section(cls_, pre)
+
+    for f in dataclasses.fields(Config):
+        section(typing.get_type_hints(Config)[f.name], f.name)
+    return "\n".join(lines)

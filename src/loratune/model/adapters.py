@@ -1,0 +1,109 @@
+"""The one place that decides which modules get adapters, and attaches them through peft.
+
+Targets are found from the model, not from a list of names: every linear layer (plain, bitsandbytes
+4-bit or 8-bit) except the output head, which the model itself names through `get_output_embeddings()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from loratune.config import AdapterConfig
+from loratune.errors import ConfigError
+
+
+def _linear_types() -> tuple[type, ...]:
+    import bitsandbytes as bnb
+
+    return (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every linear layer except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, _linear_types()) and mod is not head]
+
+
+def _suffix_match(name: str, suffixes: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def select_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """The full names of the modules that will carry adapters, after target and exclude lists."""
+    linears = linear_module_names(model)
+    if cfg.target_modules == "all-linear":
+        chosen = linears
+    else:
+        chosen = [n for n in linears if _suffix_match(n, cfg.target_modules)]
+        missing = [s for s in cfg.target_modules if not any(_suffix_match(n, [s]) for n in linears)]
+        if missing:
+            leafs = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ConfigError(f"adapter.target_modules: no linear layer named {missing} in this model; "
+                              f"its linear layers are: {', '.join(leafs)}")
+    chosen = [n for n in chosen if not _suffix_match(n, cfg.exclude_modules)]
+    if not chosen:
+        raise ConfigError("adapter.target_modules/exclude_modules leave no module to adapt")
+    return chosen
+
+
+def _compact(model: nn.Module, targets: list[str]) -> list[str]:
+    """Leaf names when they pick exactly `targets` (readable adapter_config.json), else full names."""
+    leafs = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    picked = [n for n, _ in model.named_modules() if n and _suffix_match(n, leafs)]
+    return leafs if sorted(picked) == sorted(targets) else targets
+
+
+def lora_config(model: nn.Module, cfg: AdapterConfig) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=_compact(model, select_targets(model, cfg)),
+        use_rslora=cfg.rslora, use_dora=cfg.dora, modules_to_save=cfg.modules_to_save or None,
+        bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig) -> nn.Module:
+    """Freeze the base and add LoRA adapters (fp32 weights), or unfreeze everything for full fine-tuning."""
+    if cfg.type == "none":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # autocast_adapter_dtype keeps the adapter weights in fp32 on a 16-bit or 4-bit base: the updates
+    # are small relative to the weights and would be rounded away in bf16.
+    return get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the number of values they hold."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:  # packed two 4-bit values per byte
+            n = p.quant_state.shape.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def expected_lora_parameters(model: nn.Module, targets: list[str], rank: int) -> int:
+    """r * (d_in + d_out) summed over target modules: the trainable count LoRA must have."""
+    mods = dict(model.named_modules())
+    total = 0
+    for name in targets:
+        m = mods[name]
+        total += rank * (m.in_features + m.out_features)
+    return total
+
+
+def is_peft(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def adapters_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)

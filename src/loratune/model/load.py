@@ -1,0 +1,128 @@
+"""Load a base model and its tokenizer the way the config asks: 4/8/16/32-bit, with tokenizer hygiene.
+
+The model goes through transformers' auto classes (a local folder or a hub id), so what runs in tests
+on tiny offline models is the same path a real checkpoint takes. `demo://FAMILY` names the built-in
+offline demo model, built reproducibly and cached on first use (see `loratune.model.tiny`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from loratune.config import Config, ModelConfig
+from loratune.errors import ModelError
+from loratune.model.quant import bnb_config, resolve_compute_dtype
+
+log = logging.getLogger(__name__)
+
+DEMO_SCHEME = "demo://"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the data and inference stages must know about special tokens, recorded once at load.
+
+    `adds_bos`: encoding plain text prepends BOS. `pad_is_eos`: no distinct pad token exists, so pad
+    shares eos's id; loratune masks padding by position, so eos is still supervised and the model
+    still learns to stop.
+    """
+
+    bos_token: str | None
+    bos_id: int | None
+    eos_token: str
+    eos_id: int
+    pad_id: int
+    pad_is_eos: bool
+    adds_bos: bool
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORATUNE_CACHE", Path.home() / ".cache" / "loratune"))
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn `demo://FAMILY[-SIZE]` into the folder of the cached demo model (building it once)."""
+    if not path.startswith(DEMO_SCHEME):
+        return path
+    from loratune.model.tiny import FAMILIES, SIZES, build_tiny
+
+    name = path[len(DEMO_SCHEME):]
+    family, _, size = name.partition("-")
+    size = size or "demo"
+    if family not in FAMILIES or size not in SIZES:
+        raise ModelError(f"unknown demo model {path!r}; known: " +
+                         ", ".join(f"{DEMO_SCHEME}{f}[-{'|'.join(SIZES)}]" for f in FAMILIES))
+    folder = cache_dir() / "demo" / f"{family}-{size}-seed0"
+    if not (folder / "config.json").is_file():
+        log.info("building the demo model %s in %s (once)", path, folder)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build_tiny(family, tmp, size=size, seed=0)
+        tmp.replace(folder) if not folder.exists() else None
+    return str(folder)
+
+
+def load_tokenizer(mcfg: ModelConfig):
+    """Load the tokenizer and make its special tokens safe for training; returns (tokenizer, info)."""
+    source = resolve_model_path(mcfg.tokenizer or mcfg.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer from {source!r}: {e}".splitlines()[0]) from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {source!r} has no eos token; set one in its tokenizer_config.json")
+    pad_is_eos = False
+    if tok.pad_token_id is None:
+        if tok.unk_token_id is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.pad_token = tok.eos_token
+            pad_is_eos = True
+            log.info("the tokenizer has no pad or unk token: padding uses eos (id %d); padding is masked by "
+                     "position, so eos is still learned", tok.eos_token_id)
+    else:
+        pad_is_eos = tok.pad_token_id == tok.eos_token_id
+    tok.padding_side = "right"
+    probe = tok("a").input_ids
+    adds_bos = tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
+    info = TokenizerInfo(tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id,
+                         tok.pad_token_id, pad_is_eos, adds_bos)
+    return tok, info
+
+
+def load_base(cfg: Config) -> PreTrainedModel:
+    """Load the frozen base in the precision `cfg.quantization` asks for."""
+    q = cfg.quantization
+    compute = resolve_compute_dtype(q.compute_dtype)
+    # Trainable weights stay fp32: full fine-tuning loads fp32 master weights (compute may autocast).
+    weight_dtype = torch.float32 if (cfg.adapter.type == "none" or q.bits == 32) else compute
+    source = resolve_model_path(cfg.model.path)
+    kwargs = dict(
+        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation, dtype=weight_dtype,
+        quantization_config=bnb_config(q, compute),
+    )
+    if torch.cuda.is_available() and q.bits in (4, 8):
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model from {source!r}: {e}".splitlines()[0]) from None
+    model.config.use_cache = False
+    return model
+
+
+def enable_checkpointing(model: PreTrainedModel, cfg: Config) -> bool:
+    """Non-reentrant activation checkpointing, on by default for quantized bases; returns whether on."""
+    mode = cfg.train.gradient_checkpointing
+    on = mode == "on" or (mode == "auto" and cfg.quantization.bits in (4, 8))
+    if on:
+        # Non-reentrant checkpointing propagates gradients to adapters even though the embedding
+        # output does not require grad, so no `enable_input_require_grads` hook is needed.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return on
