@@ -90,10 +90,13 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warmup (paper: constant).")
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up from 0 (paper: 0.03).")
+    warmup_steps: int = _f(0, "Warmup in optimizer steps; when > 0 it replaces warmup_ratio.")
+    loraplus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = lr x this ratio (e.g. 16); 0 disables.")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (paper: 0.3); 0 disables clipping.")
     gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "Non-reentrant activation checkpointing; auto: on for 4- and 8-bit bases.")
     seed: int = _f(42, "Seed for weights init, data order and dropout.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.")
+    max_nonfinite: int = _f(5, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
 
 
 @dataclass
@@ -258,6 +261,10 @@ def validate(cfg: Config) -> None:
         (t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0), "set train.max_steps > 0 or train.epochs > 0"),
         (not 0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.max_grad_norm < 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}"),
+        (t.warmup_steps < 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.loraplus_ratio < 0, f"train.loraplus_ratio must be >= 0, got {t.loraplus_ratio}"),
+        (t.loraplus_ratio > 0 and a.type == "none", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
+        (t.max_nonfinite < 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}"),
         (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (d.max_length < 8, f"data.max_length must be >= 8, got {d.max_length}"),
     ]
