@@ -18,9 +18,11 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 def _train(args: argparse.Namespace) -> None:
     from loratune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors surface before torch is imported
     from loratune.train.run import train
 
-    train(load_config(args.config, args.overrides))
+    train(cfg)
 
 
 def _config_docs(args: argparse.Namespace) -> None:

@@ -193,6 +193,9 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
             raise ConfigError(f"unknown config key '{key}': {hint}allowed here: {', '.join(names)}")
         kwargs[k] = _coerce(v, hints[k], key)
+    for f in dataclasses.fields(cls):  # absent sections are built from {} so their required keys are checked
+        if f.name not in kwargs and dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, f"{prefix}.{f.name}" if prefix else f.name)
     obj = cls(**kwargs)
     for f in dataclasses.fields(cls):
         if getattr(obj, f.name) == REQUIRED:

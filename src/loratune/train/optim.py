@@ -1,0 +1,73 @@
+"""Optimizers and learning-rate schedules.
+
+Weight decay never touches biases, norms or embeddings' 1-D parameters: decaying a norm's gain pulls it
+toward zero, which is not regularisation but damage. LoRA+ gives the B matrices their own group with a
+learning rate `lr * loraplus_ratio` (Hayou et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from loratune.config import TrainConfig
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Trainable parameters split into decay / no-decay (and LoRA-B for LoRA+) groups."""
+    decay, no_decay, lora_b = [], [], []
+    ratio = cfg.loraplus_ratio
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ratio and "lora_B" in name:
+            lora_b.append(p)
+        elif p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"}]
+    if lora_b:
+        groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr": cfg.lr * ratio, "name": "lora_B"})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    betas = (0.9, cfg.adam_beta2)
+    if cfg.optimizer == "adamw":
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "adamw_8bit": bnb.optim.AdamW8bit}[cfg.optimizer]
+    return cls(groups, lr=cfg.lr, betas=betas)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr at step s: linear warmup over `warmup` steps, then `kind`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+    return f
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup_steps(cfg, total_steps), total_steps))
