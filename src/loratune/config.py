@@ -93,7 +93,7 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Warmup in optimizer steps; when > 0 it replaces warmup_ratio.")
     loraplus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = lr x this ratio (e.g. 16); 0 disables.")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (paper: 0.3); 0 disables clipping.")
-    gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "Non-reentrant activation checkpointing; auto: on for 4- and 8-bit bases.")
+    gradient_checkpointing: Union[Literal["auto"], bool] = _f("auto", "Non-reentrant activation checkpointing: true, false, or auto (on for 4- and 8-bit bases).")
     seed: int = _f(42, "Seed for weights init, data order and dropout.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.")
     max_nonfinite: int = _f(5, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")

@@ -120,7 +120,7 @@ def load_base(cfg: Config) -> PreTrainedModel:
 def enable_checkpointing(model: PreTrainedModel, cfg: Config) -> bool:
     """Non-reentrant activation checkpointing, on by default for quantized bases; returns whether on."""
     mode = cfg.train.gradient_checkpointing
-    on = mode == "on" or (mode == "auto" and cfg.quantization.bits in (4, 8))
+    on = mode is True or (mode == "auto" and cfg.quantization.bits in (4, 8))
     if on:
         # Non-reentrant checkpointing propagates gradients to adapters even though the embedding
         # output does not require grad, so no `enable_input_require_grads` hook is needed.
