@@ -1,0 +1,241 @@
+"""Load a base model with zero, one or several adapters for inference, and render prompts as training did.
+
+An adapter folder is what `loratune train` writes: the PEFT adapter, the tokenizer with the chat template
+used in training, `loratune.yaml` (the resolved config: which base, which precision) and
+`loratune_run.json` (the template's name and end-of-turn text). Loading from it means inference renders
+prompts with the same template and special tokens as training, and stops at the same end of turn.
+
+Several adapters share one base (peft multi-adapter: `load_adapter`, then `set_adapter` per request);
+the base alone is served too, with the adapters disabled. `Engine` is the handle chat and serve use: it
+owns the model, a lock (one generation at a time: adapter switching is global state on the model), and
+one `PromptFormat` per served name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratune.config import Config, ModelConfig, QuantizationConfig, load_config
+from loratune.data.templates import TEMPLATES
+from loratune.errors import ModelError
+from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
+from loratune.infer.sampling import SamplingParams
+from loratune.model.load import load_base, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+BASE_NAME = "base"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A training output folder: where it is, the config it was trained with, its template's stop text."""
+
+    path: Path
+    cfg: Config
+    template: str | None
+    stop: str | None
+
+
+def is_run_folder(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def read_run_folder(path: str | Path) -> RunFolder:
+    folder = Path(path)
+    if not is_run_folder(folder):
+        raise ModelError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    if not (folder / "loratune.yaml").is_file():
+        raise ModelError(f"{folder} has no loratune.yaml: it was not written by `loratune train`, so its base "
+                         "model and chat template are unknown")
+    cfg = load_config(folder / "loratune.yaml")
+    run = {}
+    if (folder / "loratune_run.json").is_file():
+        run = json.loads((folder / "loratune_run.json").read_text(encoding="utf-8"))
+    template = run.get("template") or {}
+    return RunFolder(folder, cfg, template.get("name"), template.get("stop"))
+
+
+@dataclass
+class PromptFormat:
+    """Turns messages or text into token ids and back, and knows what ends an answer."""
+
+    tokenizer: object
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...] = ()
+    chat_template: str | None = None
+
+    def render(self, messages: Sequence[dict]) -> list[int]:
+        """The prompt for the next assistant turn, rendered by the chat template (it adds BOS, if any)."""
+        text = self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
+                                                  tokenize=False, add_generation_prompt=True)
+        return self.encode(text, special=False)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of raw text; `special` adds BOS as the tokenizer does for plain text."""
+        return list(self.tokenizer(text, add_special_tokens=special).input_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def _eos_ids(model: torch.nn.Module) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def make_format(tokenizer, model: torch.nn.Module, stop_text: str | None) -> PromptFormat:
+    """Stop at eos, at the model's generation-config eos ids, and at the template's end of turn.
+
+    The end-of-turn text is a stop token when it is one token (`<|eot_id|>`, `<end_of_turn>`), else a stop
+    string.
+    """
+    ids = {int(tokenizer.eos_token_id)} | _eos_ids(model)
+    strings: tuple[str, ...] = ()
+    template = tokenizer.chat_template
+    if not template:  # a base model without a template: chatml, like data.template=auto does
+        template, stop_text = TEMPLATES["chatml"].jinja, stop_text or TEMPLATES["chatml"].stop
+    if stop_text and stop_text != "{eos}":
+        pieces = tokenizer(stop_text, add_special_tokens=False).input_ids
+        if len(pieces) == 1:
+            ids.add(int(pieces[0]))
+        else:
+            strings = (stop_text,)
+    return PromptFormat(tokenizer, frozenset(ids), strings, template)
+
+
+@dataclass
+class Engine:
+    """A loaded model and the names it serves: `base` and one per adapter."""
+
+    model: torch.nn.Module
+    formats: dict[str, PromptFormat]
+    adapters: dict[str, str | None]  # public name -> peft adapter name (None: the base)
+    context_length: int
+    default: str
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def format(self, name: str | None = None) -> PromptFormat:
+        return self.formats[name or self.default]
+
+    @contextlib.contextmanager
+    def _use(self, name: str) -> Iterator[None]:
+        inner = self.adapters[name]
+        if not hasattr(self.model, "set_adapter"):
+            yield
+        elif inner is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(inner)
+            yield
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, name: str | None = None,
+                 cancel: Cancel = _never) -> Iterator[Delta | Finish]:
+        """Stream the answers to already-tokenized prompts with model `name` (one generation at a time)."""
+        name = name or self.default
+        fmt = self.formats[name]
+        with self._lock, self._use(name):
+            yield from generate_text(self.model, prompts, params, decode=fmt.decode, stop_ids=fmt.stop_ids,
+                                     pad_id=fmt.pad_id, cancel=cancel, max_total=self.context_length)
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams, name: str | None = None,
+             cancel: Cancel = _never) -> Iterator[Delta | Finish]:
+        fmt = self.format(name)
+        params = params.with_updates(stop=tuple(dict.fromkeys(params.stop + fmt.stop_strings)))
+        return self.generate([fmt.render(messages)], params, name, cancel)
+
+
+def parse_source(spec: str) -> tuple[str | None, str]:
+    """`NAME=PATH` or `PATH` -> (name or None, path)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name and ":" not in name:
+        return name, path
+    return None, spec
+
+
+def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str = BASE_NAME) -> Engine:
+    """Load adapters (`[NAME=]FOLDER`) on their common base, or a plain model (a folder, hub id, demo://).
+
+    `bits` overrides the precision the adapters were trained with (4, 8, 16 or 32).
+    """
+    if not sources:
+        raise ModelError("name a model or an adapter folder")
+    runs: list[tuple[str, RunFolder]] = []
+    plain: list[str] = []
+    for spec in sources:
+        name, path = parse_source(spec)
+        if is_run_folder(path):
+            runs.append((name or Path(path).resolve().name, read_run_folder(path)))
+        else:
+            plain.append(path)
+    if len(plain) > 1 or (plain and runs):
+        raise ModelError("serve either one plain model, or adapter folders that share one base; got "
+                         + ", ".join(sources))
+    cfg = _inference_config(runs, plain, bits)
+    names = [n for n, _ in runs]
+    if len(set(names) | {base_name}) != len(names) + 1:
+        raise ModelError(f"model names must be unique and differ from {base_name!r}: {names}")
+
+    model = load_base(cfg)
+    if torch.cuda.is_available() and cfg.quantization.bits in (16, 32):
+        model = model.to("cuda")
+    base_tok, _ = load_tokenizer(cfg.model)
+    formats = {base_name: make_format(base_tok, model, None)}
+    adapters: dict[str, str | None] = {base_name: None}
+    if runs:
+        from peft import PeftModel
+
+        for i, (name, run) in enumerate(runs):
+            inner = f"adapter{i}"  # peft names become module keys: keep user names out of them
+            if i == 0:
+                model = PeftModel.from_pretrained(model, str(run.path), adapter_name=inner)
+            else:
+                model.load_adapter(str(run.path), adapter_name=inner)
+            tok, _ = load_tokenizer(ModelConfig(path=str(run.path)))
+            _check_vocab(tok, model, run.path)
+            formats[name] = make_format(tok, model, run.stop)
+            adapters[name] = inner
+    model.eval()
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    default = names[0] if names else base_name
+    return Engine(model, formats, adapters, context, default)
+
+
+def _inference_config(runs: list[tuple[str, RunFolder]], plain: list[str], bits: int | None) -> Config:
+    if runs:
+        cfg = runs[0][1].cfg
+        base = resolve_model_path(cfg.model.path)
+        for name, run in runs[1:]:
+            if resolve_model_path(run.cfg.model.path) != base:
+                raise ModelError(f"adapter {name!r} was trained on {run.cfg.model.path!r}, but "
+                                 f"{runs[0][0]!r} on {cfg.model.path!r}: adapters served together need one base")
+        cfg = Config(model=cfg.model, quantization=cfg.quantization)
+    else:
+        cfg = Config(model=ModelConfig(path=plain[0]), quantization=QuantizationConfig(bits=16))
+    if bits is not None:
+        cfg.quantization = QuantizationConfig(**{**cfg.quantization.__dict__, "bits": bits})
+    return cfg
+
+
+def _check_vocab(tokenizer, model: torch.nn.Module, folder: Path) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{rows} rows")

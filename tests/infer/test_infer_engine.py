@@ -1,0 +1,233 @@
+"""The generation loop: against a mock model (no tokenizer, no weights) and against tiny real models."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loratune.infer.engine import Delta, Finish, decode_steps, generate_text, left_pad
+from loratune.infer.sampling import SamplingParams
+
+V = 16
+
+
+class CountingModel(torch.nn.Module):
+    """next token = (last token + 1) mod V, as near-one-hot logits; records every forward's shapes.
+
+    It checks the loop's contract: after prefill, one token per row; the attention mask grows by one per
+    step; positions continue each row's own count (left padding).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[tuple[tuple[int, ...], tuple[int, ...], list[list[int]]]] = []
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, **kw):
+        self.calls.append((tuple(input_ids.shape), tuple(attention_mask.shape), position_ids.tolist()))
+        last = input_ids[:, -1]
+        logits = torch.full((input_ids.shape[0], 1, V), -10.0)
+        logits[torch.arange(len(last)), 0, (last + 1) % V] = 10.0
+        return SimpleNamespace(logits=logits, past_key_values=(past_key_values or 0) + 1)
+
+
+def test_left_pad_aligns_prompts_on_the_right() -> None:
+    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_mock_loop_feeds_one_token_per_step_with_per_row_positions() -> None:
+    model = CountingModel()
+    steps = list(decode_steps(model, [[1, 2, 3], [7]], SamplingParams(max_new_tokens=3),
+                              stop_ids=frozenset(), pad_id=0))
+    assert steps == [[4, 8], [5, 9], [6, 10]]
+    (shape0, mask0, pos0), (shape1, mask1, pos1), (_, mask2, pos2) = model.calls
+    assert shape0 == (2, 3) and pos0 == [[0, 1, 2], [0, 0, 0]]  # prefill
+    assert shape1 == (2, 1) and mask1 == (2, 4) and pos1 == [[3], [1]]
+    assert mask2 == (2, 5) and pos2 == [[4], [2]]
+
+
+def test_mock_stop_token_ends_only_its_row() -> None:
+    steps = list(decode_steps(CountingModel(), [[1], [10]], SamplingParams(max_new_tokens=6),
+                              stop_ids=frozenset({12}), pad_id=0))
+    assert steps == [[2, 11], [3, 12], [4, None], [5, None], [6, None], [7, None]]
+
+
+def test_mock_all_rows_stopped_ends_the_loop_and_cancel_stops_it() -> None:
+    model = CountingModel()
+    steps = list(decode_steps(model, [[1]], SamplingParams(max_new_tokens=50), stop_ids=frozenset({3}), pad_id=0))
+    assert steps == [[2], [3]] and len(model.calls) == 2
+    n = iter(range(100))
+    steps = list(decode_steps(CountingModel(), [[1]], SamplingParams(max_new_tokens=50), stop_ids=frozenset(),
+                              pad_id=0, cancel=lambda: next(n) >= 4))
+    assert len(steps) == 4
+
+
+def test_mock_context_limit_caps_new_tokens() -> None:
+    steps = list(decode_steps(CountingModel(), [[1, 2, 3]], SamplingParams(max_new_tokens=50),
+                              stop_ids=frozenset(), pad_id=0, max_total=5))
+    assert len(steps) == 2
+
+
+def _letters(ids) -> str:
+    return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_generate_text_stop_string_is_cut_and_never_streamed() -> None:
+    # The mock counts b, c, d, e, f ...; stop at "de": the stream must show "bc" and nothing of "d".
+    events = list(generate_text(CountingModel(), [[0]], SamplingParams(max_new_tokens=10, stop=("de",)),
+                                decode=_letters, stop_ids=frozenset(), pad_id=0))
+    deltas = [e.text for e in events if isinstance(e, Delta) and e.token_id is not None]
+    assert "".join(deltas) == "bc"
+    assert all("d" not in t for t in deltas)
+    assert events[-1] == Finish(0, "stop", 1, 4, "de")
+
+
+def test_generate_text_held_back_prefix_is_released_when_not_a_stop() -> None:
+    events = list(generate_text(CountingModel(), [[0]], SamplingParams(max_new_tokens=3, stop=("dx",)),
+                                decode=_letters, stop_ids=frozenset(), pad_id=0))
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "bcd"
+    assert events[-1].reason == "length" and events[-1].completion_tokens == 3
+
+
+def test_generate_text_stop_token_excluded_and_counted() -> None:
+    events = list(generate_text(CountingModel(), [[0], [5]], SamplingParams(max_new_tokens=10),
+                                decode=_letters, stop_ids=frozenset({4}), pad_id=0))
+    finishes = {e.row: e for e in events if isinstance(e, Finish)}
+    text0 = "".join(e.text for e in events if isinstance(e, Delta) and e.row == 0)
+    assert text0 == "bcd" and finishes[0] == Finish(0, "stop", 1, 4, 4)
+    assert finishes[1].reason == "length" and finishes[1].completion_tokens == 10
+
+
+# ---------------------------------------------------------------------------------------- real models
+
+
+def manual_greedy(model, prompt: list[int], n: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """The reference: no cache, no padding, a full forward per token, argmax of the last position."""
+    ids = list(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            token = int(logits.argmax())
+            out.append(token)
+            ids.append(token)
+            if token in stop_ids:
+                break
+    return out
+
+
+def _prompts(fmt) -> list[list[int]]:
+    texts = ["Hello there, how are you?", "A", "The quick brown fox jumps over the lazy dog again and again"]
+    return [fmt.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("name", ["base", "alpha"])
+def test_greedy_batched_with_cache_equals_manual_argmax_loop(engine, name: str) -> None:
+    fmt = engine.format(name)
+    prompts = _prompts(fmt)
+    with engine._use(name):
+        got = list(decode_steps(engine.model, prompts, SamplingParams(max_new_tokens=12),
+                                stop_ids=frozenset(), pad_id=fmt.pad_id))
+        for row, prompt in enumerate(prompts):
+            assert [s[row] for s in got] == manual_greedy(engine.model, prompt, 12)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "mistral"])
+def test_greedy_equals_manual_loop_other_families(tiny_models, family: str) -> None:
+    from loratune.infer.load import load_engine
+
+    eng = load_engine([str(tiny_models[family])])
+    fmt = eng.format()
+    prompts = _prompts(fmt)
+    got = list(decode_steps(eng.model, prompts, SamplingParams(max_new_tokens=8), stop_ids=frozenset(),
+                            pad_id=fmt.pad_id))
+    for row, prompt in enumerate(prompts):
+        assert [s[row] for s in got] == manual_greedy(eng.model, prompt, 8)
+
+
+def test_greedy_matches_transformers_generate(engine) -> None:
+    fmt = engine.format("alpha")
+    prompt = fmt.render([{"role": "user", "content": "What is LoRA?"}])
+    with engine._use("alpha"):
+        ours = [s[0] for s in decode_steps(engine.model, [prompt], SamplingParams(max_new_tokens=10),
+                                           stop_ids=frozenset(), pad_id=fmt.pad_id)]
+        ref = engine.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=fmt.pad_id)
+    assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_stop_token_of_the_template_ends_the_answer(engine) -> None:
+    """Make the template's end-of-turn token the greedy choice at step 3: the answer stops there."""
+    fmt = engine.format("alpha")
+    prompt = fmt.render([{"role": "user", "content": "Hi"}])
+    free = [s[0] for s in decode_steps(engine.model, [prompt], SamplingParams(max_new_tokens=5),
+                                       stop_ids=frozenset(), pad_id=fmt.pad_id)]
+    eot = engine.model.base_model.model.lm_head if hasattr(engine.model, "base_model") else None
+    assert eot is not None
+    (stop_id,) = fmt.stop_ids  # llama3: <|eot_id|> is eos
+    with torch.no_grad():
+        saved = eot.weight[stop_id].clone()
+        eot.weight[stop_id] = eot.weight[free[2]] * 1.5  # now beats the old step-3 winner there
+    try:
+        events = list(engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=20), "alpha"))
+    finally:
+        with torch.no_grad():
+            eot.weight[stop_id] = saved
+    finish = events[-1]
+    assert finish.reason == "stop" and finish.stop == stop_id
+    assert finish.completion_tokens <= 3
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    assert "<|eot_id|>" not in text
+
+
+def test_adapters_switch_per_request(engine, adapter_a, adapter_b) -> None:
+    """Interleaved requests to base/alpha/beta each equal a model loaded with only that adapter."""
+    from loratune.infer.load import load_engine
+
+    msgs = [{"role": "user", "content": "Tell me something"}]
+    p = SamplingParams(max_new_tokens=8)
+
+    def run(eng, name):
+        return [e.token_id for e in eng.chat(msgs, p, name) if isinstance(e, Delta) and e.token_id is not None]
+
+    order = ["alpha", "beta", "base", "alpha", "beta"]
+    got = {name: run(engine, name) for name in order}
+    assert len({tuple(v) for v in got.values()}) == 3  # the three models answer differently
+    for name, folder in (("alpha", adapter_a), ("beta", adapter_b)):
+        assert run(load_engine([str(folder)]), name) == got[name]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(engine) -> None:
+    msgs = [{"role": "user", "content": "Sample"}]
+
+    def run(seed):
+        p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=seed)
+        return [e.token_id for e in engine.chat(msgs, p, "alpha") if isinstance(e, Delta) and e.token_id is not None]
+
+    assert run(7) == run(7)
+    assert len({tuple(run(None)) for _ in range(4)}) > 1
+
+
+def test_batched_sampling_rows_differ(engine) -> None:
+    fmt = engine.format("alpha")
+    prompt = fmt.render([{"role": "user", "content": "x"}])
+    steps = list(engine.generate([prompt] * 4, SamplingParams(max_new_tokens=10, temperature=1.0, seed=3), "alpha"))
+    rows = {r: [e.token_id for e in steps if isinstance(e, Delta) and e.row == r and e.token_id is not None] for r in range(4)}
+    assert len({tuple(v) for v in rows.values()}) > 1
+
+
+def test_four_bit_base_greedy_equals_manual_loop(adapter_4bit) -> None:
+    from loratune.infer.load import load_engine
+
+    eng = load_engine([str(adapter_4bit)])
+    assert eng.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.__class__.__name__ == "Linear4bit"
+    fmt = eng.format()
+    prompts = _prompts(fmt)[:2]
+    got = list(decode_steps(eng.model, prompts, SamplingParams(max_new_tokens=6), stop_ids=frozenset(),
+                            pad_id=fmt.pad_id))
+    for row, prompt in enumerate(prompts):
+        assert [s[row] for s in got] == manual_greedy(eng.model, prompt, 6)
