@@ -147,12 +147,16 @@ class Engine:
             yield
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, name: str | None = None,
-                 cancel: Cancel = _never) -> Iterator[Delta | Finish]:
-        """Stream the answers to already-tokenized prompts with model `name` (one generation at a time)."""
+                 cancel: Cancel = _never, ignore_eos: bool = False) -> Iterator[Delta | Finish]:
+        """Stream the answers to already-tokenized prompts with model `name` (one generation at a time).
+
+        `ignore_eos` generates past the stop tokens (benchmarks, tests); stop strings still apply.
+        """
         name = name or self.default
         fmt = self.formats[name]
+        stop_ids = frozenset() if ignore_eos else fmt.stop_ids
         with self._lock, self._use(name):
-            yield from generate_text(self.model, prompts, params, decode=fmt.decode, stop_ids=fmt.stop_ids,
+            yield from generate_text(self.model, prompts, params, decode=fmt.decode, stop_ids=stop_ids,
                                      pad_id=fmt.pad_id, cancel=cancel, max_total=self.context_length)
 
     def chat(self, messages: Sequence[dict], params: SamplingParams, name: str | None = None,

@@ -1,0 +1,328 @@
+"""`loratune serve`: the engine behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
+
+One worker thread owns the model and runs one generation at a time (adapter switching is global state
+on the model; a batch is the n answers of one request). Requests are admitted up to `max_pending`
+(running plus waiting); beyond it the answer is 429 at once, so a flood cannot pile up unbounded work.
+Each admitted request becomes a `Job` with a cancel flag the engine checks between tokens: a client that
+disconnects (stream closed, or a non-streaming request abandoned) sets it, and its slot frees within a
+step. Events cross from the worker thread to the event loop through `call_soon_threadsafe`.
+
+Every route, /health included, sits behind the API key when one is set; the server binds 127.0.0.1
+unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loratune.infer.engine import Delta, Finish
+from loratune.infer.load import Engine
+from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
+                                       model_card, new_id, now, parse, rows, sampling_params, usage)
+from loratune.infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "LORATUNE_API_KEY"
+_END = object()
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompts (token ids), settings, model, and the channel back."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    model: str
+    ignore_eos: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    async def stream(self) -> AsyncIterator[Delta | Finish]:
+        while (item := await self.events.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Worker:
+    """The thread that runs jobs in arrival order; admission is bounded by `max_pending`."""
+
+    def __init__(self, engine: Engine, max_pending: int) -> None:
+        self.engine, self.max_pending = engine, max_pending
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.pending = self.completed = self.cancelled = 0
+        self._thread = threading.Thread(target=self._run, name="loratune-generate", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.pending >= self.max_pending:
+                raise APIError(429, f"the server is busy: {self.pending} requests are running or queued "
+                                    f"(limit {self.max_pending}); retry shortly",
+                               type="rate_limit_error", code="rate_limit_exceeded")
+            self.pending += 1
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if not job.cancelled.is_set():
+                    for event in self.engine.generate(job.prompts, job.params, job.model, job.cancelled.is_set,
+                                                      ignore_eos=job.ignore_eos):
+                        job.put(event)
+            except Exception as e:  # a bug or an out-of-memory: the request fails, the server stays up
+                log.exception("generation failed")
+                job.put(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+            finally:
+                job.put(_END)
+                with self._lock:
+                    self.pending -= 1
+                    if job.cancelled.is_set():
+                        self.cancelled += 1
+                    else:
+                        self.completed += 1
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+
+class ApiKeyMiddleware:
+    """Rejects every HTTP request without `Authorization: Bearer KEY` (plain ASGI: covers all routes)."""
+
+    def __init__(self, app: Callable, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body exceeds the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int = 8,
+               limits: Limits | None = None) -> FastAPI:
+    """The FastAPI application serving `engine`'s models."""
+    limits = limits or Limits(max_tokens=engine.context_length)
+    worker = Worker(engine, max_pending)
+    created = now()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="loratune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(exc.errors()[0].get("msg"))).body(), status_code=400)
+
+    def resolve_model(name: str) -> str:
+        if name not in engine.adapters:
+            raise APIError(404, f"The model '{name}' does not exist; served models: {', '.join(engine.names)}",
+                           param="model", code="model_not_found")
+        return name
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": engine.names, "pending": worker.pending, "max_pending": max_pending,
+                "completed": worker.completed, "cancelled": worker.cancelled}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(n, created) for n in engine.names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        return model_card(resolve_model(name), created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = parse(ChatRequest, await read_json(request, limits.max_body_bytes))
+        check_unsupported(req)
+        name = resolve_model(req.model)
+        fmt = engine.format(name)
+        try:
+            prompt = fmt.render([m.as_dict() for m in req.messages])
+        except Exception as e:  # the chat template itself rejects the conversation (e.g. role order)
+            raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
+        params = sampling_params(req, req.max_completion_tokens or req.max_tokens, len(prompt),
+                                 engine.context_length, limits)
+        params = params.with_updates(stop=tuple(dict.fromkeys(params.stop + fmt.stop_strings)))
+        n = rows(req, 1, limits)
+        return await _respond(request, req, name, [prompt] * n, [len(prompt)], params, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse(CompletionRequest, await read_json(request, limits.max_body_bytes))
+        check_unsupported(req)
+        name = resolve_model(req.model)
+        fmt = engine.format(name)
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [fmt.encode(p)]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        else:
+            prompts = [fmt.encode(x) if isinstance(x, str) else list(x) for x in p]
+        if not prompts or any(not x for x in prompts):
+            raise APIError(400, "prompt: every prompt needs at least one token", param="prompt")
+        vocab = engine.model.get_input_embeddings().weight.shape[0]
+        if any(not 0 <= t < vocab for x in prompts for t in x):
+            raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        params = sampling_params(req, req.max_tokens, max(map(len, prompts)), engine.context_length, limits)
+        n = rows(req, len(prompts), limits)
+        batch = [x for x in prompts for _ in range(n)]
+        return await _respond(request, req, name, batch, [len(x) for x in prompts], params, chat=False)
+
+    async def _respond(request: Request, req, name: str, batch: list[list[int]], prompt_lens: list[int],
+                       params: SamplingParams, chat: bool):
+        job = Job(batch, params, name, req.ignore_eos, asyncio.get_running_loop())
+        worker.submit(job)
+        ident = new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(job, ident, name, chat, sum(prompt_lens), include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await _collect(request, job, ident, name, chat, sum(prompt_lens)))
+
+    async def _collect(request: Request, job: Job, ident: str, name: str, chat: bool, prompt_tokens: int) -> dict:
+        async def watch() -> None:  # a client that gives up on a non-streaming request frees its slot
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            job.cancelled.set()
+
+        watcher = asyncio.create_task(watch())
+        texts, finishes = [""] * len(job.prompts), {}
+        try:
+            async for ev in job.stream():
+                if isinstance(ev, Delta):
+                    texts[ev.row] += ev.text
+                else:
+                    finishes[ev.row] = ev
+        finally:
+            watcher.cancel()
+        completion = sum(f.completion_tokens for f in finishes.values())
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": finishes[i].reason} for i, t in enumerate(texts)]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": finishes[i].reason}
+                       for i, t in enumerate(texts)]
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": now(),
+                "model": name, "choices": choices, "usage": usage(prompt_tokens, completion)}
+
+    async def _stream(job: Job, ident: str, name: str, chat: bool, prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created, obj = now(), "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return _sse({"id": ident, "object": obj, "created": created, "model": name, "choices": choices, **extra})
+
+        def choice(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if first else
+                         {"content": text} if text is not None else {})
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        completion = 0
+        try:
+            if chat:
+                yield chunk([choice(i, None, None, first=True) for i in range(len(job.prompts))])
+            async for ev in job.stream():
+                if isinstance(ev, Delta):
+                    if ev.text:
+                        yield chunk([choice(ev.row, ev.text, None)])
+                else:
+                    completion += ev.completion_tokens
+                    yield chunk([choice(ev.row, None, ev.reason)])
+            if include_usage:
+                yield chunk([], usage=usage(prompt_tokens, completion))
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield _sse(e.body())
+        finally:  # also runs when the client disconnects and the response task is cancelled
+            job.cancelled.set()
+
+    return app
+
+
+def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          bits: int | None = None, max_pending: int = 8, limits: dict | None = None) -> None:
+    """Load the models and run the server until interrupted."""
+    import uvicorn
+
+    from loratune.infer.load import load_engine
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    engine = load_engine(sources, bits=bits)
+    app = create_app(engine, api_key=api_key, max_pending=max_pending,
+                     limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}))
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    print(f"loratune serve: models {', '.join(engine.names)} on http://{host}:{port}/v1"
+          + (" (API key required)" if api_key else ""), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
