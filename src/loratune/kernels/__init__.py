@@ -1,1 +1,54 @@
-"""kernels stage of loratune."""
+"""Fast paths for training on a CUDA GPU, each with its plain-PyTorch reference beside it.
+
+One entry point, called explicitly by the loader (nothing is patched at import time):
+`apply(model, cfg)` swaps the forwards of this model instance's own modules, on CUDA only, when the
+config's `model.kernels` is `auto` (the default; `off` leaves the model untouched). What it swaps:
+- `lora`: every peft LoRA linear over a 4-bit or 16-bit base -> one autograd function (bf16 adapter
+  products, Triton NF4 dequantization); `loratune.kernels.lora_linear`;
+- `rmsnorm`, `swiglu`: Llama-style RMSNorm and SiLU-gated MLPs -> liger-kernel's fused Triton
+  functions, when liger-kernel is installed; `loratune.kernels.fused_ops`.
+The loss is not a module swap: the training loop's `loss_fn` is `loratune.kernels.loss.lm_loss_sum`
+(linear cross-entropy in row chunks with the gradient computed in the forward pass; exact, any device).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ALL = ("lora", "rmsnorm", "swiglu")
+
+
+def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Module:
+    """Swap in the fused forwards named in `only` (default: all) on this CUDA model; returns the model."""
+    mode = getattr(getattr(cfg, "model", None), "kernels", "auto")
+    if mode == "off":
+        return model
+    if mode != "auto":
+        raise ValueError(f"model.kernels: expected 'auto' or 'off', got {mode!r}")
+    params = list(model.parameters())
+    if not params or not params[0].is_cuda:
+        return model
+    wanted = set(ALL if only is None else only)
+    counts: dict[str, int] = {}
+    if "lora" in wanted:
+        from loratune.kernels.lora_linear import swap_lora_layers
+
+        counts["lora"] = swap_lora_layers(model)
+    if wanted & {"rmsnorm", "swiglu"}:
+        from loratune.kernels.fused_ops import liger_available, swap_rms_norms, swap_swiglu_mlps
+
+        if liger_available():
+            if "rmsnorm" in wanted:
+                counts["rmsnorm"] = swap_rms_norms(model)
+            if "swiglu" in wanted:
+                counts["swiglu"] = swap_swiglu_mlps(model)
+        else:
+            log.info("liger-kernel is not installed: RMSNorm and SwiGLU keep their plain forwards")
+    log.info("fused kernels: %s", ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none")
+    model._loratune_kernels = counts
+    return model
+

@@ -1,0 +1,449 @@
+"""Training throughput and memory on one GPU: the QLoRA reference path against loratune's, in one process.
+
+What it does, for one named model shape (random bf16 weights, saved once to a folder and loaded back
+through `from_pretrained`, as users load real checkpoints):
+1. reference: what qlora.py does. `from_pretrained(BitsAndBytesConfig(nf4, double quant, bf16
+   compute))`, `prepare_model_for_kbit_training` (non-reentrant checkpointing), `get_peft_model`, a
+   plain loop with torch AdamW and the model's own (HF) loss.
+2. loratune variants on one load: `loratune.model.load.load_base` + `attach_adapters` +
+   `enable_checkpointing` from a validated `Config` (what `loratune train` runs), then the fast
+   paths added one at a time (`--variants`), so each row says what one optimisation gave.
+Every run of a case starts from the same LoRA initialisation (same seed, same modules, restored before
+each run) and sees the same random batches, so the first losses of all paths are comparable: the table
+reports the largest relative difference to the reference over the first `--steps` losses.
+
+Timing: each step is synchronised; tokens/s is batch tokens over the median step time after
+`--warmup` steps. Peak memory is `torch.cuda.max_memory_allocated` during the case (weights included).
+The FLOP bound follows ../shared/gpu/README.md: forward 2N + input gradients 2N + recompute 2N_layers
+(with checkpointing) + 4 causal attention passes of 2*S*H*L per token, at 790 TFLOP/s.
+
+Usage (on the GPU machine, after installing the wheels; see benchmarks/gpu_run.sh):
+    python benchmarks/bench_train.py --shape llama3-8b --out-dir $OUT
+Prints one table last and writes bench_<shape>.json and a log under --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the H100 (../shared/gpu/README.md)
+SEED = 1234
+
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, max_position_embeddings=32768, tie_word_embeddings=False),
+    "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
+                        tie_word_embeddings=True),
+    # a few-MB Llama for a CPU smoke run of this script (`--device cpu`), not for numbers
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
+                 max_position_embeddings=2048, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False),
+}
+
+# name -> (kernels passed to loratune.kernels.apply, fused loss). Applied cumulatively in this order.
+VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "loratune": ((), False),
+    "loratune+ce": ((), True),
+    "loratune+ce+lora": (("lora",), True),
+    "loratune+all": (("lora", "rmsnorm", "swiglu"), True),
+}
+
+
+def on_cuda() -> bool:
+    return ARGS.device == "cuda"
+
+
+def sync() -> None:
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def flops_per_token(shape: dict, seq: int, rank: int, checkpointing: bool = True) -> float:
+    h, i, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    hd = shape.get("head_dim", h // shape["num_attention_heads"])
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    n_layers = per_layer * L
+    n = n_layers + shape["vocab_size"] * h
+    lora = rank * L * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+    attn = 2 * seq * q * L  # per pass, causal: half of QK^T and PV (4 * S * q per layer)
+    passes = 4 if checkpointing else 3  # forward (+ recompute) + backward counted twice
+    recompute = 2 * n_layers if checkpointing else 0
+    return 2 * n + 2 * n + recompute + passes * attn + passes * 2 * lora
+
+
+def build_and_save(name: str, folder: Path) -> None:
+    """Random bf16 weights of the named shape, built on the GPU and saved like a hub checkpoint (once)."""
+    if (folder / "config.json").is_file():
+        log(f"reusing {folder}")
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    t = time.time()
+    with torch.device(ARGS.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    tmp.replace(folder)
+    free(model)
+    log(f"built and saved {name} in {time.time() - t:.0f}s")
+
+
+def load_reference(path: Path):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0 if on_cuda() else "cpu"},
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(SEED)
+    lcfg = LoraConfig(r=ARGS.rank, lora_alpha=ARGS.alpha, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def loratune_config(path: Path):
+    from loratune.config import load_config
+
+    return load_config(None, [f"model.path={path}", "quantization.bits=4", "quantization.compute_dtype=bf16",
+                              f"adapter.rank={ARGS.rank}", f"adapter.alpha={ARGS.alpha}", "adapter.dropout=0.0",
+                              f"adapter.target_modules=[{','.join(TARGETS)}]", "train.gradient_checkpointing=true",
+                              "train.optimizer=adamw", f"train.lr={ARGS.lr}", "train.scheduler=constant",
+                              "train.warmup_ratio=0", f"train.max_grad_norm={ARGS.clip}"])
+
+
+def load_loratune(path: Path):
+    from loratune.model.adapters import attach_adapters
+    from loratune.model.load import enable_checkpointing, load_base
+
+    cfg = loratune_config(path)
+    model = load_base(cfg)
+    enable_checkpointing(model, cfg)
+    torch.manual_seed(SEED)
+    return attach_adapters(model, cfg.adapter), cfg
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+# A step function takes (model, ids, optimizer) and returns the step's mean token loss (a tensor).
+
+
+def reference_step(model, ids, opt, autocast: bool = False) -> torch.Tensor:
+    """qlora.py's loop, written plainly: the model's own HF loss, backward, AdamW step (no clipping)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def loratune_step(loss_sum_fn, params: list, clip: float):
+    """What `loratune.train.loop.Loop.step` does for one micro-batch window: bf16 autocast, token-summed
+    loss divided by the window's supervised tokens, backward, grad-norm clip (always computed), step."""
+
+    def step(model, ids, opt) -> torch.Tensor:
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
+            loss_sum, n = loss_sum_fn(model, batch)
+        loss = loss_sum / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+@dataclass
+class CaseResult:
+    path: str
+    case: str
+    tokens: int
+    step_s: float = math.nan
+    tokens_per_s: float = math.nan
+    peak_gib: float = math.nan
+    reserved_gib: float = math.nan
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def batches(case: tuple[int, int], n: int, vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(SEED + case[0] * 100003 + case[1])
+    return [torch.randint(0, vocab, case, generator=g) for _ in range(n)]
+
+
+def run_case(model, step_fn, make_opt, name: str, case: tuple[int, int], steps: int, warmup: int, vocab: int,
+             init: dict[str, torch.Tensor]) -> CaseResult:
+    b, s = case
+    res = CaseResult(name, f"{b}x{s}", b * s)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(init[n])
+    opt = make_opt(model)
+    model.train()
+    free()
+    if on_cuda():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for ids in batches(case, steps, vocab):
+            ids = ids.to(ARGS.device, non_blocking=True)
+            sync()
+            t = time.perf_counter()
+            loss = step_fn(model, ids, opt)
+            sync()
+            res.step_times.append(time.perf_counter() - t)
+            res.losses.append(loss.item())
+    except torch.OutOfMemoryError as e:
+        res.error = "OOM: " + str(e).splitlines()[0][:120]
+    if on_cuda():
+        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        res.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+    timed = res.step_times[warmup:]
+    if timed:
+        res.step_s = statistics.median(timed)
+        res.tokens_per_s = res.tokens / res.step_s
+    del opt
+    for p in params.values():
+        p.grad = None
+    log(f"{name:18s} {res.case:8s} {res.tokens_per_s:9.0f} tok/s  peak {res.peak_gib:6.2f} GiB  "
+        f"losses {[round(x, 4) for x in res.losses[:3]]}...{res.error or ''}")
+    return res
+
+
+def profile_step(model, step_fn, make_opt, name: str, case: tuple[int, int], vocab: int, out_dir: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = batches(case, 1, vocab)[0].to(ARGS.device)
+    opt = make_opt(model)
+    step_fn(model, ids, opt)  # warm
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn(model, ids, opt)
+        sync()
+    del opt
+    key = "cuda_time_total" if on_cuda() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=80)
+    log(f"profile of one {case[0]}x{case[1]} step of {name} (sorted by {key}):\n{table}")
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_checksum(init: dict[str, torch.Tensor]) -> float:
+    return float(sum(t.double().abs().sum() for n, t in init.items() if "lora_A" in n))
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+    if on_cuda():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def parse_case(text: str) -> tuple[int, int]:
+    b, s = text.lower().split("x")
+    return int(b), int(s)
+
+
+def table(results: list[CaseResult], shape: dict) -> str:
+    ref = {r.case: r for r in results if r.path == "reference"}
+    lines = ["| path | case | tokens/s | peak GiB | % of FLOP bound | tok/s vs ref | memory vs ref | "
+             "max rel. loss diff vs ref (first N) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        seq = int(r.case.split("x")[1])
+        bound = PEAK_TFLOPS * 1e12 / flops_per_token(shape, seq, ARGS.rank)
+        rr = ref.get(r.case)
+        speed = r.tokens_per_s / rr.tokens_per_s if rr and rr.tokens_per_s == rr.tokens_per_s else math.nan
+        mem = r.peak_gib / rr.peak_gib if rr else math.nan
+        diff = "-"
+        if rr and r.path != "reference" and rr.losses and r.losses:
+            n = min(len(rr.losses), len(r.losses))
+            diff = f"{max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], rr.losses[:n])):.1e} (n={n})"
+        lines.append(f"| {r.path} | {r.case} | {r.tokens_per_s:,.0f} | {r.peak_gib:.2f} | "
+                     f"{100 * r.tokens_per_s / bound:.1f}% | {speed:.2f}x | {100 * mem:.0f}% | {diff} |"
+                     + (f" {r.error}" if r.error else ""))
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for mod in ("torch", "transformers", "peft", "bitsandbytes", "triton", "liger_kernel", "accelerate"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            out[mod] = "missing"
+    if out.get("liger_kernel") == "?":
+        from importlib.metadata import version
+
+        out["liger_kernel"] = version("liger-kernel")
+    return out
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    out_dir = Path(ARGS.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = SHAPES[ARGS.shape]
+    folder = Path(ARGS.model_dir) / ARGS.shape
+    cases = [parse_case(c) for c in ARGS.cases.split(",")]
+    standard = cases[0]
+    env = versions() | {"date": datetime.date.today().isoformat()}
+    if on_cuda():
+        env |= {"gpu": torch.cuda.get_device_name(), "matmul_tflops": round(matmul_tflops(), 1)}
+    log("env", env)
+    build_and_save(ARGS.shape, folder)
+    results: list[CaseResult] = []
+    checksums = {}
+    vocab = shape["vocab_size"]
+
+    def steps_for(case):
+        return ARGS.steps if case == standard else ARGS.long_steps
+
+    def ref_opt(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ARGS.lr)
+
+    refs = [p for p in ARGS.paths.split(",") if p]
+    if refs:
+        t = time.time()
+        model = load_reference(folder)
+        log(f"reference loaded in {time.time() - t:.0f}s")
+        init = snapshot(model)
+        checksums["reference"] = lora_checksum(init)
+        for case in cases:
+            results.append(run_case(model, reference_step, ref_opt, "reference", case, steps_for(case),
+                                    ARGS.warmup, vocab, init))
+        if "reference" in ARGS.profile:
+            profile_step(model, reference_step, ref_opt, "reference", standard, vocab, out_dir)
+        if "reference-autocast" in refs:  # qlora.py's HF Trainer runs with bf16 autocast
+            step = functools.partial(reference_step, autocast=True)
+            results.append(run_case(model, step, ref_opt, "reference-autocast", standard, ARGS.steps,
+                                    ARGS.warmup, vocab, init))
+        free(model, init)
+    variants = [v for v in ARGS.variants.split(",") if v]
+    if variants:
+        from loratune.kernels import apply
+        from loratune.kernels.loss import lm_loss_sum as fused_lm_loss_sum
+        from loratune.train.loss import lm_loss_sum
+        from loratune.train.optim import build_optimizer
+
+        t = time.time()
+        model, cfg = load_loratune(folder)
+        log(f"loratune loaded in {time.time() - t:.0f}s")
+        init = snapshot(model)
+        checksums["loratune"] = lora_checksum(init)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def make_opt(model):
+            return build_optimizer(model, cfg.train)
+
+        last = variants[-1]
+        for v in variants:
+            kernels, fused = VARIANTS[v]
+            apply(model, cfg, only=kernels)
+            step = loratune_step(fused_lm_loss_sum if fused else lm_loss_sum, params, ARGS.clip)
+            for case in (cases if v == last else [standard]):
+                results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init))
+            if v in ARGS.profile:
+                profile_step(model, step, make_opt, v, standard, vocab, out_dir)
+        free(model, init)
+    report = {"shape": ARGS.shape, "args": vars(ARGS), "env": env, "lora_A_checksums": checksums,
+              "results": [r.__dict__ for r in results]}
+    (out_dir / f"bench_{ARGS.shape}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"table_{ARGS.shape}.md").write_text(table(results, shape) + "\n")
+    print(f"\n## {ARGS.shape}: r={ARGS.rank} alpha={ARGS.alpha} on {','.join(TARGETS)}, checkpointing, "
+          f"median of {ARGS.steps}-{ARGS.warmup} (standard) / {ARGS.long_steps}-{ARGS.warmup} steps")
+    print(f"env: {env}\nLoRA-A checksums: {checksums}\n")
+    print(table(results, shape), flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--cases", default="2x2048,1x8192,1x16384", help="BxS cases; the first is the standard one")
+    p.add_argument("--paths", default="reference,reference-autocast",
+                   help="reference paths: 'reference' (plain loop as qlora.py), 'reference-autocast' (the same under "
+                        "bf16 autocast, as qlora.py's Trainer runs it; standard case only); '' to skip")
+    p.add_argument("--variants", default="loratune,loratune+ce,loratune+ce+lora,loratune+all",
+                   help=f"loratune variants in order (cumulative): {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=20, help="steps of the standard case (losses compared)")
+    p.add_argument("--long-steps", type=int, default=5, help="steps of the other cases")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--clip", type=float, default=0.0, help="loratune's train.max_grad_norm (the reference never clips)")
+    p.add_argument("--profile", default="", help="comma list of paths/variants to profile one step of")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (shape tiny)")
+    p.add_argument("--model-dir", default="/tmp/loratune-bench")
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "bench-out"))
+    return p.parse_args(argv)
+
+
+ARGS = parse_args([]) if __name__ != "__main__" else None
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    main()

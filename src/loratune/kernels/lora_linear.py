@@ -1,0 +1,174 @@
+"""A LoRA linear layer as one autograd function: frozen (4-bit or 16-bit) base + low-rank update, in bf16.
+
+Why: peft computes the adapter branch in fp32 (it casts the layer input to the adapter's fp32 dtype),
+writes an fp32 [tokens, out] update, scales it in another pass, adds it to the base output in a third
+and casts back: about 12 bytes per input value and 26 per output value moved for a product that is
+tiny (rank 16). In a Llama-3-8B layer at 4096 tokens that is ~6.5 GB of memory traffic per forward
+pass, repeated in the recompute and doubled in the backward pass. Here the update is added inside the
+base product's output buffer by one extra GEMM (`addmm_`, beta = 1), everything in the compute dtype,
+and the autograd graph of the layer is a single node that saves only the input and the rank-r
+projection `xa`. The 4-bit base is dequantized by `loratune.kernels.nf4.dequantize_nf4` (one Triton
+kernel on CUDA) in the forward pass and again in the backward pass; the bf16 copy is never kept.
+
+Forward (x [T, in], x_l = dropout(x) or x itself, W [out, in] frozen, A [r, in], B [out, r], s = scale):
+    xa = x_l A^T                          [T, r]
+    y  = x W^T + b + s * xa B^T           [T, out]
+Backward, given g = dL/dy [T, out]:
+    gb = g B                              [T, r]
+    dB = s * g^T xa                       [out, r]
+    dA = s * gb^T x_l                     [r, in]
+    dx = g W            (+ s * gb A when x_l is x, added into the same buffer)
+    dx_l = s * gb A     (when x_l is a separate dropout output; autograd carries it through dropout)
+W and b are frozen: no gradient. A and B stay fp32 parameters (optimizer precision); they are cast to
+the compute dtype for the products, and their gradients are returned in fp32.
+`reference_lora_linear` is the plain autograd version to test against.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def reference_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                          scale: float, x_lora: Tensor | None = None) -> Tensor:
+    """Plain PyTorch: F.linear(x, W, b) + s * B(A(x_l)), all in x's dtype."""
+    x_l = x if x_lora is None else x_lora
+    dt = x.dtype
+    return F.linear(x, weight.to(dt), None if bias is None else bias.to(dt)) + \
+        scale * F.linear(F.linear(x_l, lora_a.to(dt)), lora_b.to(dt))
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """See the module docstring for the math. `weight_fn(dtype)` returns the frozen W [out, in]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_lora: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor],
+                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+        dt = x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
+        a, b = lora_a.to(dt), lora_b.to(dt)
+        w = weight_fn(dt)
+        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dt), x2, w.t())
+        del w
+        xa = xl2 @ a.t()
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, None if x_lora is None else xl2, xa, lora_a, lora_b)
+        ctx.weight_fn, ctx.scale, ctx.shape = weight_fn, scale, shape
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, xl2, xa, lora_a, lora_b = ctx.saved_tensors
+        s, dt = ctx.scale, x2.dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(dt)
+        a, b = lora_a.to(dt), lora_b.to(dt)
+        x_l = x2 if xl2 is None else xl2
+        need_x, need_xl, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        gb = g2 @ b
+        d_b = (g2.t() @ xa).mul_(s).to(lora_b.dtype) if need_b else None
+        d_a = (gb.t() @ x_l).mul_(s).to(lora_a.dtype) if need_a else None
+        dx = dxl = None
+        if need_x:
+            dx = g2 @ ctx.weight_fn(dt)
+            if xl2 is None:
+                dx.addmm_(gb, a, alpha=s)
+            dx = dx.reshape(ctx.shape)
+        if xl2 is not None and need_xl:
+            dxl = (gb @ a).mul_(s).reshape(ctx.shape)
+        return dx, dxl, None, None, d_a, d_b, None
+
+
+def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None, lora_a: Tensor,
+                lora_b: Tensor, scale: float, x_lora: Tensor | None = None) -> Tensor:
+    """y = x W^T + b + scale * (x_lora A^T) B^T as one autograd node (x_lora defaults to x)."""
+    return LoRALinearFunction.apply(x, x_lora, weight_fn, bias, lora_a, lora_b, float(scale))
+
+
+# ------------------------------------------------------------------------------------ peft layer swap
+
+
+def _weight_fn(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
+    """The frozen weight of a bitsandbytes Linear4bit (dequantized on demand) or of an nn.Linear."""
+    from loratune.kernels.nf4 import dequantize_nf4
+
+    def weight(dtype: torch.dtype) -> Tensor:
+        w = base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            return dequantize_nf4(w.data, qs, dtype)
+        return w.to(dtype)
+
+    return weight
+
+
+def _cpu_packed(base: torch.nn.Module) -> bool:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval mode, no grad): not our layout."""
+    return getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False)
+
+
+def _compute_dtype(base: torch.nn.Module) -> torch.dtype:
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is not None:
+        return getattr(base, "compute_dtype", None) or qs.dtype
+    return base.weight.dtype
+
+
+def is_swappable(layer: torch.nn.Module) -> bool:
+    """A peft LoRA linear over a plain or 4-bit base with one plain LoRA adapter and no extras."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(layer, LoraLayer) or not hasattr(layer, "lora_A"):
+        return False
+    base = layer.get_base_layer()
+    four_bit = isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None \
+        and base.weight.quant_state.quant_type in ("nf4", "fp4") and not _cpu_packed(base)
+    plain = type(base) is torch.nn.Linear and base.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if not (four_bit or plain) or len(layer.lora_A) != 1:
+        return False
+    name = next(iter(layer.lora_A))
+    return (name not in getattr(layer, "lora_variant", {}) and not layer.use_dora.get(name, False)
+            and layer.lora_B[name].bias is None and isinstance(layer.lora_A[name], torch.nn.Linear))
+
+
+def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A forward for one peft LoRA layer instance that takes the fused path when it applies.
+
+    Products run in the base's compute dtype (bnb's `compute_dtype`, or the 16-bit weight's dtype),
+    also under autocast, which would pick the same dtype for them; the output has the input's dtype.
+    """
+    base = layer.get_base_layer()
+    weight_fn = _weight_fn(base)
+    compute = _compute_dtype(base)
+    name = next(iter(layer.lora_A))
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+
+    def forward(x: Tensor, *args, **kwargs) -> Tensor:
+        if (args or kwargs or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [name]
+                or _cpu_packed(base)):
+            return original(x, *args, **kwargs)
+        dropout = layer.lora_dropout[name]
+        xc = x.to(compute)
+        x_lora = dropout(xc) if (layer.training and getattr(dropout, "p", 0.0) > 0) else None
+        y = lora_linear(xc, weight_fn, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name], x_lora)
+        return y.to(x.dtype)
+
+    return forward
+
+
+def swap_lora_layers(model: torch.nn.Module) -> int:
+    """Give every swappable peft LoRA layer of `model` the fused forward (this instance only); returns the count."""
+    n = 0
+    for module in model.modules():
+        if is_swappable(module) and not getattr(module, "_loratune_fused", False):
+            original = module.forward
+            module.forward = fused_forward(module, original)
+            module._loratune_fused = True
+            n += 1
+    return n

@@ -1,0 +1,167 @@
+"""GPU checks: each fast kernel against its plain-PyTorch reference on random inputs (forward and gradients).
+
+Run on the GPU machine: `python -m pytest tests/gpu -q -m gpu`. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _quantize(out_f: int, in_f: int, nested: bool, quant_type: str = "nf4", seed: int = 0):
+    import bitsandbytes.functional as bnbf
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = (0.02 * torch.randn(out_f, in_f, generator=g, device="cuda")).to(torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type,
+                                    quant_storage=torch.uint8)
+    return w, packed, qs
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096), (333, 192), (7, 9)])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -> None:
+    import bitsandbytes.functional as bnbf
+
+    from loratune.kernels._nf4_triton import dequantize_nf4_triton
+    from loratune.kernels.nf4 import reference_dequantize_nf4
+
+    _, packed, qs = _quantize(*shape, nested, quant_type)
+    qs.dtype = dtype
+    want = bnbf.dequantize_4bit(packed, qs)
+    got = dequantize_nf4_triton(packed, qs, dtype)
+    assert got.dtype == want.dtype == dtype
+    # same fp32 products, one rounding to the output dtype: equal, at most one ulp apart
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=0)
+    torch.testing.assert_close(reference_dequantize_nf4(packed, qs), want, rtol=8e-3, atol=0)
+    assert (got == want).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("four_bit", [True, False])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lora_linear_matches_reference(four_bit: bool, dropout: bool) -> None:
+    from loratune.kernels.lora_linear import lora_linear, reference_lora_linear
+    from loratune.kernels.nf4 import dequantize_nf4, reference_dequantize_nf4
+
+    torch.manual_seed(0)
+    t, d_in, d_out, r, s = 1000, 1024, 2816, 16, 2.0
+    w, packed, qs = _quantize(d_out, d_in, nested=True)
+    dense = reference_dequantize_nf4(packed, qs) if four_bit else w
+    weight_fn = (lambda dt: dequantize_nf4(packed, qs, dt)) if four_bit else (lambda dt: w.to(dt))
+    x = torch.randn(2, t // 2, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = (0.02 * torch.randn(r, d_in, device="cuda")).requires_grad_(True)
+    b = (0.02 * torch.randn(d_out, r, device="cuda")).requires_grad_(True)
+    mask = (torch.rand(x.shape, device="cuda") > 0.1).to(x.dtype) / 0.9 if dropout else None
+    g = torch.randn(2, t // 2, d_out, device="cuda", dtype=torch.bfloat16)
+
+    def run(kind: str):
+        xx = x.double() if kind == "fp64" else x
+        x_l = xx * mask.to(xx.dtype) if dropout else None
+        if kind == "fused":
+            y = lora_linear(xx, weight_fn, None, a, b, s, x_l)
+        else:
+            aa, bb = (a.double(), b.double()) if kind == "fp64" else (a, b)
+            y = reference_lora_linear(xx, dense.to(xx.dtype), None, aa, bb, s, x_l)
+        return (y, *torch.autograd.grad(y, (x, a, b), g.to(y.dtype)))
+
+    exact, fused, plain = run("fp64"), run("fused"), run("bf16")
+    for name, f, p, e in zip(["y", "dx", "dA", "dB"], fused, plain, exact):
+        assert f.dtype == p.dtype, name
+        # bf16 products: the fused path is as close to the fp64 truth as plain bf16 autograd is
+        assert _rel(f, e) < max(2 * _rel(p, e), 1e-2), (name, _rel(f, e), _rel(p, e))
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_fused_ce_matches_reference_cuda(softcap) -> None:
+    from loratune.kernels.loss import fused_linear_cross_entropy_sum, reference_linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    h = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.05 * torch.randn(32000, 512, device="cuda")).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, 32000, (3000,), device="cuda")
+    y[::7] = -100
+    got, n = fused_linear_cross_entropy_sum(h, w, y, softcap=softcap, chunk_elements=1 << 24)
+    want, n_want = reference_linear_cross_entropy_sum(h, w, y, softcap=softcap)
+    assert int(n) == int(n_want)
+    assert _rel(got, want) < 1e-4
+    gh, gw = torch.autograd.grad(got, (h, w))
+    eh, ew = torch.autograd.grad(want, (h, w))
+    assert _rel(gh, eh) < 1e-2 and _rel(gw, ew) < 1e-2
+
+
+def _tiny_cuda_model(tiny_llama: Path, *overrides: str):
+    from loratune.config import load_config
+    from loratune.model.adapters import attach_adapters
+    from loratune.model.load import load_base
+
+    cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=8", "adapter.dropout=0",
+                             "quantization.compute_dtype=bf16", *overrides])
+    model = load_base(cfg)
+    model.to("cuda")
+    model = attach_adapters(model, cfg.adapter)
+    model.train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model, cfg
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_apply_matches_plain_model(tiny_llama: Path, bits: int) -> None:
+    """Whole model: loss and LoRA gradients with every swap equal those of the untouched model."""
+    from loratune.kernels import apply
+    from loratune.kernels.loss import lm_loss_sum
+    from loratune.train.loss import full_logits_loss_sum
+
+    model, cfg = _tiny_cuda_model(tiny_llama, f"quantization.bits={bits}")
+    ids = torch.randint(5, 400, (2, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            s, n = fn(model, batch)
+        loss = s / n
+        return loss, torch.autograd.grad(loss, params)
+
+    want_loss, want = loss_and_grads(full_logits_loss_sum)
+    apply(model, cfg)
+    counts = model._loratune_kernels
+    assert counts["lora"] == 7 * model.config.num_hidden_layers
+    got_loss, got = loss_and_grads(lm_loss_sum)
+    assert _rel(got_loss, want_loss) < 2e-3
+    assert _rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])) < 3e-2
+
+
+def test_liger_swaps_match_originals(tiny_llama: Path) -> None:
+    from loratune.kernels.fused_ops import liger_available, swap_rms_norms, swap_swiglu_mlps
+
+    if not liger_available():
+        pytest.skip("liger-kernel not installed")
+    model, _ = _tiny_cuda_model(tiny_llama, "quantization.bits=16")
+    norm = model.get_base_model().model.norm
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 32, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    want_n, want_m = norm(x), mlp(x)
+    gn = torch.autograd.grad(want_n.float().square().sum(), x)[0]
+    gm = torch.autograd.grad(want_m.float().square().sum(), x)[0]
+    assert swap_rms_norms(model) == 2 * model.config.num_hidden_layers + 1
+    assert swap_swiglu_mlps(model) == model.config.num_hidden_layers
+    got_n, got_m = norm(x), mlp(x)
+    assert _rel(got_n, want_n) < 1e-2 and _rel(got_m, want_m) < 1e-2
+    assert _rel(torch.autograd.grad(got_n.float().square().sum(), x)[0], gn) < 2e-2
+    assert _rel(torch.autograd.grad(got_m.float().square().sum(), x)[0], gm) < 2e-2
