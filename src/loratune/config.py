@@ -63,18 +63,61 @@ class AdapterConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Which key of a record holds each field, for files whose keys differ from the standard names."""
+
+    messages: str | None = _f(None, "Key of the message list (messages / sharegpt formats); default `messages`, or `conversations` for sharegpt.")
+    role: str | None = _f(None, "Key of a message's role; default `role` (messages) or `from` (sharegpt).")
+    content: str | None = _f(None, "Key of a message's text; default `content` (messages) or `value` (sharegpt).")
+    system: str | None = _f(None, "Key of a per-record system prompt; default `system`.")
+    tools: str | None = _f(None, "Key of a per-record tool list (JSON schemas, passed to the chat template); default `tools`.")
+    instruction: str | None = _f(None, "Key of the instruction (alpaca); default `instruction`.")
+    input: str | None = _f(None, "Key of the optional input (alpaca) or the prompt (input_output); default `input`.")
+    output: str | None = _f(None, "Key of the response (alpaca, input_output); default `output`.")
+    history: str | None = _f(None, "Key of earlier [instruction, response] pairs (alpaca); default `history`.")
+    prompt: str | None = _f(None, "Key of the prompt (prompt_completion); default `prompt`.")
+    completion: str | None = _f(None, "Key of the completion (prompt_completion); default `completion`.")
+    text: str | None = _f(None, "Key of the text (text and oasst formats); default `text`.")
+
+
+@dataclass
 class DatasetConfig:
-    path: str = _f(REQUIRED, "A file (.json, .jsonl, .csv, .tsv, .parquet, .txt) or a folder of them.")
+    path: str = _f(REQUIRED, "A file (.json, .jsonl, .csv, .tsv, .parquet, .txt), a folder of them, or a hub dataset name (needs a network).")
     format: Literal["auto", "messages", "alpaca", "sharegpt", "input_output", "prompt_completion", "text", "oasst"] = _f(
-        "auto", "Record format; auto detects it from the records.")
+        "auto", "Record format; auto detects it from the records. `text` trains on every token; `oasst` parses "
+                "`### Human: ... ### Assistant: ...` text into turns.")
+    columns: ColumnsConfig | None = _f(None, "Key names of this dataset's records where they differ from the defaults, "
+                                             "e.g. `{instruction: question, output: answer}`; keys: messages, role, content, "
+                                             "system, tools, instruction, input, output, history, prompt, completion, text.")
+    split: str = _f("train", "Split to load from a hub dataset (ignored for local files).")
+    max_samples: int = _f(0, "Read at most this many records (the first ones in file order); 0 reads all.")
+    weight: float = _f(1.0, "Mixing weight: the dataset contributes round(weight x its size) samples per epoch "
+                           "(0.5: a seeded random half; 2: every sample twice).")
+    system: str | None = _f(None, "System message given to every conversation of this dataset that has none.")
 
 
 @dataclass
 class DataConfig:
-    datasets: list[DatasetConfig] = _f([], "Training datasets.")
-    template: str = _f("auto", "Chat template: `auto` (the tokenizer's own, else chatml), a built-in name, or a path to a .jinja file.")
-    max_length: int = _f(1024, "Cutoff length in tokens of one training sequence.")
+    datasets: list[DatasetConfig] = _f([], "Training datasets, mixed by their weights.")
+    eval_datasets: list[DatasetConfig] = _f([], "Held-out evaluation datasets (instead of eval_split).")
+    eval_split: float = _f(0.0, "Hold out this fraction (0 < x < 1) or this many samples (x >= 1) of the training data "
+                                "for evaluation, chosen with train.seed; 0 for none.")
+    template: str = _f("auto", "Chat template: `auto` (the tokenizer's own, else chatml), a built-in name (llama3, chatml, "
+                               "mistral, gemma, phi3, zephyr, plain, alpaca, vicuna, guanaco), or a path to a .jinja file.")
+    max_length: int = _f(1024, "Cutoff length in tokens of one training sequence (and of a packed row).")
+    source_max_length: int = _f(0, "qlora.py's source_max_len: keep at most this many prompt tokens (those before the "
+                                   "first trained token; the ones nearest the answer are kept); 0: no separate limit.")
+    target_max_length: int = _f(0, "qlora.py's target_max_len: keep at most this many tokens from the first trained token "
+                                   "on (the end is cut); 0: no separate limit.")
+    truncation: Literal["prompt_first", "end", "drop"] = _f(
+        "prompt_first", "Samples longer than max_length: `prompt_first` shortens the prompt (keeping BOS and at least "
+                        "max_length/4 of it) then cuts the end; `end` cuts the end; `drop` drops them. Counts are reported.")
     train_on: Literal["assistant", "all", "last"] = _f("assistant", "Which tokens carry loss: assistant turns, every token, or the last assistant turn.")
+    pack: bool = _f(False, "Pack several samples into each row of up to max_length tokens; attention never crosses samples.")
+    group_by_length: bool = _f(False, "Unpacked alternative to packing: batch samples of similar length together (less padding).")
+    cache: bool = _f(True, "Cache tokenized datasets in $LORATUNE_CACHE/data, keyed by file contents, config and tokenizer.")
+    num_proc: int = _f(0, "Processes used to render and tokenize large datasets; 0 picks automatically, 1 disables.")
+    streaming: bool = _f(False, "Hub datasets: stream records instead of downloading the dataset first (local files are always read row by row).")
 
 
 @dataclass
@@ -97,6 +140,22 @@ class TrainConfig:
     seed: int = _f(42, "Seed for weights init, data order and dropout.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.")
     max_nonfinite: int = _f(5, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
+    eval_every: int = _f(0, "Evaluate the loss on the eval split every N optimizer steps; 0: at each checkpoint and at the end. "
+                            "Needs data.eval_split or data.eval_datasets.")
+    early_stopping_patience: int = _f(0, "Stop after this many evaluations in a row that do not lower the best eval loss "
+                                         "by early_stopping_min_delta; 0 disables early stopping.")
+    early_stopping_min_delta: float = _f(0.0, "Smallest decrease of the eval loss that counts as an improvement.")
+    save_every: int = _f(200, "Save a resumable checkpoint to output.dir/checkpoints every N optimizer steps (always at "
+                              "the end too); 0: only at the end.")
+    keep_last: int = _f(2, "Keep only the newest N checkpoints (the one with the best eval loss is kept besides); 0 keeps all.")
+    resume: str = _f("auto", "`auto`: continue an unfinished run in output.dir from its newest complete checkpoint, else "
+                             "start; `off`: always start afresh; or the path of a checkpoint (or of a run folder) to continue from.")
+    allow_config_change: bool = _f(False, "Resume even though the config or the training data differ from the checkpoint's "
+                                          "(the differences are printed).")
+    deterministic: bool = _f(False, "Use only deterministic algorithms (torch.use_deterministic_algorithms): runs and "
+                                    "resumed runs give bit-identical adapters on CPU; slower on GPU.")
+    tensorboard: bool = _f(False, "Also write TensorBoard logs to output.dir/tensorboard (needs the tensorboard package).")
+    plot: bool = _f(True, "Draw output.dir/loss.png (train and eval loss) at each evaluation and at the end (needs matplotlib).")
 
 
 @dataclass
@@ -105,6 +164,9 @@ class OutputConfig:
     overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
     sample_prompts: list[str] = _f([], "Prompts answered (greedy) before and after training, to show what changed.")
     sample_max_new_tokens: int = _f(48, "New tokens generated per sample prompt.")
+    adapter: Literal["last", "best"] = _f("last", "Weights written to output.dir at the end: the last step's, or the "
+                                                  "checkpoint with the lowest eval loss (a checkpoint is then also saved "
+                                                  "at each evaluation that improves it).")
 
 
 @dataclass
@@ -269,11 +331,47 @@ def validate(cfg: Config) -> None:
         (t.loraplus_ratio > 0 and a.type == "none", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
         (t.max_nonfinite < 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}"),
         (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        *_train_checks(cfg),
         (d.max_length < 8, f"data.max_length must be >= 8, got {d.max_length}"),
+        *_data_checks(d),
     ]
     for bad, message in checks:
         if bad:
             raise ConfigError(message)
+
+
+def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Impossible values in the train section's evaluation, checkpoint and resume keys."""
+    t, has_eval = cfg.train, cfg.data.eval_split > 0 or bool(cfg.data.eval_datasets)
+    return [
+        *[(getattr(t, k) < 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
+          for k in ("eval_every", "early_stopping_patience", "early_stopping_min_delta", "save_every", "keep_last")],
+        (t.early_stopping_patience > 0 and not has_eval,
+         "train.early_stopping_patience needs an eval split: set data.eval_split or data.eval_datasets"),
+        (cfg.output.adapter == "best" and not has_eval,
+         "output.adapter 'best' needs an eval split: set data.eval_split or data.eval_datasets"),
+        (not t.resume.strip(), "train.resume must be auto, off, or a path"),
+    ]
+
+
+def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
+    """Impossible combinations in the data section."""
+    checks = [
+        (d.eval_split < 0, f"data.eval_split must be >= 0, got {d.eval_split}"),
+        (d.eval_split >= 1 and d.eval_split != int(d.eval_split),
+         f"data.eval_split must be a fraction below 1 or a whole number of samples, got {d.eval_split}"),
+        (d.eval_split > 0 and bool(d.eval_datasets), "set either data.eval_split or data.eval_datasets, not both"),
+        (d.source_max_length < 0, f"data.source_max_length must be >= 0, got {d.source_max_length}"),
+        (d.target_max_length < 0, f"data.target_max_length must be >= 0, got {d.target_max_length}"),
+        (d.pack and d.group_by_length, "data.pack and data.group_by_length exclude each other: packed rows are all "
+                                       "about max_length long; choose one"),
+        (d.num_proc < 0, f"data.num_proc must be >= 0, got {d.num_proc}"),
+    ]
+    for group, items in (("datasets", d.datasets), ("eval_datasets", d.eval_datasets)):
+        for i, ds in enumerate(items):
+            checks += [(ds.weight <= 0, f"data.{group}.{i}.weight must be > 0, got {ds.weight}"),
+                       (ds.max_samples < 0, f"data.{group}.{i}.max_samples must be >= 0, got {ds.max_samples}")]
+    return checks
 
 
 def to_dict(cfg: Any) -> dict:

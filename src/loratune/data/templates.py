@@ -7,11 +7,22 @@ the tiny offline models the tests and the quickstart build). Each template rende
 
 `ChatTemplate.stop` is the text that ends an assistant turn: it is supervised in training and is a stop
 string for generation.
+
+`resolve_template` turns `data.template` into a `ChatTemplate`: `auto` is the tokenizer's own template
+(matched to a built-in when identical, else its stop text is found by rendering a probe conversation),
+chatml when it has none; a built-in name; or a path to a .jinja file.
+
+None of these templates renders BOS unless the model family always starts with one in its template
+(llama3, mistral, gemma); the renderer (`loratune.data.render`) adds BOS when the tokenizer adds one to
+plain text and the template did not, so every sequence has exactly one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from loratune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,13 @@ class ChatTemplate:
     name: str
     jinja: str
     stop: str  # the end-of-turn text after each assistant message ("{eos}" means the tokenizer's eos)
+
+    def stop_text(self, eos_token: str) -> str:
+        """The literal end-of-turn text for a tokenizer whose eos is `eos_token`."""
+        return eos_token if self.stop == EOS else self.stop
+
+
+EOS = "{eos}"
 
 
 # System messages for templates without a system role are folded into the first user turn.
@@ -59,4 +77,116 @@ TEMPLATES: dict[str, ChatTemplate] = {
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
         "<end_of_turn>",
     ),
+    "phi3": ChatTemplate(
+        "phi3",
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        "<|end|>",
+    ),
+    "zephyr": ChatTemplate(
+        "zephyr",
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        EOS,
+    ),
+    # No markup: contents concatenated, each assistant reply closed by eos (qlora.py's source + target + eos).
+    "plain": ChatTemplate(
+        "plain",
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}",
+        EOS,
+    ),
+    # Stanford Alpaca's prompt, extended to several turns; the response ends with eos as in its training.
+    "alpaca": ChatTemplate(
+        "alpaca",
+        _FOLD_SYSTEM.replace("+ '\n\n'", "")
+        + "{{ sys or 'Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.' }}\n\n{% for m in msgs %}"
+          "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}\n\n"
+          "{% else %}### Instruction:\n{{ m['content'] }}\n\n### Response:\n{% endif %}{% endfor %}",
+        EOS,
+    ),
+    # Vicuna v1.1 (FastChat): "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+    "vicuna": ChatTemplate(
+        "vicuna",
+        _FOLD_SYSTEM.replace("+ '\n\n'", "")
+        + "{{ sys or 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the user\\'s questions.' }} {% for m in msgs %}"
+          "{% if m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}"
+          "{% else %}USER: {{ m['content'] }} ASSISTANT:{% endif %}{% endfor %}",
+        EOS,
+    ),
+    # The OASST1 text form the QLoRA paper trained Guanaco on; qlora.py appended eos to every target.
+    "guanaco": ChatTemplate(
+        "guanaco",
+        _FOLD_SYSTEM.replace("+ '\n\n'", "")
+        + "{% if sys %}{{ sys }}\n{% endif %}{% for m in msgs %}"
+          "{% if m['role'] == 'assistant' %}### Assistant: {{ m['content'] }}{{ eos_token }}"
+          "{% else %}### Human: {{ m['content'] }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}### Assistant:{% endif %}",
+        EOS,
+    ),
 }
+
+# A probe conversation: rendering it shows what a template writes after an assistant message.
+_PROBE_REPLY = "loratune probe reply 7f3a"
+_PROBE = [{"role": "user", "content": "loratune probe question"}, {"role": "assistant", "content": _PROBE_REPLY}]
+
+
+def render_text(tokenizer, jinja: str, messages: list[dict], add_generation_prompt: bool = False,
+                tools: list[dict] | None = None) -> str:
+    """Render `messages` with `jinja` exactly as `tokenizer.apply_chat_template(tokenize=False)` does
+    (same renderer, same special-token variables), also for an empty list (the prefix of a first turn)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template([messages], tools=tools, chat_template=jinja,
+                                        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+    return rendered[0]
+
+
+def infer_stop(tokenizer, jinja: str, name: str) -> str:
+    """The end-of-turn text of an arbitrary template: what follows an assistant reply, up to the first special
+    token (e.g. `<|im_end|>` before a newline); the whole suffix if it contains no special token."""
+    try:
+        text = render_text(tokenizer, jinja, _PROBE)
+    except Exception as e:  # a template error: show the template's own message
+        raise ConfigError(f"chat template {name!r} cannot render a user/assistant conversation: {e}") from None
+    at = text.rfind(_PROBE_REPLY)
+    if at < 0:
+        raise ConfigError(f"chat template {name!r} does not write the assistant's content into the text")
+    after = text[at + len(_PROBE_REPLY):]
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    hits = [(after.find(t), -len(t), t) for t in specials if after.find(t) >= 0]
+    stop = after[:min(hits)[0] + len(min(hits)[2])] if hits else after.rstrip()
+    if not stop.strip():
+        raise ConfigError(f"chat template {name!r} writes nothing after an assistant message, so the model could "
+                          "never learn to stop; end assistant turns with {{ eos_token }} or an end-of-turn token")
+    return EOS if stop == tokenizer.eos_token else stop
+
+
+def _own_template(tokenizer) -> str | None:
+    tpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tpl, dict):  # several named templates: the default one is for chat
+        tpl = tpl.get("default")
+    return tpl or None
+
+
+def resolve_template(spec: str, tokenizer) -> ChatTemplate:
+    """`data.template` -> the `ChatTemplate` to render with (see the module docstring)."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if spec == "auto":
+        own = _own_template(tokenizer)
+        if own is None:
+            return TEMPLATES["chatml"]
+        for t in TEMPLATES.values():
+            if t.jinja == own:
+                return t
+        return ChatTemplate("tokenizer", own, infer_stop(tokenizer, own, "the tokenizer's"))
+    path = Path(spec)
+    if path.suffix not in (".jinja", ".j2", ".jinja2") and not path.is_file():
+        raise ConfigError(f"config key 'data.template': got {spec!r}, expected 'auto', one of "
+                          f"{', '.join(TEMPLATES)}, or a path to a .jinja file")
+    if not path.is_file():
+        raise ConfigError(f"config key 'data.template': template file not found: {spec}")
+    jinja = path.read_text(encoding="utf-8")
+    return ChatTemplate(path.stem, jinja, infer_stop(tokenizer, jinja, str(path)))

@@ -1,0 +1,192 @@
+"""Read dataset records from files, folders or the hub, one record at a time, with their row numbers.
+
+Every reader is a generator of `Record`s, so a file larger than memory is never loaded whole (except
+.json arrays, which JSON cannot stream; use .jsonl for those). Row numbers are what a person finds in
+an editor: the line for .jsonl/.csv/.tsv/.txt (the CSV header is row 1), the 1-based index for .json
+arrays and .parquet. Anything unreadable raises `DataError` naming the file and the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loratune.errors import DataError
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw record and where it came from (for error messages)."""
+
+    source: str
+    row: int
+    data: Any
+
+
+def dataset_files(path: str) -> list[Path]:
+    """The files a dataset path stands for: the file itself, or the supported files under a folder."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() not in SUFFIXES:
+            raise DataError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}")
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise DataError(f"{p}: the folder holds no dataset files; expected {', '.join(SUFFIXES)} files")
+        return files
+    raise DataError(f"{path}: no such file or folder")
+
+
+def looks_local(path: str) -> bool:
+    """Whether a dataset path that does not exist was meant as a local path rather than a hub name."""
+    return (Path(path).suffix.lower() in SUFFIXES or path.startswith((".", "/", "~")) or os.sep + os.sep in path
+            or path.count("/") > 1 or "\\" in path)
+
+
+def iter_file(path: Path) -> Iterator[Record]:
+    """Records of one file, by its suffix."""
+    readers = {".json": _json, ".jsonl": _jsonl, ".csv": _csv, ".tsv": _csv, ".parquet": _parquet, ".txt": _txt}
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; expected at least one record")
+    n = 0
+    for rec in readers[path.suffix.lower()](path):
+        n += 1
+        yield rec
+    if n == 0:
+        raise DataError(f"{path}: the file holds no records (only blank lines); expected at least one record")
+
+
+def iter_hub(name: str, split: str, streaming: bool) -> Iterator[Record]:
+    """Records of a hub dataset through `datasets`; fails clearly when there is no network."""
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"{name}: no such file or folder, and the hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE "
+                        "is set), so it cannot be loaded as a hub dataset")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split, streaming=streaming)
+        for i, row in enumerate(ds):
+            yield Record(f"{name}[{split}]", i + 1, row)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name}: no such file or folder, and loading it as a hub dataset failed: {first}") from None
+
+
+def _decode(raw: bytes, source: Path, row: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: row {row}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "expected UTF-8 text") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a file, decoded strictly line by line so a bad byte is located."""
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Excel, Notepad)
+                raw = raw[3:]
+            yield no, _decode(raw, path, no)
+
+
+def _jsonl(path: Path) -> Iterator[Record]:
+    for no, line in _lines(path):
+        if line.strip():
+            yield Record(str(path), no, _loads(line, path, no))
+
+
+def _loads(text: str, path: Path, row: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: row {row}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON object "
+                        "per line") from None
+
+
+def _json(path: Path) -> Iterator[Record]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: row {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at line {line}, column "
+                        f"{col}); expected UTF-8 text") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; expected at least one record")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several JSON values, one per line: JSON Lines under a .json name
+            yield from _jsonl(path)
+            return
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a JSON "
+                        "array of records") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        yield Record(str(path), i + 1, rec)
+
+
+def _csv(path: Path) -> Iterator[Record]:
+    lines = _lines(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader((text for _, text in lines), delimiter=delimiter)
+    try:
+        header = next(reader)
+        start = reader.line_num + 1
+        for values in reader:
+            if any(v.strip() for v in values):
+                if len(values) != len(header):
+                    raise DataError(f"{path}: row {start}: {len(values)} columns, expected {len(header)} as in the "
+                                    f"header ({', '.join(header)})")
+                yield Record(str(path), start, dict(zip(header, values)))
+            start = reader.line_num + 1
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"{path}: row {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
+
+
+def _parquet(path: Path) -> Iterator[Record]:
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    except Exception as e:
+        raise DataError(f"{path}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield Record(str(path), row, rec)
+
+
+def _txt(path: Path) -> Iterator[Record]:
+    """Plain text for continued pretraining: one document per blank-line-separated paragraph."""
+    para: list[str] = []
+    first = 0
+    for no, line in _lines(path):
+        if line.strip():
+            first = first or no
+            para.append(line)
+        elif para:
+            yield Record(str(path), first, {"text": "".join(para).rstrip("\n")})
+            para, first = [], 0
+    if para:
+        yield Record(str(path), first, {"text": "".join(para).rstrip("\n")})
