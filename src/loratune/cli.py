@@ -51,8 +51,31 @@ def _add_config_docs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_config_docs)
 
 
+def _data_preview(args: argparse.Namespace) -> None:
+    from loratune.config import load_config
+    from loratune.data.preview import preview
+
+    preview(load_config(args.config, args.overrides), n=args.n, color=args.color)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="Inspect training data as the model will see it.")
+    actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    pv = actions.add_parser("preview", help="Show rendered samples (supervised tokens marked) and data statistics.",
+                            description="Prepare the data exactly as `loratune train` would and show N samples, "
+                                        "supervised tokens in colour (or between ⟦ ⟧ when not a terminal), then "
+                                        "statistics: samples per dataset, lengths, truncated and dropped counts, "
+                                        "supervised fraction, packing efficiency.")
+    pv.add_argument("config", help="YAML config file (its model and data sections are used)")
+    pv.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    pv.add_argument("-n", type=int, default=3, help="samples to show (default: %(default)s)")
+    pv.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                    help="colour the output (auto: when writing to a terminal and NO_COLOR is unset)")
+    pv.set_defaults(handler=_data_preview)
+
+
 # Each entry adds one subcommand; a new command is one function here and one line in this list.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_config_docs]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_config_docs, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
