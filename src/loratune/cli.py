@@ -51,6 +51,95 @@ def _add_config_docs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_config_docs)
 
 
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 is greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--max-tokens", type=int, default=512, help="new tokens per answer (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from loratune.infer.chat import run_chat
+    from loratune.infer.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return run_chat([args.model], bits=args.bits, system=args.system, prompt=args.prompt, params=params)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="Chat with a model or a trained adapter in the terminal.",
+                       description="Chat in the terminal with a trained adapter folder (its base, precision and "
+                                   "chat template come from the folder) or a plain model. Interactive on a terminal; "
+                                   "with --prompt or piped stdin it answers once and exits.")
+    p.add_argument("model", metavar="MODEL_OR_ADAPTER", help="adapter folder from `loratune train`, model folder, "
+                                                              "hub id or demo://llama")
+    p.add_argument("--prompt", help="answer this prompt and exit (stdin is read when it is not a terminal)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], help="override the base precision the adapter "
+                                                                     "was trained with")
+    _sampling_args(p, temperature=0.7)
+    p.set_defaults(handler=_chat)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from loratune.infer.server import serve
+
+    limits = {"default_max_tokens": args.default_max_tokens, "max_n": args.max_n,
+              "max_body_bytes": args.max_body_bytes}
+    if args.max_tokens:
+        limits["max_tokens"] = args.max_tokens
+    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, bits=args.bits,
+          max_pending=args.max_pending, limits=limits)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="Serve models and adapters over an OpenAI-compatible HTTP API.",
+                       description="Serve a base with one or more adapters (chosen per request by the `model` "
+                                   "field; the base itself is `base`) at /v1/chat/completions, /v1/completions "
+                                   "and /v1/models.")
+    p.add_argument("models", nargs="+", metavar="[NAME=]ADAPTER_OR_MODEL",
+                   help="adapter folders sharing one base (named after their folder unless NAME= is given), "
+                        "or one plain model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route "
+                                     "(default: the LORATUNE_API_KEY environment variable)")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], help="override the base precision")
+    p.add_argument("--max-pending", type=int, default=8, help="requests running or queued; more get 429")
+    p.add_argument("--max-tokens", type=int, default=0, help="largest max_tokens a request may ask (0: the context)")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request names none")
+    p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.set_defaults(handler=_serve)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from loratune.export.merge import export
+
+    export(args.adapter, args.out, dtype=args.dtype, quantize_4bit=args.quantize_4bit, shard_size=args.shard_size,
+           overwrite=args.overwrite, min_agreement=args.min_agreement)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="Merge an adapter into its base and save a plain transformers model.",
+                       description="Dequantize the base (if 4- or 8-bit), merge the adapter in 16-bit, save "
+                                   "safetensors shards with the tokenizer, chat template and generation config, "
+                                   "and verify the merged model against the adapter on the dequantized base.")
+    p.add_argument("adapter", help="adapter folder from `loratune train`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights dtype")
+    p.add_argument("--quantize-4bit", metavar="DIR", help="also save the merged model re-quantized to NF4 here")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    p.add_argument("--min-agreement", type=float, default=0.9,
+                   help="fail if top-1 agreement of merged vs adapter model is below this (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.set_defaults(handler=_export)
+
+
 def _data_preview(args: argparse.Namespace) -> None:
     from loratune.config import load_config
     from loratune.data.preview import preview
@@ -75,7 +164,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; a new command is one function here and one line in this list.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_config_docs, _add_data]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,10 +41,11 @@ def test_concatenation_equals_full_decode_for_any_ids(ids: list[int]) -> None:
 def test_stop_strings_cut_at_the_first_match_and_show_no_part_of_it(text: str, stops: list[str], chunk: int) -> None:
     s = StopStrings(stops)
     shown = "".join(s.feed(text[i:i + chunk]) for i in range(0, len(text), chunk)) + s.flush()
-    hits = [(text.find(x), x) for x in stops if x in text]
-    if hits:
-        cut, _ = min(hits)
-        assert shown == text[:cut] and s.hit is not None
+    # reference: the first prefix of the text that ends with a stop string (the longest such, on ties)
+    ends = [(end, -len(x)) for end in range(len(text) + 1) for x in stops if text[:end].endswith(x)]
+    if ends:
+        end, neg = min(ends)
+        assert shown == text[:end + neg] and s.hit is not None
     else:
         assert shown == text and s.hit is None
 

@@ -44,7 +44,7 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Finds the first stop string in a growing text; emits only text that cannot start one."""
+    """Finds the first stop string to complete in a growing text; emits only text that cannot start one."""
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(s for s in stops if s)
@@ -59,9 +59,10 @@ class StopStrings:
         self._text += piece
         # Search only where a match could newly end: from (emitted - longest stop) onwards.
         start = max(0, self._emitted - max((len(s) for s in self.stops), default=0))
-        found = [(i, s) for s in self.stops if (i := self._text.find(s, start)) >= 0]
+        # The stop string that completes first wins (ties: the longer one), whatever the chunking.
+        found = [(i + len(s), i, s) for s in self.stops if (i := self._text.find(s, start)) >= 0]
         if found:
-            cut, self.hit = min(found)
+            _, cut, self.hit = min(found)
             out = self._text[self._emitted:cut]
             self._emitted = len(self._text)
             return out

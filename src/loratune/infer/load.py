@@ -28,7 +28,7 @@ from loratune.data.templates import TEMPLATES
 from loratune.errors import ModelError
 from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
 from loratune.infer.sampling import SamplingParams
-from loratune.model.load import load_base, load_tokenizer, resolve_model_path
+from loratune.model.load import TokenizerInfo, load_base, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,20 @@ class PromptFormat:
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
     chat_template: str | None = None
+    bos_id: int | None = None  # set when the tokenizer adds BOS to plain text
 
     def render(self, messages: Sequence[dict]) -> list[int]:
-        """The prompt for the next assistant turn, rendered by the chat template (it adds BOS, if any)."""
+        """The prompt for the next assistant turn, rendered by the chat template.
+
+        Exactly one BOS, by the rule training's renderer follows: the template's own, else the one the
+        tokenizer adds to plain text.
+        """
         text = self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
                                                   tokenize=False, add_generation_prompt=True)
-        return self.encode(text, special=False)
+        ids = self.encode(text, special=False)
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of raw text; `special` adds BOS as the tokenizer does for plain text."""
@@ -96,7 +104,7 @@ def _eos_ids(model: torch.nn.Module) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-def make_format(tokenizer, model: torch.nn.Module, stop_text: str | None) -> PromptFormat:
+def make_format(tokenizer, info: TokenizerInfo, model: torch.nn.Module, stop_text: str | None) -> PromptFormat:
     """Stop at eos, at the model's generation-config eos ids, and at the template's end of turn.
 
     The end-of-turn text is a stop token when it is one token (`<|eot_id|>`, `<end_of_turn>`), else a stop
@@ -113,7 +121,7 @@ def make_format(tokenizer, model: torch.nn.Module, stop_text: str | None) -> Pro
             ids.add(int(pieces[0]))
         else:
             strings = (stop_text,)
-    return PromptFormat(tokenizer, frozenset(ids), strings, template)
+    return PromptFormat(tokenizer, frozenset(ids), strings, template, info.bos_id if info.adds_bos else None)
 
 
 @dataclass
@@ -185,6 +193,8 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     plain: list[str] = []
     for spec in sources:
         name, path = parse_source(spec)
+        if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise ModelError(f"no such folder: {path}")
         if is_run_folder(path):
             runs.append((name or Path(path).resolve().name, read_run_folder(path)))
         else:
@@ -200,8 +210,8 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     model = load_base(cfg)
     if torch.cuda.is_available() and cfg.quantization.bits in (16, 32):
         model = model.to("cuda")
-    base_tok, _ = load_tokenizer(cfg.model)
-    formats = {base_name: make_format(base_tok, model, None)}
+    base_tok, base_info = load_tokenizer(cfg.model)
+    formats = {base_name: make_format(base_tok, base_info, model, None)}
     adapters: dict[str, str | None] = {base_name: None}
     if runs:
         from peft import PeftModel
@@ -212,9 +222,9 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
                 model = PeftModel.from_pretrained(model, str(run.path), adapter_name=inner)
             else:
                 model.load_adapter(str(run.path), adapter_name=inner)
-            tok, _ = load_tokenizer(ModelConfig(path=str(run.path)))
+            tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
             _check_vocab(tok, model, run.path)
-            formats[name] = make_format(tok, model, run.stop)
+            formats[name] = make_format(tok, info, model, run.stop)
             adapters[name] = inner
     model.eval()
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
