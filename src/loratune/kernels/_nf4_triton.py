@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 @triton.jit
-def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, out_ptr, n_values,
+def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_values,
                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                          BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -26,7 +26,7 @@ def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_pt
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0)
-        scale = scale + offset
+        scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
     hi = tl.load(code_ptr + (byte >> 4)) * scale
@@ -36,19 +36,28 @@ def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_pt
     tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty), mask=out_idx < n_values)
 
 
-def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1024) -> Tensor:
+def kernel_args(packed: Tensor, qs) -> tuple:
+    """The tensors the kernel reads, on the weight's device; computed once per weight (no host sync:
+    the double-quantization offset stays a device tensor)."""
+    dev = packed.device
+    code = qs.code.to(device=dev, dtype=torch.float32)
+    if qs.nested:
+        s2 = qs.state2
+        offset = torch.as_tensor(qs.offset, dtype=torch.float32).to(dev).reshape(1)
+        return (packed.view(torch.uint8), code, qs.absmax, s2.code.to(device=dev, dtype=torch.float32),
+                s2.absmax.float(), offset, int(s2.blocksize))
+    return packed.view(torch.uint8), code, qs.absmax.float(), code, code, code, 1
+
+
+def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1024, args: tuple | None = None
+                          ) -> Tensor:
+    """[out, in] weight in `dtype`; pass `args=kernel_args(packed, qs)` to skip rebuilding them per call."""
     shape = torch.Size(qs.shape)
     n = shape.numel()
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    code = qs.code.to(device=packed.device, dtype=torch.float32)
-    if qs.nested:
-        s2 = qs.state2
-        absmax, code2, absmax2 = qs.absmax, s2.code.to(packed.device), s2.absmax
-        offset, bs2 = float(qs.offset), int(s2.blocksize)
-    else:
-        absmax, code2, absmax2, offset, bs2 = qs.absmax.float(), code, code, 0.0, 1
+    p, code, absmax, code2, absmax2, offset, bs2 = args if args is not None else kernel_args(packed, qs)
     grid = (triton.cdiv((n + 1) // 2, block),)
-    _dequant_4bit_kernel[grid](packed.view(torch.uint8), code, absmax, code2, absmax2, offset, out, n,
+    _dequant_4bit_kernel[grid](p, code, absmax, code2, absmax2, offset, out, n,
                                BLOCKSIZE=int(qs.blocksize), BLOCKSIZE2=bs2, NESTED=bool(qs.nested),
                                BLOCK=block, num_warps=4)
     return out

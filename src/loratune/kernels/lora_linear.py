@@ -94,15 +94,28 @@ def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Ten
 
 
 def _weight_fn(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
-    """The frozen weight of a bitsandbytes Linear4bit (dequantized on demand) or of an nn.Linear."""
-    from loratune.kernels.nf4 import dequantize_nf4
+    """The frozen weight of a bitsandbytes Linear4bit (dequantized on demand) or of an nn.Linear.
+
+    For a 4-bit weight on CUDA the kernel's arguments are built once and reused while the packed
+    weight stays the same tensor; nothing in a call waits for the GPU.
+    """
+    from loratune.kernels.nf4 import dequantize_nf4, triton_available
+
+    cache: dict = {}
 
     def weight(dtype: torch.dtype) -> Tensor:
         w = base.weight
         qs = getattr(w, "quant_state", None)
-        if qs is not None:
+        if qs is None:
+            return w.to(dtype)
+        if not (w.is_cuda and triton_available()):
             return dequantize_nf4(w.data, qs, dtype)
-        return w.to(dtype)
+        from loratune.kernels._nf4_triton import dequantize_nf4_triton, kernel_args
+
+        key = (w.data.data_ptr(), id(qs))
+        if cache.get("key") != key:
+            cache.update(key=key, args=kernel_args(w.data, qs))
+        return dequantize_nf4_triton(w.data, qs, dtype, args=cache["args"])
 
     return weight
 
