@@ -356,7 +356,14 @@ def main() -> None:
     log("env", env)
     build_and_save(ARGS.shape, folder)
     results: list[CaseResult] = []
-    checksums = {}
+    checksums: dict[str, float] = {}
+
+    def write_report() -> None:  # after every case, so a run cut short still leaves its numbers
+        report = {"shape": ARGS.shape, "args": vars(ARGS), "env": env, "lora_A_checksums": checksums,
+                  "results": [r.__dict__ for r in results]}
+        (out_dir / f"bench_{ARGS.shape}.json").write_text(json.dumps(report, indent=1))
+        (out_dir / f"table_{ARGS.shape}.md").write_text(table(results, shape) + "\n")
+
     vocab = shape["vocab_size"]
 
     def steps_for(case):
@@ -375,6 +382,7 @@ def main() -> None:
         for case in cases:
             results.append(run_case(model, reference_step, ref_opt, "reference", case, steps_for(case),
                                     ARGS.warmup, vocab, init))
+            write_report()
         if "reference" in ARGS.profile:
             profile_step(model, reference_step, ref_opt, "reference", standard, vocab, out_dir)
         if "reference-autocast" in refs:  # qlora.py's HF Trainer runs with bf16 autocast
@@ -406,13 +414,11 @@ def main() -> None:
             step = loratune_step(fused_lm_loss_sum if fused else lm_loss_sum, params, ARGS.clip)
             for case in (cases if v == last else [standard]):
                 results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init))
+                write_report()
             if v in ARGS.profile:
                 profile_step(model, step, make_opt, v, standard, vocab, out_dir)
         free(model, init)
-    report = {"shape": ARGS.shape, "args": vars(ARGS), "env": env, "lora_A_checksums": checksums,
-              "results": [r.__dict__ for r in results]}
-    (out_dir / f"bench_{ARGS.shape}.json").write_text(json.dumps(report, indent=1))
-    (out_dir / f"table_{ARGS.shape}.md").write_text(table(results, shape) + "\n")
+    write_report()
     print(f"\n## {ARGS.shape}: r={ARGS.rank} alpha={ARGS.alpha} on {','.join(TARGETS)}, checkpointing, "
           f"median of {ARGS.steps}-{ARGS.warmup} (standard) / {ARGS.long_steps}-{ARGS.warmup} steps")
     print(f"env: {env}\nLoRA-A checksums: {checksums}\n")
