@@ -57,7 +57,8 @@ def key(files: list[Path], ds: DatasetConfig, template: ChatTemplate, train_on: 
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-    h.update(json.dumps([FORMAT_VERSION, dataclasses.asdict(ds), template.jinja, template.stop, train_on, tok_fp],
+    section = {k: v for k, v in dataclasses.asdict(ds).items() if k != "weight"}  # weights apply after the cache
+    h.update(json.dumps([FORMAT_VERSION, section, template.jinja, template.stop, train_on, tok_fp],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
