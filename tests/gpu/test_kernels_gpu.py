@@ -42,7 +42,9 @@ def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -
     _, packed, qs = _quantize(*shape, nested, quant_type)
     qs.dtype = dtype
     want = bnbf.dequantize_4bit(packed, qs)
-    got = dequantize_nf4_triton(packed, qs, dtype)
+    got = dequantize_nf4_triton(packed, qs, dtype, direct=False)  # the JIT launch
+    again = dequantize_nf4_triton(packed, qs, dtype)  # the cached compiled kernel, launched directly
+    assert torch.equal(got, again)
     assert got.dtype == want.dtype == dtype
     # same fp32 products, one rounding to the output dtype: equal, at most one ulp apart
     torch.testing.assert_close(got, want, rtol=8e-3, atol=0)

@@ -49,15 +49,30 @@ def kernel_args(packed: Tensor, qs) -> tuple:
     return packed.view(torch.uint8), code, qs.absmax.float(), code, code, code, 1
 
 
-def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1024, args: tuple | None = None
-                          ) -> Tensor:
+# Compiled kernels by everything they were specialised on, to launch without the JIT's per-call
+# argument binding and cache lookup (measured as the dominant host cost of a launch; see
+# docs/benchmarks.md). Only used when every pointer is 16-byte aligned, as the JIT assumes for
+# torch allocations; otherwise the normal JIT launch decides.
+_COMPILED: dict[tuple, object] = {}
+
+
+def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1024, args: tuple | None = None,
+                          direct: bool = True) -> Tensor:
     """[out, in] weight in `dtype`; pass `args=kernel_args(packed, qs)` to skip rebuilding them per call."""
     shape = torch.Size(qs.shape)
     n = shape.numel()
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     p, code, absmax, code2, absmax2, offset, bs2 = args if args is not None else kernel_args(packed, qs)
     grid = (triton.cdiv((n + 1) // 2, block),)
-    _dequant_4bit_kernel[grid](p, code, absmax, code2, absmax2, offset, out, n,
-                               BLOCKSIZE=int(qs.blocksize), BLOCKSIZE2=bs2, NESTED=bool(qs.nested),
-                               BLOCK=block, num_warps=4)
+    consts = (int(qs.blocksize), bs2, bool(qs.nested), block)
+    ptrs = (p, code, absmax, code2, absmax2, offset, out)
+    key = (n, dtype, packed.device.index, *consts)
+    compiled = _COMPILED.get(key) if direct else None
+    if compiled is not None and all(t.data_ptr() % 16 == 0 for t in ptrs):
+        compiled[grid](*ptrs, n, *consts)
+        return out
+    kernel = _dequant_4bit_kernel[grid](*ptrs, n, BLOCKSIZE=consts[0], BLOCKSIZE2=bs2, NESTED=consts[2], BLOCK=block,
+                                        num_warps=4)
+    if all(t.data_ptr() % 16 == 0 for t in ptrs):
+        _COMPILED[key] = kernel
     return out
