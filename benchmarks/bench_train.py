@@ -372,7 +372,7 @@ def main() -> None:
     def ref_opt(model):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ARGS.lr)
 
-    refs = [p for p in ARGS.paths.split(",") if p]
+    refs = [p for p in ARGS.paths.split(",") if p not in ("", "none")]
     if refs:
         t = time.time()
         model = load_reference(folder)
