@@ -61,13 +61,13 @@ def test_messages_not_a_list(write, toks) -> None:
 
 def test_unknown_role(write, toks) -> None:
     p = write("m.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Beep."}]}])
-    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'messages[1].role': unknown role 'robot'; expected one of "
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'messages[1].role': unknown role \"robot\"; expected one of "
                                         "system, user, assistant, tool (or human, gpt, function_call, observation)")
 
 
 def test_sharegpt_unknown_role(write, toks) -> None:
     p = write("s.jsonl", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "narrator", "value": "x"}]}])
-    assert fails(data_cfg(p), toks).startswith(f"{p}: row 1: key 'conversations[1].from': unknown role 'narrator'")
+    assert fails(data_cfg(p), toks).startswith(f"{p}: row 1: key 'conversations[1].from': unknown role \"narrator\"")
 
 
 def test_empty_turn(write, toks) -> None:

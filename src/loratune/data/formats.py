@@ -131,7 +131,7 @@ def _conversation(row: _Row, list_default: str, role_default: str, content_defau
         raw_role = m[rkey]
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
-            row.fail(f"{at}.{rkey}", f"unknown role {raw_role!r}; expected one of {', '.join(ROLES)} "
+            row.fail(f"{at}.{rkey}", f"unknown role {json.dumps(raw_role)}; expected one of {', '.join(ROLES)} "
                                      "(or human, gpt, function_call, observation)")
         msg = {"role": role, **{k: m[k] for k in PASSTHROUGH if m.get(k) is not None}}
         msg["content"] = _content(row, f"{at}.{ckey}", m[ckey], role, msg)

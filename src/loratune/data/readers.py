@@ -62,7 +62,7 @@ def iter_file(path: Path) -> Iterator[Record]:
         n += 1
         yield rec
     if n == 0:
-        raise DataError(f"{path}: the file holds no records (only blank lines); expected at least one record")
+        raise DataError(f"{path}: the file holds no records (only blank lines or a header); expected at least one record")
 
 
 def iter_hub(name: str, split: str, streaming: bool) -> Iterator[Record]:
