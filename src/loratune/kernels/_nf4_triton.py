@@ -69,7 +69,7 @@ def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1
     key = (n, dtype, packed.device.index, *consts)
     compiled = _COMPILED.get(key) if direct else None
     if compiled is not None and all(t.data_ptr() % 16 == 0 for t in ptrs):
-        compiled[grid](*ptrs, n, *consts)
+        compiled[(grid[0], 1, 1)](*ptrs, n, *consts)  # a compiled kernel takes all three grid dims
         return out
     kernel = _dequant_4bit_kernel[grid](*ptrs, n, BLOCKSIZE=consts[0], BLOCKSIZE2=bs2, NESTED=consts[2], BLOCK=block,
                                         num_warps=4)
