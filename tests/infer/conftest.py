@@ -28,6 +28,11 @@ def adapter_4bit(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def adapter_8bit(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter_dir(tiny_llama, tmp_path_factory.mktemp("runs") / "q8", bits=8, seed=4)
+
+
+@pytest.fixture(scope="session")
 def engine(adapter_a: Path, adapter_b: Path):
     """The tiny Llama base (fp32 on CPU) serving `base`, `alpha` and `beta`."""
     from loratune.infer.load import load_engine

@@ -34,7 +34,17 @@ def read_answer(child: pexpect.spawn) -> str:
     return child.before.replace("\r\n", "\n")
 
 
-def test_interactive_multi_turn_equals_the_engine(engine, adapter_a) -> None:
+def _long_prompt(engine) -> str:
+    """A prompt whose greedy answer does not end early, so Ctrl-C arrives mid-answer."""
+    for prompt in ("Tell me a long story", "Count", "Go on", "Write", "List things"):
+        _, finish = engine_answer(engine, "alpha", [{"role": "user", "content": prompt}], 100)
+        if finish.reason == "length":
+            return prompt
+    pytest.skip("no prompt gives a long greedy answer on this tiny model")
+
+
+def test_interactive_session(engine, adapter_a) -> None:
+    """One terminal session: two turns that match the engine, Ctrl-C mid-answer, every command, /exit."""
     child = spawn(adapter_a, "--max-tokens", "12")
     child.sendline("Hello there")
     first = read_answer(child)
@@ -47,27 +57,14 @@ def test_interactive_multi_turn_equals_the_engine(engine, adapter_a) -> None:
     messages += [{"role": "assistant", "content": expected1}, {"role": "user", "content": "And then?"}]
     expected2, _ = engine_answer(engine, "alpha", messages, 12)
     assert expected2 in second  # the second turn saw the first
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
 
-
-def _long_prompt(engine) -> str:
-    """A prompt whose greedy answer runs to the token limit (no early end of turn)."""
-    for prompt in ("Tell me a long story", "Count", "Go on", "Write", "List things"):
-        _, finish = engine_answer(engine, "alpha", [{"role": "user", "content": prompt}], 1000)
-        if finish.reason == "length":
-            return prompt
-    pytest.skip("no prompt gives a long greedy answer on this tiny model")
-
-
-def test_ctrl_c_stops_the_answer_and_commands_work(engine, adapter_a) -> None:
-    prompt = _long_prompt(engine)
-    child = spawn(adapter_a, "--max-tokens", "1000")
-    child.sendline(prompt)
-    child.expect(r"\S", timeout=30)  # the answer has started streaming
-    child.expect(r"\S\S\S", timeout=30)
+    child.sendline("/reset")
+    child.expect_exact("conversation reset")
+    child.expect_exact(PROMPT)
+    child.sendline("/set max_tokens=1000")
+    child.expect_exact(PROMPT)
+    child.sendline(_long_prompt(engine))
+    child.expect(r"\S\S\S", timeout=30)  # the answer has started streaming
     started = time.time()
     child.sendintr()
     child.expect_exact("[stopped]", timeout=10)
@@ -76,6 +73,7 @@ def test_ctrl_c_stops_the_answer_and_commands_work(engine, adapter_a) -> None:
     child.sendline("/show")
     child.expect(r"turns: 2")  # the partial answer is kept
     child.expect_exact(PROMPT)
+
     child.sendline("/set temperature=0.3 top_k=5 max_tokens=7")
     child.expect(r"max_new_tokens=7 .*temperature=0.3 top_k=5")
     child.expect_exact(PROMPT)
@@ -89,9 +87,6 @@ def test_ctrl_c_stops_the_answer_and_commands_work(engine, adapter_a) -> None:
     child.expect_exact("system: You are terse.")
     child.expect_exact("turns: 0")
     child.expect_exact(PROMPT)
-    child.sendline("/reset")
-    child.expect_exact("conversation reset")
-    child.expect_exact(PROMPT)
     child.sendline("/help")
     child.expect_exact("/system TEXT")
     child.expect_exact(PROMPT)
@@ -103,22 +98,37 @@ def test_ctrl_c_stops_the_answer_and_commands_work(engine, adapter_a) -> None:
     child.expect_exact(PROMPT)
     child.sendline("short one")
     child.expect_exact(PROMPT)  # still answering after all that
-    child.sendeof()
+    child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
 
 
-def test_non_interactive_prompt_and_stdin(engine, adapter_a) -> None:
+def test_end_of_input_leaves(engine, monkeypatch) -> None:
+    """Ctrl-D (end of input) after a turn leaves with status 0."""
+    import io
+
+    from loratune.infer.chat import interactive
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    out = io.StringIO()
+    assert interactive(engine, "alpha", SamplingParams(max_new_tokens=4), None, out=out) == 0
+    expected, _ = engine_answer(engine, "alpha", [{"role": "user", "content": "Hi"}], 4)
+    assert expected in out.getvalue()
+
+
+def test_non_interactive_prompt_and_stdin(engine, adapter_a, capsys, monkeypatch) -> None:
+    from loratune.cli import main
+
     expected, _ = engine_answer(engine, "alpha", [{"role": "system", "content": "Be brief."},
                                                   {"role": "user", "content": "Hi"}], 10)
-    base = [sys.executable, "-m", "loratune.cli", "chat", str(adapter_a), "--temperature", "0",
-            "--max-tokens", "10", "--system", "Be brief."]
-    by_arg = subprocess.run(base + ["--prompt", "Hi"], capture_output=True, text=True, timeout=120,
-                            stdin=subprocess.DEVNULL)
-    by_stdin = subprocess.run(base, input="Hi\n", capture_output=True, text=True, timeout=120)
-    assert by_arg.returncode == 0 and by_stdin.returncode == 0, by_arg.stderr + by_stdin.stderr
-    assert by_arg.stdout == by_stdin.stdout == expected + "\n"
+    args = ["chat", str(adapter_a), "--temperature", "0", "--max-tokens", "10", "--system", "Be brief."]
+    assert main(args + ["--prompt", "Hi"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    piped = subprocess.run([sys.executable, "-m", "loratune.cli", *args], input="Hi\n", capture_output=True,
+                           text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == expected + "\n"
 
 
 def test_user_errors_are_one_line(tmp_path, capsys) -> None:

@@ -220,14 +220,21 @@ def test_batched_sampling_rows_differ(engine) -> None:
     assert len({tuple(v) for v in rows.values()}) > 1
 
 
-def test_four_bit_base_greedy_equals_manual_loop(adapter_4bit) -> None:
+@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_quantized_base_greedy_equals_manual_loop(request, bits: int, layer: str) -> None:
     from loratune.infer.load import load_engine
 
-    eng = load_engine([str(adapter_4bit)])
-    assert eng.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.__class__.__name__ == "Linear4bit"
+    eng = load_engine([str(request.getfixturevalue(f"adapter_{bits}bit"))])
+    assert type(eng.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
     fmt = eng.format()
     prompts = _prompts(fmt)[:2]
     got = list(decode_steps(eng.model, prompts, SamplingParams(max_new_tokens=6), stop_ids=frozenset(),
                             pad_id=fmt.pad_id))
     for row, prompt in enumerate(prompts):
-        assert [s[row] for s in got] == manual_greedy(eng.model, prompt, 6)
+        ours, ref = [s[row] for s in got], manual_greedy(eng.model, prompt, 6)
+        if bits == 4:
+            assert ours == ref
+        else:
+            # LLM.int8 picks its fp16 outlier columns from all the tokens in one matmul, so a padded batch
+            # with a cache and a full unbatched forward round differently; near-ties may flip late tokens.
+            assert ours[:3] == ref[:3]

@@ -264,3 +264,41 @@ def test_queue_bound_gives_429_and_disconnect_frees_the_slot(live: LiveServer, c
     assert time.time() - started < 2.0  # 2000 + 2000 tokens would take far longer
     assert h["cancelled"] - before["cancelled"] == 2
     assert client.completions.create(model="base", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_cli_serve_binds_loopback_and_takes_the_key_from_the_environment(adapter_a, tmp_path) -> None:
+    """`loratune serve` as a user runs it: 127.0.0.1 by default, LORATUNE_API_KEY guards it, Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "LORATUNE_API_KEY": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "serve", f"mine={adapter_a}", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = proc.stdout.readline()
+        while "loratune serve" not in banner:
+            assert proc.poll() is None, banner
+            banner = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in banner and "API key required" in banner
+        deadline = time.time() + 30
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer from-env"})
+                break
+            except httpx.ConnectError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        assert [m["id"] for m in r.json()["data"]] == ["base", "mine"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 401
+        c = openai.OpenAI(api_key="from-env", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        assert c.chat.completions.create(model="mine", messages=MSGS, max_tokens=3).usage.completion_tokens >= 1
+        addrs = {ip for ip in socket.gethostbyname_ex(socket.gethostname())[2] if not ip.startswith("127.")}
+        for ip in addrs:  # not reachable on the machine's other addresses
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{ip}:{port}/health", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

@@ -171,7 +171,7 @@ def run_chat(sources: list[str], *, name: str | None = None, bits: int | None = 
     """`loratune chat`: interactive on a terminal, else answer `prompt` (or stdin) once."""
     from transformers.utils import logging as hf_logging
 
-    from loratune.infer.load import load_engine
+    from loratune.infer.load import load_engine, quiet_per_token_logs
 
     params.validate()
     if prompt is None and not sys.stdin.isatty():
@@ -179,6 +179,7 @@ def run_chat(sources: list[str], *, name: str | None = None, bits: int | None = 
         if not prompt:
             raise LoratuneError("no prompt: stdin was empty")
     hf_logging.disable_progress_bar()
+    quiet_per_token_logs()
     engine = load_engine(sources, bits=bits)
     if name is not None and name not in engine.adapters:
         raise LoratuneError(f"--model {name!r} is not loaded; loaded: {', '.join(engine.names)}")

@@ -174,6 +174,11 @@ class Engine:
         return self.generate([fmt.render(messages)], params, name, cancel)
 
 
+def quiet_per_token_logs() -> None:
+    """bitsandbytes logs a warning on every 8-bit matmul with fp32 inputs: once per token is noise."""
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
 def parse_source(spec: str) -> tuple[str | None, str]:
     """`NAME=PATH` or `PATH` -> (name or None, path)."""
     name, sep, path = spec.partition("=")

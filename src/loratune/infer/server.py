@@ -315,8 +315,9 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     """Load the models and run the server until interrupted."""
     import uvicorn
 
-    from loratune.infer.load import load_engine
+    from loratune.infer.load import load_engine, quiet_per_token_logs
 
+    quiet_per_token_logs()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     engine = load_engine(sources, bits=bits)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
