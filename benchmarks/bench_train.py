@@ -60,12 +60,15 @@ SHAPES: dict[str, dict] = {
                        rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False),
 }
 
-# name -> (kernels passed to loratune.kernels.apply, fused loss). Applied cumulatively in this order.
-VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "loratune": ((), False),
-    "loratune+ce": ((), True),
-    "loratune+ce+lora": (("lora",), True),
-    "loratune+all": (("lora", "rmsnorm", "swiglu"), True),
+# name -> (kernels passed to loratune.kernels.apply, loss: "lead" (loratune.train.loss), "chunked" or
+# "liger" (loratune.kernels.loss)). Kernels are applied cumulatively in the order given.
+VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "loratune": ((), "lead"),
+    "loratune+ce": ((), "chunked"),
+    "loratune+ce+lora": (("lora",), "chunked"),
+    "loratune+ce+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked"),
+    "loratune+all": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
+    "loratune+all+ligerce": (("lora", "rmsnorm", "swiglu", "rope"), "liger"),
 }
 
 
@@ -409,9 +412,10 @@ def main() -> None:
 
         last = variants[-1]
         for v in variants:
-            kernels, fused = VARIANTS[v]
+            kernels, loss = VARIANTS[v]
             apply(model, cfg, only=kernels)
-            step = loratune_step(fused_lm_loss_sum if fused else lm_loss_sum, params, ARGS.clip)
+            loss_fn = lm_loss_sum if loss == "lead" else functools.partial(fused_lm_loss_sum, impl=loss)
+            step = loratune_step(loss_fn, params, ARGS.clip)
             for case in (cases if v == last else [standard]):
                 results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init))
                 write_report()
@@ -432,7 +436,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", default="reference,reference-autocast",
                    help="reference paths: 'reference' (plain loop as qlora.py), 'reference-autocast' (the same under "
                         "bf16 autocast, as qlora.py's Trainer runs it; standard case only); '' to skip")
-    p.add_argument("--variants", default="loratune,loratune+ce,loratune+ce+lora,loratune+all",
+    p.add_argument("--variants", default="loratune,loratune+ce,loratune+ce+lora,loratune+ce+lora+norm+swiglu,"
+                                         "loratune+all",
                    help=f"loratune variants in order (cumulative): {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="steps of the standard case (losses compared)")
     p.add_argument("--long-steps", type=int, default=5, help="steps of the other cases")

@@ -86,8 +86,9 @@ def test_lora_linear_matches_reference(four_bit: bool, dropout: bool) -> None:
         assert _rel(f, e) < max(2 * _rel(p, e), 1e-2), (name, _rel(f, e), _rel(p, e))
 
 
+@pytest.mark.parametrize("impl", ["chunked", "liger"])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_fused_ce_matches_reference_cuda(softcap) -> None:
+def test_fused_ce_matches_reference_cuda(softcap, impl) -> None:
     from loratune.kernels.loss import fused_linear_cross_entropy_sum, reference_linear_cross_entropy_sum
 
     torch.manual_seed(0)
@@ -95,7 +96,9 @@ def test_fused_ce_matches_reference_cuda(softcap) -> None:
     w = (0.05 * torch.randn(32000, 512, device="cuda")).to(torch.bfloat16).requires_grad_(True)
     y = torch.randint(0, 32000, (3000,), device="cuda")
     y[::7] = -100
-    got, n = fused_linear_cross_entropy_sum(h, w, y, softcap=softcap, chunk_elements=1 << 24)
+    if impl == "liger":
+        pytest.importorskip("liger_kernel")
+    got, n = fused_linear_cross_entropy_sum(h, w, y, softcap=softcap, chunk_elements=1 << 24, impl=impl)
     want, n_want = reference_linear_cross_entropy_sum(h, w, y, softcap=softcap)
     assert int(n) == int(n_want)
     assert _rel(got, want) < 1e-4
@@ -144,6 +147,8 @@ def test_apply_matches_plain_model(tiny_llama: Path, bits: int) -> None:
     apply(model, cfg)
     counts = model._loratune_kernels
     assert counts["lora"] == 7 * model.config.num_hidden_layers
+    if "rope" in counts:  # liger-kernel installed
+        assert counts["rope"] == model.config.num_hidden_layers
     got_loss, got = loss_and_grads(lm_loss_sum)
     assert _rel(got_loss, want_loss) < 2e-3
     assert _rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])) < 3e-2

@@ -5,8 +5,9 @@ One entry point, called explicitly by the loader (nothing is patched at import t
 config's `model.kernels` is `auto` (the default; `off` leaves the model untouched). What it swaps:
 - `lora`: every peft LoRA linear over a 4-bit or 16-bit base -> one autograd function (bf16 adapter
   products, Triton NF4 dequantization); `loratune.kernels.lora_linear`;
-- `rmsnorm`, `swiglu`: Llama-style RMSNorm and SiLU-gated MLPs -> liger-kernel's fused Triton
-  functions, when liger-kernel is installed; `loratune.kernels.fused_ops`.
+- `rmsnorm`, `swiglu`, `rope`: Llama-style RMSNorm, SiLU-gated MLPs and the RoPE of Llama/Qwen2/
+  Mistral attention -> liger-kernel's fused Triton functions, when liger-kernel is installed;
+  `loratune.kernels.fused_ops`.
 The loss is not a module swap: the training loop's `loss_fn` is `loratune.kernels.loss.lm_loss_sum`
 (linear cross-entropy in row chunks with the gradient computed in the forward pass; exact, any device).
 """
@@ -19,7 +20,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-ALL = ("lora", "rmsnorm", "swiglu")
+ALL = ("lora", "rmsnorm", "swiglu", "rope")
 
 
 def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Module:
@@ -38,16 +39,18 @@ def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Modu
         from loratune.kernels.lora_linear import swap_lora_layers
 
         counts["lora"] = swap_lora_layers(model)
-    if wanted & {"rmsnorm", "swiglu"}:
-        from loratune.kernels.fused_ops import liger_available, swap_rms_norms, swap_swiglu_mlps
+    if wanted & {"rmsnorm", "swiglu", "rope"}:
+        from loratune.kernels.fused_ops import liger_available, swap_attention_rope, swap_rms_norms, swap_swiglu_mlps
 
         if liger_available():
             if "rmsnorm" in wanted:
                 counts["rmsnorm"] = swap_rms_norms(model)
             if "swiglu" in wanted:
                 counts["swiglu"] = swap_swiglu_mlps(model)
+            if "rope" in wanted:
+                counts["rope"] = swap_attention_rope(model)
         else:
-            log.info("liger-kernel is not installed: RMSNorm and SwiGLU keep their plain forwards")
+            log.info("liger-kernel is not installed: RMSNorm, SwiGLU and RoPE keep their plain forwards")
     log.info("fused kernels: %s", ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none")
     model._loratune_kernels = counts
     return model

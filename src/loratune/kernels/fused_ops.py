@@ -1,4 +1,4 @@
-"""Fused RMSNorm and SwiGLU for Llama-style blocks, through liger-kernel's Triton functions, per instance.
+"""Fused RMSNorm, SwiGLU and RoPE for Llama-style blocks, through liger-kernel's Triton functions, per instance.
 
 Why: in a bf16 decoder block the elementwise work around the matrix products (RMSNorm's fp32 upcast,
 SiLU then the gate product) makes several passes over [tokens, hidden] and [tokens, intermediate]
@@ -8,7 +8,11 @@ Only the forwards of the given model's own module instances change (no class or 
 patching). A module qualifies by what it computes, checked from its attributes, not by model name:
 - RMSNorm: `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)` with the eps in `variance_epsilon` (the
   Llama/Qwen2/Mistral form; Gemma's `(1 + weight)` form stores `eps` and is left alone);
-- MLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU `act_fn`.
+- MLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU `act_fn`;
+- attention: the Llama/Qwen2/Mistral attention classes (full-head rotate-half RoPE); their forward is
+  rewritten here line for line with liger's RoPE in place of `apply_rotary_pos_emb` (the q/k/v
+  `.view/.transpose`, the attention interface transformers selects, `o_proj`), and falls back to the
+  original forward with a KV cache (generation).
 The plain references are the modules' own original forwards (see tests/gpu).
 """
 
@@ -20,9 +24,18 @@ from torch import Tensor, nn
 LLAMA_RMSNORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")
 
 
+# attention class -> how it passes its sliding window to the attention interface (Llama passes none)
+ROPE_ATTENTION_CLASSES = {
+    "LlamaAttention": lambda m: {},
+    "Qwen2Attention": lambda m: {"sliding_window": m.sliding_window},
+    "MistralAttention": lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
+}
+
+
 def liger_available() -> bool:
     try:
         import liger_kernel.ops.rms_norm  # noqa: F401
+        import liger_kernel.ops.rope  # noqa: F401
         import liger_kernel.ops.swiglu  # noqa: F401
     except ImportError:
         return False
@@ -71,6 +84,43 @@ def swap_swiglu_mlps(model: nn.Module) -> int:
 
         def forward(x: Tensor, m: nn.Module = m) -> Tensor:
             return m.down_proj(LigerSiLUMulFunction.apply(m.gate_proj(x), m.up_proj(x)))
+
+        m.forward = forward
+        m._loratune_fused = True
+        n += 1
+    return n
+
+
+def swap_attention_rope(model: nn.Module) -> int:
+    import sys
+
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    n = 0
+    for m in model.modules():
+        extra_fn = ROPE_ATTENTION_CLASSES.get(type(m).__name__)
+        if extra_fn is None or getattr(m, "_loratune_fused", False):
+            continue
+        home = sys.modules[type(m).__module__]  # the modeling file's own attention registry and eager path
+        original = m.forward
+
+        def forward(hidden_states: Tensor, position_embeddings=None, attention_mask=None, past_key_values=None,
+                    m: nn.Module = m, original=original, home=home, extra_fn=extra_fn, **kwargs):
+            if past_key_values is not None or position_embeddings is None:
+                return original(hidden_states, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+            input_shape = hidden_states.shape[:-1]
+            hidden_shape = (*input_shape, -1, m.head_dim)
+            q = m.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            k = m.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            v = m.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            cos, sin = position_embeddings
+            q, k = LigerRopeFunction.apply(q, k, cos, sin)
+            attend = home.ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation,
+                                                                home.eager_attention_forward)
+            out, weights = attend(m, q, k, v, attention_mask, dropout=0.0 if not m.training else m.attention_dropout,
+                                  scaling=m.scaling, **extra_fn(m), **kwargs)
+            return m.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
         m.forward = forward
         m._loratune_fused = True

@@ -100,19 +100,27 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, ignore_index: int = -100,
-                                   softcap: float | None = None,
-                                   chunk_elements: int = CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+                                   softcap: float | None = None, chunk_elements: int = CHUNK_ELEMENTS,
+                                   impl: str = "chunked") -> tuple[Tensor, Tensor]:
     """Sum of token cross-entropies of `hidden @ lm_head_weight.T` against `labels`, never holding all logits.
 
     hidden [N, H] (or [B, S, H]), lm_head_weight [V, H], labels [N] (or [B, S]) already aligned with
     hidden (shifted for next-token prediction by the caller). Returns (fp32 loss_sum, n_tokens).
-    Runs on any device; peak extra memory is one chunk of `chunk_elements` fp32 logits and a copy.
+    `impl="chunked"` (this module, any device): peak extra memory is one chunk of `chunk_elements`
+    fp32 logits and a copy. `impl="liger"`: liger-kernel's fused linear cross-entropy (CUDA, Triton
+    softmax kernels), for comparison in benchmarks/bench_train.py.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
-    loss = _ChunkedLinearCE.apply(hidden, lm_head_weight, labels, ignore_index, softcap, chunk_elements)
+    if impl == "liger":
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, lm_head_weight, labels, None, None, ignore_index,
+                                                          0.0, 0.0, "sum", softcap)[0]
+    else:
+        loss = _ChunkedLinearCE.apply(hidden, lm_head_weight, labels, ignore_index, softcap, chunk_elements)
     return loss, (labels != ignore_index).sum()
 
 
@@ -127,7 +135,7 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def causal_lm_loss_sum(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, ignore_index: int = -100,
-                       fused: bool = True, **model_kwargs) -> tuple[Tensor, Tensor]:
+                       fused: bool = True, impl: str = "chunked", **model_kwargs) -> tuple[Tensor, Tensor]:
     """(loss_sum, n_tokens) of a transformers causal LM (peft-wrapped or not) without materialised logits.
 
     `labels` follow the transformers convention (aligned with `input_ids`, -100 where unsupervised); they
@@ -141,12 +149,13 @@ def causal_lm_loss_sum(model: torch.nn.Module, input_ids: Tensor, labels: Tensor
         raise ValueError("the output head has a bias; the fused loss does not support it")
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **model_kwargs).last_hidden_state
     softcap = getattr(base.config, "final_logit_softcapping", None)
-    fn = fused_linear_cross_entropy_sum if fused else reference_linear_cross_entropy_sum
-    return fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels(labels, ignore_index).reshape(-1),
-              ignore_index=ignore_index, softcap=softcap)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), shift_labels(labels, ignore_index).reshape(-1)
+    if not fused:
+        return reference_linear_cross_entropy_sum(h, head.weight, y, ignore_index=ignore_index, softcap=softcap)
+    return fused_linear_cross_entropy_sum(h, head.weight, y, ignore_index=ignore_index, softcap=softcap, impl=impl)
 
 
-def lm_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def lm_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor], impl: str = "chunked") -> tuple[Tensor, Tensor]:
     """`causal_lm_loss_sum` with the training loop's `loss_fn(model, batch)` signature."""
     inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-    return causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], **inputs)
+    return causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], impl=impl, **inputs)
