@@ -67,8 +67,9 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "loratune+ce": ((), "chunked"),
     "loratune+ce+lora": (("lora",), "chunked"),
     "loratune+ce+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked"),
-    "loratune+all": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
-    "loratune+all+ligerce": (("lora", "rmsnorm", "swiglu", "rope"), "liger"),
+    "loratune+ce+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
+    "loratune+all": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "chunked"),
+    "loratune+all+ligerce": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "liger"),
 }
 
 
@@ -437,7 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reference paths: 'reference' (plain loop as qlora.py), 'reference-autocast' (the same under "
                         "bf16 autocast, as qlora.py's Trainer runs it; standard case only); '' to skip")
     p.add_argument("--variants", default="loratune,loratune+ce,loratune+ce+lora,loratune+ce+lora+norm+swiglu,"
-                                         "loratune+all",
+                                         "loratune+ce+lora+norm+swiglu+rope,loratune+all",
                    help=f"loratune variants in order (cumulative): {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="steps of the standard case (losses compared)")
     p.add_argument("--long-steps", type=int, default=5, help="steps of the other cases")

@@ -107,6 +107,25 @@ def test_fused_ce_matches_reference_cuda(softcap, impl) -> None:
     assert _rel(gh, eh) < 1e-2 and _rel(gw, ew) < 1e-2
 
 
+def test_cast_cache_follows_fused_adamw() -> None:
+    """The fused CUDA AdamW updates parameters in place; the cached bf16 copies must follow."""
+    from loratune.kernels.lora_linear import lora_linear, reference_lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    w = (0.05 * torch.randn(128, 256, device="cuda")).to(torch.bfloat16)
+    a = (0.05 * torch.randn(8, 256, device="cuda")).requires_grad_(True)
+    b = (0.05 * torch.randn(128, 8, device="cuda")).requires_grad_(True)
+    opt = torch.optim.AdamW([a, b], lr=0.05, fused=True)
+    casts: dict = {}
+    for _ in range(3):
+        y = lora_linear(x, lambda dt: w.to(dt), None, a, b, 1.0, None, casts)
+        assert _rel(y, reference_lora_linear(x, w, None, a, b, 1.0)) < 1e-2
+        y.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _tiny_cuda_model(tiny_llama: Path, *overrides: str):
     from loratune.config import load_config
     from loratune.model.adapters import attach_adapters
@@ -149,6 +168,7 @@ def test_apply_matches_plain_model(tiny_llama: Path, bits: int) -> None:
     assert counts["lora"] == 7 * model.config.num_hidden_layers
     if "rope" in counts:  # liger-kernel installed
         assert counts["rope"] == model.config.num_hidden_layers
+    assert counts["embed_offload"] == (0 if model.config.tie_word_embeddings else 1)
     got_loss, got = loss_and_grads(lm_loss_sum)
     assert _rel(got_loss, want_loss) < 2e-3
     assert _rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])) < 3e-2

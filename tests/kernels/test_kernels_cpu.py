@@ -184,3 +184,31 @@ def test_reference_lora_linear_is_plain_math() -> None:
     x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
     assert torch.allclose(reference_lora_linear(x, w, None, a, b, 2.0), x @ w.T + 2.0 * (x @ a.T) @ b.T, atol=1e-5)
     assert torch.allclose(reference_lora_linear(x, w, None, a, b, 1.0), F.linear(x, w + b @ a), atol=1e-5)
+
+
+def test_host_embedding_matches_embedding() -> None:
+    from loratune.kernels.offload import HostEmbedding
+
+    emb = torch.nn.Embedding(50, 8, padding_idx=0)
+    host = HostEmbedding(emb, torch.device("cpu"))
+    ids = torch.randint(0, 50, (3, 7))
+    assert torch.equal(host(ids), emb(ids))
+    assert list(host.parameters()) == []
+
+
+def test_cast_cache_follows_optimizer_steps() -> None:
+    """The adapter weights cached in the compute dtype are refreshed after every optimizer step."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 16, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(12, 16, generator=g, dtype=torch.bfloat16)
+    a = torch.randn(4, 16, generator=g).requires_grad_(True)
+    b = torch.randn(12, 4, generator=g).requires_grad_(True)
+    opt = torch.optim.AdamW([a, b], lr=0.1)
+    casts: dict = {}
+    for _ in range(3):
+        y = lora_linear(x, lambda dt: w.to(dt), None, a, b, 1.0, None, casts)
+        assert _rel(y, reference_lora_linear(x, w, None, a, b, 1.0)) < 1e-2
+        y.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(casts) == 2

@@ -8,6 +8,8 @@ config's `model.kernels` is `auto` (the default; `off` leaves the model untouche
 - `rmsnorm`, `swiglu`, `rope`: Llama-style RMSNorm, SiLU-gated MLPs and the RoPE of Llama/Qwen2/
   Mistral attention -> liger-kernel's fused Triton functions, when liger-kernel is installed;
   `loratune.kernels.fused_ops`.
+- `embed_offload`: the frozen, untied input embedding table moves to pinned host memory (1 GB less GPU
+  memory for a 128k vocabulary); `loratune.kernels.offload`.
 The loss is not a module swap: the training loop's `loss_fn` is `loratune.kernels.loss.lm_loss_sum`
 (linear cross-entropy in row chunks with the gradient computed in the forward pass; exact, any device).
 """
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-ALL = ("lora", "rmsnorm", "swiglu", "rope")
+ALL = ("lora", "rmsnorm", "swiglu", "rope", "embed_offload")
 
 
 def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Module:
@@ -51,6 +54,11 @@ def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Modu
                 counts["rope"] = swap_attention_rope(model)
         else:
             log.info("liger-kernel is not installed: RMSNorm, SwiGLU and RoPE keep their plain forwards")
+    if "embed_offload" in wanted:
+        from loratune.kernels.offload import offload_input_embedding
+
+        counts["embed_offload"] = offload_input_embedding(model)
+        torch.cuda.empty_cache()
     log.info("fused kernels: %s", ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none")
     model._loratune_kernels = counts
     return model

@@ -74,21 +74,25 @@ class LoRALinearFunction(torch.autograd.Function):
         del w
         xa = xl2 @ a.t()
         y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, None if x_lora is None else xl2, xa, lora_a, lora_b)
-        ctx.weight_fn, ctx.scale, ctx.shape, ctx.casts = weight_fn, scale, shape, casts
+        ctx.save_for_backward(x2, None if x_lora is None else xl2, xa)
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        # The compute-dtype copies go to backward on ctx: the cache is keyed by the parameter objects,
+        # which backward does not see (saved tensors unpack to new Python objects).
+        ctx.weight_fn, ctx.scale, ctx.shape, ctx.ab = weight_fn, scale, shape, (a, b)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x2, xl2, xa, lora_a, lora_b = ctx.saved_tensors
+        x2, xl2, xa = ctx.saved_tensors
         s, dt = ctx.scale, x2.dtype
         g2 = g.reshape(-1, g.shape[-1]).to(dt)
-        a, b = _cast(lora_a, dt, ctx.casts), _cast(lora_b, dt, ctx.casts)
+        a, b = ctx.ab
+        a_dtype, b_dtype = ctx.param_dtypes
         x_l = x2 if xl2 is None else xl2
         need_x, need_xl, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
         gb = g2 @ b
-        d_b = (g2.t() @ xa).mul_(s).to(lora_b.dtype) if need_b else None
-        d_a = (gb.t() @ x_l).mul_(s).to(lora_a.dtype) if need_a else None
+        d_b = (g2.t() @ xa).mul_(s).to(b_dtype) if need_b else None
+        d_a = (gb.t() @ x_l).mul_(s).to(a_dtype) if need_a else None
         dx = dxl = None
         if need_x:
             dx = g2 @ ctx.weight_fn(dt)
