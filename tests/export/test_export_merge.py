@@ -152,3 +152,34 @@ def test_cli_errors_are_one_line(q4_adapter: Path, tmp_path: Path, capsys) -> No
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'full'} is not empty; pass --overwrite to write into it"
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "is not an adapter folder" in capsys.readouterr().err
+
+
+def test_exported_folders_serve_through_the_engine(exported, q4_adapter: Path) -> None:
+    """The merged 16-bit folder and the NF4 folder load as plain models in loratune's own engine."""
+    from loratune.infer.engine import Delta
+    from loratune.infer.load import load_engine
+    from loratune.infer.sampling import SamplingParams
+
+    _, out, nf4 = exported
+    msgs = [{"role": "user", "content": "Hi"}]
+    for folder, layer in ((out, "Linear"), (nf4, "Linear4bit")):
+        eng = load_engine([str(folder)])
+        assert type(eng.model.model.layers[0].mlp.up_proj).__name__ == layer
+        events = list(eng.chat(msgs, SamplingParams(max_new_tokens=5)))
+        assert events[-1].completion_tokens >= 1 and all(isinstance(e, Delta) for e in events[:-1])
+
+
+def test_fp32_export_answers_exactly_like_the_adapter(tiny_llama: Path, tmp_path: Path) -> None:
+    from loratune.infer.engine import Delta
+    from loratune.infer.load import load_engine
+    from loratune.infer.sampling import SamplingParams
+
+    adapter = make_adapter_dir(tiny_llama, tmp_path / "run", bits=16, seed=9)
+    export(adapter, tmp_path / "out", dtype="fp32")
+    msgs = [{"role": "user", "content": "Tell me about adapters"}]
+
+    def answer(source: Path) -> list[int]:
+        eng = load_engine([str(source)])
+        return [e.token_id for e in eng.chat(msgs, SamplingParams(max_new_tokens=16)) if isinstance(e, Delta)]
+
+    assert answer(tmp_path / "out") == answer(adapter)

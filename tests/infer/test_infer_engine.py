@@ -147,6 +147,10 @@ def test_greedy_equals_manual_loop_other_families(tiny_models, family: str) -> N
                             pad_id=fmt.pad_id))
     for row, prompt in enumerate(prompts):
         assert [s[row] for s in got] == manual_greedy(eng.model, prompt, 8)
+    # and through the engine's front door, on a plain model with no adapters
+    msgs = [{"role": "user", "content": "Hi"}]
+    tokens = [e.token_id for e in eng.chat(msgs, SamplingParams(max_new_tokens=8)) if isinstance(e, Delta) and e.token_id is not None]
+    assert tokens == manual_greedy(eng.model, fmt.render(msgs), 8, fmt.stop_ids)
 
 
 def test_greedy_matches_transformers_generate(engine) -> None:

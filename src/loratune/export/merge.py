@@ -8,8 +8,9 @@ different model from the one that was trained.
 The export checks itself, and fails loudly rather than writing a model that quietly differs:
 - every adapted module's weight must change (an update smaller than the 16-bit resolution of the weight
   is rounded away; a zero adapter changes nothing); both are errors;
-- on a few prompts the merged model's logits are compared with the adapter applied, unmerged, on the same
-  dequantized base: top-1 agreement and the largest logit difference are printed, and low agreement fails;
+- on a few prompts (and the run's sample prompts), each followed by the trained model's own greedy answer,
+  the merged model's logits are compared with the adapter applied, unmerged, on the same dequantized base:
+  top-1 agreement and the largest logit difference are printed, and low agreement fails;
 - the saved folder is loaded back with `AutoModelForCausalLM.from_pretrained` and must give the same logits.
 Optionally the merged model is re-quantized to NF4 and the extra error this adds is measured and printed.
 """
@@ -130,8 +131,18 @@ def merge_adapter(peft_model) -> tuple[torch.nn.Module, MergeStats]:
     return peft_model.unload(), MergeStats(modules, unchanged, min_kept)
 
 
-def _probes(fmt) -> list[list[int]]:
-    return [fmt.render(m) for m in PROBES] + [fmt.encode("The quick brown fox jumps over the lazy dog.")]
+def _probes(fmt, model: torch.nn.Module, sample_prompts: list[str], answer_tokens: int = 32) -> list[list[int]]:
+    """Prompts (built-in ones and the run's sample prompts), each followed by `model`'s own greedy answer,
+    so agreement is measured inside real answers too, where the model is confident, not only on prompts."""
+    from loratune.infer.engine import decode_steps
+    from loratune.infer.sampling import SamplingParams
+
+    chats = PROBES + [[{"role": "user", "content": p}] for p in sample_prompts]
+    prompts = [fmt.render(m) for m in chats]
+    steps = list(decode_steps(model, prompts, SamplingParams(max_new_tokens=answer_tokens),
+                              stop_ids=fmt.stop_ids, pad_id=fmt.pad_id))
+    answers = [[s[row] for s in steps if s[row] is not None] for row in range(len(prompts))]
+    return [p + a for p, a in zip(prompts, answers)] + [fmt.encode("The quick brown fox jumps over the lazy dog.")]
 
 
 def _load_quantized_with_adapter(cfg: Config, run: RunFolder):
@@ -156,11 +167,12 @@ def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantiz
     tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
 
     quantized = cfg.quantization.bits in (4, 8)
-    trained = None
+    trained = prompts = None
     if quantized:  # the model as trained: the adapter on the quantized base, for the record
         model = _load_quantized_with_adapter(cfg, run)
         fmt = make_format(tok, info, model, run.stop)
-        trained = probe_logits(model, _probes(fmt))
+        prompts = _probes(fmt, model, run.cfg.output.sample_prompts)
+        trained = probe_logits(model, prompts)
         del model
     # A fresh base, dequantized before any forward: on CPU bitsandbytes repacks 4-bit weights into another
     # layout at the first inference forward, and dequantizing that layout gives garbage.
@@ -169,10 +181,10 @@ def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantiz
         base = base.dequantize(dtype=torch_dtype)
     for p in base.parameters():  # parameters only: buffers such as rotary inv_freq stay as the model made them
         p.data = p.data.to(torch_dtype)
-    fmt = make_format(tok, info, base, run.stop)
-    prompts = _probes(fmt)
-
     model = PeftModel.from_pretrained(base, str(run.path)).eval()  # adapter on the dequantized base
+    fmt = make_format(tok, info, model, run.stop)
+    if prompts is None:
+        prompts = _probes(fmt, model, run.cfg.output.sample_prompts)
     reference = probe_logits(model, prompts)
     merged, stats = merge_adapter(model)
     merged_logits = probe_logits(merged, prompts)

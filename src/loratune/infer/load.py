@@ -28,6 +28,7 @@ from loratune.data.templates import TEMPLATES
 from loratune.errors import ModelError
 from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
 from loratune.infer.sampling import SamplingParams
+from loratune.model.adapters import is_peft
 from loratune.model.load import TokenizerInfo, load_base, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class Engine:
     @contextlib.contextmanager
     def _use(self, name: str) -> Iterator[None]:
         inner = self.adapters[name]
-        if not hasattr(self.model, "set_adapter"):
+        if not is_peft(self.model):  # a plain model (transformers models have a set_adapter of their own)
             yield
         elif inner is None:
             with self.model.disable_adapter():
@@ -172,6 +173,13 @@ class Engine:
         fmt = self.format(name)
         params = params.with_updates(stop=tuple(dict.fromkeys(params.stop + fmt.stop_strings)))
         return self.generate([fmt.render(messages)], params, name, cancel)
+
+
+def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text: str | None,
+               name: str = BASE_NAME) -> Engine:
+    """Wrap a model already in memory (e.g. the trainer's, for sample answers) in an `Engine`."""
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    return Engine(model, {name: make_format(tokenizer, info, model, stop_text)}, {name: None}, context, name)
 
 
 def quiet_per_token_logs() -> None:
@@ -216,7 +224,7 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     if torch.cuda.is_available() and cfg.quantization.bits in (16, 32):
         model = model.to("cuda")
     base_tok, base_info = load_tokenizer(cfg.model)
-    formats = {base_name: make_format(base_tok, base_info, model, None)}
+    formats = {base_name: make_format(base_tok, base_info, model, _run_stop(plain[0]) if plain else None)}
     adapters: dict[str, str | None] = {base_name: None}
     if runs:
         from peft import PeftModel
@@ -247,10 +255,30 @@ def _inference_config(runs: list[tuple[str, RunFolder]], plain: list[str], bits:
                                  f"{runs[0][0]!r} on {cfg.model.path!r}: adapters served together need one base")
         cfg = Config(model=cfg.model, quantization=cfg.quantization)
     else:
-        cfg = Config(model=ModelConfig(path=plain[0]), quantization=QuantizationConfig(bits=16))
+        cfg = Config(model=ModelConfig(path=plain[0]), quantization=_saved_quantization(plain[0]))
     if bits is not None:
         cfg.quantization = QuantizationConfig(**{**cfg.quantization.__dict__, "bits": bits})
     return cfg
+
+
+def _saved_quantization(path: str) -> QuantizationConfig:
+    """16-bit, unless the folder holds a bitsandbytes-quantized checkpoint (e.g. `export --quantize-4bit`)."""
+    config = Path(path) / "config.json"
+    q = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") if config.is_file() else None
+    if not q or q.get("quant_method") != "bitsandbytes":
+        return QuantizationConfig(bits=16)
+    if q.get("load_in_8bit"):
+        return QuantizationConfig(bits=8)
+    return QuantizationConfig(bits=4, quant_type=q.get("bnb_4bit_quant_type", "nf4"),
+                              double_quant=bool(q.get("bnb_4bit_use_double_quant", False)))
+
+
+def _run_stop(path: str) -> str | None:
+    """The end-of-turn text recorded by a full fine-tuning run (a model folder with loratune_run.json)."""
+    run = Path(path) / "loratune_run.json"
+    if not run.is_file():
+        return None
+    return (json.loads(run.read_text(encoding="utf-8")).get("template") or {}).get("stop")
 
 
 def _check_vocab(tokenizer, model: torch.nn.Module, folder: Path) -> None:

@@ -71,12 +71,14 @@ class Worker:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.pending = self.completed = self.cancelled = 0
+        self._closing = threading.Event()  # shutting down: stop the running job, skip the queued ones
         self._thread = threading.Thread(target=self._run, name="loratune-generate", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        self._closing.set()
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
@@ -91,9 +93,12 @@ class Worker:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            def cancel(job: Job = job) -> bool:
+                return job.cancelled.is_set() or self._closing.is_set()
+
             try:
-                if not job.cancelled.is_set():
-                    for event in self.engine.generate(job.prompts, job.params, job.model, job.cancelled.is_set,
+                if not cancel():
+                    for event in self.engine.generate(job.prompts, job.params, job.model, cancel,
                                                       ignore_eos=job.ignore_eos):
                         job.put(event)
             except Exception as e:  # a bug or an out-of-memory: the request fails, the server stays up
