@@ -16,13 +16,13 @@ from loratune.errors import LoratuneError
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from loratune.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before torch is imported
     from loratune.train.run import train
 
-    train(cfg)
+    return train(cfg).exit_code  # 130/143 when SIGINT/SIGTERM stopped it (after saving a checkpoint)
 
 
 def _config_docs(args: argparse.Namespace) -> None:

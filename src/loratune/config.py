@@ -148,8 +148,9 @@ class TrainConfig:
     save_every: int = _f(200, "Save a resumable checkpoint to output.dir/checkpoints every N optimizer steps (always at "
                               "the end too); 0: only at the end.")
     keep_last: int = _f(2, "Keep only the newest N checkpoints (the one with the best eval loss is kept besides); 0 keeps all.")
-    resume: str = _f("auto", "`auto`: continue an unfinished run in output.dir from its newest complete checkpoint, else "
-                             "start; `off`: always start afresh; or the path of a checkpoint (or of a run folder) to continue from.")
+    resume: Union[Literal["auto", "off"], bool, str] = _f(
+        "auto", "`auto` (or true): continue an unfinished run in output.dir from its newest complete checkpoint, else "
+                "start; `off` (or false): always start afresh; or the path of a checkpoint (or of a run folder) to continue from.")
     allow_config_change: bool = _f(False, "Resume even though the config or the training data differ from the checkpoint's "
                                           "(the differences are printed).")
     deterministic: bool = _f(False, "Use only deterministic algorithms (torch.use_deterministic_algorithms): runs and "
@@ -350,7 +351,7 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
          "train.early_stopping_patience needs an eval split: set data.eval_split or data.eval_datasets"),
         (cfg.output.adapter == "best" and not has_eval,
          "output.adapter 'best' needs an eval split: set data.eval_split or data.eval_datasets"),
-        (not t.resume.strip(), "train.resume must be auto, off, or a path"),
+        (isinstance(t.resume, str) and not t.resume.strip(), "train.resume must be auto, off, or a path"),
     ]
 
 

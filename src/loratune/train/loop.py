@@ -1,9 +1,14 @@
-"""The training loop, written out in full: no framework owns it.
+"""The training loop, written out in full: no framework owns it; accelerate only places and scales.
 
 One optimizer step consumes a *window* of `grad_accum` micro-batches. The window's batches are fetched
 first, so the number of supervised tokens in the whole window is known before any backward pass: each
 micro-batch's summed loss is divided by that total, which makes the gradient identical whatever the
 split between batch size and accumulation.
+
+accelerate's `Accelerator` provides the device, the autocast context (bf16, or fp16 with its loss
+scaler), `backward` (which scales under fp16), `clip_grad_norm_` (which unscales first) and the
+wrapped optimizer's `step` (which skips and backs the scale off on an fp16 overflow). The trainable
+weights stay fp32: autocast only lowers the precision of the matmuls.
 
 The data order of every epoch is a pure function of (seed, epoch), so the position in training is fully
 described by `LoopState` (step, epoch, micro-batch index): that is what a checkpoint stores to resume.
@@ -11,6 +16,7 @@ described by `LoopState` (step, epoch, micro-batch index): that is what a checkp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -18,16 +24,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from loratune.config import TrainConfig
 from loratune.data.collate import batch_order, collate
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
+from loratune.train.faults import fault
 from loratune.train.loss import lm_loss_sum
 from loratune.train.optim import build_scheduler
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("loratune.train")
 
 
 class TrainingError(LoratuneError):
@@ -36,7 +44,7 @@ class TrainingError(LoratuneError):
 
 @dataclass
 class LoopState:
-    """Where training stands; enough, with the RNG states, to continue exactly."""
+    """Where training stands; with the optimizer, scheduler and RNG states, enough to continue exactly."""
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch
@@ -44,12 +52,21 @@ class LoopState:
     tokens: int = 0  # supervised tokens trained on
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
+    last_eval_step: int = -1
+    best_eval: float | None = None  # lowest eval loss so far
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    first_loss: float | None = None
+    last_loss: float | None = None
+    seconds: float = 0.0  # time spent training, summed over resumed sessions
 
 
 @dataclass
 class StepResult:
-    loss: float
-    tokens: int
+    loss: float  # mean per supervised token over the window (nan if skipped)
+    tokens: int  # supervised tokens in the window
+    input_tokens: int  # non-padding tokens processed
     grad_norm: float
     lr: float
     skipped: bool
@@ -68,30 +85,39 @@ def total_steps(cfg: TrainConfig, n_micro: int) -> int:
     return max(1, math.ceil(cfg.epochs * steps_per_epoch(n_micro, cfg.grad_accum)))
 
 
+def _supervised(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 class Loop:
-    """Runs optimizer steps over `samples` from a `LoopState`; saving and logging are the caller's hooks."""
+    """Runs optimizer steps over `samples` from a `LoopState`; saving and logging are the caller's."""
 
     def __init__(self, model: nn.Module, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                 pad_id: int, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+                 pad_id: int, accelerator: Accelerator, group_by_length: bool = False,
                  loss_fn: Callable = lm_loss_sum) -> None:
         self.model, self.samples, self.cfg = model, samples, cfg
-        self.optimizer, self.scaler = optimizer, scaler
-        self.pad_id, self.device, self.autocast_dtype, self.loss_fn = pad_id, device, autocast_dtype, loss_fn
-        self.group_by_length = False
+        self.optimizer, self.acc = optimizer, accelerator
+        self.pad_id, self.loss_fn, self.group_by_length = pad_id, loss_fn, group_by_length
         self.n_micro = len(self.order(0))
         self.total = total_steps(cfg, self.n_micro)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------------------------------ data
+
     def order(self, epoch: int) -> list[list[int]]:
         return batch_order(self.samples, self.cfg.batch_size, self.cfg.seed, epoch, self.group_by_length)
 
     def windows(self, state: LoopState) -> Iterator[tuple[int, int, list[list[int]]]]:
-        """(epoch, next micro index, micro-batches) for each remaining step, starting at `state`."""
+        """(epoch, micro index after the window, micro-batches) for each remaining step from `state`."""
         epoch, micro = state.epoch, state.micro
+        order = self.order(epoch)
         for _ in range(state.step, self.total):
-            order = self.order(epoch)
             if micro >= len(order):
                 epoch, micro = epoch + 1, 0
                 order = self.order(epoch)
@@ -99,76 +125,106 @@ class Loop:
             micro += len(window)
             yield epoch, micro, window
 
-    def _autocast(self) -> torch.autocast:
-        """Mixed precision for the forward pass; the trainable weights themselves stay fp32."""
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def batches(self, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        return [collate([self.samples[i] for i in idx], self.pad_id) for idx in window]
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor], n_window: int) -> float:
-        with self._autocast():
-            loss_sum, _ = self.loss_fn(self.model, batch)
-        loss = loss_sum / n_window
-        if not torch.isfinite(loss):
-            return float("nan")
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        return float(loss_sum.detach())
+    # ------------------------------------------------------------------------------------------ step
+
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """Accumulate the window's gradients; returns (summed loss, supervised tokens); nan loss if non-finite.
+
+        Stops at the first non-finite micro-batch loss: the step will be skipped, so the rest is wasted work.
+        """
+        n_window = sum(_supervised(b) for b in batches)
+        if n_window == 0:
+            return float("nan"), 0
+        total = 0.0
+        for i, b in enumerate(batches):
+            b = {k: v.to(self.acc.device) for k, v in b.items()}
+            last = i == len(batches) - 1
+            # gradients are all-reduced once per window, on its last backward (no-op on one process)
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
+                with self.acc.autocast():
+                    loss_sum, _ = self.loss_fn(self.model, b)
+                if fault("loss"):
+                    loss_sum = loss_sum + float("inf")
+                if not torch.isfinite(loss_sum):
+                    return float("nan"), n_window
+                self.acc.backward(loss_sum / n_window)
+            fault("step.backward")
+            total += float(loss_sum.detach())
+        return total, n_window
 
     def step(self, state: LoopState, window: list[list[int]]) -> StepResult:
-        """One optimizer step over the window; skips it (no update) if anything is non-finite."""
+        """One optimizer step over the window; skipped (no update) if the loss or a gradient is non-finite."""
         t0 = time.perf_counter()
         self.model.train()
-        batches = [collate([self.samples[i] for i in idx], self.pad_id) for idx in window]
-        n_window = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        loss_total, finite = 0.0, n_window > 0
-        for b in batches:
-            if not finite:
-                break
-            b = {k: v.to(self.device) for k, v in b.items()}
-            s = self._forward_backward(b, max(n_window, 1))
-            finite = math.isfinite(s)
-            loss_total += s
-        grad_norm = float("nan")
-        if finite:
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-            finite = math.isfinite(grad_norm)
+        batches = self.batches(window)
+        n_input = sum(_input_tokens(b) for b in batches)
+        loss_sum, n_window = self.forward_backward(batches)
         lr = self.scheduler.get_last_lr()[0]
+        finite, grad_norm, overflow = math.isfinite(loss_sum), float("nan"), False
         if finite:
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
+            clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(self.acc.clip_grad_norm_(self.params, clip))  # unscales fp16 gradients first
+            scaler = self.acc.scaler
+            if scaler is not None:  # the scaler skips an overflowing step itself and lowers its scale
                 self.optimizer.step()
-            state.nonfinite_in_row = 0
-        else:
-            state.nonfinite_in_row += 1
-            state.skipped_steps += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                        state.step + 1, state.nonfinite_in_row)
+                overflow = bool(self.optimizer.step_was_skipped)
+                finite = not overflow
+            elif math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                finite = False
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         state.step += 1
-        state.tokens += n_window if finite else 0
+        self._account(state, finite, overflow)
+        if finite:
+            state.tokens += n_window
+            self._check_weights(state)
+        fault("step.end")
+        mean = loss_sum / n_window if finite else float("nan")
+        return StepResult(mean, n_window, n_input, grad_norm, lr, not finite, time.perf_counter() - t0)
+
+    def _account(self, state: LoopState, finite: bool, overflow: bool) -> None:
+        """Count skipped steps; too many non-finite ones in a row end the run with advice."""
+        if finite:
+            state.nonfinite_in_row = 0
+            return
+        state.skipped_steps += 1
+        scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 0.0
+        if overflow and scale >= 1.0:  # an fp16 overflow the scaler handles by lowering its scale
+            log.info("step %d: fp16 gradient overflow, step skipped; loss scale now %g", state.step, scale)
+            return
+        state.nonfinite_in_row += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state.step,
+                    state.nonfinite_in_row)
         if state.nonfinite_in_row >= self.cfg.max_nonfinite:
             raise TrainingError(
                 f"{state.nonfinite_in_row} steps in a row had a NaN/inf loss or gradient (last at step {state.step}); "
-                "try quantization.compute_dtype=bf16 instead of fp16, a lower train.lr, or train.max_grad_norm=0.3")
-        mean = loss_total / n_window if finite and n_window else float("nan")
-        return StepResult(mean, n_window, grad_norm, lr, not finite, time.perf_counter() - t0)
+                "nothing from these steps was applied or saved. Try quantization.compute_dtype=bf16 instead of fp16, "
+                "a lower train.lr, or gradient clipping (train.max_grad_norm=0.3)")
+
+    def _check_weights(self, state: LoopState) -> None:
+        """An update from finite gradients can still overflow a weight; such weights must never be saved."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            raise TrainingError(
+                f"the trainable weights became NaN/inf in the update of step {state.step}; they were not saved. "
+                "Resume from the last checkpoint with a lower train.lr or train.max_grad_norm")
+
+    # ------------------------------------------------------------------------------------------ eval
 
     def evaluate(self, samples: list[Sample]) -> float:
-        """Mean token loss over `samples` (no gradient), in fixed order."""
+        """Mean token loss over `samples` (no gradient, no dropout), in fixed order."""
         self.model.eval()
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(samples), self.cfg.batch_size):
                 b = collate(samples[i:i + self.cfg.batch_size], self.pad_id)
-                b = {k: v.to(self.device) for k, v in b.items()}
-                with self._autocast():
+                b = {k: v.to(self.acc.device) for k, v in b.items()}
+                with self.acc.autocast():
                     s, k = self.loss_fn(self.model, b)
                 total, n = total + float(s), n + k
         self.model.train()
-        return total / max(n, 1)
+        return total / n if n else float("nan")

@@ -1,13 +1,10 @@
-"""What the user sees while training: a rich progress bar in a terminal, plain log lines otherwise,
-and `metrics.jsonl` (one JSON line per logged step) in the output folder either way."""
+"""What the user sees while training: a rich progress bar in a terminal, plain log lines otherwise."""
 
 from __future__ import annotations
 
-import json
 import logging
+import resource
 import sys
-import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -17,21 +14,35 @@ log = logging.getLogger("loratune.train")
 
 
 def memory_gib(device: torch.device) -> float:
-    """Peak allocated accelerator memory in GiB (0 on CPU, where it is not tracked)."""
+    """Peak allocated accelerator memory in GiB; on CPU the process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Throughput:
+    """Tokens per second of training (evaluation and saving excluded) since the last `take()`."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens = 0.0, 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def take(self) -> float:
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.seconds, self.tokens = 0.0, 0
+        return rate
 
 
 class Reporter:
-    def __init__(self, total_steps: int, out_dir: Path, log_every: int, device: torch.device,
-                 start_step: int = 0) -> None:
-        self.total, self.log_every, self.device = total_steps, log_every, device
-        self.metrics_path = out_dir / "metrics.jsonl"
+    """Progress bar (terminal) or log lines (anything else), from `start_step` to `total_steps`."""
+
+    def __init__(self, total_steps: int, start_step: int = 0) -> None:
+        self.total = total_steps
         self.console = Console(stderr=True)
         self.tty = self.console.is_terminal
-        self.t0 = time.perf_counter()
-        self.tokens = 0
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
@@ -46,21 +57,15 @@ class Reporter:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def step(self, step: int, epoch: float, loss: float, lr: float, grad_norm: float, tokens: int,
-             extra: dict | None = None) -> None:
-        self.tokens += tokens
-        elapsed = time.perf_counter() - self.t0
-        tps = self.tokens / elapsed if elapsed > 0 else 0.0
-        mem = memory_gib(self.device)
-        info = f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s" + (f"  {mem:.1f} GiB" if mem else "")
+    def step(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float, mem_gib: float,
+             log_line: bool) -> None:
+        info = f"ep {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  {mem_gib:.2f} GiB"
         self.progress.update(self.task, completed=step, info=info)
-        if step % self.log_every == 0 or step == self.total:
-            row = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": round(tps, 1), "memory_gib": round(mem, 3), **(extra or {})}
-            with self.metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if not self.tty:
-                log.info("step %d/%d  epoch %.2f  %s", step, self.total, epoch, info)
+        if log_line and not self.tty:
+            log.info("step %d/%d  %s", step, self.total, info)
 
     def print(self, text: str) -> None:
-        (self.progress.console.print if self.tty else (lambda t: print(t, file=sys.stderr)))(text)
+        if self.tty:
+            self.progress.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=sys.stderr, flush=True)

@@ -1,28 +1,48 @@
-"""`loratune train`: wire config -> tokenizer -> data -> model -> loop -> saved adapter.
+"""`loratune train`: config -> tokenizer -> data -> model -> loop -> checkpoints -> adapter.
 
-The recipe in the torchtune sense: setup, train, save, each step a call into the stage that owns it.
+The recipe in the torchtune sense. `Run.__init__` sets everything up, fresh or from a checkpoint;
+`Run.fit` is the loop over optimizer steps with evaluation, checkpoints and the stop checks written
+out; `Run.finish` evaluates a last time, saves the final checkpoint, writes the adapter to the output
+folder and prints the summary.
+
+Order matters for exact resume: after step N the run evaluates (if due), then checkpoints (if due), so a
+checkpoint of step N holds the state after step N's evaluation, and a resumed run continues with step
+N+1 exactly as the uninterrupted run does. Evaluation consumes no randomness (no dropout, fixed order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
-from loratune.config import Config
+from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
+from loratune.errors import ConfigError
 from loratune.model.adapters import attach_adapters, count_parameters
 from loratune.model.load import enable_checkpointing, load_base, load_tokenizer
 from loratune.model.quant import resolve_compute_dtype
-from loratune.train.artifacts import prepare_output_dir, save_run
-from loratune.train.loop import LoopState, Loop
+from loratune.train import faults
+from loratune.train.artifacts import save_run
+from loratune.train.checkpoint import CHECKPOINTS, checkpoint_name, clean_leftovers, rotate, write_checkpoint
+from loratune.train.interrupt import GracefulStop
+from loratune.train.loop import Loop, LoopState, StepResult
+from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 from loratune.train.optim import build_optimizer
-from loratune.train.progress import Reporter, memory_gib
+from loratune.train.progress import Reporter, Throughput, memory_gib
+from loratune.train.resume import (check_compatible, config_diff, data_diff, data_fingerprint, drop_newer, plan_start,
+                                   resume_mode)
+from loratune.train.snapshot import Parts, fill, load_weights, read_meta, restore_training
 
 log = logging.getLogger("loratune.train")
 
@@ -36,65 +56,293 @@ class TrainResult:
     first_loss: float
     last_loss: float
     peak_memory_gib: float
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    checkpoint: Path | None = None  # the newest checkpoint
+    interrupted: str | None = None  # name of the signal that stopped the run early, if one did
+    stopped_early: bool = False  # early stopping on the eval loss
+    exit_code: int = 0
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every CUDA device too
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(p.device for p in model.parameters())
+@contextlib.contextmanager
+def deterministic_mode(on: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms for the run's duration (then the previous setting again)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
-def _precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype and loss scaler: bf16 needs no scaler; fp16 does; fp32 needs neither."""
+def make_accelerator(cfg: Config) -> Accelerator:
+    """bf16 autocast, fp16 autocast with a loss scaler, or none (fp32), as the compute dtype says."""
     compute = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    if compute == torch.float32:
-        return None, None
-    scaler = torch.amp.GradScaler(device.type) if compute == torch.float16 else None
-    return compute, scaler
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
+    cpu = not torch.cuda.is_available()
+    if cpu and mixed == "fp16":
+        log.info("fp16 autocast needs a GPU: on CPU the adapters compute in fp32 (the base still runs in fp16)")
+        mixed = "no"
+    # accelerate keeps its settings in a process-wide singleton that refuses a different precision;
+    # one process may train several times (tests, the web UI), so each run starts from a clean one.
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision=mixed, cpu=cpu)
+    if acc.num_processes > 1:
+        raise ConfigError("training on several processes/GPUs is not supported yet; run on one GPU "
+                          "(without `accelerate launch --num_processes`)")
+    return acc
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns layers changed.
+
+    On CPUs with AVX512-BF16, a 4-bit layer run in eval mode without gradients (our evaluation) converts
+    its weight to a packed layout, and `state_dict()` (every checkpoint save) converts it back only
+    approximately ("best-effort inverse" in bitsandbytes): the frozen base would silently change in the
+    middle of training, and a resumed run would no longer match. Training keeps the standard layout.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+class Run:
+    """One training run in `cfg.output.dir`, from step 0 or from a checkpoint."""
+
+    def __init__(self, cfg: Config, stop: GracefulStop) -> None:
+        self.cfg, self.stop, self.out = cfg, stop, Path(cfg.output.dir)
+        self.root = self.out / CHECKPOINTS
+        start = plan_start(cfg, self.say)
+        meta = read_meta(start) if start is not None else None
+        if meta is not None:  # before the slow part, so a refused resume fails at once
+            check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start)
+        self.out.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.root)
+        seed_everything(cfg.train.seed)
+        self.tokenizer, self.info = load_tokenizer(cfg.model)
+        self.data = prepare_data(cfg.data, self.tokenizer, self.info, cfg.train.seed)
+        self.acc = make_accelerator(cfg)
+        model = load_base(cfg)
+        enable_checkpointing(model, cfg)
+        model = attach_adapters(model, cfg.adapter)
+        keep_4bit_layout(model)
+        trainable, total = count_parameters(model)
+        log.info("model: %s, %d-bit base, %s trainable of %s parameters (%.3f%%); data: %d train, %d eval samples",
+                 cfg.model.path, cfg.quantization.bits, f"{trainable:,}", f"{total:,}",
+                 100 * trainable / max(total, 1), len(self.data.train), len(self.data.eval))
+        prepared, optimizer = self.acc.prepare(model, build_optimizer(model, cfg.train))
+        self.loop = Loop(prepared, self.data.train, cfg.train, optimizer, self.info.pad_id, self.acc,
+                         group_by_length=cfg.data.group_by_length)
+        self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
+                           self.data.template, self.info)
+        self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
+        self.state, self.saved_step = LoopState(), -1
+        if start is not None:
+            check_compatible(data_diff(meta["data"], self.fingerprints), cfg, start)
+            self._restore(start, meta)
+        self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
+        self.metrics = MetricsLog(self.out, cfg.train.tensorboard, self.state.step if start is not None else None)
+        self.has_eval = bool(self.data.eval)
+        if cfg.train.eval_every and not self.has_eval:
+            log.warning("train.eval_every is set but there is no eval split (data.eval_split / data.eval_datasets)")
+
+    def say(self, text: str) -> None:
+        log.warning("%s", text)
+
+    def _restore(self, folder: Path, meta: dict) -> None:
+        self.state = restore_training(folder, meta, self.parts)
+        self.saved_step = self.state.step
+        if folder.parent.resolve() == self.root.resolve():
+            drop_newer(self.root, self.state.step, self.say)
+        log.info("resuming from %s: step %d of %d", folder, self.state.step, self.loop.total)
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    @property
+    def finished(self) -> bool:
+        return self.state.stopped_early or self.state.step >= self.loop.total
+
+    def fit(self) -> TrainResult:
+        cfg, state = self.cfg.train, self.state
+        throughput, window = Throughput(), []
+        with Reporter(self.loop.total, state.step) as self.reporter:
+            if not self.finished:
+                for epoch, micro, batch_ids in self.loop.windows(state):
+                    r = self.loop.step(state, batch_ids)
+                    state.epoch, state.micro = epoch, micro
+                    self._record(r, epoch + micro / max(self.loop.n_micro, 1), throughput, window)
+                    if self._after_step():
+                        break
+            if self.stop.requested and not self.finished:
+                return self._interrupted()
+            return self.finish()
+
+    def _record(self, r: StepResult, epoch: float, throughput: Throughput, window: list[float]) -> None:
+        state, step = self.state, self.state.step
+        throughput.add(r.input_tokens, r.seconds)
+        if not r.skipped:
+            state.first_loss = r.loss if state.first_loss is None else state.first_loss
+            state.last_loss = r.loss
+            window.append(r.loss)
+        mem = memory_gib(self.acc.device)
+        due = step % self.cfg.train.log_every == 0 or step == self.loop.total
+        if due:
+            self.metrics.write({
+                "step": step, "epoch": round(epoch, 4), "loss": sum(window) / len(window) if window else None,
+                "lr": r.lr, "grad_norm": r.grad_norm, "tokens_per_s": round(throughput.take(), 1),
+                "memory_gib": round(mem, 3), "skipped": state.skipped_steps})
+            window.clear()
+        self.reporter.step(step, epoch, r.loss, r.lr, r.input_tokens / max(r.seconds, 1e-9), mem, due)
+
+    def _after_step(self) -> bool:
+        """Evaluate and checkpoint as due; True to leave the loop (end, early stop or a stop request)."""
+        cfg, state = self.cfg.train, self.state
+        if state.step >= self.loop.total:
+            return True  # finish() evaluates and saves the last step
+        save = cfg.save_every > 0 and state.step % cfg.save_every == 0
+        if self.has_eval and (state.step % cfg.eval_every == 0 if cfg.eval_every else save):
+            better = self._evaluate()
+            save = save or (better and self.cfg.output.adapter == "best")
+            patience = cfg.early_stopping_patience
+            if patience and state.evals_without_improvement >= patience:
+                state.stopped_early = True
+                self.reporter.print(f"early stopping at step {state.step}: no eval improvement in {patience} "
+                                    f"evaluations (best {state.best_eval:.4f} at step {state.best_step})")
+                return True
+        if save or self.stop.requested:
+            self.save_checkpoint()
+        return self.stop.requested
+
+    def _evaluate(self) -> bool:
+        """Eval loss now; updates best and patience; True if it is the best so far."""
+        state = self.state
+        loss = self.loop.evaluate(self.data.eval)
+        better = state.best_eval is None or loss < state.best_eval
+        if state.best_eval is None or loss < state.best_eval - self.cfg.train.early_stopping_min_delta:
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+        if better:
+            state.best_eval, state.best_step = loss, state.step
+        state.last_eval_step = state.step
+        self.metrics.write({"step": state.step, "eval_loss": loss, "best_eval_loss": state.best_eval})
+        self.reporter.print(f"step {state.step}: eval loss {loss:.4f}" + ("  (best so far)" if better else ""))
+        self._plot()
+        return better
+
+    def _plot(self) -> None:
+        if self.cfg.train.plot:
+            note = plot_losses(self.metrics.rows(), self.out / PLOT_FILE)
+            if note and not getattr(self, "_plot_noted", False):
+                self._plot_noted = True
+                self.reporter.print(note)
+
+    # ---------------------------------------------------------------------------------------- saving
+
+    def _facts(self) -> dict:
+        s = self.state
+        s.seconds = self.base_seconds + time.perf_counter() - self.t_start
+        return {"steps": s.step, "tokens": s.tokens, "seconds": round(s.seconds, 2), "best_eval_loss": s.best_eval,
+                "best_step": s.best_step if s.best_step >= 0 else None}
+
+    def save_checkpoint(self) -> Path:
+        """Atomically write the checkpoint of the current step; then rotate older ones."""
+        if self.saved_step == self.state.step:
+            return self.root / checkpoint_name(self.state.step)
+        path = write_checkpoint(
+            self.root, self.state.step,
+            lambda tmp: fill(tmp, self.parts, self.state, self.cfg, self.fingerprints, self._facts()),
+            fault=faults.fault)
+        self.saved_step = self.state.step
+        self._rotate()
+        faults.fault("save.rotated")
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def _rotate(self) -> None:
+        """Keep the newest train.keep_last checkpoints and the best one (only after a save completed)."""
+        best = {self.root / checkpoint_name(self.state.best_step)} if self.state.best_step >= 0 else set()
+        rotate(self.root, self.cfg.train.keep_last, protect=best)
+
+    def _interrupted(self) -> TrainResult:
+        path = self.save_checkpoint()
+        how = ("run the same command again" if resume_mode(self.cfg) != "off"
+               else "run the same command with train.resume=auto")
+        self.reporter.print(
+            f"stopped by {self.stop.signal_name} after step {self.state.step}/{self.loop.total}; checkpoint saved: "
+            f"{path}\nto resume, {how}: training continues from that checkpoint exactly")
+        self.metrics.close()
+        return self._result(path, interrupted=self.stop.signal_name, exit_code=self.stop.exit_code())
+
+    def finish(self) -> TrainResult:
+        """Last evaluation and checkpoint, then the adapter into the output folder and the summary."""
+        state = self.state
+        if self.has_eval and state.last_eval_step != state.step:
+            self._evaluate()
+        path = self.save_checkpoint()
+        self._rotate()  # again: a run killed between its last save and the rotation resumes here
+        which = f"last step, {state.step}"
+        if self.cfg.output.adapter == "best" and 0 <= state.best_step != state.step:
+            best = self.root / checkpoint_name(state.best_step)
+            if best.is_dir():
+                load_weights(self.parts.model, best)
+                which = f"best eval loss, step {state.best_step}"
+            else:
+                log.warning("the best checkpoint (step %d) is gone; the output holds the last step", state.best_step)
+        save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg,
+                 extra={**self._facts(), "adapter": which, "checkpoint": str(path)})
+        self._plot()
+        self.metrics.close()
+        result = self._result(path)
+        self._summary(result, which)
+        return result
+
+    def _result(self, path: Path, interrupted: str | None = None, exit_code: int = 0) -> TrainResult:
+        s = self.state
+        nan = float("nan")
+        return TrainResult(self.out, s.step, s.tokens, s.seconds, s.first_loss if s.first_loss is not None else nan,
+                           s.last_loss if s.last_loss is not None else nan, memory_gib(self.acc.device),
+                           s.best_eval, s.best_step if s.best_step >= 0 else None, path, interrupted,
+                           s.stopped_early, exit_code)
+
+    def _summary(self, r: TrainResult, which: str) -> None:
+        epochs = self.state.epoch + self.state.micro / max(self.loop.n_micro, 1)
+        mem = "GPU peak allocated" if self.acc.device.type == "cuda" else "CPU peak resident"
+        lines = [
+            f"training done: {r.steps} steps ({epochs:.2f} epochs), {r.tokens:,} supervised tokens, "
+            f"{_duration(r.seconds)}, {mem} memory {r.peak_memory_gib:.2f} GiB"
+            + (f", {self.state.skipped_steps} steps skipped (non-finite)" if self.state.skipped_steps else ""),
+            f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}" + (
+                f"; best eval loss {r.best_eval_loss:.4f} at step {r.best_step}" if r.best_eval_loss is not None else "")
+            + ("; stopped early" if r.stopped_early else ""),
+            f"adapter ({which}): {self.out}/   checkpoints: {self.root}/",
+            f"chat with it:  loratune chat {self.out}",
+        ]
+        print("\n".join(lines), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
 def train(cfg: Config) -> TrainResult:
-    """Fine-tune as `cfg` says and write the adapter to `cfg.output.dir`."""
-    out = prepare_output_dir(cfg.output)
-    seed_everything(cfg.train.seed)
-    tokenizer, info = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, info, cfg.train.seed)
-    log.info("data: %d training samples, %d eval samples, template %s", len(data.train), len(data.eval),
-             data.template.name)
+    """Fine-tune as `cfg` says, with checkpoints and resume, and write the adapter to `cfg.output.dir`."""
+    faults.reset()
+    with deterministic_mode(cfg.train.deterministic), GracefulStop() as stop:
+        run = Run(cfg, stop)
+        return run.fit()
 
-    model = load_base(cfg)
-    if torch.cuda.is_available() and cfg.quantization.bits not in (4, 8):
-        model.to("cuda")
-    enable_checkpointing(model, cfg)
-    model = attach_adapters(model, cfg.adapter)
-    trainable, total = count_parameters(model)
-    log.info("model: %s, %d-bit base, %s trainable of %s parameters (%.3f%%)", cfg.model.path,
-             cfg.quantization.bits, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-    device = _device(model)
-
-    autocast, scaler = _precision(cfg, device)
-    optimizer = build_optimizer(model, cfg.train)
-    loop = Loop(model, data.train, cfg.train, optimizer, info.pad_id, device, autocast, scaler)
-
-    state = LoopState()
-    first = last = float("nan")
-    t0 = time.perf_counter()
-    with Reporter(loop.total, out, cfg.train.log_every, device) as rep:
-        for epoch, micro, window in loop.windows(state):
-            state.epoch, state.micro = epoch, micro
-            r = loop.step(state, window)
-            first = r.loss if state.step == 1 else first
-            last = r.loss if not r.skipped else last
-            rep.step(state.step, epoch + micro / max(loop.n_micro, 1), r.loss, r.lr, r.grad_norm, r.tokens)
-    seconds = time.perf_counter() - t0
-
-    save_run(out, model, tokenizer, data.template, info, cfg,
-             extra={"steps": state.step, "tokens": state.tokens, "seconds": round(seconds, 2)})
-    result = TrainResult(out, state.step, state.tokens, seconds, first, last, memory_gib(device))
-    print(f"done: {result.steps} steps, {result.tokens:,} tokens in {seconds:.0f}s, loss {first:.3f} -> {last:.3f}; "
-          f"adapter written to {out}/")
-    return result

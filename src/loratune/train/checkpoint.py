@@ -1,0 +1,183 @@
+"""Atomic checkpoint folders: a checkpoint either exists complete and verified, or is not a checkpoint.
+
+    OUT/checkpoints/step-00000200/
+        adapter_config.json, adapter_model.safetensors   standard PEFT adapter
+        tokenizer files, chat_template.jinja, loratune.yaml, loratune_run.json   (a usable run folder)
+        trainer_state.safetensors   optimizer tensors, RNG states
+        trainer_state.json          loop position, scheduler, scaler, RNG, config hash, eval history
+        manifest.json               size and SHA-256 of every file above; written last
+
+Writing: everything goes into a hidden `.tmp-*` folder; each file is fsynced; the manifest is written
+and fsynced last; the folder is renamed into place (atomic on POSIX) and the parent fsynced. Older
+checkpoints are rotated only after that, by renaming them to `.trash-*` first, so a half-deleted
+folder never looks like a checkpoint. A process killed at any instant therefore leaves either the
+previous set of checkpoints or the new one, plus hidden leftovers that `clean_leftovers` removes.
+
+Reading: a checkpoint counts only if its manifest parses and every file matches its size and hash;
+`complete_checkpoints` says why it skips each one that does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("loratune.train")
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(folder: Path) -> int:
+    m = _NAME.match(folder.name)
+    if not m:
+        raise ValueError(f"{folder} is not a checkpoint folder name")
+    return int(m.group(1))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write a JSON file so that readers see the old content or the new, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_checkpoint(root: Path, step: int, fill: Callable[[Path], None],
+                     fault: Callable[[str], object] = lambda point: None) -> Path:
+    """Create `root/step-NNNNNNNN` atomically: `fill(tmp_folder)` writes the files, this makes it durable."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        files = _files(tmp)
+        for f in files:
+            _fsync_file(f)
+        fault("save.files")
+        manifest = {"format": FORMAT, "step": step,
+                    "files": {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                              for f in files}}
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        fault("save.manifest")
+        if final.exists():  # a stale copy of this step (e.g. from before a resume): move it aside first
+            _trash(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fault("save.renamed")
+    return final
+
+
+def verify(folder: Path) -> str | None:
+    """None if `folder` is a complete checkpoint, else the reason it is not."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    if manifest.get("format") != FORMAT:
+        return f"manifest format {manifest.get('format')!r}, expected {FORMAT}"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under `root`, newest first, without checking them."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def complete_checkpoints(root: Path, say: Callable[[str], None] = log.warning) -> list[Path]:
+    """Verified checkpoints under `root`, newest first; each one skipped is reported through `say`."""
+    good = []
+    for folder in list_checkpoints(root):
+        reason = verify(folder)
+        if reason is None:
+            good.append(folder)
+        else:
+            say(f"skipping checkpoint {folder}: {reason}")
+    return good
+
+
+def _trash(folder: Path) -> None:
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def rotate(root: Path, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all), never those in `protect`."""
+    if keep_last <= 0:
+        return []
+    removed = []
+    for folder in list_checkpoints(root)[keep_last:]:
+        if folder.resolve() not in {p.resolve() for p in protect}:
+            _trash(folder)
+            removed.append(folder)
+    return removed
+
+
+def clean_leftovers(root: Path) -> None:
+    """Remove temporary and half-deleted folders left by a process that was killed."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(p, ignore_errors=True)

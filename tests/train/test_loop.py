@@ -1,0 +1,160 @@
+"""The loop: token-normalised accumulation, the non-finite guard, and loss going down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import config, write_run_yaml
+
+from loratune.config import load_config
+from loratune.data.sample import Sample
+from loratune.model.adapters import attach_adapters
+from loratune.model.load import load_base
+from loratune.train.loop import Loop, LoopState, TrainingError
+from loratune.train.loss import lm_loss_sum
+from loratune.train.metrics import read_rows
+from loratune.train.optim import build_optimizer
+from loratune.train.run import make_accelerator, train
+
+
+def _samples(n: int = 8) -> list[Sample]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        length = 5 + 4 * i  # unequal lengths: 5 .. 33
+        ids = torch.randint(5, 400, (length,), generator=g).tolist()
+        labels = list(ids)
+        labels[: 2 + i % 3] = [-100] * (2 + i % 3)  # an unsupervised prompt of varying length
+        out.append(Sample(ids, labels))
+    return out
+
+
+def _loop(tiny_llama: Path, batch_size: int, grad_accum: int, loss_fn=lm_loss_sum, **train) -> Loop:
+    cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=4", "adapter.dropout=0",
+                             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_steps=4",
+                             "train.optimizer=adamw", "train.max_grad_norm=0", *(f"train.{k}={v}" for k, v in train.items())])
+    torch.manual_seed(0)
+    model = attach_adapters(load_base(cfg), cfg.adapter)
+    with torch.no_grad():  # B starts at zero, which would make A's gradient zero: give it values
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    acc = make_accelerator(cfg)
+    return Loop(model, _samples(), cfg.train, build_optimizer(model, cfg.train), pad_id=1, accelerator=acc,
+                loss_fn=loss_fn)
+
+
+def _grads(loop: Loop) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in loop.model.named_parameters() if p.requires_grad}
+
+
+def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_llama: Path) -> None:
+    big = _loop(tiny_llama, 8, 1)
+    loss_big, n_big = big.forward_backward(big.batches([list(range(8))]))
+    small = _loop(tiny_llama, 1, 8)
+    loss_small, n_small = small.forward_backward(small.batches([[i] for i in range(8)]))
+    assert n_big == n_small == sum(sum(t != -100 for t in s.labels[1:]) for s in _samples())
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    gb, gs = _grads(big), _grads(small)
+    for name in gb:
+        assert torch.allclose(gb[name], gs[name], rtol=1e-4, atol=1e-7), name
+
+    # the test can tell: averaging per-micro-batch means (the common mistake) gives other gradients
+    naive = _loop(tiny_llama, 1, 1)
+    for i in range(8):
+        loss_sum, n = lm_loss_sum(naive.model, naive.batches([[i]])[0])
+        (loss_sum / n / 8).backward()
+    worst = max(float((naive.model.get_parameter(n).grad - gb[n]).abs().max() / gb[n].abs().max()) for n in gb)
+    assert worst > 1e-2
+
+
+def _poisoned(calls: set[int]):
+    count = {"n": 0}
+
+    def loss_fn(model, batch):
+        count["n"] += 1
+        loss, n = lm_loss_sum(model, batch)
+        return (loss * float("inf"), n) if count["n"] in calls else (loss, n)
+
+    return loss_fn
+
+
+def test_non_finite_loss_skips_exactly_that_step(tiny_llama: Path) -> None:
+    loop = _loop(tiny_llama, 2, 2, loss_fn=_poisoned({3}))  # micro-batch 3 is in step 2
+    state = LoopState()
+    steps = list(loop.windows(state))
+    r1 = loop.step(state, steps[0][2])
+    before = {n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
+    opt_state = {k: v["step"].clone() for k, v in loop.optimizer.state.items()}
+    r2 = loop.step(state, steps[1][2])
+    assert not r1.skipped and r2.skipped and state.skipped_steps == 1 and state.nonfinite_in_row == 1
+    assert all(torch.equal(p, before[n]) for n, p in loop.model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(v["step"], opt_state[k]) for k, v in loop.optimizer.state.items())
+    assert all(p.grad is None for p in loop.params)  # nothing of the bad step leaks into the next
+    r3 = loop.step(state, steps[2][2])
+    assert not r3.skipped and state.nonfinite_in_row == 0 and state.step == 3
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_advice(tiny_llama: Path) -> None:
+    loop = _loop(tiny_llama, 2, 1, loss_fn=_poisoned(set(range(1, 100))), max_nonfinite=3)
+    state = LoopState()
+    with pytest.raises(TrainingError, match="3 steps in a row.*bf16.*lower train.lr"):
+        for _, _, window in loop.windows(state):
+            loop.step(state, window)
+    assert state.step == 3
+
+
+def test_an_update_that_makes_weights_non_finite_stops_the_run(tiny_llama: Path, monkeypatch) -> None:
+    loop = _loop(tiny_llama, 2, 1)
+    real_step = loop.optimizer.step
+
+    def overflowing_step(*a, **k):
+        real_step(*a, **k)
+        with torch.no_grad():
+            loop.params[0][0, 0] = float("inf")
+
+    monkeypatch.setattr(loop.optimizer, "step", overflowing_step)
+    with pytest.raises(TrainingError, match="became NaN/inf in the update of step 1"):
+        loop.step(LoopState(), next(loop.windows(LoopState()))[2])
+
+
+def test_injected_inf_is_caught_within_one_step_and_nothing_non_finite_is_saved(
+        tmp_path: Path, tiny_llama: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LORATUNE_FAULT", "nan@loss#3")  # the 3rd micro-batch: step 2
+    from safetensors.torch import load_file
+
+    result = train(config(write_run_yaml(tmp_path, tiny_llama)))
+    rows = [r for r in read_rows(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert rows[1]["step"] == 2 and rows[1]["loss"] is None and rows[1]["skipped"] == 1
+    assert rows[0]["skipped"] == 0 and all(r["loss"] is not None for r in rows[2:])
+    assert "step 2: non-finite loss or gradient, step skipped" in caplog.text
+    assert result.steps == 8
+    for f in [tmp_path / "out" / "adapter_model.safetensors", *(tmp_path / "out" / "checkpoints").rglob("*.safetensors")]:
+        assert all(torch.isfinite(t).all() for t in load_file(str(f)).values() if t.is_floating_point()), f
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path, tiny_llama: Path) -> None:
+    from loratune.train.artifacts import NonFiniteWeights
+    from loratune.train.interrupt import GracefulStop
+    from loratune.train.run import Run
+
+    run = Run(config(write_run_yaml(tmp_path, tiny_llama)), GracefulStop())
+    with torch.no_grad():
+        next(p for p in run.parts.model.parameters() if p.requires_grad)[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeights, match="NaN or inf"):
+        run.save_checkpoint()
+    root = tmp_path / "out" / "checkpoints"
+    assert not root.exists() or not list(root.iterdir())
+
+
+def test_loss_decreases(tmp_path: Path, tiny_llama: Path) -> None:
+    result = train(config(write_run_yaml(tmp_path, tiny_llama), "train.max_steps=12", "train.lr=1e-2",
+                          "train.eval_every=4", "train.save_every=0"))
+    rows = read_rows(tmp_path / "out" / "metrics.jsonl")
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
+    assert sum(train_losses[-3:]) < sum(train_losses[:3])
+    assert result.last_loss < result.first_loss
