@@ -54,7 +54,8 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live(engine) -> Iterator[LiveServer]:
-    limits = Limits(max_tokens=engine.context_length, max_n=4, max_stop=4, max_body_bytes=64 * 1024)
+    limits = Limits(max_tokens=engine.context_length, default_max_tokens=16, max_n=4, max_stop=4,
+                    max_body_bytes=64 * 1024)
     with LiveServer(create_app(engine, api_key=KEY, max_pending=2, limits=limits)) as server:
         yield server
 
@@ -138,6 +139,20 @@ def test_stop_string_and_length_finish(client: openai.OpenAI) -> None:
                                     extra_body={"ignore_eos": True})
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[:text.index(stop)]
+
+
+def test_default_max_tokens_and_streamed_n(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="alpha", messages=MSGS, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="alpha", messages=MSGS, n=2, max_tokens=6, temperature=1.0,
+                                                 seed=5, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert {ch.index for c in chunks for ch in c.choices if ch.finish_reason} == {0, 1}
+    full = client.chat.completions.create(model="alpha", messages=MSGS, n=2, max_tokens=6, temperature=1.0, seed=5)
+    assert [c.message.content for c in full.choices] == [texts[0], texts[1]]  # a seed reproduces a request
 
 
 def test_sse_wire_format_ends_with_done(live: LiveServer) -> None:
