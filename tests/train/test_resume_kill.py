@@ -10,6 +10,7 @@ scheduler, every RNG and the data position to all come back exactly.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -34,22 +35,22 @@ ADAMW_CHAIN = [
     "kill@save.rotated#1",  # step 6 saved and older rotated: resumes from 6
     "kill@save.renamed#1",  # the final checkpoint (8) is in place, the output folder not yet written
 ]
-PAGED_CHAIN = ["kill@step.backward#5", "kill@save.manifest#2"]
+PAGED_CHAIN = ["kill@step.backward#5", "int@step.end#2", "kill@save.manifest#1"]  # int: Ctrl-C after step 5
 
 
-def _reference(tmp_path: Path, model: Path, optimizer: str) -> bytes:
+def _reference(tmp_path: Path, model: Path, sections: dict) -> bytes:
     ref = tmp_path / "ref"
     ref.mkdir()
-    result = train(config(write_run_yaml(ref, model, train={"optimizer": optimizer})))
-    assert result.steps == 8
+    result = train(config(write_run_yaml(ref, model, **sections)))
+    assert result.steps == sections["train"].get("max_steps", 8)
     return adapter_bytes(result.out_dir)
 
 
-def _chain(tmp_path: Path, model: Path, optimizer: str, chain: list[str]) -> Path:
-    path = write_run_yaml(tmp_path, model, train={"optimizer": optimizer})
+def _chain(tmp_path: Path, model: Path, sections: dict, chain: list[str]) -> Path:
+    path = write_run_yaml(tmp_path, model, **sections)
     for fault in chain:
         p = run_cli(path, fault=fault)
-        expected = 143 if fault.startswith("term") else KILLED
+        expected = {"term": 143, "int": 130}.get(fault.split("@")[0], KILLED)
         assert p.returncode == expected, (fault, p.returncode, p.stderr[-3000:])
     p = run_cli(path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -57,18 +58,47 @@ def _chain(tmp_path: Path, model: Path, optimizer: str, chain: list[str]) -> Pat
     return tmp_path / "out"
 
 
-@pytest.mark.parametrize("optimizer,chain", [("adamw", ADAMW_CHAIN), ("paged_adamw_32bit", PAGED_CHAIN)],
-                         ids=["adamw", "paged_adamw_32bit"])
-def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, tiny_llama: Path, optimizer: str,
-                                                           chain: list[str]) -> None:
-    want = _reference(tmp_path, tiny_llama, optimizer)
-    out = _chain(tmp_path, tiny_llama, optimizer, chain)
+CASES = {
+    "adamw": ({"train": {"optimizer": "adamw"}}, ADAMW_CHAIN),
+    "paged_adamw_32bit": ({"train": {"optimizer": "paged_adamw_32bit"}}, PAGED_CHAIN),
+    # rank 64: lora_A has 64 x 64 = 4096 values, enough for bitsandbytes to keep 8-bit state
+    "paged_adamw_8bit": ({"train": {"optimizer": "paged_adamw_8bit"}, "adapter": {"rank": 64}}, PAGED_CHAIN),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, tiny_llama: Path, case: str) -> None:
+    sections, chain = CASES[case]
+    want = _reference(tmp_path, tiny_llama, sections)
+    out = _chain(tmp_path, tiny_llama, sections, chain)
     assert adapter_bytes(out) == want
     # every step was recorded exactly once despite the replays after each kill
     steps = [r["step"] for r in read_rows(out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 9))
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
     assert [step_of(p) for p in list_checkpoints(out / "checkpoints")] == [8, 6]
+
+
+def test_sigkill_at_random_moments(tmp_path: Path, tiny_llama: Path) -> None:
+    """SIGKILL from outside after random delays (seeded), whatever the process is doing, then resume."""
+    sections = {"train": {"max_steps": 60, "save_every": 3, "eval_every": 6}}
+    want = _reference(tmp_path, tiny_llama, sections)
+    path = write_run_yaml(tmp_path, tiny_llama, **sections)
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(8):
+        proc, log = start_cli(path)
+        proc.join(rng.uniform(0.3, 1.2))
+        if proc.exitcode is not None:  # finished before the kill
+            assert proc.exitcode == 0, log.read_text()[-3000:]
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        kills += 1
+    else:
+        assert run_cli(path).returncode == 0
+    assert kills >= 3
+    assert adapter_bytes(tmp_path / "out") == want
 
 
 def test_sigterm_from_outside_saves_and_exits_cleanly(tmp_path: Path, tiny_llama: Path) -> None:

@@ -98,7 +98,7 @@ def run_cli(path: Path, *overrides: str, fault: str = "", timeout: float = 180) 
         proc.kill()
         proc.join()
         raise TimeoutError(f"training did not finish in {timeout}s: {log.read_text()[-3000:]}")
-    text = log.read_text()
+    text = log.read_text() if log.exists() else "(the child process wrote no log)"
     return Finished(proc.exitcode, text, text)
 
 

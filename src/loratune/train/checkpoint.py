@@ -103,7 +103,7 @@ def write_checkpoint(root: Path, step: int, fill: Callable[[Path], None],
         _fsync_dir(tmp)
         fault("save.manifest")
         if final.exists():  # a stale copy of this step (e.g. from before a resume): move it aside first
-            _trash(final)
+            trash(final)
         os.rename(tmp, final)
         _fsync_dir(root)
     except BaseException:
@@ -156,11 +156,12 @@ def complete_checkpoints(root: Path, say: Callable[[str], None] = log.warning) -
     return good
 
 
-def _trash(folder: Path) -> None:
-    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def trash(folder: Path) -> None:
+    """Delete a folder so that no half-deleted copy ever carries its name: rename first, then remove."""
+    doomed = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def rotate(root: Path, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
@@ -170,7 +171,7 @@ def rotate(root: Path, keep_last: int, protect: set[Path] = frozenset()) -> list
     removed = []
     for folder in list_checkpoints(root)[keep_last:]:
         if folder.resolve() not in {p.resolve() for p in protect}:
-            _trash(folder)
+            trash(folder)
             removed.append(folder)
     return removed
 

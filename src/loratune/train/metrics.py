@@ -47,7 +47,9 @@ class MetricsLog:
     def __init__(self, out: Path, tensorboard: bool, resume_step: int | None) -> None:
         self.path = out / METRICS_FILE
         kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)  # a kill now leaves the old file or the new one, never a torn one
         self.writer = None
         if tensorboard:
             try:

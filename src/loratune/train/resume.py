@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 from loratune.config import Config, to_dict
 from loratune.errors import ConfigError, LoratuneError
 from loratune.train.artifacts import RUN_FILE
-from loratune.train.checkpoint import CHECKPOINTS, complete_checkpoints, list_checkpoints, step_of, verify
+from loratune.train.checkpoint import CHECKPOINTS, complete_checkpoints, list_checkpoints, step_of, trash, verify
 
 log = logging.getLogger("loratune.train")
 
@@ -117,7 +116,7 @@ def clear_run(out: Path) -> None:
     for name in RUN_OUTPUTS:
         p = out / name
         if p.is_dir():
-            shutil.rmtree(p)
+            trash(p)
         elif p.exists():
             p.unlink()
 
@@ -170,4 +169,4 @@ def drop_newer(root: Path, step: int, say: Callable[[str], None]) -> None:
     for folder in list_checkpoints(root):
         if step_of(folder) > step:
             say(f"removing {folder}: it is newer than the checkpoint training continues from")
-            shutil.rmtree(folder)
+            trash(folder)

@@ -129,6 +129,7 @@ class Run:
         if meta is not None:  # before the slow part, so a refused resume fails at once
             check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start)
         self.out.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.out)
         clean_leftovers(self.root)
         seed_everything(cfg.train.seed)
         self.tokenizer, self.info = load_tokenizer(cfg.model)
