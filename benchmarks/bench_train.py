@@ -61,7 +61,8 @@ SHAPES: dict[str, dict] = {
 }
 
 # name -> (kernels passed to loratune.kernels.apply, loss: "lead" (loratune.train.loss), "chunked" or
-# "liger" (loratune.kernels.loss)). Kernels are applied cumulatively in the order given.
+# "liger" (loratune.kernels.loss)). Kernels are applied cumulatively in the order given. A "+gc" name
+# also turns Python's automatic garbage collection off during the timed steps (after gc.freeze()).
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "loratune": ((), "lead"),
     "loratune+ce": ((), "chunked"),
@@ -69,6 +70,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "loratune+ce+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked"),
     "loratune+ce+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
     "loratune+all": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "chunked"),
+    "loratune+all+gc": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "chunked"),
     "loratune+all+ligerce": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "liger"),
 }
 
@@ -207,6 +209,7 @@ class CaseResult:
     reserved_gib: float = math.nan
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    gc_ms: list[float] = field(default_factory=list)  # time in Python garbage collection per step
     error: str | None = None
 
 
@@ -215,8 +218,29 @@ def batches(case: tuple[int, int], n: int, vocab: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, case, generator=g) for _ in range(n)]
 
 
+class GcTimer:
+    """Time spent in Python's garbage collector (gc.callbacks), read and reset per step."""
+
+    def __init__(self) -> None:
+        self.total, self._t = 0.0, 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._t
+
+    def take(self) -> float:
+        t, self.total = self.total, 0.0
+        return t
+
+
+GC_TIMER = GcTimer()
+
+
 def run_case(model, step_fn, make_opt, name: str, case: tuple[int, int], steps: int, warmup: int, vocab: int,
-             init: dict[str, torch.Tensor]) -> CaseResult:
+             init: dict[str, torch.Tensor], manual_gc: bool = False) -> CaseResult:
     b, s = case
     res = CaseResult(name, f"{b}x{s}", b * s)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -228,6 +252,10 @@ def run_case(model, step_fn, make_opt, name: str, case: tuple[int, int], steps: 
     free()
     if on_cuda():
         torch.cuda.reset_peak_memory_stats()
+    if manual_gc:
+        gc.freeze()
+        gc.disable()
+    GC_TIMER.take()
     try:
         for ids in batches(case, steps, vocab):
             ids = ids.to(ARGS.device, non_blocking=True)
@@ -236,9 +264,14 @@ def run_case(model, step_fn, make_opt, name: str, case: tuple[int, int], steps: 
             loss = step_fn(model, ids, opt)
             sync()
             res.step_times.append(time.perf_counter() - t)
+            res.gc_ms.append(1e3 * GC_TIMER.take())
             res.losses.append(loss.item())
     except torch.OutOfMemoryError as e:
         res.error = "OOM: " + str(e).splitlines()[0][:120]
+    finally:
+        if manual_gc:
+            gc.enable()
+            gc.unfreeze()
     if on_cuda():
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         res.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
@@ -250,7 +283,7 @@ def run_case(model, step_fn, make_opt, name: str, case: tuple[int, int], steps: 
     for p in params.values():
         p.grad = None
     log(f"{name:18s} {res.case:8s} {res.tokens_per_s:9.0f} tok/s  peak {res.peak_gib:6.2f} GiB  "
-        f"losses {[round(x, 4) for x in res.losses[:3]]}...{res.error or ''}")
+        f"gc {sum(res.gc_ms):.0f} ms  losses {[round(x, 4) for x in res.losses[:3]]}...{res.error or ''}")
     return res
 
 
@@ -294,8 +327,8 @@ def parse_case(text: str) -> tuple[int, int]:
 
 def table(results: list[CaseResult], shape: dict) -> str:
     ref = {r.case: r for r in results if r.path == "reference"}
-    lines = ["| path | case | tokens/s | peak GiB | % of FLOP bound | tok/s vs ref | memory vs ref | "
-             "max rel. loss diff vs ref (first N) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | case | tokens/s | step s median (min-max) | peak GiB | % of FLOP bound | tok/s vs ref | "
+             "memory vs ref | max rel. loss diff vs ref (first N) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         seq = int(r.case.split("x")[1])
         bound = PEAK_TFLOPS * 1e12 / flops_per_token(shape, seq, ARGS.rank)
@@ -306,7 +339,9 @@ def table(results: list[CaseResult], shape: dict) -> str:
         if rr and r.path != "reference" and rr.losses and r.losses:
             n = min(len(rr.losses), len(r.losses))
             diff = f"{max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], rr.losses[:n])):.1e} (n={n})"
-        lines.append(f"| {r.path} | {r.case} | {r.tokens_per_s:,.0f} | {r.peak_gib:.2f} | "
+        timed = r.step_times[ARGS.warmup:] or [math.nan]
+        spread = f"{r.step_s:.3f} ({min(timed):.3f}-{max(timed):.3f})"
+        lines.append(f"| {r.path} | {r.case} | {r.tokens_per_s:,.0f} | {spread} | {r.peak_gib:.2f} | "
                      f"{100 * r.tokens_per_s / bound:.1f}% | {speed:.2f}x | {100 * mem:.0f}% | {diff} |"
                      + (f" {r.error}" if r.error else ""))
     return "\n".join(lines)
@@ -418,7 +453,8 @@ def main() -> None:
             loss_fn = lm_loss_sum if loss == "lead" else functools.partial(fused_lm_loss_sum, impl=loss)
             step = loratune_step(loss_fn, params, ARGS.clip)
             for case in (cases if v == last else [standard]):
-                results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init))
+                results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init,
+                                        manual_gc=v.endswith("+gc")))
                 write_report()
             if v in ARGS.profile:
                 profile_step(model, step, make_opt, v, standard, vocab, out_dir)

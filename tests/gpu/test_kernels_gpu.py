@@ -107,8 +107,9 @@ def test_fused_ce_matches_reference_cuda(softcap, impl) -> None:
     assert _rel(gh, eh) < 1e-2 and _rel(gw, ew) < 1e-2
 
 
-def test_cast_cache_follows_fused_adamw() -> None:
-    """The fused CUDA AdamW updates parameters in place; the cached bf16 copies must follow."""
+def test_adapter_updates_are_seen_with_fused_adamw() -> None:
+    """The fused CUDA AdamW updates parameters in place without bumping their version counters: a
+    cache of the bf16 adapter copies keyed on versions served stale weights (seen 2026-11-22)."""
     from loratune.kernels.lora_linear import lora_linear, reference_lora_linear
 
     torch.manual_seed(0)
@@ -117,9 +118,8 @@ def test_cast_cache_follows_fused_adamw() -> None:
     a = (0.05 * torch.randn(8, 256, device="cuda")).requires_grad_(True)
     b = (0.05 * torch.randn(128, 8, device="cuda")).requires_grad_(True)
     opt = torch.optim.AdamW([a, b], lr=0.05, fused=True)
-    casts: dict = {}
     for _ in range(3):
-        y = lora_linear(x, lambda dt: w.to(dt), None, a, b, 1.0, None, casts)
+        y = lora_linear(x, lambda dt: w.to(dt), None, a, b, 1.0)
         assert _rel(y, reference_lora_linear(x, w, None, a, b, 1.0)) < 1e-2
         y.float().square().mean().backward()
         opt.step()

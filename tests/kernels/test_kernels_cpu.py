@@ -196,19 +196,17 @@ def test_host_embedding_matches_embedding() -> None:
     assert list(host.parameters()) == []
 
 
-def test_cast_cache_follows_optimizer_steps() -> None:
-    """The adapter weights cached in the compute dtype are refreshed after every optimizer step."""
+def test_adapter_updates_are_seen() -> None:
+    """After every optimizer step the layer computes with the updated adapter (no stale casts)."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(8, 16, generator=g, dtype=torch.bfloat16)
     w = torch.randn(12, 16, generator=g, dtype=torch.bfloat16)
     a = torch.randn(4, 16, generator=g).requires_grad_(True)
     b = torch.randn(12, 4, generator=g).requires_grad_(True)
     opt = torch.optim.AdamW([a, b], lr=0.1)
-    casts: dict = {}
     for _ in range(3):
-        y = lora_linear(x, lambda dt: w.to(dt), None, a, b, 1.0, None, casts)
+        y = lora_linear(x, lambda dt: w.to(dt), None, a, b, 1.0)
         assert _rel(y, reference_lora_linear(x, w, None, a, b, 1.0)) < 1e-2
         y.float().square().mean().backward()
         opt.step()
         opt.zero_grad()
-    assert len(casts) == 2

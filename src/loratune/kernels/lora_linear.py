@@ -42,33 +42,23 @@ def reference_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a
         scale * F.linear(F.linear(x_l, lora_a.to(dt)), lora_b.to(dt))
 
 
-def _cast(p: Tensor, dt: torch.dtype, casts: dict | None) -> Tensor:
-    """`p` in dtype `dt`, reused while `p` is unchanged: an adapter weight changes only at the optimizer
-    step (which bumps its version counter), but is read in the forward, recompute and backward passes."""
-    if casts is None or p.dtype == dt:
-        return p.detach().to(dt)
-    key = (id(p), dt)
-    stamp = (p._version, p.data_ptr())
-    hit = casts.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = (stamp, p.detach().to(dt))
-        casts[key] = hit
-    return hit[1]
-
-
 class LoRALinearFunction(torch.autograd.Function):
-    """See the module docstring for the math. `weight_fn(dtype)` returns the frozen W [out, in];
-    `casts` (optional) caches the adapter weights in the compute dtype between optimizer steps."""
+    """See the module docstring for the math. `weight_fn(dtype)` returns the frozen W [out, in].
+
+    The adapter weights are cast to the compute dtype once per forward and the same copies serve the
+    backward pass. (A cache across passes keyed on the parameters' version counters was tried and
+    removed: the fused CUDA AdamW updates parameters without bumping their versions, so the cache
+    served stale weights; tests/gpu keeps a check of that.)
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, x_lora: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor],
-                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, casts: dict | None = None
-                ) -> Tensor:
+                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
         dt = x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
-        a, b = _cast(lora_a, dt, casts), _cast(lora_b, dt, casts)
+        a, b = lora_a.detach().to(dt), lora_b.detach().to(dt)
         w = weight_fn(dt)
         y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dt), x2, w.t())
         del w
@@ -76,8 +66,6 @@ class LoRALinearFunction(torch.autograd.Function):
         y.addmm_(xa, b.t(), alpha=scale)
         ctx.save_for_backward(x2, None if x_lora is None else xl2, xa)
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        # The compute-dtype copies go to backward on ctx: the cache is keyed by the parameter objects,
-        # which backward does not see (saved tensors unpack to new Python objects).
         ctx.weight_fn, ctx.scale, ctx.shape, ctx.ab = weight_fn, scale, shape, (a, b)
         return y.reshape(*shape[:-1], y.shape[-1])
 
@@ -89,7 +77,7 @@ class LoRALinearFunction(torch.autograd.Function):
         a, b = ctx.ab
         a_dtype, b_dtype = ctx.param_dtypes
         x_l = x2 if xl2 is None else xl2
-        need_x, need_xl, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+        need_x, need_xl, _, _, need_a, need_b, _ = ctx.needs_input_grad
         gb = g2 @ b
         d_b = (g2.t() @ xa).mul_(s).to(b_dtype) if need_b else None
         d_a = (gb.t() @ x_l).mul_(s).to(a_dtype) if need_a else None
@@ -101,13 +89,13 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = dx.reshape(ctx.shape)
         if xl2 is not None and need_xl:
             dxl = (gb @ a).mul_(s).reshape(ctx.shape)
-        return dx, dxl, None, None, d_a, d_b, None, None
+        return dx, dxl, None, None, d_a, d_b, None
 
 
 def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None, lora_a: Tensor,
-                lora_b: Tensor, scale: float, x_lora: Tensor | None = None, casts: dict | None = None) -> Tensor:
+                lora_b: Tensor, scale: float, x_lora: Tensor | None = None) -> Tensor:
     """y = x W^T + b + scale * (x_lora A^T) B^T as one autograd node (x_lora defaults to x)."""
-    return LoRALinearFunction.apply(x, x_lora, weight_fn, bias, lora_a, lora_b, float(scale), casts)
+    return LoRALinearFunction.apply(x, x_lora, weight_fn, bias, lora_a, lora_b, float(scale))
 
 
 # ------------------------------------------------------------------------------------ peft layer swap
@@ -181,7 +169,6 @@ def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor]) -> Ca
     compute = _compute_dtype(base)
     name = next(iter(layer.lora_A))
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    casts: dict = {}
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
         if (args or kwargs or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [name]
@@ -190,7 +177,7 @@ def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor]) -> Ca
         dropout = layer.lora_dropout[name]
         xc = x.to(compute)
         x_lora = dropout(xc) if (layer.training and getattr(dropout, "p", 0.0) > 0) else None
-        y = lora_linear(xc, weight_fn, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name], x_lora, casts)
+        y = lora_linear(xc, weight_fn, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name], x_lora)
         return y.to(x.dtype)
 
     return forward
