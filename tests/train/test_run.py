@@ -127,3 +127,19 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path: Path, tiny_llama: Pat
     os.remove(ckpt / MANIFEST)
     with pytest.raises(ResumeError, match="not a complete checkpoint: no manifest"):
         train(config(path, f"train.resume={ckpt}", "output.dir=" + str(tmp_path / "c")))
+
+
+def test_full_fine_tuning_resumes_exactly(tmp_path: Path, tiny_llama: Path, monkeypatch) -> None:
+    """adapter.type none: every weight trains; checkpoints hold the full model (safetensors) and resume exactly."""
+    sections = {"adapter": {"type": "none"}, "quantization": {"bits": 32}}
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    want = train(config(write_run_yaml(ref, tiny_llama, **sections)))
+    path = write_run_yaml(tmp_path, tiny_llama, **sections)
+    monkeypatch.setenv("LORATUNE_FAULT", "term@step.end#4")
+    assert train(config(path)).interrupted == "SIGTERM"
+    monkeypatch.delenv("LORATUNE_FAULT")
+    result = train(config(path))
+    assert result.steps == 8
+    got, expected = (tmp_path / "out" / "model.safetensors").read_bytes(), (want.out_dir / "model.safetensors").read_bytes()
+    assert got == expected

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from loratune.config import Config, load_config
@@ -38,7 +39,7 @@ def write_run_yaml(tmp_path: Path, model: Path, **sections: dict) -> Path:
     """The base run (with `sections` merged in) as a YAML file writing to tmp_path/out."""
     data = base_config(model, tmp_path / "out")
     for name, values in sections.items():
-        data[name].update(values)
+        data.setdefault(name, {}).update(values)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -54,8 +55,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as the in-proce
 # loratune (but never computed anything, so no thread pool exists to be broken by the fork): a child
 # starts in milliseconds instead of the ~5 s those imports take. Each child is a real process that
 # SIGKILL ends with no cleanup at all, which is what the tests need.
-_FORKS = multiprocessing.get_context("forkserver")
-_FORKS.set_forkserver_preload(["loratune.cli", "loratune.train.run"])
+# With CUDA, importing those libraries already touches the driver, which a fork cannot inherit: spawn.
+if torch.cuda.is_available():
+    _FORKS = multiprocessing.get_context("spawn")
+else:
+    _FORKS = multiprocessing.get_context("forkserver")
+    _FORKS.set_forkserver_preload(["loratune.cli", "loratune.train.run"])
 
 
 @dataclass
@@ -70,8 +75,6 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    import torch
-
     from loratune.cli import main
 
     torch.set_num_threads(1)

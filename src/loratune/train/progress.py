@@ -44,7 +44,7 @@ class Reporter:
         self.console = Console(stderr=True)
         self.tty = self.console.is_terminal
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
             disable=not self.tty, transient=False,
         )
@@ -59,7 +59,7 @@ class Reporter:
 
     def step(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float, mem_gib: float,
              log_line: bool) -> None:
-        info = f"ep {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  {mem_gib:.2f} GiB"
+        info = f"ep {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s {mem_gib:.1f} GiB"
         self.progress.update(self.task, completed=step, info=info)
         if log_line and not self.tty:
             log.info("step %d/%d  %s", step, self.total, info)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ class Run:
         if start is not None:
             check_compatible(data_diff(meta["data"], self.fingerprints), cfg, start)
             self._restore(start, meta)
+        self.reporter = Reporter(self.loop.total, self.state.step)
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
         self.metrics = MetricsLog(self.out, cfg.train.tensorboard, self.state.step if start is not None else None)
         self.has_eval = bool(self.data.eval)
@@ -178,7 +180,7 @@ class Run:
     def fit(self) -> TrainResult:
         cfg, state = self.cfg.train, self.state
         throughput, window = Throughput(), []
-        with Reporter(self.loop.total, state.step) as self.reporter:
+        with self.reporter:
             if not self.finished:
                 for epoch, micro, batch_ids in self.loop.windows(state):
                     r = self.loop.step(state, batch_ids)
@@ -187,8 +189,12 @@ class Run:
                     if self._after_step():
                         break
             if self.stop.requested and not self.finished:
-                return self._interrupted()
-            return self.finish()
+                result, message = self._interrupted()
+            else:
+                result, message = self.finish()
+        # after the progress bar is gone, so that it cannot redraw over the summary
+        print(message, file=sys.stderr if result.interrupted else sys.stdout, flush=True)
+        return result
 
     def _record(self, r: StepResult, epoch: float, throughput: Throughput, window: list[float]) -> None:
         state, step = self.state, self.state.step
@@ -269,7 +275,7 @@ class Run:
         self.saved_step = self.state.step
         self._rotate()
         faults.fault("save.rotated")
-        log.info("checkpoint saved: %s", path)
+        self.reporter.print(f"checkpoint saved: {path}")
         return path
 
     def _rotate(self) -> None:
@@ -277,18 +283,17 @@ class Run:
         best = {self.root / checkpoint_name(self.state.best_step)} if self.state.best_step >= 0 else set()
         rotate(self.root, self.cfg.train.keep_last, protect=best)
 
-    def _interrupted(self) -> TrainResult:
+    def _interrupted(self) -> tuple[TrainResult, str]:
         path = self.save_checkpoint()
         how = ("run the same command again" if resume_mode(self.cfg) != "off"
                else "run the same command with train.resume=auto")
-        self.reporter.print(
-            f"stopped by {self.stop.signal_name} after step {self.state.step}/{self.loop.total}; checkpoint saved: "
-            f"{path}\nto resume, {how}: training continues from that checkpoint exactly")
+        message = (f"stopped by {self.stop.signal_name} after step {self.state.step}/{self.loop.total}; checkpoint "
+                   f"saved: {path}\nto resume, {how}: training continues from that checkpoint exactly")
         self.metrics.close()
-        return self._result(path, interrupted=self.stop.signal_name, exit_code=self.stop.exit_code())
+        return self._result(path, interrupted=self.stop.signal_name, exit_code=self.stop.exit_code()), message
 
-    def finish(self) -> TrainResult:
-        """Last evaluation and checkpoint, then the adapter into the output folder and the summary."""
+    def finish(self) -> tuple[TrainResult, str]:
+        """Last evaluation and checkpoint, then the adapter into the output folder; returns the summary too."""
         state = self.state
         if self.has_eval and state.last_eval_step != state.step:
             self._evaluate()
@@ -307,8 +312,7 @@ class Run:
         self._plot()
         self.metrics.close()
         result = self._result(path)
-        self._summary(result, which)
-        return result
+        return result, self._summary(result, which)
 
     def _result(self, path: Path, interrupted: str | None = None, exit_code: int = 0) -> TrainResult:
         s = self.state
@@ -318,7 +322,7 @@ class Run:
                            s.best_eval, s.best_step if s.best_step >= 0 else None, path, interrupted,
                            s.stopped_early, exit_code)
 
-    def _summary(self, r: TrainResult, which: str) -> None:
+    def _summary(self, r: TrainResult, which: str) -> str:
         epochs = self.state.epoch + self.state.micro / max(self.loop.n_micro, 1)
         mem = "GPU peak allocated" if self.acc.device.type == "cuda" else "CPU peak resident"
         lines = [
@@ -331,7 +335,7 @@ class Run:
             f"adapter ({which}): {self.out}/   checkpoints: {self.root}/",
             f"chat with it:  loratune chat {self.out}",
         ]
-        print("\n".join(lines), flush=True)
+        return "\n".join(lines)
 
 
 def _duration(seconds: float) -> str:
