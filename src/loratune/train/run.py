@@ -166,8 +166,8 @@ class Run:
 
     def _restore(self, folder: Path, meta: dict) -> None:
         self.state = restore_training(folder, meta, self.parts)
-        self.saved_step = self.state.step
-        if folder.parent.resolve() == self.root.resolve():
+        if folder.parent.resolve() == self.root.resolve():  # (a checkpoint of another run is not ours)
+            self.saved_step = self.state.step
             drop_newer(self.root, self.state.step, self.say)
         log.info("resuming from %s: step %d of %d", folder, self.state.step, self.loop.total)
 
