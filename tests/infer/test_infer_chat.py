@@ -63,7 +63,9 @@ def test_interactive_session(engine, adapter_a) -> None:
     child.expect_exact(PROMPT)
     child.sendline("/set max_tokens=1000")
     child.expect_exact(PROMPT)
-    child.sendline(_long_prompt(engine))
+    long_prompt = _long_prompt(engine)
+    child.sendline(long_prompt)
+    child.expect_exact(long_prompt + "\r\n")  # the terminal's echo of the line
     child.expect(r"\S\S\S", timeout=30)  # the answer has started streaming
     started = time.time()
     child.sendintr()

@@ -70,15 +70,21 @@ class StopFlag:
 
 def answer(engine: Engine, name: str | None, convo: Conversation, params: SamplingParams, out: TextIO,
            cancel: Callable[[], bool] = lambda: False) -> tuple[str, Finish]:
-    """Stream one answer to `out`; return its text and how it finished."""
+    """Stream one answer to `out`; return its text and how it finished (None: interrupted)."""
     text, finish = [], None
-    for ev in engine.chat(convo.messages(), params, name, cancel):
-        if isinstance(ev, Delta):
-            text.append(ev.text)
-            out.write(ev.text)
-            out.flush()
-        else:
-            finish = ev
+    events = engine.chat(convo.messages(), params, name, cancel)
+    try:
+        for ev in events:
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                out.write(ev.text)
+                out.flush()
+            else:
+                finish = ev
+    except KeyboardInterrupt:  # Ctrl-C outside the window where StopFlag catches it
+        finish = None
+    finally:
+        events.close()  # releases the engine even when interrupted mid-stream
     return "".join(text), finish
 
 
@@ -138,7 +144,7 @@ def interactive(engine: Engine, name: str | None, params: SamplingParams, system
         with StopFlag() as stop:
             text, finish = answer(engine, name, convo, params, out, stop)
         convo.turns.append({"role": "assistant", "content": text})
-        if finish is not None and finish.reason == "cancelled":
+        if finish is None or finish.reason == "cancelled":
             out.write(" [stopped]")
         elif finish is not None and finish.reason == "length":
             out.write(" [max_tokens reached]")
