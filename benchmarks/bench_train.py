@@ -60,18 +60,18 @@ SHAPES: dict[str, dict] = {
                        rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False),
 }
 
-# name -> (kernels passed to loratune.kernels.apply, loss: "lead" (loratune.train.loss), "chunked" or
-# "liger" (loratune.kernels.loss)). Kernels are applied cumulatively in the order given. A "+gc" name
-# also turns Python's automatic garbage collection off during the timed steps (after gc.freeze()).
-VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "loratune": ((), "lead"),
-    "loratune+ce": ((), "chunked"),
-    "loratune+ce+lora": (("lora",), "chunked"),
-    "loratune+ce+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked"),
-    "loratune+ce+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
-    "loratune+all": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "chunked"),
-    "loratune+all+gc": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "chunked"),
-    "loratune+all+ligerce": (("lora", "rmsnorm", "swiglu", "rope", "embed_offload"), "liger"),
+# name -> kernels passed to loratune.kernels.apply (None: all of them, what `loratune train` runs by
+# default) and the loss impl of loratune.train.loss.lm_loss_sum ("chunked", ours; "liger" for comparison).
+# Kernels are applied cumulatively in the order given on one loaded model. A "+gc" name also turns
+# Python's automatic garbage collection off during the timed steps (after gc.freeze()).
+VARIANTS: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "plain": ((), "chunked"),  # model.kernels=off: transformers/peft forwards, our loss
+    "+lora": (("lora",), "chunked"),
+    "+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked"),
+    "+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
+    "loratune": (None, "chunked"),  # the default of `loratune train` on a GPU
+    "loratune+gc": (None, "chunked"),
+    "loratune+ligerce": (None, "liger"),
 }
 
 
@@ -143,25 +143,30 @@ def load_reference(path: Path):
     return get_peft_model(model, lcfg)
 
 
+CFG_OVERRIDES: list[str] = []
+
+
 def loratune_config(path: Path):
     from loratune.config import load_config
 
-    return load_config(None, [f"model.path={path}", "quantization.bits=4", "quantization.compute_dtype=bf16",
-                              f"adapter.rank={ARGS.rank}", f"adapter.alpha={ARGS.alpha}", "adapter.dropout=0.0",
-                              f"adapter.target_modules=[{','.join(TARGETS)}]", "train.gradient_checkpointing=true",
-                              "train.optimizer=adamw", f"train.lr={ARGS.lr}", "train.scheduler=constant",
-                              "train.warmup_ratio=0", f"train.max_grad_norm={ARGS.clip}"])
+    CFG_OVERRIDES[:] = ["quantization.bits=4", "quantization.compute_dtype=bf16", f"adapter.rank={ARGS.rank}",
+                        f"adapter.alpha={ARGS.alpha}", "adapter.dropout=0.0",
+                        f"adapter.target_modules=[{','.join(TARGETS)}]", "train.gradient_checkpointing=true",
+                        "train.optimizer=adamw", f"train.lr={ARGS.lr}", "train.scheduler=constant",
+                        "train.warmup_ratio=0", f"train.max_grad_norm={ARGS.clip}"]
+    return load_config(None, [f"model.path={path}"] + CFG_OVERRIDES)
 
 
 def load_loratune(path: Path):
-    from loratune.model.adapters import attach_adapters
-    from loratune.model.load import enable_checkpointing, load_base
+    """`loratune.model.build.build_model` (what `loratune train` runs) with model.kernels=off; the variants
+    then apply the fast paths one group at a time (`apply(model, cfg)` with everything is the default)."""
+    from loratune.config import load_config
+    from loratune.model.build import build_model
 
     cfg = loratune_config(path)
-    model = load_base(cfg)
-    enable_checkpointing(model, cfg)
     torch.manual_seed(SEED)
-    return attach_adapters(model, cfg.adapter), cfg
+    model = build_model(load_config(None, [f"model.path={path}", "model.kernels=off"] + CFG_OVERRIDES))
+    return model, cfg
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -432,7 +437,6 @@ def main() -> None:
     variants = [v for v in ARGS.variants.split(",") if v]
     if variants:
         from loratune.kernels import apply
-        from loratune.kernels.loss import lm_loss_sum as fused_lm_loss_sum
         from loratune.train.loss import lm_loss_sum
         from loratune.train.optim import build_optimizer
 
@@ -450,7 +454,7 @@ def main() -> None:
         for v in variants:
             kernels, loss = VARIANTS[v]
             apply(model, cfg, only=kernels)
-            loss_fn = lm_loss_sum if loss == "lead" else functools.partial(fused_lm_loss_sum, impl=loss)
+            loss_fn = functools.partial(lm_loss_sum, impl=loss)
             step = loratune_step(loss_fn, params, ARGS.clip)
             for case in (cases if v == last else [standard]):
                 results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init,
@@ -473,8 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", default="reference,reference-autocast",
                    help="reference paths: 'reference' (plain loop as qlora.py), 'reference-autocast' (the same under "
                         "bf16 autocast, as qlora.py's Trainer runs it; standard case only); '' to skip")
-    p.add_argument("--variants", default="loratune,loratune+ce,loratune+ce+lora,loratune+ce+lora+norm+swiglu,"
-                                         "loratune+ce+lora+norm+swiglu+rope,loratune+all",
+    p.add_argument("--variants", default="plain,+lora,+lora+norm+swiglu,+lora+norm+swiglu+rope,loratune",
                    help=f"loratune variants in order (cumulative): {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="steps of the standard case (losses compared)")
     p.add_argument("--long-steps", type=int, default=5, help="steps of the other cases")

@@ -39,6 +39,10 @@ class ModelConfig:
     tokenizer: str | None = _f(None, "Tokenizer folder or hub id, if not the model's own.")
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off by default: only enable it for models you trust.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f("sdpa", "Attention kernel passed to transformers.")
+    kernels: Union[Literal["auto"], bool] = _f(
+        "auto", "Fast training paths on a CUDA GPU (fused LoRA linear with Triton NF4 dequantization, liger-kernel "
+                "RMSNorm/SwiGLU/RoPE when installed, the input embedding in host memory): `auto` (or true) uses them "
+                "on a GPU; false (or off) keeps the plain transformers/peft forwards. No effect on CPU.")
 
 
 @dataclass

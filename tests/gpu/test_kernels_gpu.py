@@ -148,8 +148,7 @@ def _tiny_cuda_model(tiny_llama: Path, *overrides: str):
 def test_apply_matches_plain_model(tiny_llama: Path, bits: int) -> None:
     """Whole model: loss and LoRA gradients with every swap equal those of the untouched model."""
     from loratune.kernels import apply
-    from loratune.kernels.loss import lm_loss_sum
-    from loratune.train.loss import full_logits_loss_sum
+    from loratune.train.loss import full_logits_loss_sum, lm_loss_sum
 
     model, cfg = _tiny_cuda_model(tiny_llama, f"quantization.bits={bits}")
     ids = torch.randint(5, 400, (2, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))

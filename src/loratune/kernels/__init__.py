@@ -2,7 +2,7 @@
 
 One entry point, called explicitly by the loader (nothing is patched at import time):
 `apply(model, cfg)` swaps the forwards of this model instance's own modules, on CUDA only, when the
-config's `model.kernels` is `auto` (the default; `off` leaves the model untouched). What it swaps:
+config's `model.kernels` is `auto` or true (the default; false/off leaves the model untouched). What it swaps:
 - `lora`: every peft LoRA linear over a 4-bit or 16-bit base -> one autograd function (bf16 adapter
   products, Triton NF4 dequantization); `loratune.kernels.lora_linear`;
 - `rmsnorm`, `swiglu`, `rope`: Llama-style RMSNorm, SiLU-gated MLPs and the RoPE of Llama/Qwen2/
@@ -10,8 +10,9 @@ config's `model.kernels` is `auto` (the default; `off` leaves the model untouche
   `loratune.kernels.fused_ops`.
 - `embed_offload`: the frozen, untied input embedding table moves to pinned host memory (1 GB less GPU
   memory for a 128k vocabulary); `loratune.kernels.offload`.
-The loss is not a module swap: the training loop's `loss_fn` is `loratune.kernels.loss.lm_loss_sum`
-(linear cross-entropy in row chunks with the gradient computed in the forward pass; exact, any device).
+The loss is not a module swap: every run's loss (`loratune.train.loss.lm_loss_sum`) goes through
+`loratune.kernels.loss` (linear cross-entropy in row chunks, gradient computed in the forward pass;
+exact, any device).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ ALL = ("lora", "rmsnorm", "swiglu", "rope", "embed_offload")
 def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Module:
     """Swap in the fused forwards named in `only` (default: all) on this CUDA model; returns the model."""
     mode = getattr(getattr(cfg, "model", None), "kernels", "auto")
-    if mode == "off":
+    if mode is False or mode == "off":
         return model
-    if mode != "auto":
-        raise ValueError(f"model.kernels: expected 'auto' or 'off', got {mode!r}")
+    if mode not in ("auto", True):
+        raise ValueError(f"model.kernels: expected auto, true or false, got {mode!r}")
     params = list(model.parameters())
     if not params or not params[0].is_cuda:
         return model

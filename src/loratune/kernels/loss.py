@@ -7,7 +7,7 @@ computes their gradient right away (cross-entropy is the last op, so its backwar
 later), and keeps only d(hidden) (the size of the hidden states) and, when the head is trained,
 d(weight). The backward pass then just scales those by the incoming gradient.
 
-Both functions return `(loss_sum, n_tokens)`: a sum, not a mean, because the training loop normalises
+`fused_linear_cross_entropy_sum` returns `(loss_sum, n_tokens)`: a sum, not a mean, because the training loop normalises
 by the number of supervised tokens across all micro-batches of an accumulation step.
 
 Math, per row i with logits l = h_i W^T (computed in the input dtype, as `lm_head` does, then fp32),
@@ -122,40 +122,3 @@ def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, label
     else:
         loss = _ChunkedLinearCE.apply(hidden, lm_head_weight, labels, ignore_index, softcap, chunk_elements)
     return loss, (labels != ignore_index).sum()
-
-
-def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Labels aligned with the input ids (HF convention) -> the label each position must predict."""
-    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def causal_lm_loss_sum(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, ignore_index: int = -100,
-                       fused: bool = True, impl: str = "chunked", **model_kwargs) -> tuple[Tensor, Tensor]:
-    """(loss_sum, n_tokens) of a transformers causal LM (peft-wrapped or not) without materialised logits.
-
-    `labels` follow the transformers convention (aligned with `input_ids`, -100 where unsupervised); they
-    are shifted here. Runs the decoder (adapters included: peft injects them in place), then the head
-    through `fused_linear_cross_entropy_sum` (or the reference when `fused=False`). The final-logit
-    softcap is read from the model's own config.
-    """
-    base = _base(model)
-    head = base.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("the output head has a bias; the fused loss does not support it")
-    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **model_kwargs).last_hidden_state
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    h, y = hidden.reshape(-1, hidden.shape[-1]), shift_labels(labels, ignore_index).reshape(-1)
-    if not fused:
-        return reference_linear_cross_entropy_sum(h, head.weight, y, ignore_index=ignore_index, softcap=softcap)
-    return fused_linear_cross_entropy_sum(h, head.weight, y, ignore_index=ignore_index, softcap=softcap, impl=impl)
-
-
-def lm_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor], impl: str = "chunked") -> tuple[Tensor, Tensor]:
-    """`causal_lm_loss_sum` with the training loop's `loss_fn(model, batch)` signature."""
-    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-    return causal_lm_loss_sum(model, batch["input_ids"], batch["labels"], impl=impl, **inputs)

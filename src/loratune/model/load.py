@@ -107,7 +107,7 @@ def load_base(cfg: Config) -> PreTrainedModel:
         attn_implementation=cfg.model.attn_implementation, dtype=weight_dtype,
         quantization_config=bnb_config(q, compute),
     )
-    if torch.cuda.is_available() and q.bits in (4, 8):
+    if torch.cuda.is_available():  # straight to the GPU: no full-size copy in host memory first
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

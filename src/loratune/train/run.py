@@ -30,8 +30,8 @@ from accelerate.state import AcceleratorState
 from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError
-from loratune.model.adapters import attach_adapters, count_parameters
-from loratune.model.load import enable_checkpointing, load_base, load_tokenizer
+from loratune.model.build import build_model
+from loratune.model.load import load_tokenizer
 from loratune.model.quant import resolve_compute_dtype
 from loratune.train import faults
 from loratune.train.artifacts import save_run
@@ -103,22 +103,6 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
-def keep_4bit_layout(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns layers changed.
-
-    On CPUs with AVX512-BF16, a 4-bit layer run in eval mode without gradients (our evaluation) converts
-    its weight to a packed layout, and `state_dict()` (every checkpoint save) converts it back only
-    approximately ("best-effort inverse" in bitsandbytes): the frozen base would silently change in the
-    middle of training, and a resumed run would no longer match. Training keeps the standard layout.
-    """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
-
-
 class Run:
     """One training run in `cfg.output.dir`, from step 0 or from a checkpoint."""
 
@@ -136,14 +120,8 @@ class Run:
         self.tokenizer, self.info = load_tokenizer(cfg.model)
         self.data = prepare_data(cfg.data, self.tokenizer, self.info, cfg.train.seed)
         self.acc = make_accelerator(cfg)
-        model = load_base(cfg)
-        enable_checkpointing(model, cfg)
-        model = attach_adapters(model, cfg.adapter)
-        keep_4bit_layout(model)
-        trainable, total = count_parameters(model)
-        log.info("model: %s, %d-bit base, %s trainable of %s parameters (%.3f%%); data: %d train, %d eval samples",
-                 cfg.model.path, cfg.quantization.bits, f"{trainable:,}", f"{total:,}",
-                 100 * trainable / max(total, 1), len(self.data.train), len(self.data.eval))
+        model = build_model(cfg)
+        log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
         prepared, optimizer = self.acc.prepare(model, build_optimizer(model, cfg.train))
         self.loop = Loop(prepared, self.data.train, cfg.train, optimizer, self.info.pad_id, self.acc,
                          group_by_length=cfg.data.group_by_length)
