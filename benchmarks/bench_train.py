@@ -302,9 +302,14 @@ def profile_step(model, step_fn, make_opt, name: str, case: tuple[int, int], voc
         step_fn(model, ids, opt)
         sync()
     del opt
-    key = "cuda_time_total" if on_cuda() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=80)
-    log(f"profile of one {case[0]}x{case[1]} step of {name} (sorted by {key}):\n{table}")
+    events = prof.key_averages()
+    for key in (["cuda_time_total", "self_cpu_time_total"] if on_cuda() else ["cpu_time_total"]):
+        table = events.table(sort_by=key, row_limit=40, max_name_column_width=80)
+        log(f"profile of one {case[0]}x{case[1]} step of {name} (sorted by {key}):\n{table}")
+    if on_cuda():  # GPU busy time: the sum of kernel durations (kernels do not overlap on one stream)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels)
+        log(f"{name}: GPU kernel time in the profiled step {busy / 1e3:.1f} ms over {len(kernels)} kernels")
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
