@@ -3,4 +3,4 @@
 # Llama-3-8B: reference, plain, and the train default (all fast paths) with a profile of one step.
 set -uo pipefail
 export TESTS="tests/gpu tests/kernels tests/train/test_train_gpu.py"
-benchmarks/gpu_run.sh "llama3-8b --paths reference --variants plain,+lora+norm+swiglu+rope,loratune --profile loratune"
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-430} benchmarks/gpu_run.sh "llama3-8b --paths reference --variants plain,+lora+norm+swiglu+rope,loratune --profile loratune"
