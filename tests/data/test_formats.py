@@ -159,3 +159,68 @@ def test_long_text_is_split_not_truncated(write, toks: dict) -> None:
     assert len(data.train) > 1 and all(len(s) <= 64 for s in data.train)
     assert data.stats.outcomes["split"] == 1 and data.stats.truncated == 0
     assert sum(sum(1 for x in s.labels if x != IGNORE) for s in data.train) == len(full) - 1
+
+
+# ------------------------------------------------------------------------------------------ tools
+
+TOOL = {"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object"}}
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def test_sharegpt_function_call_observation_and_tools(write, toks: dict) -> None:
+    """LLaMA-Factory's sharegpt tool form: tools as a JSON string, a function_call turn holding the call as JSON."""
+    tok, info = toks["qwen2"]
+    rec = {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                             {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                             {"from": "observation", "value": "sunny, 21C"},
+                             {"from": "gpt", "value": "Sunny and 21C."}],
+           "tools": json.dumps([TOOL])}
+    data = prepare_data(data_cfg({"path": str(write("s.jsonl", [rec])), "format": "sharegpt"}, template="chatml"),
+                        tok, info, seed=0)
+    text = tok.decode(data.train[0].input_ids)
+    assert text.startswith("<|im_start|>system\nYou can call these functions.")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", ' \
+           '"parameters": {"type": "object"}}}\n</tools><|im_end|>\n' in text
+    assert text.endswith(f"<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n{CALL}<|im_end|>\n"
+                         "<|im_start|>tool\nsunny, 21C<|im_end|>\n<|im_start|>assistant\nSunny and 21C.<|im_end|>\n")
+    # the call is trained on like any reply, its end-of-turn token included; the tool's output is not
+    assert supervised_text(tok, data.train[0]) == f"{CALL}<|im_end|>Sunny and 21C.<|im_end|>"
+
+
+def test_openai_tool_calls_with_string_arguments(write, toks: dict) -> None:
+    """OpenAI gives arguments as a JSON string: parsed, so every template sees one shape."""
+    tok, info = toks["llama"]
+    rec = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+                            {"id": "c1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                        {"role": "assistant", "content": "Sunny."}],
+           "tools": [{"type": "function", "function": TOOL}]}
+    data = prepare_data(data_cfg(write("t.jsonl", [rec]), template="llama3"), tok, info, seed=0)
+    assert supervised_text(tok, data.train[0]) == f"Let me look.\n{CALL}<|eot_id|>Sunny.<|eot_id|>"
+    assert "<|start_header_id|>tool<|end_header_id|>\n\nsunny<|eot_id|>" in tok.decode(data.train[0].input_ids)
+
+
+def test_normalised_tool_shapes(write) -> None:
+    from loratune.data.formats import Normaliser
+    from loratune.data.readers import Record
+
+    norm = Normaliser("auto", None, None)
+    ex = norm(Record("f", 1, {"conversations": [{"from": "human", "value": "q"},
+                                                {"from": "function_call", "value": '[{"name": "a"}, {"name": "b", "arguments": "{\\"x\\": 1}"}]'}],
+                              "tools": [TOOL]}))
+    assert ex.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "a", "arguments": {}}},
+        {"type": "function", "function": {"name": "b", "arguments": {"x": 1}}}]}
+    assert ex.tools == [{"type": "function", "function": TOOL}]
+
+
+def test_sharegpt_detected_by_list_key(write) -> None:
+    """A conversations list whose turns lack both from and role is reported as sharegpt (from/value)."""
+    from loratune.data.formats import Normaliser
+    from loratune.data.readers import Record
+    from loratune.errors import DataError
+
+    with pytest.raises(DataError, match=r"key 'conversations\[0\]': missing key 'from'; expected \{from, value\}"):
+        Normaliser("auto", None, None)(Record("f", 1, {"conversations": [{"value": "x"}]}))

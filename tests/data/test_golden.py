@@ -156,3 +156,56 @@ def test_generation_prompt_matches_training(toks: dict) -> None:
         prompt = encode_prompt(CONV[:2], template, tok, info)
         first = next(i for i, label in enumerate(labels) if label != IGNORE)
         assert prompt == ids[:first], family
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+TOOL_CONV = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                        "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "system", "content": "Answer in two words."},
+    {"role": "assistant", "content": "Sunny, warm."},
+]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_builtin_template_tools_golden(name: str, toks: dict) -> None:
+    """Every built-in template renders the tool schemas, the calls and the tool's output, and drops no message;
+    the call is supervised like a reply, with its end-of-turn token; serving's prompt is training's prefix."""
+    from loratune.data.render import encode_prompt
+
+    family = EXPECTED[name][0]
+    tok, info = toks[family]
+    template = TEMPLATES[name]
+    ids, labels = render_conversation(TOOL_CONV, template, tok, info, tools=TOOLS)
+    text = tok.decode(ids)
+    stop = template.stop_text(tok.eos_token)
+    space = " " if name in ("vicuna", "guanaco") else ""
+    assert supervised_runs(tok, ids, labels) == [f"{space}{CALL}{stop}", f"{space}Sunny, warm.{stop}"]
+    for piece in ("You are terse.", "Weather in Paris?", "sunny", "Answer in two words.",
+                  '<tools>\n{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n</tools>'):
+        assert text.count(piece) == 1, piece
+    if info.bos_id is not None:
+        assert ids[0] == info.bos_id and ids.count(info.bos_id) == 1
+    first = next(i for i, label in enumerate(labels) if label != IGNORE)
+    assert encode_prompt(TOOL_CONV[:2], template, tok, info, tools=TOOLS) == ids[:first]
+    check_golden("tools", name, ids, labels)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma"])
+def test_folded_system_before_an_assistant_opening(name: str, toks: dict) -> None:
+    """Templates without a system role give the system text a user turn of its own when the conversation opens
+    with the assistant, instead of dropping it or training on it as part of the reply."""
+    tok, info = toks[EXPECTED[name][0]]
+    conv = [{"role": "system", "content": "Be kind."}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "How can I help?"}]
+    ids, labels = render_conversation(conv, TEMPLATES[name], tok, info)
+    stop = TEMPLATES[name].stop_text(tok.eos_token)
+    assert supervised_runs(tok, ids, labels) == [f"Hello!{stop}", f"How can I help?{stop}"]
+    expected = {"mistral": "<s>[INST] Be kind. [/INST]Hello!</s>[INST] Hi. [/INST]How can I help?</s>",
+                "gemma": "<bos><start_of_turn>user\nBe kind.<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+                         "<start_of_turn>user\nHi.<end_of_turn>\n<start_of_turn>model\nHow can I help?<end_of_turn>\n"}
+    assert tok.decode(ids) == expected[name]

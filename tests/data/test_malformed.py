@@ -181,8 +181,9 @@ def test_template_rejects_conversation(write, toks) -> None:
 
 
 def test_template_not_prefix_stable(write, toks) -> None:
-    # renders only the last two messages: earlier turns vanish when a turn is added
-    p = write("t.jinja", "{% for m in messages[-2:] %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    # marks the last message: an earlier turn renders differently once a turn is added
+    p = write("t.jinja", "{% for m in messages %}{% if loop.last %}(last) {% endif %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endfor %}")
     conv = {"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "A."},
                          {"role": "user", "content": "B?"}, {"role": "assistant", "content": "B."}]}
     d = write("m.jsonl", [conv])
@@ -218,3 +219,61 @@ def test_cli_prints_one_line(tmp_path, write, tiny_llama, capsys) -> None:
     assert err == (f"error: {d}: row 2: key 'messages[0].content': expected a string (or a list of "
                    "{type: text, text} parts), got an integer")
     assert "Traceback" not in err
+
+
+def test_tool_calls_not_a_list(write, toks) -> None:
+    p = write("m.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                        {"role": "assistant", "content": None, "tool_calls": "get_weather"}]}])
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'messages[1].tool_calls': not valid JSON (Expecting value at "
+                                        'column 1); expected a list of {"function": {"name": ..., "arguments": ...}}')
+
+
+def test_tool_call_without_name(write, toks) -> None:
+    p = write("m.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                        {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]}])
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'messages[1].tool_calls[0]': expected a call with a non-empty "
+                                        'string "name", got {"function": {"arguments": {}}}')
+
+
+def test_tool_call_arguments_not_an_object(write, toks) -> None:
+    p = write("m.jsonl", [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "[1, 2]"}}]}]}])
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'messages[1].tool_calls[0].arguments': expected a JSON object "
+                                        "of arguments, got a list")
+
+
+def test_function_call_not_json(write, toks) -> None:
+    p = write("s.jsonl", [{"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "get it"}]}])
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'conversations[1].value': not valid JSON (Expecting value at "
+                                        'column 1); expected a JSON object {"name": ..., "arguments": {...}} (or a list of them)')
+
+
+def test_tool_schema_without_name(write, toks) -> None:
+    p = write("m.jsonl", [{**OK, "tools": [{"description": "nameless"}]}])
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'tools[0]': expected a tool schema with a non-empty string "
+                                        '"name", got {"description": "nameless"}')
+
+
+def test_sharegpt_missing_from(write, toks) -> None:
+    p = write("s.jsonl", [{"conversations": [{"value": "Hi"}, {"from": "gpt", "value": "Hello."}]}])
+    assert fails(data_cfg(p), toks) == (f"{p}: row 1: key 'conversations[0]': missing key 'from'; expected "
+                                        "{from, value}, got keys value")
+
+
+def test_template_drops_a_message(write, toks) -> None:
+    """A template without a tool role must not silently train on a conversation the model never sees."""
+    p = write("t.jinja", "{% for m in messages %}{% if m['role'] in ('user', 'assistant') %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    d = write("m.jsonl", [{"messages": [*OK["messages"], {"role": "tool", "content": "result 42"},
+                                        {"role": "assistant", "content": "Done."}]}])
+    assert fails(data_cfg(d, template=str(p)), toks) == (f"{d}: row 1: chat template 't' leaves out message 2 (tool): its "
+                                                         "text is not in the rendering; use a template that renders tool messages")
+
+
+def test_template_ignores_tools(write, toks) -> None:
+    p = write("t.jinja", "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    d = write("m.jsonl", [{**OK, "tools": [{"name": "lookup"}]}])
+    assert fails(data_cfg(d, template=str(p)), toks) == (f"{d}: row 1: chat template 't' leaves out the record's tools; use "
+                                                         "a template that renders tools (every built-in one does)")

@@ -127,3 +127,38 @@ def test_batch_order(lens: list[int], batch_size: int, seed: int, epoch: int, gr
     assert all(1 <= len(b) <= batch_size for b in order)
     if grouped:
         assert max(len(samples[i]) for i in order[0]) == max(lens)  # the longest batch first: OOM shows at once
+
+
+@st.composite
+def tool_conversations(draw) -> tuple[list[dict], list[dict] | None]:
+    """Conversations with tool calls, tool results and system messages anywhere, ending with an answer."""
+    names = ["lookup", "get_time", "add"]
+    msgs = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        msgs.append({"role": draw(st.sampled_from(["user", "user", "system", "tool"])), "content": draw(text)})
+        if draw(st.booleans()):
+            calls = [{"type": "function", "function": {"name": draw(st.sampled_from(names)), "arguments": {"q": draw(text)}}}
+                     for _ in range(draw(st.integers(1, 2)))]
+            msgs += [{"role": "assistant", "content": draw(st.sampled_from(["", "Let me check."])), "tool_calls": calls},
+                     {"role": "tool", "content": draw(text)}]
+        msgs.append({"role": "assistant", "content": draw(text)})
+    tools = [{"type": "function", "function": {"name": n}} for n in names] if draw(st.booleans()) else None
+    return msgs, tools
+
+
+@SETTINGS
+@given(conv=tool_conversations(), name=st.sampled_from(list(TEMPLATES)), family=st.sampled_from(FAMILIES))
+def test_builtin_templates_drop_nothing(toks: dict, conv, name: str, family: str) -> None:
+    """Every built-in template renders every message, call and tool (the renderer checks it and would raise),
+    and supervises exactly one run per assistant message: its text, its calls and its end-of-turn text."""
+    messages, tools = conv
+    tok, info = toks[family]
+    template = TEMPLATES[name]
+    ids, labels = render_conversation(messages, template, tok, info, tools=tools)
+    stop = template.stop_text(tok.eos_token)
+    supervised = [tok.decode(r) for r in runs(ids, labels)]
+    replies = [m for m in messages if m["role"] == "assistant"]
+    assert len(supervised) == len(replies)
+    for got, m in zip(supervised, replies):
+        assert got.endswith(stop) and m["content"] in got
+        assert all(f'"name": "{c["function"]["name"]}"' in got for c in m.get("tool_calls", []))

@@ -27,7 +27,7 @@ from loratune.model.load import TokenizerInfo, cache_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: built-in templates render tools and tool calls
 
 
 @dataclasses.dataclass

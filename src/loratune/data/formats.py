@@ -5,8 +5,12 @@ keys; one file must hold one format. Converters validate as they go and raise `D
 line naming the file, the row, the key and what was expected, so a bad record never reaches the
 tokenizer as a `KeyError`. Key names can be remapped per dataset (`columns` in the config).
 
-Messages come out as dicts with `role` in system/user/assistant/tool and a string `content` (other
-OpenAI keys such as `tool_calls`, `name` and `tool_call_id` pass through for templates that use them).
+Messages come out as dicts with `role` in system/user/assistant/tool and a string `content`; `name` and
+`tool_call_id` pass through. Tool calls are normalised to one shape whatever the source (OpenAI
+`tool_calls`, whose arguments may be a JSON string, or a sharegpt `function_call` turn holding JSON):
+`{"type": "function", "function": {"name": str, "arguments": dict}}`, and tool schemas (OpenAI's wrapped
+form or a bare `{name, description, parameters}`) to `{"type": "function", "function": {...}}`, so that
+templates (built-in or a model's own) see what `tokenizer.apply_chat_template` users pass.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "model": "assistant", "bot": "assistant", "function_call": "assistant", "tool": "tool",
                 "observation": "tool", "function": "tool", "ipython": "tool"}
-PASSTHROUGH = ("tool_calls", "name", "tool_call_id")
+PASSTHROUGH = ("name", "tool_call_id")
 OASST_TURN = re.compile(r"###\s*(Human|Assistant)\s*:")
 
 
@@ -134,10 +138,66 @@ def _conversation(row: _Row, list_default: str, role_default: str, content_defau
             row.fail(f"{at}.{rkey}", f"unknown role {json.dumps(raw_role)}; expected one of {', '.join(ROLES)} "
                                      "(or human, gpt, function_call, observation)")
         msg = {"role": role, **{k: m[k] for k in PASSTHROUGH if m.get(k) is not None}}
-        msg["content"] = _content(row, f"{at}.{ckey}", m[ckey], role, msg)
+        if raw_role.strip().lower() == "function_call":  # sharegpt: the turn's text is the call as JSON
+            msg["tool_calls"] = _tool_calls(row, f"{at}.{ckey}", m[ckey], from_text=True)
+            msg["content"] = ""
+        else:
+            if m.get("tool_calls") is not None:
+                msg["tool_calls"] = _tool_calls(row, f"{at}.tool_calls", m["tool_calls"])
+            msg["content"] = _content(row, f"{at}.{ckey}", m[ckey], role, msg)
         messages.append(msg)
-    tools = row.listish("tools", "a list of tool schemas", optional=True)
+    tools = _tools(row)
     return Example(_with_system(row, messages) if messages[0]["role"] != "system" else messages, tools=tools)
+
+
+def _json_text(row: _Row, at: str, value: Any, expected: str) -> Any:
+    """A value that may arrive as JSON text (sharegpt turns, CSV cells, OpenAI arguments), parsed."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        row.fail(at, f"not valid JSON ({e.msg} at column {e.colno}); expected {expected}")
+
+
+def _tool_calls(row: _Row, at: str, value: Any, from_text: bool = False) -> list[dict]:
+    """OpenAI `tool_calls` or a sharegpt function_call text -> [{type: function, function: {name, arguments}}]."""
+    expected = ('a JSON object {"name": ..., "arguments": {...}} (or a list of them)' if from_text
+                else 'a list of {"function": {"name": ..., "arguments": ...}}')
+    calls = _json_text(row, at, value, expected)
+    if from_text and isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        row.fail(at, f"expected {expected}, got {_kind(calls) if calls != [] else 'an empty list'}")
+    out = []
+    for i, call in enumerate(calls):
+        here = f"{at}[{i}]"
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            row.fail(here, f"expected a call with a non-empty string \"name\", got {json.dumps(call)[:80]}")
+        args = _json_text(row, f"{here}.arguments", fn.get("arguments", {}), "the arguments as a JSON object")
+        if not isinstance(args, dict):
+            row.fail(f"{here}.arguments", f"expected a JSON object of arguments, got {_kind(args)}")
+        done = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and isinstance(call.get("id"), str):
+            done["id"] = call["id"]
+        out.append(done)
+    return out
+
+
+def _tools(row: _Row) -> list[dict] | None:
+    """The record's tool schemas (OpenAI's wrapped form or bare {name, description, parameters}), wrapped."""
+    tools = row.listish("tools", "a list of tool schemas", optional=True)
+    if tools is None:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            row.fail(f"{row.key('tools')}[{i}]", f"expected a tool schema with a non-empty string \"name\", "
+                                                 f"got {json.dumps(tool)[:80]}")
+        out.append({"type": "function", "function": fn})
+    return out or None
 
 
 def _messages(row: _Row) -> Example:
@@ -219,7 +279,9 @@ def detect(row: _Row) -> str:
             first = turns[0] if turns and isinstance(turns[0], dict) else {}
             if row.cols.role:
                 return "messages"
-            return "sharegpt" if "from" in first and "role" not in first else "messages"
+            if ("from" in first) != ("role" in first):  # the message keys decide when they can
+                return "sharegpt" if "from" in first else "messages"
+            return "messages" if list_default == "messages" else "sharegpt"
         if row.key("messages", list_default) in data:  # present but not a list: the converter says so
             return "messages" if list_default == "messages" else "sharegpt"
     present = {name for name in ("instruction", "prompt", "completion", "input", "output", "text") if row.key(name) in data}

@@ -10,6 +10,9 @@ Labels come from rendering, never from searching token ids for marker strings:
    end-of-turn token is supervised and whatever the template writes after it (a newline) is not.
 2. Check the prefix property (each prefix is a prefix of the full text); a template that renders earlier
    turns differently depending on what follows is rejected with a clear error instead of mislabelled.
+   Check too that nothing is dropped silently: the text of every non-assistant message, the name of every
+   tool schema and of every tool call must appear in the rendering (a template without a tool role, or
+   one that ignores `tools`, would otherwise train the model on a conversation it never sees).
 3. Tokenize the full text once with character offsets and supervise the tokens that overlap a span.
 
 Exactly one BOS: the text is tokenized without special tokens; BOS is prepended when the tokenizer adds
@@ -50,6 +53,7 @@ def plan_conversation(messages: list[dict], template: ChatTemplate, tokenizer, t
                       tools: list | None = None) -> Plan:
     """Render `messages` and locate the supervised character spans (see the module docstring)."""
     full = _render(tokenizer, template, messages, False, tools)
+    _check_nothing_dropped(full, messages, tools, template)
     if train_on == "all":
         return Plan(full, [(0, len(full))])
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -72,6 +76,22 @@ def plan_conversation(messages: list[dict], template: ChatTemplate, tokenizer, t
                               f"end-of-turn text {stop!r}, so the model could not learn to stop")
         spans.append((len(before), len(before) + k + len(stop)))
     return Plan(full, spans)
+
+
+def _check_nothing_dropped(full: str, messages: list[dict], tools: list | None, template: ChatTemplate) -> None:
+    for i, m in enumerate(messages):
+        text = m["content"].strip()
+        if m["role"] != "assistant" and text and text not in full:
+            raise RenderError(f"chat template {template.name!r} leaves out message {i} ({m['role']}): its text is not in "
+                              f"the rendering; use a template that renders {m['role']} messages")
+        for call in m.get("tool_calls") or []:
+            if call["function"]["name"] not in full:
+                raise RenderError(f"chat template {template.name!r} leaves out the tool calls of message {i}; use a "
+                                  "template that renders tool_calls (every built-in one does)")
+    for tool in tools or []:
+        if tool["function"]["name"] not in full:
+            raise RenderError(f"chat template {template.name!r} leaves out the record's tools; use a template that "
+                              "renders tools (every built-in one does)")
 
 
 def plan_text(text: str, tokenizer) -> Plan:

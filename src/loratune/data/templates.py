@@ -41,86 +41,114 @@ class ChatTemplate:
 EOS = "{eos}"
 
 
-# System messages for templates without a system role are folded into the first user turn.
-_FOLD_SYSTEM = (
+# Tools and tool calls, one plain convention for base models: the tool schemas become text at the end of
+# the system prompt (a system message of their own when there is none), and each tool call an assistant
+# makes follows its text as <tool_call>{"name": ..., "arguments": {...}}</tool_call>. `chat` is `messages`
+# with that system text in place; with no tools it is `messages` itself, so the rendering is unchanged.
+_TOOLS = (
+    "{% set chat = messages %}{% if tools %}"
+    "{% set ns = namespace(text='You can call these functions. To call one, reply with <tool_call>{\"name\": "
+    "<function name>, \"arguments\": <a JSON object>}</tool_call>.\n<tools>') %}"
+    "{% for t in tools %}{% set ns.text = ns.text + '\n' + (t | tojson) %}{% endfor %}"
+    "{% set ns.text = ns.text + '\n</tools>' %}"
     "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set sys = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}"
-    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% set chat = [{'role': 'system', 'content': messages[0]['content'] + '\n\n' + ns.text}] + messages[1:] %}"
+    "{% else %}{% set chat = [{'role': 'system', 'content': ns.text}] + messages %}{% endif %}{% endif %}"
 )
+# reply(m): a message's text followed by its tool calls (assistant messages carry them).
+_REPLY = (
+    "{% macro reply(m) %}{{ m['content'] }}{% for c in m['tool_calls'] or [] %}"
+    "{{ '\n' if m['content'] or not loop.first else '' }}<tool_call>{{ {'name': c['function']['name'], "
+    "'arguments': c['function']['arguments']} | tojson }}</tool_call>{% endfor %}{% endmacro %}"
+)
+# System messages for templates without a system role are folded into the first user turn (or, when the
+# conversation opens with an assistant turn, given a user turn of their own); later ones become user turns.
+def _fold_system(sep: str = "\n\n") -> str:
+    """Jinja setting `sys` (the system text + `sep`, or '') and `msgs` (the rest of the conversation)."""
+    return (_TOOLS + _REPLY + "{% if chat and chat[0]['role'] == 'system' %}"
+            f"{{% set sys = chat[0]['content'] + '{sep}' %}}{{% set msgs = chat[1:] %}}"
+            "{% else %}{% set sys = '' %}{% set msgs = chat %}{% endif %}")
+
+
+_FOLD_SYSTEM = _fold_system()
+_SYS_OWN_TURN = "{% set own = sys and (not msgs or msgs[0]['role'] == 'assistant') %}"
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "llama3": ChatTemplate(
         "llama3",
-        "{{ bos_token }}{% for m in messages %}"
-        "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        _TOOLS + _REPLY + "{{ bos_token }}{% for m in chat %}"
+        "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ reply(m) }}<|eot_id|>"
         "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
         "<|eot_id|>",
     ),
     "chatml": ChatTemplate(
         "chatml",
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        _TOOLS + _REPLY + "{% for m in chat %}<|im_start|>{{ m['role'] }}\n{{ reply(m) }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
         "<|im_end|>",
     ),
     "mistral": ChatTemplate(
         "mistral",
-        _FOLD_SYSTEM + "{{ bos_token }}{% for m in msgs %}"
-        "{% if m['role'] == 'user' %}[INST] {{ (sys if loop.first else '') + m['content'] }} [/INST]"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+        _FOLD_SYSTEM + _SYS_OWN_TURN + "{{ bos_token }}{% if own %}[INST] {{ sys | trim }} [/INST]{% endif %}"
+        "{% for m in msgs %}"
+        "{% if m['role'] == 'assistant' %}{{ reply(m) }}{{ eos_token }}"
+        "{% else %}[INST] {{ sys if loop.first and not own else '' }}{{ m['content'] }} [/INST]{% endif %}{% endfor %}",
         "{eos}",
     ),
     "gemma": ChatTemplate(
         "gemma",
-        _FOLD_SYSTEM + "{{ bos_token }}{% for m in msgs %}"
+        _FOLD_SYSTEM + _SYS_OWN_TURN + "{{ bos_token }}"
+        "{% if own %}<start_of_turn>user\n{{ sys | trim }}<end_of_turn>\n{% endif %}{% for m in msgs %}"
         "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-        "{{ (sys if loop.first else '') + m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{{ sys if loop.first and not own else '' }}{{ reply(m) }}<end_of_turn>\n{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
         "<end_of_turn>",
     ),
     "phi3": ChatTemplate(
         "phi3",
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        _TOOLS + _REPLY + "{% for m in chat %}<|{{ m['role'] }}|>\n{{ reply(m) }}<|end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
         "<|end|>",
     ),
     "zephyr": ChatTemplate(
         "zephyr",
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        _TOOLS + _REPLY + "{% for m in chat %}<|{{ m['role'] }}|>\n{{ reply(m) }}{{ eos_token }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
         EOS,
     ),
     # No markup: contents concatenated, each assistant reply closed by eos (qlora.py's source + target + eos).
     "plain": ChatTemplate(
         "plain",
-        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}",
+        _TOOLS + _REPLY + "{% for m in chat %}{{ reply(m) }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+        "{% endfor %}",
         EOS,
     ),
     # Stanford Alpaca's prompt, extended to several turns; the response ends with eos as in its training.
     "alpaca": ChatTemplate(
         "alpaca",
-        _FOLD_SYSTEM.replace("+ '\n\n'", "")
+        _fold_system("")
         + "{{ sys or 'Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.' }}\n\n{% for m in msgs %}"
-          "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}\n\n"
+          "{% if m['role'] == 'assistant' %}{{ reply(m) }}{{ eos_token }}\n\n"
           "{% else %}### Instruction:\n{{ m['content'] }}\n\n### Response:\n{% endif %}{% endfor %}",
         EOS,
     ),
     # Vicuna v1.1 (FastChat): "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
     "vicuna": ChatTemplate(
         "vicuna",
-        _FOLD_SYSTEM.replace("+ '\n\n'", "")
+        _fold_system("")
         + "{{ sys or 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user\\'s questions.' }} {% for m in msgs %}"
-          "{% if m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}"
+          "{% if m['role'] == 'assistant' %} {{ reply(m) }}{{ eos_token }}"
           "{% else %}USER: {{ m['content'] }} ASSISTANT:{% endif %}{% endfor %}",
         EOS,
     ),
     # The OASST1 text form the QLoRA paper trained Guanaco on; qlora.py appended eos to every target.
     "guanaco": ChatTemplate(
         "guanaco",
-        _FOLD_SYSTEM.replace("+ '\n\n'", "")
+        _fold_system("")
         + "{% if sys %}{{ sys }}\n{% endif %}{% for m in msgs %}"
-          "{% if m['role'] == 'assistant' %}### Assistant: {{ m['content'] }}{{ eos_token }}"
+          "{% if m['role'] == 'assistant' %}### Assistant: {{ reply(m) }}{{ eos_token }}"
           "{% else %}### Human: {{ m['content'] }}{% endif %}{% endfor %}"
           "{% if add_generation_prompt %}### Assistant:{% endif %}",
         EOS,
