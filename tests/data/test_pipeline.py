@@ -206,3 +206,36 @@ def test_preview(write, toks, tiny_models) -> None:
     colour = io.StringIO()
     preview(cfg, n=1, color="always", stream=colour)
     assert "\x1b[32mIt is" in colour.getvalue()
+
+
+def test_preview_prints_statistics_once(write, tiny_models, caplog) -> None:
+    from loratune.data.preview import preview
+
+    cfg = Config(model=ModelConfig(path=str(tiny_models["qwen2"])), data=data_cfg(write("a.jsonl", CHAT)))
+    out = io.StringIO()
+    with caplog.at_level("INFO", logger="loratune.data.pipeline"):
+        preview(cfg, n=1, stream=out)
+    assert out.getvalue().count("truncated: 0") == 1 and not caplog.records
+
+
+def test_hub_dataset_through_datasets(toks, monkeypatch) -> None:
+    """A name that is not a local path goes to `datasets.load_dataset` (split, streaming passed on), rows numbered."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name: str, split: str, streaming: bool):
+        calls.append((name, split, streaming))
+        return [{"instruction": "Q1", "output": "A1."}, {"instruction": "Q2"}]
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    tok, info = toks["qwen2"]
+    from loratune.errors import DataError
+
+    with pytest.raises(DataError, match=r"^someone/set\[test\]: row 2: missing key 'output'"):
+        prepare_data(data_cfg({"path": "someone/set", "split": "test"}, streaming=True), tok, info, seed=0)
+    assert calls == [("someone/set", "test", True)]
+    data = prepare_data(data_cfg({"path": "someone/set", "max_samples": 1}), tok, info, seed=0)
+    assert len(data.train) == 1 and data.stats.datasets[0].records == 1

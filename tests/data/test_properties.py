@@ -162,3 +162,46 @@ def test_builtin_templates_drop_nothing(toks: dict, conv, name: str, family: str
     for got, m in zip(supervised, replies):
         assert got.endswith(stop) and m["content"] in got
         assert all(f'"name": "{c["function"]["name"]}"' in got for c in m.get("tool_calls", []))
+
+
+@st.composite
+def rendered(draw) -> tuple[list[int], list[int]]:
+    """A rendered conversation's shape: BOS, prompt tokens, then target runs and masked runs."""
+    ids, labels, k = [0], [IGNORE], 100
+    for turn in range(draw(st.integers(1, 4))):
+        for _ in range(draw(st.integers(0 if turn else 1, 30))):
+            ids.append(k), labels.append(IGNORE)
+            k += 1
+        for _ in range(draw(st.integers(1, 20))):
+            ids.append(k), labels.append(k)
+            k += 1
+    return ids, labels
+
+
+@SETTINGS
+@given(pair=rendered(), max_length=st.integers(4, 80), source=st.integers(0, 40), target=st.integers(0, 40),
+       policy=st.sampled_from(["prompt_first", "end", "drop"]))
+def test_length_limits(pair, max_length: int, source: int, target: int, policy: str) -> None:
+    """Whatever the limits: rows fit, BOS stays first, tokens keep their order and labels, and the outcome
+    names what happened (ok: untouched; a drop: nothing returned)."""
+    from loratune.config import DataConfig
+    from loratune.data.lengths import fit
+
+    ids, labels = pair
+    cfg = DataConfig(max_length=max_length, source_max_length=source, target_max_length=target, truncation=policy)
+    pieces, outcome = fit(ids, labels, False, cfg, bos_id=0)
+    if outcome in ("too_long", "no_supervised"):
+        assert pieces == []
+        assert outcome == "no_supervised" or (policy == "drop" and len(ids) > max_length)
+        return
+    [(got_ids, got_labels)] = pieces
+    assert len(got_ids) == len(got_labels) <= max_length
+    assert got_ids[0] == 0 and got_labels[0] == IGNORE
+    assert any(x != IGNORE for x in got_labels)
+    pos = {t: i for i, t in enumerate(ids)}
+    assert [pos[t] for t in got_ids] == sorted(pos[t] for t in got_ids)  # a subsequence, in order
+    assert all(got_labels[i] == labels[pos[t]] for i, t in enumerate(got_ids) if i)  # labels travel with tokens
+    assert (outcome == "ok") == (got_ids == ids)
+    if source:
+        first = next(i for i, x in enumerate(got_labels) if x != IGNORE)
+        assert first <= max(source, 1)

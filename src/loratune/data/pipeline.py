@@ -192,8 +192,9 @@ def _describe_empty(stats: DataStats) -> str:
     return f"no training samples left after length limits and drops ({dropped or 'nothing read'}){hint}"
 
 
-def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int) -> PreparedData:
-    """Build the training and eval samples the config describes (see the module docstring)."""
+def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int, log_stats: bool = True) -> PreparedData:
+    """Build the training and eval samples the config describes (see the module docstring); the statistics
+    go to the log unless `log_stats` is false (the preview prints them itself)."""
     if not cfg.datasets:
         raise DataError("data.datasets is empty: list at least one dataset, e.g. `- path: train.jsonl`")
     template = resolve_template(cfg.template, tokenizer)
@@ -228,6 +229,6 @@ def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int) -> 
     stats.tokens = sum(stats.lengths)
     stats.supervised = sum(sum(1 for x in labels if x != -100) for _, labels in train_pairs)
     stats.packing_efficiency = efficiency(train, cfg.max_length) if cfg.pack else None
-    for line in stats.lines():
+    for line in stats.lines() if log_stats else []:
         log.info("data: %s", line)
     return PreparedData(train, [Sample(ids, labels) for ids, labels in eval_pairs], template, stats)

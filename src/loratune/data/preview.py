@@ -73,6 +73,6 @@ def preview(cfg: Config, n: int = 3, color: str = "auto", stream: TextIO | None 
 
     stream = stream or sys.stdout
     tokenizer, info = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, info, cfg.train.seed)
+    data = prepare_data(cfg.data, tokenizer, info, cfg.train.seed, log_stats=False)
     stream.write(format_preview(data, tokenizer, n, use_color(color, stream)))
     return data
