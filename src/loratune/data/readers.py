@@ -1,13 +1,15 @@
 """Read dataset records from files, folders or the hub, one record at a time, with their row numbers.
 
-Every reader is a generator of `Record`s, so a file larger than memory is never loaded whole (except
-.json arrays, which JSON cannot stream; use .jsonl for those). Row numbers are what a person finds in
+Every reader is a generator of `Record`s, so a file larger than memory is never loaded whole: .json
+arrays are decoded element by element from a sliding buffer (a .json file holding one object is read
+whole, being one record). Row numbers are what a person finds in
 an editor: the line for .jsonl/.csv/.tsv/.txt (the CSV header is row 1), the 1-based index for .json
 arrays and .parquet. Anything unreadable raises `DataError` naming the file and the row.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -114,15 +116,20 @@ def _loads(text: str, path: Path, row: int) -> Any:
                         "per line") from None
 
 
+BLOCK = 1 << 20  # bytes read at a time from a .json array
+
+
 def _json(path: Path) -> Iterator[Record]:
-    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        yield from _json_array(path)
+        return
+    raw = path.read_bytes()  # one object (or JSON Lines under a .json name, streamed below)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}: row {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at line {line}, column "
-                        f"{col}); expected UTF-8 text") from None
+        raise _utf8_error(path, e.start, raw[e.start]) from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty; expected at least one record")
     try:
@@ -133,12 +140,112 @@ def _json(path: Path) -> Iterator[Record]:
             return
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a JSON "
                         "array of records") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    for i, rec in enumerate(data):
-        yield Record(str(path), i + 1, rec)
+    if not isinstance(data, dict):
+        kinds = {int: "a number", float: "a number", str: "a string", bool: "true/false", type(None): "null"}
+        raise DataError(f"{path}: expected a JSON array of records, got {kinds.get(type(data), type(data).__name__)}")
+    yield Record(str(path), 1, data)
+
+
+def _utf8_error(path: Path, at: int, byte: int) -> DataError:
+    """A bad byte at absolute offset `at`, located by line and column (counting lines only on this error path)."""
+    line, col, done = 1, 1, 0
+    with open(path, "rb") as f:
+        while done < at:
+            block = f.read(min(BLOCK, at - done))
+            line += block.count(b"\n")
+            col = len(block) - block.rfind(b"\n") if b"\n" in block else col + len(block)
+            done += len(block)
+    return DataError(f"{path}: row {line}: not valid UTF-8 (byte 0x{byte:02x} at line {line}, column {col}); "
+                     "expected UTF-8 text")
+
+
+class _Text:
+    """The decoded text of a binary file, a block at a time: `buf[pos:]` is what is not consumed yet."""
+
+    def __init__(self, f, path: Path) -> None:
+        self.f, self.path = f, path
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.fed, self.eof = "", 0, 0, False
+        self.line_base, self.col_base = 0, 0  # where buf starts in the file, for error positions
+
+    def more(self) -> None:
+        """Drop the consumed text (counting its lines) and decode the next block."""
+        dropped = self.buf[:self.pos]
+        if "\n" in dropped:
+            self.line_base += dropped.count("\n")
+            self.col_base = len(dropped) - dropped.rfind("\n") - 1
+        else:
+            self.col_base += len(dropped)
+        block = self.f.read(BLOCK)
+        pending = self.utf8.getstate()[0]
+        try:
+            text = self.utf8.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            raise _utf8_error(self.path, self.fed - len(pending) + e.start, (pending + block)[e.start]) from None
+        if self.fed - len(pending) <= 0 and text.startswith("\ufeff"):  # a byte-order mark opens the file
+            text = text[1:]
+        self.fed += len(block)
+        self.buf, self.pos, self.eof = self.buf[self.pos:] + text, 0, not block
+
+    def peek(self) -> str | None:
+        """The next non-space character (not consumed), or None at the end of the file."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if self.eof:
+                return None
+            self.more()
+
+    def value(self, decoder: json.JSONDecoder) -> Any:
+        """Decode the JSON value at `pos`, reading more blocks while it may go on past the buffer."""
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:  # else a number may go on in the next block
+                    self.pos = end
+                    return value
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    raise self.error(e.msg, e.pos) from None
+            self.more()
+
+    def error(self, what: str, at: int | None = None) -> DataError:
+        at = self.pos if at is None else at
+        line = self.buf.count("\n", 0, at)
+        col = at - self.buf.rfind("\n", 0, at) if line else self.col_base + at + 1
+        return DataError(f"{self.path}: not valid JSON ({what} at line {self.line_base + line + 1}, column {col}); "
+                         "expected a JSON array of records")
+
+
+def _json_array(path: Path) -> Iterator[Record]:
+    """The records of a JSON array, one at a time, never holding more than a block and one record."""
+    decoder = json.JSONDecoder()
+    with open(path, "rb") as f:
+        t = _Text(f, path)
+        if t.peek() != "[":
+            raise t.error("expected '['")
+        t.pos += 1
+        row, expect_value = 0, True
+        while True:
+            ch = t.peek()
+            if ch is None:
+                raise t.error("unterminated array: no closing ']'")
+            if ch == "]" and (row == 0 or not expect_value):
+                t.pos += 1
+                if t.peek() is not None:
+                    raise t.error("extra data after the array")
+                return
+            if not expect_value:
+                if ch != ",":
+                    raise t.error("expected ',' or ']'")
+                t.pos, expect_value = t.pos + 1, True
+                continue
+            value = t.value(decoder)
+            row += 1
+            yield Record(str(path), row, value)
+            expect_value = False
 
 
 def _csv(path: Path) -> Iterator[Record]:
