@@ -216,6 +216,7 @@ class CaseResult:
     step_times: list[float] = field(default_factory=list)
     gc_ms: list[float] = field(default_factory=list)  # time in Python garbage collection per step
     error: str | None = None
+    planned_gib: float = math.nan  # loratune.model.memory's estimate of peak_gib (loratune variants)
 
 
 def batches(case: tuple[int, int], n: int, vocab: int) -> list[torch.Tensor]:
@@ -312,6 +313,24 @@ def profile_step(model, step_fn, make_opt, name: str, case: tuple[int, int], voc
         log(f"{name}: GPU kernel time in the profiled step {busy / 1e3:.1f} ms over {len(kernels)} kernels")
 
 
+def planned_gib(cfg, folder: Path, case: tuple[int, int], model) -> float:
+    """`loratune plan`'s estimate of this case's peak, for the fast paths this model runs now (nan on error)."""
+    try:
+        from transformers import AutoConfig
+
+        from loratune.kernels.offload import HostEmbedding
+        from loratune.model.memory import estimate
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        host = isinstance(base.get_input_embeddings(), HostEmbedding)
+        fused = any(getattr(m, "_loratune_fused", False) and hasattr(m, "down_proj") for m in model.modules())
+        plan = estimate(cfg, AutoConfig.from_pretrained(folder), case[0], case[1], ARGS.device, host, fused)
+        return plan.total_gib
+    except Exception as e:  # the planner must never cost a benchmark run
+        log(f"memory plan failed: {e!r}")
+        return math.nan
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -338,7 +357,8 @@ def parse_case(text: str) -> tuple[int, int]:
 def table(results: list[CaseResult], shape: dict) -> str:
     ref = {r.case: r for r in results if r.path == "reference"}
     lines = ["| path | case | tokens/s | step s median (min-max) | peak GiB | % of FLOP bound | tok/s vs ref | "
-             "memory vs ref | max rel. loss diff vs ref (first N) |", "|---|---|---|---|---|---|---|---|---|"]
+             "memory vs ref | max rel. loss diff vs ref (first N) | planned GiB (planned / peak) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         seq = int(r.case.split("x")[1])
         bound = PEAK_TFLOPS * 1e12 / flops_per_token(shape, seq, ARGS.rank)
@@ -351,8 +371,9 @@ def table(results: list[CaseResult], shape: dict) -> str:
             diff = f"{max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], rr.losses[:n])):.1e} (n={n})"
         timed = r.step_times[ARGS.warmup:] or [math.nan]
         spread = f"{r.step_s:.3f} ({min(timed):.3f}-{max(timed):.3f})"
+        plan = f"{r.planned_gib:.2f} ({r.planned_gib / r.peak_gib:.2f}x)" if r.planned_gib == r.planned_gib else "-"
         lines.append(f"| {r.path} | {r.case} | {r.tokens_per_s:,.0f} | {spread} | {r.peak_gib:.2f} | "
-                     f"{100 * r.tokens_per_s / bound:.1f}% | {speed:.2f}x | {100 * mem:.0f}% | {diff} |"
+                     f"{100 * r.tokens_per_s / bound:.1f}% | {speed:.2f}x | {100 * mem:.0f}% | {diff} | {plan} |"
                      + (f" {r.error}" if r.error else ""))
     return "\n".join(lines)
 
@@ -464,6 +485,7 @@ def main() -> None:
             for case in (cases if v == last else [standard]):
                 results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init,
                                         manual_gc=v.endswith("+gc")))
+                results[-1].planned_gib = planned_gib(cfg, folder, case, model)
                 write_report()
             if v in ARGS.profile:
                 profile_step(model, step, make_opt, v, standard, vocab, out_dir)

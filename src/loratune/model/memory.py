@@ -1,0 +1,458 @@
+"""Memory planning: the peak memory of a training run, estimated from the model's config before loading it.
+
+Why: an out-of-memory error an hour into a run (or after ten minutes of loading and tokenizing) is the
+most common way a fine-tune fails. Everything that decides the peak is known before a single weight is
+read: the architecture (config.json), the precision, the adapters, the optimizer, the micro-batch. So
+`loratune plan` and the start of every `loratune train` print the estimate component by component,
+`train.batch_size: auto` picks the largest micro-batch that fits, and a run that would not fit stops
+with a message saying what to change. `estimate()` is a pure function (the benchmark calls it to put
+"planned" beside "measured"); `plan_run()` is the part that looks at the machine.
+
+The estimate is of `torch.cuda.max_memory_allocated` (what the benchmark measures), in bytes, with
+T = batch_size x max_length tokens (the worst case: padding to the longest row, or packed rows),
+n = the parameters of the decoder's linear layers, H hidden, I intermediate, q/kv the query and
+key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of the 16/32-bit weights:
+
+  weights      NF4: n/2, plus constants per 64-value block: fp32 absmax (4 B), or with double
+               quantization a uint8 absmax (1 B) + one fp32 absmax per 256 blocks + a 256-entry code;
+               8-bit: n + fp32 row scales; 16/32-bit: n x e. Embedding V x H x e, head the same unless
+               tied; the untied frozen input embedding of a CUDA run with `model.kernels: auto` lives in
+               host memory (loratune.kernels.offload) and costs the GPU nothing.
+  adapters     LoRA: r (d_in + d_out) per adapted layer (+ d_out for DoRA), fp32 weights and gradients,
+               AdamW states 8 B/param (2 B for the 8-bit variants). Full fine-tuning: every parameter,
+               fp32 weights + gradients + states.
+  activations  with checkpointing: the saved input of each layer, L x T x H x e, plus the working set
+               of one layer's recompute and backward pass: T x a x (4H + 3q + 3kv + m I + 7r) with m = 4
+               for the fused SwiGLU (gate, up, their product, its gradient) or 6 for the plain MLP, plus
+               dropout outputs and masks (T x d_in x (a + 1) per adapted layer) when adapter dropout > 0,
+               plus the largest dequantized weight (d_in x d_out x a). Without checkpointing every layer
+               keeps its saved tensors, L x T x (H e + a (3H + 3q + 3kv + (m-1) I + 7r)), and the working
+               set is the gradient in flight, T x a x 2 (H + I).
+  loss         (loratune.kernels.loss) rows in chunks of CHUNK_ELEMENTS / V: fp32 logits of one chunk,
+               the previous chunk's (still referenced while the next is computed) and logsumexp's
+               temporary, 3 x rows x V x 4 (2x with one chunk); plus 4 hidden-sized tensors (the final
+               norm's input and output, the rows kept for the head, d(hidden)): 4 T H a.
+  overhead     cuBLAS workspaces and small buffers on CUDA; the Python process itself on CPU.
+
+peak = weights + adapters + saved activations + max(loss, layer working set) + overhead: the loss
+(end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
+
+Calibrated (docs/benchmarks.md, run 2; H100, LoRA r=16 on 7 modules, NF4 double quant, bf16,
+checkpointing, embedding on the GPU): measured / estimated GiB at 2x2048, 1x8192, 1x16384:
+Llama-3-8B 7.84 / 7.90, 9.40 / 9.50, 12.69 / 12.86; Llama-3.2-1B 2.24 / 2.28, 2.53 / 2.59,
+3.64 / 3.74 (all within +3%, none under). Not modelled: the paged optimizers' states live in
+managed memory and can spill to the host (counted as if on the GPU); architectures without
+Llama-style fields (hidden_size, intermediate_size, ...) are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loratune.config import Config
+from loratune.errors import ConfigError, LoratuneError, ModelError
+from loratune.kernels.loss import CHUNK_ELEMENTS
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit blocksize)
+DQ_BLOCK = 256  # absmax values per second-level absmax (double quantization)
+CUDA_OVERHEAD = 96 * 2**20  # cuBLAS/cuBLASLt workspaces, rotary tables, small buffers (calibrated)
+CPU_OVERHEAD = 1 * GiB  # the Python process with torch and transformers imported
+SAFETY = 0.90  # batch_size auto keeps the estimate under this fraction of the free memory
+MAX_AUTO_BATCH = {"cuda": 256, "cpu": 8}  # CPU: larger micro-batches give no more tokens/s
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class WouldNotFit(LoratuneError):
+    """The run's estimated peak memory exceeds what the device has free."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture facts the estimate needs, read from a transformers config."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    attention_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of each linear layer of one decoder layer (Llama-style attention + gated MLP)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @classmethod
+    def from_config(cls, config: Any) -> Shape:
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in need if getattr(c, k, None) is None]
+        if missing:
+            raise ModelError(f"cannot plan memory for model type {getattr(c, 'model_type', '?')!r}: its config has "
+                             f"no {', '.join(missing)} (the planner knows Llama-style decoders)")
+        heads = c.num_attention_heads
+        return cls(vocab=c.vocab_size, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                   layers=c.num_hidden_layers, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                   tied=bool(getattr(c, "tie_word_embeddings", False)),
+                   attention_bias=bool(getattr(c, "attention_bias", False)))
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    bytes: int
+    detail: str
+    counted: bool = True  # False: a transient that is not live at the peak (the other one is larger)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    components: tuple[Component, ...]
+    batch_size: int
+    seq_len: int
+    device: str
+
+    @property
+    def total(self) -> int:
+        return sum(c.bytes for c in self.components if c.counted)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GiB
+
+    def get(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def _dtype_bytes(name: str, device: str) -> int:
+    """Bytes of the compute dtype: `auto` is bf16 on a GPU and fp32 on CPU (as loratune.model.quant)."""
+    if name == "auto":
+        return 2 if device == "cuda" else 4
+    return {"bf16": 2, "fp16": 2, "fp32": 4}[name]
+
+
+def nf4_bytes(n: int, double_quant: bool) -> tuple[int, int]:
+    """(packed 4-bit values, quantization constants) in bytes for one weight of n values."""
+    blocks = math.ceil(n / NF4_BLOCK)
+    code = 16 * 4  # the 16-entry NF4 code, fp32
+    if not double_quant:
+        return math.ceil(n / 2), blocks * 4 + code
+    return math.ceil(n / 2), blocks + math.ceil(blocks / DQ_BLOCK) * 4 + 256 * 4 + 4 + code
+
+
+def adapted_layers(cfg: Config, shape: Shape) -> dict[str, tuple[int, int]]:
+    """The linear layers of one decoder layer that get LoRA adapters (all of them for unknown names)."""
+    linears = shape.linears()
+    targets = cfg.adapter.target_modules
+    names = list(linears) if targets == "all-linear" else [n for n in linears if n in targets]
+    if targets != "all-linear" and any(t not in linears for t in targets):
+        names = list(linears)  # names this planner does not know: assume the worst case
+    return {n: linears[n] for n in names if n not in cfg.adapter.exclude_modules}
+
+
+def lora_params(cfg: Config, shape: Shape) -> int:
+    """r (d_in + d_out) per adapted layer (+ d_out magnitudes for DoRA), over all layers."""
+    per_layer = sum(cfg.adapter.rank * (i + o) + (o if cfg.adapter.dora else 0)
+                    for i, o in adapted_layers(cfg, shape).values())
+    return per_layer * shape.layers
+
+
+def _weights(cfg: Config, shape: Shape, device: str, embed_on_host: bool, e: int) -> list[Component]:
+    q, full = cfg.quantization, cfg.adapter.type == "none"
+    mats = [i * o for i, o in shape.linears().values()]
+    n = sum(mats) * shape.layers
+    if q.bits == 4 and not full:
+        packed = consts = 0
+        for m in mats:
+            p, c = nf4_bytes(m, q.double_quant)
+            packed, consts = packed + p, consts + c
+        kind = f"{q.quant_type.upper()} 4-bit"
+        consts_detail = f"absmax per {NF4_BLOCK} values, " + ("double-quantized (8-bit + fp32 per 256 blocks)"
+                                                               if q.double_quant else "fp32")
+        dec = [Component("decoder weights", packed * shape.layers, f"{kind}, {n / 1e9:.2f} B parameters"),
+               Component("quantization constants", consts * shape.layers, consts_detail)]
+    elif q.bits == 8 and not full:
+        rows = sum(o for _, o in shape.linears().values()) * shape.layers
+        dec = [Component("decoder weights", n, f"int8 (LLM.int8), {n / 1e9:.2f} B parameters"),
+               Component("quantization constants", rows * 4, "fp32 scale per output row")]
+    else:
+        dec = [Component("decoder weights", n * e, f"{8 * e}-bit, {n / 1e9:.2f} B parameters")]
+    emb = shape.vocab * shape.hidden
+    bias = shape.layers * (shape.q_dim + 2 * shape.kv_dim) if shape.attention_bias else 0
+    other = ((2 * shape.layers + 1) * shape.hidden + bias) * e
+    emb_detail = f"{shape.vocab:,} x {shape.hidden:,}, {8 * e}-bit"
+    return dec + [
+        Component("embedding", 0 if embed_on_host else emb * e,
+                  emb_detail + (f"; in host memory ({emb * e / GiB:.2f} GiB there)" if embed_on_host else "")),
+        Component("output head", 0 if shape.tied else emb * e, "tied to the embedding" if shape.tied else emb_detail),
+        Component("norms and biases", other, f"{8 * e}-bit"),
+    ]
+
+
+def _trainable(cfg: Config, shape: Shape) -> tuple[list[Component], int, str]:
+    """Adapter (or full) weights, gradients and optimizer states; returns also the count and its detail."""
+    eight_bit = cfg.train.optimizer in ("paged_adamw_8bit", "adamw_8bit")
+    state = 2 if eight_bit else 8
+    if cfg.adapter.type == "none":
+        emb = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        n = sum(i * o for i, o in shape.linears().values()) * shape.layers + emb + (2 * shape.layers + 1) * shape.hidden
+        what = f"full fine-tuning: all {n / 1e9:.2f} B parameters, fp32"
+        comps = [Component("trainable weights (fp32 master copy)", 0, "counted as the decoder weights above")]
+    else:
+        n = lora_params(cfg, shape)
+        k = len(adapted_layers(cfg, shape))
+        what = f"LoRA r={cfg.adapter.rank} on {k} layers x {shape.layers}: {n / 1e6:.1f} M parameters, fp32"
+        comps = [Component("adapter weights", n * 4, what)]
+    opt = cfg.train.optimizer + (" (managed memory, can spill to host)" if cfg.train.optimizer.startswith("paged") else "")
+    comps += [Component("gradients", n * 4, "fp32"),
+              Component("optimizer states", n * state, f"{opt}: {'2 x 8-bit' if eight_bit else '2 x fp32'}")]
+    return comps, n, what
+
+
+def _activations(cfg: Config, shape: Shape, tokens: int, a: int, e: int, fused_mlp: bool,
+                 checkpointing: bool) -> tuple[Component, Component]:
+    """(saved activations, working set of one layer's forward + backward)."""
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    adapted = adapted_layers(cfg, shape) if cfg.adapter.type == "lora" else {}
+    r = cfg.adapter.rank * len(adapted)  # the rank-r projections xa saved by each adapted layer
+    drop = sum(d_in for d_in, _ in adapted.values()) * (a + 1) if cfg.adapter.dropout > 0 else 0
+    m = 4 if fused_mlp else 6
+    mlp = "fused SwiGLU" if fused_mlp else "plain MLP"
+    largest = max(d_in * d_out for d_in, d_out in shape.linears().values())
+    dequant = largest * a if cfg.quantization.bits in (4, 8) and cfg.adapter.type == "lora" else 0
+    if checkpointing:
+        saved = Component("saved activations", shape.layers * tokens * h * e,
+                          f"checkpointing: the input of each layer, {shape.layers} x {tokens:,} tokens x {h:,}")
+        per_token = a * (4 * h + 3 * q + 3 * kv + m * i + r) + drop
+        return saved, Component("layer recompute + backward", tokens * per_token + dequant,
+                                f"one layer's tensors and gradients ({mlp}"
+                                + (", adapter dropout" if drop else "") + ")" + (", a dequantized weight" if dequant else ""))
+    per_layer = e * h + a * (3 * h + 3 * q + 3 * kv + (m - 1) * i + r) + drop
+    saved = Component("saved activations", shape.layers * tokens * per_layer,
+                      f"no checkpointing: every layer's tensors, {shape.layers} x {tokens:,} tokens ({mlp})")
+    return saved, Component("layer backward", tokens * a * 2 * (h + i) + dequant, "the gradient in flight")
+
+
+def _loss(shape: Shape, tokens: int, a: int, head_trained: bool) -> Component:
+    rows = max(1, min(tokens, CHUNK_ELEMENTS // shape.vocab))
+    chunks = math.ceil(tokens / rows)
+    logits = (2 if chunks == 1 else 3) * rows * shape.vocab * 4
+    grad_w = shape.vocab * shape.hidden * 4 if head_trained else 0
+    return Component("logits / loss", logits + 4 * tokens * shape.hidden * a + grad_w,
+                     f"{chunks} chunk(s) of {rows:,} rows x {shape.vocab:,} fp32 logits, d(hidden)"
+                     + (", fp32 head gradient" if grad_w else ""))
+
+
+def checkpointing_on(cfg: Config) -> bool:
+    mode = cfg.train.gradient_checkpointing
+    return mode is True or (mode == "auto" and cfg.quantization.bits in (4, 8))
+
+
+def embed_on_host_default(cfg: Config, shape: Shape, device: str) -> bool:
+    """Whether `loratune train` keeps the input embedding in host memory (loratune.kernels.offload)."""
+    kernels_on = cfg.model.kernels in ("auto", True)
+    trained = cfg.adapter.type == "none" or any("embed" in m for m in cfg.adapter.modules_to_save)
+    return device == "cuda" and kernels_on and not shape.tied and not trained
+
+
+def fused_mlp_default(cfg: Config, device: str) -> bool:
+    """Whether the SwiGLU MLPs run liger's fused kernel (CUDA, model.kernels on, liger installed)."""
+    if device != "cuda" or cfg.model.kernels not in ("auto", True):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+# -------------------------------------------------------------------------------------------- estimate
+
+
+def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool,
+             fused_mlp: bool | None = None) -> MemoryPlan:
+    """The estimated peak memory of training `cfg` on `device` ("cuda" or "cpu") at batch_size x seq_len.
+
+    `model_config`: a transformers config (or a `Shape`). `fused_mlp`: liger's SwiGLU is in use (default:
+    as `loratune train` would decide on this machine). Pure: reads no weights, touches no device.
+    """
+    shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
+    fused = fused_mlp_default(cfg, device) if fused_mlp is None else fused_mlp
+    a = _dtype_bytes(cfg.quantization.compute_dtype, device)
+    full = cfg.adapter.type == "none"
+    e = 4 if (full or cfg.quantization.bits == 32) else a  # 16/32-bit weights: as loratune.model.load
+    tokens = batch_size * seq_len
+    trainable, _, _ = _trainable(cfg, shape)
+    saved, layer = _activations(cfg, shape, tokens, a, e, fused, checkpointing_on(cfg))
+    head_trained = full or any("lm_head" in m for m in cfg.adapter.modules_to_save)
+    loss = _loss(shape, tokens, a, head_trained)
+    loss_peak = loss.bytes >= layer.bytes
+    overhead = Component("CUDA overhead" if device == "cuda" else "process overhead",
+                         CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD,
+                         "cuBLAS workspaces, small buffers" if device == "cuda" else "Python, torch, transformers")
+    comps = [*_weights(cfg, shape, device, embed_on_host, e), *trainable, saved,
+             dataclasses.replace(layer, counted=not loss_peak), dataclasses.replace(loss, counted=loss_peak),
+             overhead]
+    return MemoryPlan(tuple(c for c in comps if c.bytes or c.name in ("embedding", "output head")),
+                      batch_size, seq_len, device)
+
+
+def render(plan: MemoryPlan, title: str = "") -> str:
+    """The plan as a plain-text table, one component a line, the total last."""
+    width = max(len(c.name) for c in plan.components) + 2
+    lines = [title or f"memory plan: micro-batch {plan.batch_size} x {plan.seq_len:,} tokens on {plan.device}",
+             f"  {'component':<{width}}{'GiB':>8}  detail"]
+    for c in plan.components:
+        gib = f"{c.bytes / GiB:8.2f}" if c.counted else f"{'(' + format(c.bytes / GiB, '.2f') + ')':>8}"
+        note = c.detail + ("" if c.counted else "; not at the peak: the other transient is larger")
+        lines.append(f"  {c.name:<{width}}{gib}  {note}")
+    lines.append(f"  {'estimated peak':<{width}}{plan.total_gib:8.2f}")
+    return "\n".join(lines)
+
+
+def fit_batch_size(plan_for: Callable[[int], MemoryPlan], budget: int, cap: int) -> tuple[int, MemoryPlan]:
+    """The largest batch size in [1, cap] whose plan is within `budget` bytes (1 when none is)."""
+    lo, best = 1, plan_for(1)
+    if best.total > budget:
+        return 1, best
+    hi = cap
+    while lo < hi:  # estimates grow with the batch: bisect for the last one that fits
+        mid = (lo + hi + 1) // 2
+        p = plan_for(mid)
+        if p.total <= budget:
+            lo, best = mid, p
+        else:
+            hi = mid - 1
+    return lo, best
+
+
+# ------------------------------------------------------------------------------------- the machine
+
+
+def load_model_config(cfg: Config) -> Any:
+    """The base model's transformers config (config.json only; the demo model is built once if needed)."""
+    from transformers import AutoConfig
+
+    from loratune.model.load import resolve_model_path
+
+    source = resolve_model_path(cfg.model.path)
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the model config of {source!r}: {e}".splitlines()[0]) from None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_budget(device: str) -> int | None:
+    """Free bytes on `device`: the GPU's free memory, or the host's available memory on CPU."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _advice(cfg: Config, plan_for: Callable[[int], MemoryPlan], batch: int) -> str:
+    tips = []
+    if batch > 1:
+        tips.append(f"lower train.batch_size (now {batch}; 1 would need {plan_for(1).total_gib:.2f} GiB, "
+                    "or use auto)")
+    tips.append(f"lower data.max_length (now {cfg.data.max_length})")
+    if not checkpointing_on(cfg):
+        tips.append("set train.gradient_checkpointing=true")
+    if cfg.quantization.bits > 4 and cfg.adapter.type == "lora":
+        tips.append("quantize the base with quantization.bits=4")
+    return "; ".join(tips)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: Config  # with train.batch_size resolved to an int
+    plan: MemoryPlan
+    budget: int | None
+    note: str  # how the batch size was chosen
+
+
+def plan_run(cfg: Config, device: str | None = None, budget: int | None = None,
+             saved_batch_size: int | None = None) -> RunPlan:
+    """Resolve `train.batch_size` and estimate the run; raise `WouldNotFit` when it exceeds `budget`.
+
+    `budget` (bytes) defaults to the free memory of `device` (`device_budget`). `saved_batch_size`: a
+    resumed run keeps its checkpoint's batch size when the config says auto (same data order).
+    """
+    device = device or default_device()
+    shape = Shape.from_config(load_model_config(cfg))
+    host = embed_on_host_default(cfg, shape, device)
+    fused = fused_mlp_default(cfg, device)
+    seq = cfg.data.max_length
+
+    def plan_for(b: int) -> MemoryPlan:
+        return estimate(cfg, shape, b, seq, device, host, fused)
+
+    budget = device_budget(device) if budget is None else budget
+    batch, note = cfg.train.batch_size, "set in the config"
+    if batch == "auto":
+        if saved_batch_size is not None:
+            batch, note = saved_batch_size, "auto: the batch size of the checkpoint this run resumes"
+        elif budget is None:
+            raise ConfigError("train.batch_size auto needs to know the free memory; give a budget")
+        else:
+            cap = MAX_AUTO_BATCH.get(device, 8)
+            batch, fit = fit_batch_size(plan_for, int(SAFETY * budget), cap)
+            more = f"; {batch + 1} would need {plan_for(batch + 1).total_gib:.2f} GiB" if batch < cap else \
+                f" (the cap on {device})"
+            note = (f"auto: {batch}, the largest micro-batch whose estimate ({fit.total_gib:.2f} GiB) is within "
+                    f"{SAFETY:.0%} of the {budget / GiB:.2f} GiB free{more}")
+    plan = plan_for(batch)
+    if budget is not None and plan.total > budget:
+        where = "on the GPU" if device == "cuda" else "in host memory"
+        raise WouldNotFit(f"this run would not fit: estimated peak {plan.total_gib:.2f} GiB > {budget / GiB:.2f} GiB "
+                          f"free {where} (micro-batch {batch} x {seq} tokens). To fit: {_advice(cfg, plan_for, batch)}. "
+                          "See `loratune plan` for the components")
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    return RunPlan(resolved, plan, budget, note)
+
+
+
+def describe(rp: RunPlan, cfg: Config) -> str:
+    """The table plus the batch-size note and the free memory, as printed by `plan` and `train`."""
+    title = (f"memory plan: {cfg.model.path}, micro-batch {rp.plan.batch_size} x {rp.plan.seq_len:,} tokens, "
+             f"on {rp.plan.device}")
+    text = render(rp.plan, title) + f"\n  batch size: {rp.note}"
+    if rp.budget is not None:
+        text += f"\n  free: {rp.budget / GiB:.2f} GiB ({100 * rp.plan.total / max(rp.budget, 1):.0f}% planned)"
+    return text
