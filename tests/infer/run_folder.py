@@ -19,10 +19,14 @@ from loratune.model.tiny import FAMILIES
 
 
 def make_adapter_dir(base: Path, out: Path, *, bits: int = 16, seed: int = 1, scale: float = 0.5,
-                     rank: int = 8, family: str = "llama") -> Path:
-    """Write OUT/ like `loratune train` does, for the tiny `base` model; returns `out`."""
+                     rank: int = 8, family: str = "llama", template: str | None = None) -> Path:
+    """Write OUT/ like `loratune train` does, for the tiny `base` model; returns `out`.
+
+    `template` names a registry template trained with instead of the model's own (`data.template=NAME`):
+    the folder's tokenizer then carries that template, as `train.artifacts.save_run` writes it.
+    """
     cfg = Config(model=ModelConfig(path=str(base)), quantization=QuantizationConfig(bits=bits),
-                 data=DataConfig(template="auto"))
+                 data=DataConfig(template=template or "auto"))
     cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout = rank, 16.0, 0.0
     tok, info = load_tokenizer(cfg.model)
     model = attach_adapters(load_base(cfg), cfg.adapter)
@@ -33,9 +37,10 @@ def make_adapter_dir(base: Path, out: Path, *, bits: int = 16, seed: int = 1, sc
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    template = TEMPLATES[template or FAMILIES[family].template]
+    tok.chat_template = template.jinja
     tok.save_pretrained(out)
     (out / "loratune.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-    template = TEMPLATES[FAMILIES[family].template]
     run = {"template": {"name": template.name, "stop": template.stop},
            "versions": {"torch": torch.__version__},
            "tokenizer": dict(info.__dict__)}

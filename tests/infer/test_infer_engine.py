@@ -242,3 +242,126 @@ def test_quantized_base_greedy_equals_manual_loop(request, bits: int, layer: str
             # LLM.int8 picks its fp16 outlier columns from all the tokens in one matmul, so a padded batch
             # with a cache and a full unbatched forward round differently; near-ties may flip late tokens.
             assert ours[:3] == ref[:3]
+
+
+# ------------------------------------------------------------------ templates, sampling, quantized bases
+
+
+def test_adapter_renders_and_stops_with_the_template_it_was_trained_with(tiny_llama, tmp_path) -> None:
+    """A run trained with chatml on a Llama-3 base: prompts are rendered exactly as training rendered them
+    (`data.render`), not with the base's template, and `<|im_end|>` (several tokens here) ends answers."""
+    from loratune.data.render import render_conversation
+    from loratune.data.templates import TEMPLATES
+    from loratune.infer.load import load_engine
+    from loratune.model.load import load_tokenizer
+    from loratune.config import ModelConfig
+    from run_folder import make_adapter_dir
+
+    run = make_adapter_dir(tiny_llama, tmp_path / "chatml-run", seed=6, template="chatml")
+    eng = load_engine([f"cm={run}"])
+    fmt, base_fmt = eng.format("cm"), eng.format("base")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is QLoRA?"}]
+    tok, info = load_tokenizer(ModelConfig(path=str(tiny_llama)))
+    train_ids, labels = render_conversation(msgs + [{"role": "assistant", "content": "A method."}],
+                                            TEMPLATES["chatml"], tok, info)
+    prompt = fmt.render(msgs)
+    first_label = next(i for i, x in enumerate(labels) if x != -100)
+    assert prompt == train_ids[:first_label]  # the served prompt is what training saw before the answer
+    assert prompt[0] == info.bos_id and prompt.count(info.bos_id) == 1
+    assert fmt.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert prompt != base_fmt.render(msgs) and "<|start_header_id|>" in base_fmt.tokenizer.decode(base_fmt.render(msgs))
+    assert len(tok("<|im_end|>", add_special_tokens=False).input_ids) > 1
+    assert fmt.stop_strings == ("<|im_end|>",) and base_fmt.stop_strings == ()
+    seen = {}
+    real_generate = eng.generate
+
+    def spy(prompts, params, name=None, cancel=None, **kw):
+        seen["stop"] = params.stop
+        return real_generate(prompts, params, name, **kw)
+
+    eng.generate = spy
+    list(eng.chat(msgs, SamplingParams(max_new_tokens=2, stop=("###",)), "cm"))
+    assert seen["stop"] == ("###", "<|im_end|>")
+
+
+@pytest.mark.parametrize("family, eot", [("gemma", "<end_of_turn>"), ("llama", "<|eot_id|>"), ("qwen2", "<|im_end|>")])
+def test_plain_model_stops_at_its_templates_end_of_turn(tiny_models, family: str, eot: str) -> None:
+    """With no run record, the end of turn comes from the model's own template (Gemma's is not its eos)."""
+    from loratune.infer.load import load_engine
+
+    fmt = load_engine([str(tiny_models[family])]).format()
+    assert fmt.tokenizer.convert_tokens_to_ids(eot) in fmt.stop_ids
+
+
+def test_gemma_adapter_and_its_base_both_stop_at_end_of_turn(tiny_models, tmp_path) -> None:
+    from loratune.infer.load import load_engine
+    from run_folder import make_adapter_dir
+
+    run = make_adapter_dir(tiny_models["gemma"], tmp_path / "g", family="gemma")
+    eng = load_engine([str(run)])
+    for name in eng.names:
+        fmt = eng.format(name)
+        assert fmt.tokenizer.convert_tokens_to_ids("<end_of_turn>") in fmt.stop_ids, name
+
+
+def manual_penalised_greedy(model, prompt: list[int], n: int, penalty: float) -> list[int]:
+    """Reference for the repetition penalty: full forwards, CTRL penalty on every token seen so far."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].clone()
+            for t in set(ids):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def _tokens(events) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, Delta) and e.token_id is not None]
+
+
+def test_repetition_penalty_top_k_and_top_p_in_the_engine(engine) -> None:
+    fmt = engine.format("alpha")
+    prompt = fmt.render([{"role": "user", "content": "Say it again and again"}])
+    with engine._use("alpha"):
+        greedy = manual_greedy(engine.model, prompt, 16)
+        penalised = manual_penalised_greedy(engine.model, prompt, 16, 1.8)
+    assert penalised != greedy  # the penalty changes this answer ...
+
+    def run(**kw) -> list[int]:
+        return _tokens(engine.generate([prompt], SamplingParams(max_new_tokens=16, **kw), "alpha", ignore_eos=True))
+
+    assert run(repetition_penalty=1.8) == penalised  # ... exactly as the reference applies it
+    # top_k=1 and a tiny top_p keep only the most likely token: sampling at any temperature is greedy
+    assert run(temperature=1.5, top_k=1, seed=0) == greedy
+    assert run(temperature=1.5, top_p=1e-6, seed=1) == greedy
+    assert run(temperature=1.5, seed=2) != greedy  # and without them, temperature 1.5 wanders
+
+
+@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_quantized_base_without_adapters(tiny_llama, bits: int, layer: str) -> None:
+    from loratune.infer.load import load_engine
+
+    eng = load_engine([str(tiny_llama)], bits=bits)
+    assert eng.names == ["base"]
+    assert type(eng.model.model.layers[0].self_attn.q_proj).__name__ == layer
+    fmt = eng.format()
+    msgs = [{"role": "user", "content": "Hi"}]
+    got = _tokens(eng.chat(msgs, SamplingParams(max_new_tokens=3)))
+    ref = manual_greedy(eng.model, fmt.render(msgs), 3, fmt.stop_ids)
+    assert got == [t for t in ref if t not in fmt.stop_ids] and got
+
+
+def test_several_adapters_on_a_4bit_base_switch_per_request(adapter_4bit, tiny_llama, tmp_path) -> None:
+    from loratune.infer.load import load_engine
+    from run_folder import make_adapter_dir
+
+    other = make_adapter_dir(tiny_llama, tmp_path / "q4b", bits=4, seed=8)
+    eng = load_engine([f"one={adapter_4bit}", f"two={other}"])
+    assert type(eng.model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    msgs = [{"role": "user", "content": "Tell me something"}]
+    p = SamplingParams(max_new_tokens=6)
+    got = {n: _tokens(eng.chat(msgs, p, n)) for n in ["two", "one", "base", "two"]}
+    assert len({tuple(v) for v in got.values()}) == 3
+    assert _tokens(load_engine([f"one={adapter_4bit}"]).chat(msgs, p, "one")) == got["one"]
+    assert _tokens(load_engine([str(tiny_llama)], bits=4).chat(msgs, p)) == got["base"]

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from loratune.config import Config, ModelConfig, QuantizationConfig, load_config
-from loratune.data.templates import TEMPLATES
-from loratune.errors import ModelError
+from loratune.data.render import encode_prompt
+from loratune.data.templates import EOS, TEMPLATES, ChatTemplate, resolve_template
+from loratune.errors import ConfigError, ModelError
 from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
 from loratune.infer.sampling import SamplingParams
 from loratune.model.adapters import is_peft
@@ -52,7 +54,14 @@ def is_run_folder(path: str | Path) -> bool:
 
 def read_run_folder(path: str | Path) -> RunFolder:
     folder = Path(path)
+    if not folder.exists():
+        raise ModelError(f"no such folder: {folder}")
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is a file, not an adapter folder")
     if not is_run_folder(folder):
+        if (folder / "config.json").is_file():
+            raise ModelError(f"{folder} holds a full model, not an adapter (no adapter_config.json): there is no "
+                             "adapter to merge; transformers and `loratune chat/serve` load it as it is")
         raise ModelError(f"{folder} is not an adapter folder (no adapter_config.json)")
     if not (folder / "loratune.yaml").is_file():
         raise ModelError(f"{folder} has no loratune.yaml: it was not written by `loratune train`, so its base "
@@ -67,26 +76,21 @@ def read_run_folder(path: str | Path) -> RunFolder:
 
 @dataclass
 class PromptFormat:
-    """Turns messages or text into token ids and back, and knows what ends an answer."""
+    """Turns messages or text into token ids and back, and knows what ends an answer.
+
+    Conversations are rendered by the data module's `encode_prompt`, the function training's labels come
+    from, so a served prompt is token for token the prefix training saw (one BOS, same template).
+    """
 
     tokenizer: object
+    info: TokenizerInfo
+    template: ChatTemplate
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
-    chat_template: str | None = None
-    bos_id: int | None = None  # set when the tokenizer adds BOS to plain text
 
     def render(self, messages: Sequence[dict]) -> list[int]:
-        """The prompt for the next assistant turn, rendered by the chat template.
-
-        Exactly one BOS, by the rule training's renderer follows: the template's own, else the one the
-        tokenizer adds to plain text.
-        """
-        text = self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
-                                                  tokenize=False, add_generation_prompt=True)
-        ids = self.encode(text, special=False)
-        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids.insert(0, self.bos_id)
-        return ids
+        """The prompt for the next assistant turn (raises `RenderError` if the template rejects it)."""
+        return encode_prompt(list(messages), self.template, self.tokenizer, self.info)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of raw text; `special` adds BOS as the tokenizer does for plain text."""
@@ -105,24 +109,43 @@ def _eos_ids(model: torch.nn.Module) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
+def chat_template(tokenizer, stop_text: str | None) -> ChatTemplate:
+    """The template to render with and its end-of-turn text.
+
+    A run folder's tokenizer holds the template training used, and the run records its end of turn. A plain
+    model's end of turn is found as training finds it (`data.template=auto`): a known template's, else
+    inferred from what the template writes after an assistant message. No template at all: chatml, as
+    `data.template=auto` does.
+    """
+    own = tokenizer.chat_template
+    own = own.get("default") if isinstance(own, dict) else own
+    if not own:
+        return TEMPLATES["chatml"] if stop_text is None else ChatTemplate("chatml", TEMPLATES["chatml"].jinja, stop_text)
+    if stop_text is not None:
+        return ChatTemplate("saved", own, stop_text)
+    try:
+        return resolve_template("auto", tokenizer)
+    except ConfigError as e:  # a template we cannot probe: stop at eos only, and say so
+        log.warning("%s; answers stop at eos only", e)
+        return ChatTemplate("tokenizer", own, EOS)
+
+
 def make_format(tokenizer, info: TokenizerInfo, model: torch.nn.Module, stop_text: str | None) -> PromptFormat:
     """Stop at eos, at the model's generation-config eos ids, and at the template's end of turn.
 
     The end-of-turn text is a stop token when it is one token (`<|eot_id|>`, `<end_of_turn>`), else a stop
     string.
     """
+    template = chat_template(tokenizer, stop_text)
     ids = {int(tokenizer.eos_token_id)} | _eos_ids(model)
     strings: tuple[str, ...] = ()
-    template = tokenizer.chat_template
-    if not template:  # a base model without a template: chatml, like data.template=auto does
-        template, stop_text = TEMPLATES["chatml"].jinja, stop_text or TEMPLATES["chatml"].stop
-    if stop_text and stop_text != "{eos}":
-        pieces = tokenizer(stop_text, add_special_tokens=False).input_ids
-        if len(pieces) == 1:
-            ids.add(int(pieces[0]))
-        else:
-            strings = (stop_text,)
-    return PromptFormat(tokenizer, frozenset(ids), strings, template, info.bos_id if info.adds_bos else None)
+    eot = template.stop_text(tokenizer.eos_token)
+    pieces = tokenizer(eot, add_special_tokens=False).input_ids
+    if len(pieces) == 1:
+        ids.add(int(pieces[0]))
+    else:
+        strings = (eot,)
+    return PromptFormat(tokenizer, info, template, frozenset(ids), strings)
 
 
 @dataclass
@@ -182,9 +205,12 @@ def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text
     return Engine(model, {name: make_format(tokenizer, info, model, stop_text)}, {name: None}, context, name)
 
 
-def quiet_per_token_logs() -> None:
-    """bitsandbytes logs a warning on every 8-bit matmul with fp32 inputs: once per token is noise."""
+def quiet_library_noise() -> None:
+    """For chat and serve, whose output a person reads: bitsandbytes warns on every 8-bit matmul with fp32
+    inputs (once per token), and transformers' deprecation notices about its own internals say nothing to
+    a user."""
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
 def parse_source(spec: str) -> tuple[str | None, str]:
@@ -220,7 +246,7 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     if len(set(names) | {base_name}) != len(names) + 1:
         raise ModelError(f"model names must be unique and differ from {base_name!r}: {names}")
 
-    model = load_base(cfg)
+    model = _load_base(cfg, plain)
     if torch.cuda.is_available() and cfg.quantization.bits in (16, 32):
         model = model.to("cuda")
     base_tok, base_info = load_tokenizer(cfg.model)
@@ -243,6 +269,17 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     default = names[0] if names else base_name
     return Engine(model, formats, adapters, context, default)
+
+
+def _load_base(cfg: Config, plain: list[str]) -> torch.nn.Module:
+    """`load_base`, with a plainer message when a name that is no local folder is not a hub model either."""
+    try:
+        return load_base(cfg)
+    except ModelError as e:
+        if plain and not Path(plain[0]).exists() and "://" not in plain[0]:
+            raise ModelError(f"{plain[0]!r} is neither a local folder nor a model that could be loaded from the "
+                             f"hub ({e})") from None
+        raise
 
 
 def _inference_config(runs: list[tuple[str, RunFolder]], plain: list[str], bits: int | None) -> Config:
