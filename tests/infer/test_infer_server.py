@@ -210,6 +210,11 @@ def test_context_overflow_names_both_numbers(client: openai.OpenAI, engine) -> N
     msg = e.value.body["message"]
     assert str(n_prompt) in msg and str(ask) in msg and str(engine.context_length) in msg
     assert e.value.body["code"] == "context_length_exceeded"
+    # max_tokens alone beyond the context: still the context message with both numbers, not only a cap
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="alpha", messages=MSGS, max_tokens=engine.context_length + 5)
+    msg = e.value.body["message"]
+    assert f"({n_prompt} in the prompt, {engine.context_length + 5} for max_tokens)" in msg
 
 
 @pytest.mark.parametrize("patch, param", [
@@ -279,6 +284,39 @@ def test_queue_bound_gives_429_and_disconnect_frees_the_slot(live: LiveServer, c
     assert time.time() - started < 2.0  # 2000 + 2000 tokens would take far longer
     assert h["cancelled"] - before["cancelled"] == 2
     assert client.completions.create(model="base", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_queued_streaming_client_that_leaves_frees_its_slot_at_once(live: LiveServer) -> None:
+    """A streaming request waiting behind a long one, whose client goes away, gives its slot back while the
+    long one is still running (not when the worker reaches it), and is never generated."""
+    before = _wait_idle(live)
+    long_a = _stream_request(live, 2000)
+    conn_b = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    conn_b.request("POST", "/v1/completions", json.dumps({"model": "base", "prompt": "q", "max_tokens": 2000,
+                                                          "stream": True, "ignore_eos": True}),
+                   {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    deadline = time.time() + 5
+    while raw(live, "GET", "/health").json()["pending"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    conn_b.close()
+    deadline = time.time() + 2
+    while (h := raw(live, "GET", "/health").json())["pending"] != 1:
+        assert time.time() < deadline, h
+        time.sleep(0.01)
+    assert h["running"] == 1 and h["cancelled"] - before["cancelled"] == 1  # A still runs; B is gone
+    long_a.close()
+    h = _wait_idle(live)
+    assert h["pending"] == 0 and h["cancelled"] - before["cancelled"] == 2
+    assert h["completed"] == before["completed"]
+
+
+def test_finished_requests_count_as_completed(live: LiveServer, client: openai.OpenAI) -> None:
+    before = _wait_idle(live)
+    list(client.completions.create(model="alpha", prompt="Hi", max_tokens=3, stream=True))
+    client.completions.create(model="alpha", prompt="Hi", max_tokens=3)
+    h = _wait_idle(live)
+    assert h["completed"] - before["completed"] == 2 and h["cancelled"] == before["cancelled"]
 
 
 def test_cli_serve_binds_loopback_and_takes_the_key_from_the_environment(adapter_a, tmp_path) -> None:

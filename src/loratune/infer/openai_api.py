@@ -145,13 +145,14 @@ def sampling_params(req: _Common, requested_max: int | None, longest_prompt: int
                     limits: Limits) -> SamplingParams:
     """Sampling settings for a request, checking token budgets against the model's context."""
     if requested_max is not None:
-        if requested_max > limits.max_tokens:
-            raise APIError(400, f"max_tokens: at most {limits.max_tokens}, got {requested_max}", param="max_tokens")
+        # The context first: a request over it is told both numbers, whatever the per-request cap.
         if longest_prompt + requested_max > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{longest_prompt + requested_max} tokens ({longest_prompt} in the prompt, "
                                 f"{requested_max} for max_tokens). Reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
+        if requested_max > limits.max_tokens:
+            raise APIError(400, f"max_tokens: at most {limits.max_tokens}, got {requested_max}", param="max_tokens")
         max_new = requested_max
     else:
         if longest_prompt >= context:

@@ -52,6 +52,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    state: str = "queued"  # queued -> running -> done (or queued -> done when cancelled while waiting)
 
     def put(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -64,13 +65,17 @@ class Job:
 
 
 class Worker:
-    """The thread that runs jobs in arrival order; admission is bounded by `max_pending`."""
+    """The thread that runs jobs in arrival order; admission is bounded by `max_pending`.
+
+    A slot is held from admission until the job is done. A job cancelled while it waits gives its slot
+    back at once (the worker skips it later); a running one stops at the next token and then gives it back.
+    """
 
     def __init__(self, engine: Engine, max_pending: int) -> None:
         self.engine, self.max_pending = engine, max_pending
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self.pending = self.completed = self.cancelled = 0
+        self.pending = self.running = self.completed = self.cancelled = 0
         self._closing = threading.Event()  # shutting down: stop the running job, skip the queued ones
         self._thread = threading.Thread(target=self._run, name="loratune-generate", daemon=True)
 
@@ -91,15 +96,40 @@ class Worker:
             self.pending += 1
         self._jobs.put(job)
 
+    def cancel(self, job: Job) -> None:
+        """The client went away: stop the job (running) or drop it and free its slot now (queued)."""
+        with self._lock:
+            job.cancelled.set()
+            if job.state == "queued":
+                self._release(job, "cancelled")
+                job.put(_END)
+
+    def _release(self, job: Job, outcome: str) -> None:  # caller holds the lock
+        job.state = "done"
+        self.pending -= 1
+        if outcome == "cancelled":
+            self.cancelled += 1
+        else:
+            self.completed += 1
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            with self._lock:
+                if job.state != "queued":  # cancelled while it waited: its slot is already free
+                    continue
+                job.state, self.running = "running", self.running + 1
+
             def cancel(job: Job = job) -> bool:
                 return job.cancelled.is_set() or self._closing.is_set()
 
+            outcome = "cancelled"
             try:
                 if not cancel():
+                    outcome = "completed"
                     for event in self.engine.generate(job.prompts, job.params, job.model, cancel,
                                                       ignore_eos=job.ignore_eos):
+                        if isinstance(event, Finish) and event.reason == "cancelled":
+                            outcome = "cancelled"
                         job.put(event)
             except Exception as e:  # a bug or an out-of-memory: the request fails, the server stays up
                 log.exception("generation failed")
@@ -107,11 +137,8 @@ class Worker:
             finally:
                 job.put(_END)
                 with self._lock:
-                    self.pending -= 1
-                    if job.cancelled.is_set():
-                        self.cancelled += 1
-                    else:
-                        self.completed += 1
+                    self.running -= 1
+                    self._release(job, outcome)
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -192,7 +219,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": engine.names, "pending": worker.pending, "max_pending": max_pending,
+        return {"status": "ok", "models": engine.names, "pending": worker.pending, "running": worker.running,
+                "max_pending": max_pending,
                 "completed": worker.completed, "cancelled": worker.cancelled}
 
     @app.get("/v1/models")
@@ -242,6 +270,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
         batch = [x for x in prompts for _ in range(n)]
         return await _respond(request, req, name, batch, [len(x) for x in prompts], params, chat=False)
 
+    async def _watch(request: Request, job: Job) -> None:
+        """A client that goes away (before or during its answer) cancels its job and frees its slot."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+        worker.cancel(job)
+
     async def _respond(request: Request, req, name: str, batch: list[list[int]], prompt_lens: list[int],
                        params: SamplingParams, chat: bool):
         job = Job(batch, params, name, req.ignore_eos, asyncio.get_running_loop())
@@ -249,17 +283,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
         ident = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, ident, name, chat, sum(prompt_lens), include_usage),
+            # The watcher also covers a client that leaves before the stream starts (e.g. while queued).
+            watcher = asyncio.create_task(_watch(request, job))
+            return StreamingResponse(_stream(job, watcher, ident, name, chat, sum(prompt_lens), include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(await _collect(request, job, ident, name, chat, sum(prompt_lens)))
 
     async def _collect(request: Request, job: Job, ident: str, name: str, chat: bool, prompt_tokens: int) -> dict:
-        async def watch() -> None:  # a client that gives up on a non-streaming request frees its slot
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.05)
-            job.cancelled.set()
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_watch(request, job))
         texts, finishes = [""] * len(job.prompts), {}
         try:
             async for ev in job.stream():
@@ -269,6 +300,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
                     finishes[ev.row] = ev
         finally:
             watcher.cancel()
+        if len(finishes) < len(job.prompts):  # cancelled while queued: the client has gone, nobody reads this
+            raise APIError(499, "the request was cancelled: the client closed the connection")
         completion = sum(f.completion_tokens for f in finishes.values())
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
@@ -279,7 +312,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": now(),
                 "model": name, "choices": choices, "usage": usage(prompt_tokens, completion)}
 
-    async def _stream(job: Job, ident: str, name: str, chat: bool, prompt_tokens: int,
+    async def _stream(job: Job, watcher: asyncio.Task, ident: str, name: str, chat: bool, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[str]:
         created, obj = now(), "chat.completion.chunk" if chat else "text_completion"
 
@@ -293,7 +326,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-        completion = 0
+        completion, done = 0, False
         try:
             if chat:
                 yield chunk([choice(i, None, None, first=True) for i in range(len(job.prompts))])
@@ -307,10 +340,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
             if include_usage:
                 yield chunk([], usage=usage(prompt_tokens, completion))
             yield "data: [DONE]\n\n"
+            done = True
         except APIError as e:
+            done = True
             yield _sse(e.body())
         finally:  # also runs when the client disconnects and the response task is cancelled
-            job.cancelled.set()
+            watcher.cancel()
+            if not done:
+                worker.cancel(job)
 
     return app
 
@@ -320,9 +357,9 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     """Load the models and run the server until interrupted."""
     import uvicorn
 
-    from loratune.infer.load import load_engine, quiet_per_token_logs
+    from loratune.infer.load import load_engine, quiet_library_noise
 
-    quiet_per_token_logs()
+    quiet_library_noise()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     engine = load_engine(sources, bits=bits)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
