@@ -25,6 +25,32 @@ def _train(args: argparse.Namespace) -> int:
     return train(cfg).exit_code  # 130/143 when SIGINT/SIGTERM stopped it (after saving a checkpoint)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from loratune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from loratune.model.memory import GiB, default_device, describe, plan_run
+
+    device = default_device() if args.device == "auto" else args.device
+    budget = None if args.budget_gib is None else int(args.budget_gib * GiB)
+    print(describe(plan_run(cfg, device=device, budget=budget), cfg))
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="Estimate the peak memory of a training run, without loading the model.",
+                       description="Print the estimated peak memory of `loratune train CONFIG`, component by "
+                                   "component, from the model's config.json alone (no weights are read), resolve "
+                                   "train.batch_size auto, and fail (exit 2) if the run would not fit the free "
+                                   "memory of the device (or --budget-gib).")
+    p.add_argument("config", help="YAML config file (see docs/config.md for every key)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="plan for this device (default: a GPU when there is one)")
+    p.add_argument("--budget-gib", type=float, help="plan against this much free memory instead of what the "
+                                                    "device has now (e.g. 80 for an H100 you are not on)")
+    p.set_defaults(handler=_plan)
+
+
 def _config_docs(args: argparse.Namespace) -> None:
     from loratune.config import reference_markdown
 
@@ -59,6 +85,8 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     g.add_argument("--max-tokens", type=int, default=512, help="new tokens per answer (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer at this text (repeatable); the template's end of turn always ends it")
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -66,7 +94,8 @@ def _chat(args: argparse.Namespace) -> int:
     from loratune.infer.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop=tuple(args.stop))
     return run_chat([args.model], bits=args.bits, system=args.system, prompt=args.prompt, params=params)
 
 
@@ -164,7 +193,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; a new command is one function here and one line in this list.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

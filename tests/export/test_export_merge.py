@@ -152,6 +152,27 @@ def test_cli_errors_are_one_line(q4_adapter: Path, tmp_path: Path, capsys) -> No
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'full'} is not empty; pass --overwrite to write into it"
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "is not an adapter folder" in capsys.readouterr().err
+    cases = [
+        ([str(tmp_path / "missing"), "--out", str(tmp_path / "o")], f"no such folder: {tmp_path / 'missing'}"),
+        ([str(q4_adapter), "--out", str(tmp_path / "full" / "x")], f"{tmp_path / 'full' / 'x'} is a file; --out "
+                                                                   "and --quantize-4bit name folders"),
+        ([str(q4_adapter), "--out", str(tmp_path / "full" / "x" / "sub")],
+         f"cannot create {tmp_path / 'full' / 'x' / 'sub'}: Not a directory"),
+        ([str(q4_adapter), "--out", str(tmp_path / "o"), "--quantize-4bit", str(tmp_path / "o")],
+         "--quantize-4bit needs a folder of its own, not --out"),
+        ([str(tmp_path / "full" / "x"), "--out", str(tmp_path / "o")], f"{tmp_path / 'full' / 'x'} is a file, not an adapter folder"),
+    ]
+    for args, message in cases:
+        assert main(["export", *args]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_exporting_a_full_model_says_there_is_nothing_to_merge(tiny_llama: Path, tmp_path: Path, capsys) -> None:
+    from loratune.cli import main
+
+    assert main(["export", str(tiny_llama), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tiny_llama} holds a full model, not an adapter") and "\n" not in err
 
 
 def test_exported_folders_serve_through_the_engine(exported, q4_adapter: Path) -> None:

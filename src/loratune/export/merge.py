@@ -157,11 +157,16 @@ def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantiz
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     run = read_run_folder(adapter)
     out = Path(out)
     for folder in (out, Path(quantize_4bit) if quantize_4bit else None):
-        if folder is not None and folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise ExportError(f"{folder} is not empty; pass --overwrite to write into it")
+        if folder is not None:
+            _check_destination(folder, overwrite)
+    if quantize_4bit and Path(quantize_4bit).resolve() == out.resolve():
+        raise ExportError("--quantize-4bit needs a folder of its own, not --out")
+    hf_logging.disable_progress_bar()
     torch_dtype = DTYPES[dtype]
     cfg = Config(model=run.cfg.model, quantization=run.cfg.quantization)
     tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
@@ -208,6 +213,18 @@ def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantiz
     print_report(report)
     _check(report, min_agreement)
     return report
+
+
+def _check_destination(folder: Path, overwrite: bool) -> None:
+    """Fail before any work if `folder` cannot receive the export."""
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} is a file; --out and --quantize-4bit name folders")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ExportError(f"{folder} is not empty; pass --overwrite to write into it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {folder}: {e.strerror}") from None
 
 
 def _generation_config(model: torch.nn.Module, tok, stop_ids: frozenset[int]):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TextIO
 
+from loratune.data.render import RenderError
 from loratune.errors import LoratuneError
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine
@@ -141,8 +142,13 @@ def interactive(engine: Engine, name: str | None, params: SamplingParams, system
                 out.write(f"error: {e}\n")
             continue
         convo.turns.append({"role": "user", "content": line})
-        with StopFlag() as stop:
-            text, finish = answer(engine, name, convo, params, out, stop)
+        try:
+            with StopFlag() as stop:
+                text, finish = answer(engine, name, convo, params, out, stop)
+        except RenderError as e:  # the template rejects the conversation: say so, keep the session
+            convo.turns.pop()
+            out.write(f"error: {e}\n")
+            continue
         convo.turns.append({"role": "assistant", "content": text})
         if finish is None or finish.reason == "cancelled":
             out.write(" [stopped]")
@@ -177,7 +183,7 @@ def run_chat(sources: list[str], *, name: str | None = None, bits: int | None = 
     """`loratune chat`: interactive on a terminal, else answer `prompt` (or stdin) once."""
     from transformers.utils import logging as hf_logging
 
-    from loratune.infer.load import load_engine, quiet_per_token_logs
+    from loratune.infer.load import load_engine, quiet_library_noise
 
     params.validate()
     if prompt is None and not sys.stdin.isatty():
@@ -185,13 +191,16 @@ def run_chat(sources: list[str], *, name: str | None = None, bits: int | None = 
         if not prompt:
             raise LoratuneError("no prompt: stdin was empty")
     hf_logging.disable_progress_bar()
-    quiet_per_token_logs()
+    quiet_library_noise()
     engine = load_engine(sources, bits=bits)
     if name is not None and name not in engine.adapters:
         raise LoratuneError(f"--model {name!r} is not loaded; loaded: {', '.join(engine.names)}")
     if prompt is None:
         return interactive(engine, name, params, system)
     convo = Conversation(system=system, turns=[{"role": "user", "content": prompt}])
-    answer(engine, name, convo, params, sys.stdout)
+    try:
+        _, finish = answer(engine, name, convo, params, sys.stdout)
+    except RenderError as e:
+        raise LoratuneError(str(e)) from None
     sys.stdout.write("\n")
-    return 0
+    return 130 if finish is None or finish.reason == "cancelled" else 0
