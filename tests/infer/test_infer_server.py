@@ -355,3 +355,21 @@ def test_cli_serve_binds_loopback_and_takes_the_key_from_the_environment(adapter
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_cli_serve_port_in_use_and_bad_host_are_one_line_errors(adapter_a, tmp_path, capsys) -> None:
+    from loratune.cli import main
+
+    assert main(["serve", str(tmp_path / "missing"), "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such folder: {tmp_path / 'missing'}"
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(adapter_a), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; " \
+                                               "pick another --port"
+    assert main(["serve", str(adapter_a), "--host", "no.such.host.invalid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --host 'no.such.host.invalid' is not an address of this machine") and "\n" not in err

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
 import os
 import queue
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loratune.errors import LoratuneError
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
@@ -352,6 +355,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
     return app
 
 
+def _check_bindable(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise LoratuneError(f"--host {host!r} is not an address of this machine: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise LoratuneError(f"cannot listen on {host}:{port}: {e.strerror}"
+                                + ("; pick another --port" if e.errno == errno.EADDRINUSE else "")) from None
+
+
 def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           bits: int | None = None, max_pending: int = 8, limits: dict | None = None) -> None:
     """Load the models and run the server until interrupted."""
@@ -361,6 +379,7 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
 
     quiet_library_noise()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    _check_bindable(host, port)  # before minutes of model loading, not after
     engine = load_engine(sources, bits=bits)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
                      limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}))
