@@ -29,11 +29,15 @@ def _plan(args: argparse.Namespace) -> None:
     from loratune.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from loratune.model.memory import GiB, default_device, describe, plan_run
+    from loratune.model.memory import GiB, WouldNotFit, default_device, describe, plan_run, render
 
     device = default_device() if args.device == "auto" else args.device
     budget = None if args.budget_gib is None else int(args.budget_gib * GiB)
-    print(describe(plan_run(cfg, device=device, budget=budget), cfg))
+    try:
+        print(describe(plan_run(cfg, device=device, budget=budget), cfg))
+    except WouldNotFit as e:
+        print(render(e.plan))
+        raise
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:

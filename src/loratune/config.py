@@ -128,7 +128,11 @@ class DataConfig:
 class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")
-    batch_size: int = _f(1, "Micro-batch size (sequences per forward pass).")
+    batch_size: Union[Literal["auto"], int] = _f(
+        1, "Micro-batch size (sequences per forward pass), or `auto`: the largest that fits, from the memory plan "
+           "printed at the start (`loratune plan`): on a GPU the estimate stays under 90% of its free memory; on CPU "
+           "under 90% of the available RAM, at most 8 (larger CPU batches give no more tokens/s). A resumed run keeps "
+           "its checkpoint's batch size.")
     grad_accum: int = _f(16, "Micro-batches accumulated per optimizer step (paper: effective batch 16).")
     lr: float = _f(2e-4, "Peak learning rate (paper: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B).")
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"] = _f(
@@ -326,7 +330,7 @@ def validate(cfg: Config) -> None:
         (not 0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}"),
         (isinstance(a.target_modules, list) and not a.target_modules, "adapter.target_modules is an empty list; use 'all-linear' or name modules"),
         (t.lr <= 0, f"train.lr must be > 0, got {t.lr}"),
-        (t.batch_size < 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.batch_size != "auto" and t.batch_size < 1, f"train.batch_size must be >= 1 or auto, got {t.batch_size}"),
         (t.grad_accum < 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
         (t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0), "set train.max_steps > 0 or train.epochs > 0"),
         (not 0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),

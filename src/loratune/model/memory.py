@@ -72,7 +72,11 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class WouldNotFit(LoratuneError):
-    """The run's estimated peak memory exceeds what the device has free."""
+    """The run's estimated peak memory exceeds what the device has free; `plan` says where it goes."""
+
+    def __init__(self, message: str, plan: MemoryPlan) -> None:
+        super().__init__(message)
+        self.plan = plan
 
 
 @dataclass(frozen=True)
@@ -194,21 +198,21 @@ def _weights(cfg: Config, shape: Shape, device: str, embed_on_host: bool, e: int
         kind = f"{q.quant_type.upper()} 4-bit"
         consts_detail = f"absmax per {NF4_BLOCK} values, " + ("double-quantized (8-bit + fp32 per 256 blocks)"
                                                                if q.double_quant else "fp32")
-        dec = [Component("decoder weights", packed * shape.layers, f"{kind}, {n / 1e9:.2f} B parameters"),
+        dec = [Component("decoder weights", packed * shape.layers, f"{kind}, {_count(n)} parameters"),
                Component("quantization constants", consts * shape.layers, consts_detail)]
     elif q.bits == 8 and not full:
         rows = sum(o for _, o in shape.linears().values()) * shape.layers
-        dec = [Component("decoder weights", n, f"int8 (LLM.int8), {n / 1e9:.2f} B parameters"),
+        dec = [Component("decoder weights", n, f"int8 (LLM.int8), {_count(n)} parameters"),
                Component("quantization constants", rows * 4, "fp32 scale per output row")]
     else:
-        dec = [Component("decoder weights", n * e, f"{8 * e}-bit, {n / 1e9:.2f} B parameters")]
+        dec = [Component("decoder weights", n * e, f"{8 * e}-bit, {_count(n)} parameters")]
     emb = shape.vocab * shape.hidden
     bias = shape.layers * (shape.q_dim + 2 * shape.kv_dim) if shape.attention_bias else 0
     other = ((2 * shape.layers + 1) * shape.hidden + bias) * e
     emb_detail = f"{shape.vocab:,} x {shape.hidden:,}, {8 * e}-bit"
     return dec + [
         Component("embedding", 0 if embed_on_host else emb * e,
-                  emb_detail + (f"; in host memory ({emb * e / GiB:.2f} GiB there)" if embed_on_host else "")),
+                  emb_detail + (f"; in host memory ({_size(emb * e)} there)" if embed_on_host else "")),
         Component("output head", 0 if shape.tied else emb * e, "tied to the embedding" if shape.tied else emb_detail),
         Component("norms and biases", other, f"{8 * e}-bit"),
     ]
@@ -221,12 +225,12 @@ def _trainable(cfg: Config, shape: Shape) -> tuple[list[Component], int, str]:
     if cfg.adapter.type == "none":
         emb = shape.vocab * shape.hidden * (1 if shape.tied else 2)
         n = sum(i * o for i, o in shape.linears().values()) * shape.layers + emb + (2 * shape.layers + 1) * shape.hidden
-        what = f"full fine-tuning: all {n / 1e9:.2f} B parameters, fp32"
+        what = f"full fine-tuning: all {_count(n)} parameters, fp32"
         comps = [Component("trainable weights (fp32 master copy)", 0, "counted as the decoder weights above")]
     else:
         n = lora_params(cfg, shape)
         k = len(adapted_layers(cfg, shape))
-        what = f"LoRA r={cfg.adapter.rank} on {k} layers x {shape.layers}: {n / 1e6:.1f} M parameters, fp32"
+        what = f"LoRA r={cfg.adapter.rank} on {k} layers x {shape.layers}: {_count(n)} parameters, fp32"
         comps = [Component("adapter weights", n * 4, what)]
     opt = cfg.train.optimizer + (" (managed memory, can spill to host)" if cfg.train.optimizer.startswith("paged") else "")
     comps += [Component("gradients", n * 4, "fp32"),
@@ -320,16 +324,28 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
                       batch_size, seq_len, device)
 
 
+def _size(n: int) -> str:
+    """Bytes for a sentence: GiB from 1 GiB up, else MiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
 def render(plan: MemoryPlan, title: str = "") -> str:
-    """The plan as a plain-text table, one component a line, the total last."""
+    """The plan as a plain-text table, one component a line, the total last (MiB for plans under 4 GiB)."""
+    unit, scale = ("GiB", GiB) if plan.total >= 4 * GiB else ("MiB", 2**20)
     width = max(len(c.name) for c in plan.components) + 2
     lines = [title or f"memory plan: micro-batch {plan.batch_size} x {plan.seq_len:,} tokens on {plan.device}",
-             f"  {'component':<{width}}{'GiB':>8}  detail"]
+             f"  {'component':<{width}}{unit:>9}  detail"]
     for c in plan.components:
-        gib = f"{c.bytes / GiB:8.2f}" if c.counted else f"{'(' + format(c.bytes / GiB, '.2f') + ')':>8}"
+        value = f"{c.bytes / scale:.2f}" if unit == "GiB" else f"{c.bytes / scale:.1f}"
         note = c.detail + ("" if c.counted else "; not at the peak: the other transient is larger")
-        lines.append(f"  {c.name:<{width}}{gib}  {note}")
-    lines.append(f"  {'estimated peak':<{width}}{plan.total_gib:8.2f}")
+        lines.append(f"  {c.name:<{width}}{value if c.counted else '(' + value + ')':>9}  {note}")
+    total = f"{plan.total / scale:.2f}" if unit == "GiB" else f"{plan.total / scale:.1f}"
+    lines.append(f"  {'estimated peak':<{width}}{total:>9}" + (f"  ({_size(plan.total)})" if unit == "MiB"
+                                                              and plan.total >= GiB else ""))
     return "\n".join(lines)
 
 
@@ -389,7 +405,7 @@ def device_budget(device: str) -> int | None:
 def _advice(cfg: Config, plan_for: Callable[[int], MemoryPlan], batch: int) -> str:
     tips = []
     if batch > 1:
-        tips.append(f"lower train.batch_size (now {batch}; 1 would need {plan_for(1).total_gib:.2f} GiB, "
+        tips.append(f"lower train.batch_size (now {batch}; 1 would need {_size(plan_for(1).total)}, "
                     "or use auto)")
     tips.append(f"lower data.max_length (now {cfg.data.max_length})")
     if not checkpointing_on(cfg):
@@ -433,16 +449,16 @@ def plan_run(cfg: Config, device: str | None = None, budget: int | None = None,
         else:
             cap = MAX_AUTO_BATCH.get(device, 8)
             batch, fit = fit_batch_size(plan_for, int(SAFETY * budget), cap)
-            more = f"; {batch + 1} would need {plan_for(batch + 1).total_gib:.2f} GiB" if batch < cap else \
-                f" (the cap on {device})"
-            note = (f"auto: {batch}, the largest micro-batch whose estimate ({fit.total_gib:.2f} GiB) is within "
-                    f"{SAFETY:.0%} of the {budget / GiB:.2f} GiB free{more}")
+            more = f"; {batch + 1} would need {_size(plan_for(batch + 1).total)}" if batch < cap else \
+                f" (the most auto picks on {device})"
+            note = (f"auto: {batch}, the largest micro-batch whose estimate ({_size(fit.total)}) is within "
+                    f"{SAFETY:.0%} of the {_size(budget)} free{more}")
     plan = plan_for(batch)
     if budget is not None and plan.total > budget:
         where = "on the GPU" if device == "cuda" else "in host memory"
-        raise WouldNotFit(f"this run would not fit: estimated peak {plan.total_gib:.2f} GiB > {budget / GiB:.2f} GiB "
+        raise WouldNotFit(f"this run would not fit: estimated peak {_size(plan.total)} > {_size(budget)} "
                           f"free {where} (micro-batch {batch} x {seq} tokens). To fit: {_advice(cfg, plan_for, batch)}. "
-                          "See `loratune plan` for the components")
+                          "The plan above shows where the memory goes", plan)
     resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
     return RunPlan(resolved, plan, budget, note)
 
@@ -454,5 +470,5 @@ def describe(rp: RunPlan, cfg: Config) -> str:
              f"on {rp.plan.device}")
     text = render(rp.plan, title) + f"\n  batch size: {rp.note}"
     if rp.budget is not None:
-        text += f"\n  free: {rp.budget / GiB:.2f} GiB ({100 * rp.plan.total / max(rp.budget, 1):.0f}% planned)"
+        text += f"\n  free: {_size(rp.budget)} ({100 * rp.plan.total / max(rp.budget, 1):.0f}% of it planned)"
     return text

@@ -100,6 +100,8 @@ class Loop:
     def __init__(self, model: nn.Module, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                  pad_id: int, accelerator: Accelerator, group_by_length: bool = False,
                  loss_fn: Callable = lm_loss_sum) -> None:
+        if not isinstance(cfg.batch_size, int):  # `auto` is resolved by the memory plan (train.run.check_memory)
+            raise TypeError(f"Loop needs an integer train.batch_size, got {cfg.batch_size!r}")
         self.model, self.samples, self.cfg = model, samples, cfg
         self.optimizer, self.acc = optimizer, accelerator
         self.pad_id, self.loss_fn, self.group_by_length = pad_id, loss_fn, group_by_length

@@ -13,6 +13,7 @@ N+1 exactly as the uninterrupted run does. Evaluation consumes no randomness (no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -29,9 +30,10 @@ from accelerate.state import AcceleratorState
 
 from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, ModelError
 from loratune.model.build import build_model
 from loratune.model.load import load_tokenizer
+from loratune.model.memory import WouldNotFit, describe, plan_run, render
 from loratune.model.quant import resolve_compute_dtype
 from loratune.train import faults
 from loratune.train.artifacts import save_run
@@ -107,10 +109,13 @@ class Run:
     """One training run in `cfg.output.dir`, from step 0 or from a checkpoint."""
 
     def __init__(self, cfg: Config, stop: GracefulStop) -> None:
-        self.cfg, self.stop, self.out = cfg, stop, Path(cfg.output.dir)
+        self.stop, self.out = stop, Path(cfg.output.dir)
         self.root = self.out / CHECKPOINTS
         start = plan_start(cfg, self.say)
         meta = read_meta(start) if start is not None else None
+        # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
+        saved_batch = (meta or {}).get("config", {}).get("train", {}).get("batch_size")
+        self.cfg = cfg = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
         if meta is not None:  # before the slow part, so a refused resume fails at once
             check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -320,6 +325,24 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def check_memory(cfg: Config, saved_batch_size: int | None = None) -> Config:
+    """Print the memory plan; return `cfg` with its batch size resolved (raises `WouldNotFit`).
+
+    A model the planner does not know (no Llama-style config fields) trains without a plan, batch auto as 1.
+    """
+    try:
+        rp = plan_run(cfg, saved_batch_size=saved_batch_size)
+    except WouldNotFit as e:
+        print(render(e.plan), flush=True)
+        raise
+    except ModelError as e:
+        log.warning("no memory plan: %s", e)
+        batch = cfg.train.batch_size if cfg.train.batch_size != "auto" else saved_batch_size or 1
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    print(describe(rp, cfg), flush=True)
+    return rp.cfg
 
 
 def train(cfg: Config) -> TrainResult:
