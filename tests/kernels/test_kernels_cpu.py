@@ -182,3 +182,29 @@ def test_adapter_updates_are_seen() -> None:
         y.float().square().mean().backward()
         opt.step()
         opt.zero_grad()
+
+
+def test_frozen_adapter_casts_are_made_once_and_dropped_after() -> None:
+    """Inside `frozen()` each adapter weight is cast once for every pass; outside, updates are seen at once."""
+    from loratune.kernels.lora_linear import AdapterCasts
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float32).requires_grad_(True)
+    b = torch.randn(10, 4, generator=g, dtype=torch.float32).requires_grad_(True)
+    casts = AdapterCasts()
+    plain = lora_linear(x, lambda dt: w.to(dt), None, a, b, 0.5)
+    want = torch.autograd.grad(plain.square().sum(), (a, b))
+    with casts.frozen():
+        ys = [lora_linear(x, lambda dt: w.to(dt), None, a, b, 0.5, casts=casts) for _ in range(3)]
+        assert len(casts.copies) == 2  # one copy of A and one of B, shared by the three forwards
+        assert all(torch.equal(y, plain) for y in ys)
+        got = torch.autograd.grad(ys[0].square().sum(), (a, b))
+    assert all(torch.equal(u, v) and u.dtype == torch.float32 for u, v in zip(got, want))
+    assert casts.copies == {} and not casts.active
+    with torch.no_grad():
+        b.add_(1.0)  # an update after the window is seen by the next call
+    after = lora_linear(x, lambda dt: w.to(dt), None, a, b, 0.5, casts=casts)
+    assert torch.allclose(after, reference_lora_linear(x, w, None, a, b, 0.5), rtol=1e-10)
+    assert not torch.allclose(after, plain)

@@ -17,7 +17,9 @@ exact, any device).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -64,3 +66,18 @@ def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Modu
     model._loratune_kernels = counts
     return model
 
+
+
+@contextlib.contextmanager
+def frozen_adapters(model: nn.Module) -> Iterator[None]:
+    """Promise that no adapter weight changes inside: the fused LoRA layers then cast each adapter weight
+    to the compute dtype once for all passes inside (the training loop wraps one optimizer step's forward
+    and backward passes in it). A no-op for a model without fused layers."""
+    casts = getattr(model, "_loratune_casts", None)
+    if casts is None and isinstance(getattr(model, "module", None), nn.Module):  # a wrapper (DDP)
+        casts = getattr(model.module, "_loratune_casts", None)
+    if casts is None:
+        yield
+        return
+    with casts.frozen():
+        yield

@@ -26,7 +26,8 @@ the compute dtype for the products, and their gradients are returned in fp32.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,20 +46,24 @@ def reference_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a
 class LoRALinearFunction(torch.autograd.Function):
     """See the module docstring for the math. `weight_fn(dtype)` returns the frozen W [out, in].
 
-    The adapter weights are cast to the compute dtype once per forward and the same copies serve the
-    backward pass. (A cache across passes keyed on the parameters' version counters was tried and
-    removed: the fused CUDA AdamW updates parameters without bumping their versions, so the cache
-    served stale weights; tests/gpu keeps a check of that.)
+    The adapter weights are cast to the compute dtype by `casts` (an `AdapterCasts`): once per call,
+    or, inside `AdapterCasts.frozen()`, once per window in which the optimizer does not step (the
+    training loop's forward and backward passes of one optimizer step), the copies then serving the
+    forward, the recompute and the backward pass of every micro-batch. (A cache across optimizer steps
+    keyed on the parameters' version counters was tried and removed: the fused CUDA AdamW updates
+    parameters without bumping their versions, so it served stale weights; tests/gpu keeps a check.)
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, x_lora: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor],
-                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float,
+                casts: "AdapterCasts | None" = None) -> Tensor:
         dt = x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
-        a, b = lora_a.detach().to(dt), lora_b.detach().to(dt)
+        casts = casts or _UNCACHED
+        a, b = casts.get(lora_a, dt), casts.get(lora_b, dt)
         w = weight_fn(dt)
         y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dt), x2, w.t())
         del w
@@ -77,7 +82,7 @@ class LoRALinearFunction(torch.autograd.Function):
         a, b = ctx.ab
         a_dtype, b_dtype = ctx.param_dtypes
         x_l = x2 if xl2 is None else xl2
-        need_x, need_xl, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, need_xl, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         gb = g2 @ b
         d_b = (g2.t() @ xa).mul_(s).to(b_dtype) if need_b else None
         d_a = (gb.t() @ x_l).mul_(s).to(a_dtype) if need_a else None
@@ -89,13 +94,46 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = dx.reshape(ctx.shape)
         if xl2 is not None and need_xl:
             dxl = (gb @ a).mul_(s).reshape(ctx.shape)
-        return dx, dxl, None, None, d_a, d_b, None
+        return dx, dxl, None, None, d_a, d_b, None, None
+
+
+class AdapterCasts:
+    """Compute-dtype copies of adapter weights, shared by all passes inside `frozen()`, else made per call.
+
+    Inside `frozen()` the caller promises that no adapter weight changes (no optimizer step, no load);
+    the copies are dropped when it exits. Outside it every `get` casts afresh, so a change made at any
+    time (an optimizer step, loading a checkpoint, a test editing weights) is always seen.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.copies: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def get(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+        if not self.active:
+            return p.detach().to(dtype)
+        key = (id(p), dtype)
+        c = self.copies.get(key)
+        if c is None:
+            c = self.copies[key] = p.detach().to(dtype)
+        return c
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        self.active, self.copies = True, {}
+        try:
+            yield
+        finally:
+            self.active, self.copies = False, {}
+
+
+_UNCACHED = AdapterCasts()
 
 
 def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None, lora_a: Tensor,
-                lora_b: Tensor, scale: float, x_lora: Tensor | None = None) -> Tensor:
+                lora_b: Tensor, scale: float, x_lora: Tensor | None = None, casts: AdapterCasts | None = None) -> Tensor:
     """y = x W^T + b + scale * (x_lora A^T) B^T as one autograd node (x_lora defaults to x)."""
-    return LoRALinearFunction.apply(x, x_lora, weight_fn, bias, lora_a, lora_b, float(scale))
+    return LoRALinearFunction.apply(x, x_lora, weight_fn, bias, lora_a, lora_b, float(scale), casts)
 
 
 # ------------------------------------------------------------------------------------ peft layer swap
@@ -158,7 +196,8 @@ def is_swappable(layer: torch.nn.Module) -> bool:
             and layer.lora_B[name].bias is None and isinstance(layer.lora_A[name], torch.nn.Linear))
 
 
-def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor],
+                  casts: AdapterCasts | None = None) -> Callable[..., Tensor]:
     """A forward for one peft LoRA layer instance that takes the fused path when it applies.
 
     Products run in the base's compute dtype (bnb's `compute_dtype`, or the 16-bit weight's dtype),
@@ -177,19 +216,25 @@ def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor]) -> Ca
         dropout = layer.lora_dropout[name]
         xc = x.to(compute)
         x_lora = dropout(xc) if (layer.training and getattr(dropout, "p", 0.0) > 0) else None
-        y = lora_linear(xc, weight_fn, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name], x_lora)
+        y = lora_linear(xc, weight_fn, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name], x_lora, casts)
         return y.to(x.dtype)
 
     return forward
 
 
 def swap_lora_layers(model: torch.nn.Module) -> int:
-    """Give every swappable peft LoRA layer of `model` the fused forward (this instance only); returns the count."""
+    """Give every swappable peft LoRA layer of `model` the fused forward (this instance only); returns the count.
+
+    The layers share one `AdapterCasts`, kept on the model as `_loratune_casts` (see `kernels.frozen_adapters`).
+    """
+    casts = getattr(model, "_loratune_casts", None) or AdapterCasts()
     n = 0
     for module in model.modules():
         if is_swappable(module) and not getattr(module, "_loratune_fused", False):
             original = module.forward
-            module.forward = fused_forward(module, original)
+            module.forward = fused_forward(module, original, casts)
             module._loratune_fused = True
             n += 1
+    if n:
+        model._loratune_casts = casts
     return n

@@ -31,6 +31,7 @@ from loratune.config import TrainConfig
 from loratune.data.collate import batch_order, collate
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
+from loratune.kernels import frozen_adapters
 from loratune.train.faults import fault
 from loratune.train.loss import lm_loss_sum
 from loratune.train.optim import build_scheduler
@@ -163,7 +164,8 @@ class Loop:
         self.model.train()
         batches = self.batches(window)
         n_input = sum(_input_tokens(b) for b in batches)
-        loss_sum, n_window = self.forward_backward(batches)
+        with frozen_adapters(self.model):  # no adapter weight changes until optimizer.step below
+            loss_sum, n_window = self.forward_backward(batches)
         lr = self.scheduler.get_last_lr()[0]
         finite, grad_norm, overflow = math.isfinite(loss_sum), float("nan"), False
         if finite:
@@ -221,7 +223,7 @@ class Loop:
         """Mean token loss over `samples` (no gradient, no dropout), in fixed order."""
         self.model.eval()
         total, n = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), frozen_adapters(self.model):
             for i in range(0, len(samples), self.cfg.batch_size):
                 b = collate(samples[i:i + self.cfg.batch_size], self.pad_id)
                 b = {k: v.to(self.acc.device) for k, v in b.items()}
