@@ -208,3 +208,48 @@ def test_frozen_adapter_casts_are_made_once_and_dropped_after() -> None:
     after = lora_linear(x, lambda dt: w.to(dt), None, a, b, 0.5, casts=casts)
     assert torch.allclose(after, reference_lora_linear(x, w, None, a, b, 0.5), rtol=1e-10)
     assert not torch.allclose(after, plain)
+
+
+# ------------------------------------------------------------------------------- rmsnorm, swiglu
+
+
+def test_rmsnorm_and_swiglu_backward_match_autograd_fp64() -> None:
+    """The hand-written backward passes (the plain-PyTorch path of the kernels) equal autograd's."""
+    from loratune.kernels.norm_swiglu import rms_norm, silu_mul
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    w = 1 + 0.1 * torch.randn(24, generator=g, dtype=torch.float64)
+    up = torch.randn(3, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_norm = w * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6))
+    ref = F.silu(ref_norm) * up
+    got = silu_mul(rms_norm(x, w, 1e-6), up)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    probe = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad((ref * probe).sum(), (x, up))
+    got_grads = torch.autograd.grad((got * probe).sum(), (x, up))
+    assert all(_rel(a, b) < 1e-12 for a, b in zip(got_grads, want_grads))
+
+
+def test_norm_and_swiglu_swaps_match_the_model(tiny_llama: Path) -> None:
+    from loratune.kernels.fused_ops import swap_rms_norms, swap_swiglu_mlps
+
+    cfg = load_config(None, [f"model.path={tiny_llama}", "quantization.bits=32", "adapter.rank=4", "adapter.dropout=0"])
+    model = attach_adapters(load_base(cfg), cfg.adapter)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(9))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss, torch.autograd.grad(loss, params)
+
+    want_loss, want = loss_and_grads()
+    layers = model.config.num_hidden_layers
+    assert swap_rms_norms(model) == 2 * layers + 1 and swap_swiglu_mlps(model) == layers
+    got_loss, got = loss_and_grads()
+    assert torch.allclose(got_loss, want_loss, rtol=1e-6)
+    assert max(_rel(a, b) for a, b in zip(got, want)) < 1e-5

@@ -5,9 +5,10 @@ One entry point, called explicitly by the loader (nothing is patched at import t
 config's `model.kernels` is `auto` or true (the default; false/off leaves the model untouched). What it swaps:
 - `lora`: every peft LoRA linear over a 4-bit or 16-bit base -> one autograd function (bf16 adapter
   products, Triton NF4 dequantization); `loratune.kernels.lora_linear`;
-- `rmsnorm`, `swiglu`, `rope`: Llama-style RMSNorm, SiLU-gated MLPs and the RoPE of Llama/Qwen2/
-  Mistral attention -> liger-kernel's fused Triton functions, when liger-kernel is installed;
-  `loratune.kernels.fused_ops`.
+- `rmsnorm`, `swiglu`: Llama-style RMSNorm (frozen weight) and SiLU-gated MLPs -> one Triton kernel
+  per direction each (`loratune.kernels.norm_swiglu`);
+- `rope`: the RoPE of Llama/Qwen2/Mistral attention -> liger-kernel's fused RoPE, when liger-kernel is
+  installed (`loratune.kernels.fused_ops`).
 - `embed_offload`: the frozen, untied input embedding table moves to pinned host memory (1 GB less GPU
   memory for a 128k vocabulary); `loratune.kernels.offload`.
 The loss is not a module swap: every run's loss (`loratune.train.loss.lm_loss_sum`) goes through
@@ -48,15 +49,15 @@ def apply(model: nn.Module, cfg, only: tuple[str, ...] | None = None) -> nn.Modu
     if wanted & {"rmsnorm", "swiglu", "rope"}:
         from loratune.kernels.fused_ops import liger_available, swap_attention_rope, swap_rms_norms, swap_swiglu_mlps
 
-        if liger_available():
-            if "rmsnorm" in wanted:
-                counts["rmsnorm"] = swap_rms_norms(model)
-            if "swiglu" in wanted:
-                counts["swiglu"] = swap_swiglu_mlps(model)
-            if "rope" in wanted:
+        if "rmsnorm" in wanted:
+            counts["rmsnorm"] = swap_rms_norms(model)
+        if "swiglu" in wanted:
+            counts["swiglu"] = swap_swiglu_mlps(model)
+        if "rope" in wanted:
+            if liger_available():
                 counts["rope"] = swap_attention_rope(model)
-        else:
-            log.info("liger-kernel is not installed: RMSNorm, SwiGLU and RoPE keep their plain forwards")
+            else:
+                log.info("liger-kernel is not installed: RoPE keeps its plain forward")
     if "embed_offload" in wanted:
         from loratune.kernels.offload import offload_input_embedding
 

@@ -49,7 +49,7 @@ def kernel_args(packed: Tensor, qs) -> tuple:
     return packed.view(torch.uint8), code, qs.absmax.float(), code, code, code, 1
 
 
-# Compiled kernels by everything they were specialised on, to launch without the JIT's per-call
+# Runners of compiled kernels by everything they were specialised on, to launch without the JIT's per-call
 # argument binding and cache lookup (measured as the dominant host cost of a launch; see
 # docs/benchmarks.md). Only used when every pointer is 16-byte aligned, as the JIT assumes for
 # torch allocations; otherwise the normal JIT launch decides.
@@ -67,12 +67,12 @@ def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1
     consts = (int(qs.blocksize), bs2, bool(qs.nested), block)
     ptrs = (p, code, absmax, code2, absmax2, offset, out)
     key = (n, dtype, packed.device.index, *consts)
-    compiled = _COMPILED.get(key) if direct else None
-    if compiled is not None and all(t.data_ptr() % 16 == 0 for t in ptrs):
-        compiled[(grid[0], 1, 1)](*ptrs, n, *consts)  # a compiled kernel takes all three grid dims
+    runner = _COMPILED.get(key) if direct else None
+    if runner is not None and all(t.data_ptr() % 16 == 0 for t in ptrs):
+        runner(*ptrs, n, *consts)
         return out
     kernel = _dequant_4bit_kernel[grid](*ptrs, n, BLOCKSIZE=consts[0], BLOCKSIZE2=bs2, NESTED=consts[2], BLOCK=block,
                                         num_warps=4)
     if all(t.data_ptr() % 16 == 0 for t in ptrs):
-        _COMPILED[key] = kernel
+        _COMPILED[key] = kernel[(grid[0], 1, 1)]  # the runner of the compiled kernel (all three grid dims)
     return out

@@ -1,19 +1,21 @@
-"""Fused RMSNorm, SwiGLU and RoPE for Llama-style blocks, through liger-kernel's Triton functions, per instance.
+"""Fused RMSNorm, SwiGLU and RoPE for Llama-style blocks, per module instance.
 
 Why: in a bf16 decoder block the elementwise work around the matrix products (RMSNorm's fp32 upcast,
-SiLU then the gate product) makes several passes over [tokens, hidden] and [tokens, intermediate]
-tensors in each of the forward, recompute and backward passes; one kernel each does it in one pass.
+SiLU then the gate product, RoPE's rotate-half) makes several passes over [tokens, hidden] and
+[tokens, intermediate] tensors in each of the forward, recompute and backward passes; one kernel each
+does it in one pass. RMSNorm and SwiGLU use loratune's own kernels (`norm_swiglu`), RoPE uses
+liger-kernel's when it is installed.
 
 Only the forwards of the given model's own module instances change (no class or module-level
 patching). A module qualifies by what it computes, checked from its attributes, not by model name:
 - RMSNorm: `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)` with the eps in `variance_epsilon` (the
-  Llama/Qwen2/Mistral form; Gemma's `(1 + weight)` form stores `eps` and is left alone);
+  Llama/Qwen2/Mistral form; Gemma's `(1 + weight)` form stores `eps` and is left alone), weight frozen;
 - MLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with a SiLU `act_fn`;
 - attention: the Llama/Qwen2/Mistral attention classes (full-head rotate-half RoPE); their forward is
   rewritten here line for line with liger's RoPE in place of `apply_rotary_pos_emb` (the q/k/v
   `.view/.transpose`, the attention interface transformers selects, `o_proj`), and falls back to the
   original forward with a KV cache (generation).
-The plain references are the modules' own original forwards (see tests/gpu).
+The plain references are the modules' own original forwards (see tests/gpu and tests/kernels).
 """
 
 from __future__ import annotations
@@ -34,9 +36,7 @@ ROPE_ATTENTION_CLASSES = {
 
 def liger_available() -> bool:
     try:
-        import liger_kernel.ops.rms_norm  # noqa: F401
         import liger_kernel.ops.rope  # noqa: F401
-        import liger_kernel.ops.swiglu  # noqa: F401
     except ImportError:
         return False
     return True
@@ -56,17 +56,19 @@ def _is_swiglu_mlp(m: nn.Module) -> bool:
 
 
 def swap_rms_norms(model: nn.Module) -> int:
-    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    """Llama-form RMSNorms with a frozen weight -> `norm_swiglu.rms_norm` (one kernel per direction)."""
+    from loratune.kernels.norm_swiglu import rms_norm
 
     n = 0
     for m in model.modules():
-        if not _is_llama_rmsnorm(m) or getattr(m, "_loratune_fused", False):
+        if not _is_llama_rmsnorm(m) or m.weight.requires_grad or getattr(m, "_loratune_fused", False):
             continue
+        original = m.forward
 
-        def forward(x: Tensor, m: nn.Module = m) -> Tensor:
-            # casting_mode "llama": rstd in fp32, normalised x cast back before the weight product (as HF).
-            # in_place=False: dY is not overwritten, safe whatever else reads it.
-            return LigerRMSNormFunction.apply(x, m.weight, m.variance_epsilon, 0.0, "llama", False)
+        def forward(x: Tensor, m: nn.Module = m, original=original) -> Tensor:
+            if m.weight.requires_grad:  # unfrozen after the swap (full fine-tuning): no dw here
+                return original(x)
+            return rms_norm(x, m.weight, m.variance_epsilon)
 
         m.forward = forward
         m._loratune_fused = True
@@ -75,7 +77,8 @@ def swap_rms_norms(model: nn.Module) -> int:
 
 
 def swap_swiglu_mlps(model: nn.Module) -> int:
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    """`down(silu(gate(x)) * up(x))` MLPs -> the product through `norm_swiglu.silu_mul`."""
+    from loratune.kernels.norm_swiglu import silu_mul
 
     n = 0
     for m in model.modules():
@@ -83,7 +86,7 @@ def swap_swiglu_mlps(model: nn.Module) -> int:
             continue
 
         def forward(x: Tensor, m: nn.Module = m) -> Tensor:
-            return m.down_proj(LigerSiLUMulFunction.apply(m.gate_proj(x), m.up_proj(x)))
+            return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
 
         m.forward = forward
         m._loratune_fused = True

@@ -1,0 +1,120 @@
+"""RMSNorm and the SiLU-gated product as autograd functions with hand-written backward passes.
+
+Why: around the matrix products of a Llama-style block, HF's RMSNorm makes ~7 passes over the
+[tokens, hidden] activations (fp32 upcast, square, mean, rsqrt, scale, cast, weight) and the MLP's
+`act_fn(gate) * up` two over [tokens, intermediate]; each pass is also a separate launch, and the
+training step is bound by host time per launch. Here each is one kernel per direction
+(`_norm_triton`, launched directly after the first call). liger-kernel has equivalent kernels; ours
+exist because liger's Python wrappers cost ~0.2 ms of host time per call (profiled on the H100:
+docs/benchmarks.md), more than the kernels' GPU time.
+
+The math (also the plain-PyTorch path used on CPU and by the tests as the reference):
+    RMSNorm  r = 1/sqrt(mean(x^2) + eps),  y = w * dtype(x r);  dx = r (u - x r mean(u x r)), u = g w
+    SwiGLU   y = a sigmoid(a) b;  da = g b s (1 + a (1 - s)),  db = g a s,  s = sigmoid(a)
+The RMSNorm weight must be frozen (LoRA): no dw is computed; the swap checks it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _f(t: Tensor) -> Tensor:
+    """At least fp32 (the kernels compute in fp32; fp64 stays fp64 for exact tests)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _rms_fwd_torch(x2: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    xf = _f(x2)
+    r = torch.rsqrt(xf.square().mean(-1) + eps)
+    y = (_f((xf * r[:, None]).to(x2.dtype)) * _f(w)).to(x2.dtype)
+    return y, r
+
+
+def _rms_bwd_torch(g2: Tensor, x2: Tensor, w: Tensor, r: Tensor) -> Tensor:
+    xh = _f(x2) * r[:, None]
+    u = _f(g2) * _f(w)
+    return (r[:, None] * (u - xh * (u * xh).mean(-1, keepdim=True))).to(x2.dtype)
+
+
+def _swiglu_fwd_torch(a: Tensor, b: Tensor) -> Tensor:
+    af = _f(a)
+    return (af * torch.sigmoid(af) * _f(b)).to(a.dtype)
+
+
+def _swiglu_bwd_torch(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    af, bf, gf = _f(a), _f(b), _f(g)
+    s = torch.sigmoid(af)
+    return (gf * bf * s * (1 + af * (1 - s))).to(a.dtype), (gf * af * s).to(b.dtype)
+
+
+def _triton(t: Tensor) -> bool:
+    return t.is_cuda
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = RMSNorm(x) with a frozen weight; one kernel forward, one backward (plain PyTorch off CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        if _triton(x2):
+            from loratune.kernels._norm_triton import rmsnorm_forward
+
+            y, r = rmsnorm_forward(x2, weight, eps)
+        else:
+            y, r = _rms_fwd_torch(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, r)
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x2, w, r = ctx.saved_tensors
+        g2 = g.reshape(x2.shape)
+        g2 = g2 if g2.is_contiguous() else g2.contiguous()
+        if _triton(x2):
+            from loratune.kernels._norm_triton import rmsnorm_backward
+
+            dx = rmsnorm_backward(g2, x2, w, r)
+        else:
+            dx = _rms_bwd_torch(g2, x2, w, r)
+        return dx.view(ctx.shape), None, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """y = silu(a) * b elementwise; one kernel forward, one backward (plain PyTorch off CUDA)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        a = a if a.is_contiguous() else a.contiguous()
+        b = b if b.is_contiguous() else b.contiguous()
+        if _triton(a):
+            from loratune.kernels._norm_triton import swiglu_forward
+
+            y = swiglu_forward(a, b)
+        else:
+            y = _swiglu_fwd_torch(a, b)
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b = ctx.saved_tensors
+        g = g if g.is_contiguous() else g.contiguous()
+        if _triton(a):
+            from loratune.kernels._norm_triton import swiglu_backward
+
+            return swiglu_backward(g, a, b)
+        return _swiglu_bwd_torch(g, a, b)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return RMSNormFunction.apply(x, weight, float(eps))
+
+
+def silu_mul(a: Tensor, b: Tensor) -> Tensor:
+    return SwiGLUFunction.apply(a, b)
