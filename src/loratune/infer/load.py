@@ -175,7 +175,8 @@ class Engine:
             with self.model.disable_adapter():
                 yield
         else:
-            self.model.set_adapter(inner)
+            if self.model.active_adapter != inner:  # (set_adapter also resets requires_grad: only when needed)
+                self.model.set_adapter(inner)
             yield
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, name: str | None = None,
@@ -200,9 +201,13 @@ class Engine:
 
 def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text: str | None,
                name: str = BASE_NAME) -> Engine:
-    """Wrap a model already in memory (e.g. the trainer's, for sample answers) in an `Engine`."""
+    """Wrap a model already in memory (e.g. the trainer's, for sample answers) in an `Engine`.
+
+    A peft model answers with its active adapter (the one being trained), not with the base alone.
+    """
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    return Engine(model, {name: make_format(tokenizer, info, model, stop_text)}, {name: None}, context, name)
+    inner = model.active_adapter if is_peft(model) else None
+    return Engine(model, {name: make_format(tokenizer, info, model, stop_text)}, {name: inner}, context, name)
 
 
 def quiet_library_noise() -> None:

@@ -37,7 +37,7 @@ BOOKKEEPING = frozenset({
     "train.save_every", "train.keep_last", "output.dir", "output.overwrite", "output.sample_prompts",
     "output.sample_max_new_tokens", "data.num_proc", "data.cache",
 })
-RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "tensorboard", CHECKPOINTS)
+RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "tensorboard", "samples.json", CHECKPOINTS)
 
 
 class ResumeError(LoratuneError):

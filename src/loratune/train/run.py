@@ -45,6 +45,7 @@ from loratune.train.optim import build_optimizer
 from loratune.train.progress import Reporter, Throughput, memory_gib
 from loratune.train.resume import (check_compatible, config_diff, data_diff, data_fingerprint, drop_newer, plan_start,
                                    resume_mode)
+from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
 from loratune.train.snapshot import Parts, fill, load_weights, read_meta, restore_training
 
 log = logging.getLogger("loratune.train")
@@ -123,6 +124,9 @@ class Run:
         clean_leftovers(self.root)
         seed_everything(cfg.train.seed)
         self.tokenizer, self.info = load_tokenizer(cfg.model)
+        if self.info.pad_is_eos:
+            log.info("the tokenizer has no pad token of its own: batches are padded with eos (id %d), masked by "
+                     "position, so the model still learns to end its answers with eos", self.info.eos_id)
         self.data = prepare_data(cfg.data, self.tokenizer, self.info, cfg.train.seed)
         self.acc = make_accelerator(cfg)
         model = build_model(cfg)
@@ -134,6 +138,7 @@ class Run:
                            self.data.template, self.info)
         self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
         self.state, self.saved_step = LoopState(), -1
+        self.fresh = start is None  # a resumed run's weights are trained: no "before" answers
         if start is not None:
             check_compatible(data_diff(meta["data"], self.fingerprints), cfg, start)
             self._restore(start, meta)
@@ -163,6 +168,8 @@ class Run:
     def fit(self) -> TrainResult:
         cfg, state = self.cfg.train, self.state
         throughput, window = Throughput(), []
+        if self.fresh and self.cfg.output.sample_prompts and not self.finished:
+            self._samples_before()
         with self.reporter:
             if not self.finished:
                 for epoch, micro, batch_ids in self.loop.windows(state):
@@ -178,6 +185,34 @@ class Run:
         # after the progress bar is gone, so that it cannot redraw over the summary
         print(message, file=sys.stderr if result.interrupted else sys.stdout, flush=True)
         return result
+
+    # ---------------------------------------------------------------------------------------- samples
+
+    def _answer(self) -> list[str]:
+        o = self.cfg.output
+        return answer(self.parts.model, self.tokenizer, self.info, self.data.template, o.sample_prompts,
+                      o.sample_max_new_tokens)
+
+    def _samples_before(self) -> None:
+        """Answer the sample prompts with the untrained model; not counted as training time."""
+        t0 = time.perf_counter()
+        before = self._answer()
+        write_samples(self.out, self.cfg.output.sample_prompts, before)
+        print(format_before(self.cfg.output.sample_prompts, before, self.cfg.output.sample_max_new_tokens),
+              flush=True)
+        self.t_start += time.perf_counter() - t0
+
+    def _samples_after(self) -> str:
+        """Answer the sample prompts with the weights going to the output folder; the text to print."""
+        prompts = self.cfg.output.sample_prompts
+        saved = read_samples(self.out)
+        before = None
+        if [s.get("prompt") for s in saved.get("samples", [])] == list(prompts):
+            before = [s["before"] for s in saved["samples"]] if all(
+                isinstance(s.get("before"), str) for s in saved["samples"]) else None
+        after = self._answer()
+        write_samples(self.out, prompts, before, after, self.state.step)
+        return format_comparison(prompts, before, after)
 
     def _record(self, r: StepResult, epoch: float, throughput: Throughput, window: list[float]) -> None:
         state, step = self.state, self.state.step
@@ -290,12 +325,14 @@ class Run:
                 which = f"best eval loss, step {state.best_step}"
             else:
                 log.warning("the best checkpoint (step %d) is gone; the output holds the last step", state.best_step)
+        samples = self._samples_after() if self.cfg.output.sample_prompts else ""
         save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg,
                  extra={**self._facts(), "adapter": which, "checkpoint": str(path)})
         self._plot()
         self.metrics.close()
         result = self._result(path)
-        return result, self._summary(result, which)
+        summary = self._summary(result, which)
+        return result, f"{samples}\n{summary}" if samples else summary
 
     def _result(self, path: Path, interrupted: str | None = None, exit_code: int = 0) -> TrainResult:
         s = self.state
