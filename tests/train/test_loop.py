@@ -158,3 +158,34 @@ def test_loss_decreases(tmp_path: Path, tiny_llama: Path) -> None:
     assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
     assert sum(train_losses[-3:]) < sum(train_losses[:3])
     assert result.last_loss < result.first_loss
+
+
+def test_a_skipped_first_step_neither_warns_nor_moves_the_schedule(tiny_llama: Path) -> None:
+    import warnings
+
+    loop = _loop(tiny_llama, 2, 1, loss_fn=_poisoned({1}), warmup_steps=2)  # the very first step is bad
+    state = LoopState()
+    windows = [w for _, _, w in loop.windows(state)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch's "lr_scheduler.step() before optimizer.step()" among others
+        r1 = loop.step(state, windows[0])
+        r2 = loop.step(state, windows[1])
+    assert r1.skipped and not r2.skipped
+    assert r1.lr == r2.lr == pytest.approx(2e-4 / 3)  # the first warmup lr is used by the first real update
+
+
+def test_tokens_per_second_counts_real_tokens_of_packed_rows(tiny_llama: Path) -> None:
+    from loratune.data.collate import collate
+
+    loop = _loop(tiny_llama, 2, 2)
+    a, b, c = _samples(3)
+    # packed rows as the packing stage builds them: several samples, positions restarting at 0 for each
+    row1 = Sample(a.input_ids + b.input_ids, a.labels + b.labels, list(range(len(a))) + list(range(len(b))))
+    row2 = Sample(c.input_ids, c.labels, list(range(len(c))))
+    loop.samples = [row1, row2, row1, row2]
+    window = [[0, 1], [2, 3]]
+    real = 2 * (len(a) + len(b) + len(c))
+    padded = sum(b_["input_ids"].numel() for b_ in loop.batches(window))
+    assert "attention_mask" not in collate([row1, row2], 1) and padded > real  # the case that was miscounted
+    assert loop.input_tokens(window) == real
+    assert loop.step(LoopState(), window).input_tokens == real

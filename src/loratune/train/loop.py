@@ -90,11 +90,6 @@ def _supervised(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
 class Loop:
     """Runs optimizer steps over `samples` from a `LoopState`; saving and logging are the caller's."""
 
@@ -131,6 +126,14 @@ class Loop:
     def batches(self, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
         return [collate([self.samples[i] for i in idx], self.pad_id) for idx in window]
 
+    def input_tokens(self, window: list[list[int]]) -> int:
+        """Real tokens (padding excluded) the window feeds the model: the numerator of tokens/s.
+
+        Counted from the samples, not from the batch tensors: a packed batch has no attention mask, and its
+        padding (a segment of positions restarting at 0) looks like one more packed sample.
+        """
+        return sum(len(self.samples[i].input_ids) for idx in window for i in idx)
+
     # ------------------------------------------------------------------------------------------ step
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
@@ -163,7 +166,7 @@ class Loop:
         t0 = time.perf_counter()
         self.model.train()
         batches = self.batches(window)
-        n_input = sum(_input_tokens(b) for b in batches)
+        n_input = self.input_tokens(window)
         with frozen_adapters(self.model):  # no adapter weight changes until optimizer.step below
             loss_sum, n_window = self.forward_backward(batches)
         lr = self.scheduler.get_last_lr()[0]
@@ -181,7 +184,8 @@ class Loop:
             else:
                 finite = False
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if finite:  # a skipped step is no step for the schedule either (as accelerate's scheduler wrapper does)
+            self.scheduler.step()
         state.step += 1
         self._account(state, finite, overflow)
         if finite:
