@@ -31,7 +31,7 @@ def test_steps_lower_loss_and_adapter_reloads(tiny_models: dict[str, Path], tmp_
         (loss_sum / n).backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss_sum) / n)
+        losses.append(float(loss_sum.detach()) / n)
     assert losses[-1] < losses[0] - 0.1, losses
 
     model.eval()

@@ -6,6 +6,10 @@ Targets are found from the model, not from a list of names: every linear layer (
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -76,7 +80,18 @@ def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig) -> nn.Module:
         p.requires_grad_(False)
     # autocast_adapter_dtype keeps the adapter weights in fp32 on a 16-bit or 4-bit base: the updates
     # are small relative to the weights and would be rounded away in bf16.
-    return get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=True)
+    with _peft_reading_deprecated_alias():
+        return get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=True)
+
+
+@contextlib.contextmanager
+def _peft_reading_deprecated_alias() -> Iterator[None]:
+    """peft (0.21) reads `model.is_gradient_checkpointing` when it wraps a model; newer transformers renamed it
+    `is_activation_checkpointing` and warn on each read of the old name. The notice is about peft's code, not
+    about the user's run, so exactly that message is ignored, for this one call; every other warning shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -83,8 +83,8 @@ def load_tokenizer(mcfg: ModelConfig):
         else:
             tok.pad_token = tok.eos_token
             pad_is_eos = True
-            log.info("the tokenizer has no pad or unk token: padding uses eos (id %d); padding is masked by "
-                     "position, so eos is still learned", tok.eos_token_id)
+            # said at debug level: what it means for training is the trainer's to say (train/run.py)
+            log.debug("the tokenizer has no pad or unk token: padding uses eos (id %d)", tok.eos_token_id)
     else:
         pad_is_eos = tok.pad_token_id == tok.eos_token_id
     tok.padding_side = "right"
@@ -124,5 +124,9 @@ def enable_checkpointing(model: PreTrainedModel, cfg: Config) -> bool:
     if on:
         # Non-reentrant checkpointing propagates gradients to adapters even though the embedding
         # output does not require grad, so no `enable_input_require_grads` hook is needed.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # older transformers (the old name, deprecated in newer ones)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return on

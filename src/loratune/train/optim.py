@@ -7,6 +7,7 @@ learning rate `lr * loraplus_ratio` (Hayou et al. 2024).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from loratune.config import TrainConfig
+
+log = logging.getLogger("loratune.train")
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -44,9 +47,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
     import bitsandbytes as bnb
 
-    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "adamw_8bit": bnb.optim.AdamW8bit}[cfg.optimizer]
-    return cls(groups, lr=cfg.lr, betas=betas)
+    paged = cfg.optimizer.startswith("paged_")
+    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+    if paged and not on_gpu:
+        # paging is CUDA managed memory; bitsandbytes would fall back (with a warning at the first step)
+        log.info("%s: paging needs a CUDA GPU; on CPU the same optimizer runs without paging", cfg.optimizer)
+    cls = bnb.optim.AdamW8bit if cfg.optimizer.endswith("8bit") else bnb.optim.AdamW32bit
+    return cls(groups, lr=cfg.lr, betas=betas, is_paged=paged and on_gpu)
 
 
 def lr_lambda(kind: str, warmup: int, total: int):

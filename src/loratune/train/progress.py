@@ -8,7 +8,7 @@ import sys
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger("loratune.train")
 
@@ -43,10 +43,11 @@ class Reporter:
         self.total = total_steps
         self.console = Console(stderr=True)
         self.tty = self.console.is_terminal
+        # the fields take about 70 columns; the bar gets what is left, so that nothing is cut off at 80
+        bar = max(8, min(30, self.console.width - 72))
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
-            disable=not self.tty, transient=False,
+            BarColumn(bar_width=bar), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("eta"), TimeRemainingColumn(), console=self.console, disable=not self.tty, transient=False,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
 
@@ -59,7 +60,7 @@ class Reporter:
 
     def step(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float, mem_gib: float,
              log_line: bool) -> None:
-        info = f"ep {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s {mem_gib:.1f} GiB"
+        info = f"ep {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s {mem_gib:.1f}GiB"
         self.progress.update(self.task, completed=step, info=info)
         if log_line and not self.tty:
             log.info("step %d/%d  %s", step, self.total, info)
