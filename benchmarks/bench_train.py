@@ -189,12 +189,15 @@ def loratune_step(loss_sum_fn, params: list, clip: float):
     """What `loratune.train.loop.Loop.step` does for one micro-batch window: bf16 autocast, token-summed
     loss divided by the window's supervised tokens, backward, grad-norm clip (always computed), step."""
 
+    from loratune.kernels import frozen_adapters
+
     def step(model, ids, opt) -> torch.Tensor:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
-            loss_sum, n = loss_sum_fn(model, batch)
-        loss = loss_sum / n
-        loss.backward()
+        with frozen_adapters(model):  # as Loop.step: adapter casts once per optimizer step
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
+                loss_sum, n = loss_sum_fn(model, batch)
+            loss = loss_sum / n
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)

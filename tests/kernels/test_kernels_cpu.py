@@ -253,3 +253,39 @@ def test_norm_and_swiglu_swaps_match_the_model(tiny_llama: Path) -> None:
     got_loss, got = loss_and_grads()
     assert torch.allclose(got_loss, want_loss, rtol=1e-6)
     assert max(_rel(a, b) for a, b in zip(got, want)) < 1e-5
+
+
+def test_checkpoint_recompute_skips_the_last_lora_main_product() -> None:
+    """Under non-reentrant checkpointing the block's last LoRA layer is not dequantized or multiplied again
+    in the recompute (its main node saves nothing), and the gradients are those of the plain block."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w1, w2 = torch.randn(24, 16, generator=g, dtype=torch.float64), torch.randn(16, 24, generator=g, dtype=torch.float64)
+    a1, b1 = torch.randn(4, 16, generator=g, dtype=torch.float64), torch.randn(24, 4, generator=g, dtype=torch.float64)
+    a2, b2 = torch.randn(4, 24, generator=g, dtype=torch.float64), torch.randn(16, 4, generator=g, dtype=torch.float64)
+    params = [p.requires_grad_(True) for p in (a1, b1, a2, b2)]
+    calls = {"w1": 0, "w2": 0}
+
+    def weight(name: str, w: torch.Tensor):
+        def fn(dt: torch.dtype) -> torch.Tensor:
+            calls[name] += 1
+            return w.to(dt)
+        return fn
+
+    def block(h: torch.Tensor) -> torch.Tensor:
+        mid = F.silu(lora_linear(h, weight("w1", w1), None, a1, b1, 0.5))
+        return h + lora_linear(mid, weight("w2", w2), None, a2, b2, 0.5)
+
+    def plain(h: torch.Tensor) -> torch.Tensor:
+        mid = F.silu(reference_lora_linear(h, w1, None, a1, b1, 0.5))
+        return h + reference_lora_linear(mid, w2, None, a2, b2, 0.5)
+
+    got = checkpoint(block, x, use_reentrant=False)
+    grads = torch.autograd.grad(got.square().sum(), [x, *params])
+    assert calls == {"w1": 3, "w2": 2}  # w1: forward, recompute, backward; w2: forward, backward only
+    want = plain(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *params])
+    assert torch.allclose(got, want, rtol=1e-12)
+    assert all(_rel(a, b) < 1e-12 for a, b in zip(grads, want_grads))

@@ -1,24 +1,25 @@
-"""A LoRA linear layer as one autograd function: frozen (4-bit or 16-bit) base + low-rank update, in bf16.
+"""A LoRA linear layer as two autograd nodes: frozen (4-bit or 16-bit) base + low-rank update, in bf16.
 
 Why: peft computes the adapter branch in fp32 (it casts the layer input to the adapter's fp32 dtype),
 writes an fp32 [tokens, out] update, scales it in another pass, adds it to the base output in a third
 and casts back: about 12 bytes per input value and 26 per output value moved for a product that is
-tiny (rank 16). In a Llama-3-8B layer at 4096 tokens that is ~6.5 GB of memory traffic per forward
-pass, repeated in the recompute and doubled in the backward pass. Here the update is added inside the
-base product's output buffer by one extra GEMM (`addmm_`, beta = 1), everything in the compute dtype,
-and the autograd graph of the layer is a single node that saves only the input and the rank-r
-projection `xa`. The 4-bit base is dequantized by `loratune.kernels.nf4.dequantize_nf4` (one Triton
-kernel on CUDA) in the forward pass and again in the backward pass; the bf16 copy is never kept.
+tiny (rank 16). Here everything runs in the compute dtype and the update costs no pass of its own: the
+rank-r product writes the output buffer first and the base product accumulates onto it inside the
+matrix multiply (`addmm_` with beta = 1, whose read of the buffer hides under the multiply's
+arithmetic). The 4-bit base is dequantized by `loratune.kernels.nf4.dequantize_nf4` (one Triton kernel
+on CUDA) in the forward pass and again in the backward pass; the bf16 copy is never kept.
 
-Forward (x [T, in], x_l = dropout(x) or x itself, W [out, in] frozen, A [r, in], B [out, r], s = scale):
-    xa = x_l A^T                          [T, r]
-    y  = x W^T + b + s * xa B^T           [T, out]
+Two nodes (x_l = dropout(x) or x itself, W [out, in] frozen, A [r, in], B [out, r], s = scale):
+    project:  xa = x_l A^T                          [T, r]      saves x_l (for dA)
+    main:     y  = s xa B^T + b + x W^T             [T, out]    saves nothing (xa kept on ctx)
 Backward, given g = dL/dy [T, out]:
-    gb = g B                              [T, r]
-    dB = s * g^T xa                       [out, r]
-    dA = s * gb^T x_l                     [r, in]
-    dx = g W            (+ s * gb A when x_l is x, added into the same buffer)
-    dx_l = s * gb A     (when x_l is a separate dropout output; autograd carries it through dropout)
+    main:     gxa = s g B   [T, r];   dB = s g^T xa;   dx = gxa A + g W   (when x_l is x; else dx = g W)
+    project:  dA = gxa^T x_l;   dx_l = gxa A   (only when x_l is a separate dropout output)
+Why the split: under non-reentrant activation checkpointing the recompute stops as soon as the last
+tensor saved by the block has been recomputed. `main` saves nothing (its rank-r `xa` is kept on ctx:
+tokens x r values, ~128 KB per layer at 4096 tokens x r 16), so in a decoder block whose last linear
+layer is LoRA (Llama's down_proj) the recompute ends after that layer's cheap projection and skips its
+dequantization and its large matrix product: about 8% of a Llama step's matrix work.
 W and b are frozen: no gradient. A and B stay fp32 parameters (optimizer precision); they are cast to
 the compute dtype for the products, and their gradients are returned in fp32.
 `reference_lora_linear` is the plain autograd version to test against.
@@ -43,58 +44,55 @@ def reference_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a
         scale * F.linear(F.linear(x_l, lora_a.to(dt)), lora_b.to(dt))
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """See the module docstring for the math. `weight_fn(dtype)` returns the frozen W [out, in].
-
-    The adapter weights are cast to the compute dtype by `casts` (an `AdapterCasts`): once per call,
-    or, inside `AdapterCasts.frozen()`, once per window in which the optimizer does not step (the
-    training loop's forward and backward passes of one optimizer step), the copies then serving the
-    forward, the recompute and the backward pass of every micro-batch. (A cache across optimizer steps
-    keyed on the parameters' version counters was tried and removed: the fused CUDA AdamW updates
-    parameters without bumping their versions, so it served stale weights; tests/gpu keeps a check.)
-    """
+class _LoRAProject(torch.autograd.Function):
+    """xa = x_l A^T; backward gives dA and, when x_l is not also the main input, dx_l."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, x_lora: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor],
-                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float,
-                casts: "AdapterCasts | None" = None) -> Tensor:
+    def forward(ctx, x_l: Tensor, lora_a: Tensor, a: Tensor, grad_to_input: bool) -> Tensor:
+        ctx.save_for_backward(x_l)
+        ctx.a, ctx.a_dtype, ctx.grad_to_input = a, lora_a.dtype, grad_to_input
+        return x_l @ a.t()
+
+    @staticmethod
+    def backward(ctx, gxa: Tensor):
+        (x_l,) = ctx.saved_tensors
+        need_x, need_a = ctx.needs_input_grad[:2]
+        d_a = (gxa.t() @ x_l).to(ctx.a_dtype) if need_a else None
+        dx_l = gxa @ ctx.a if (need_x and ctx.grad_to_input) else None
+        return dx_l, d_a, None, None
+
+
+class _LoRAMain(torch.autograd.Function):
+    """y = s xa B^T + b + x W^T; saves no tensor (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, xa: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
+                lora_b: Tensor, b: Tensor, a: Tensor | None, scale: float) -> Tensor:
         dt = x.dtype
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
-        casts = casts or _UNCACHED
-        a, b = casts.get(lora_a, dt), casts.get(lora_b, dt)
+        xs = xa * scale
+        y = xs @ b.t() if bias is None else torch.addmm(bias.to(dt), xs, b.t())
         w = weight_fn(dt)
-        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dt), x2, w.t())
+        y.addmm_(x, w.t())
         del w
-        xa = xl2 @ a.t()
-        y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, None if x_lora is None else xl2, xa)
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.weight_fn, ctx.scale, ctx.shape, ctx.ab = weight_fn, scale, shape, (a, b)
-        return y.reshape(*shape[:-1], y.shape[-1])
+        ctx.xa = xa.detach()
+        ctx.weight_fn, ctx.scale, ctx.b, ctx.a, ctx.b_dtype = weight_fn, scale, b, a, lora_b.dtype
+        return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x2, xl2, xa = ctx.saved_tensors
-        s, dt = ctx.scale, x2.dtype
-        g2 = g.reshape(-1, g.shape[-1]).to(dt)
-        a, b = ctx.ab
-        a_dtype, b_dtype = ctx.param_dtypes
-        x_l = x2 if xl2 is None else xl2
-        need_x, need_xl, _, _, need_a, need_b = ctx.needs_input_grad[:6]
-        gb = g2 @ b
-        d_b = (g2.t() @ xa).mul_(s).to(b_dtype) if need_b else None
-        d_a = (gb.t() @ x_l).mul_(s).to(a_dtype) if need_a else None
-        dx = dxl = None
+        s, dt = ctx.scale, ctx.b.dtype
+        g = g.to(dt)
+        need_x, need_xa, _, _, need_b = ctx.needs_input_grad[:5]
+        gxa = (g @ ctx.b).mul_(s)
+        d_b = (g.t() @ ctx.xa).mul_(s).to(ctx.b_dtype) if need_b else None
+        dx = None
         if need_x:
-            dx = g2 @ ctx.weight_fn(dt)
-            if xl2 is None:
-                dx.addmm_(gb, a, alpha=s)
-            dx = dx.reshape(ctx.shape)
-        if xl2 is not None and need_xl:
-            dxl = (gb @ a).mul_(s).reshape(ctx.shape)
-        return dx, dxl, None, None, d_a, d_b, None, None
+            if ctx.a is not None:  # x is also the projection's input: its share is added in this product
+                dx = gxa @ ctx.a
+                dx.addmm_(g, ctx.weight_fn(dt))
+            else:
+                dx = g @ ctx.weight_fn(dt)
+        return dx, gxa if need_xa else None, None, None, d_b, None, None, None
 
 
 class AdapterCasts:
@@ -120,11 +118,13 @@ class AdapterCasts:
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
+        """A window with its own copies; nested windows (a CUDA graph capture) start fresh and restore the outer."""
+        outer = self.active, self.copies
         self.active, self.copies = True, {}
         try:
             yield
         finally:
-            self.active, self.copies = False, {}
+            self.active, self.copies = outer
 
 
 _UNCACHED = AdapterCasts()
@@ -132,8 +132,23 @@ _UNCACHED = AdapterCasts()
 
 def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None, lora_a: Tensor,
                 lora_b: Tensor, scale: float, x_lora: Tensor | None = None, casts: AdapterCasts | None = None) -> Tensor:
-    """y = x W^T + b + scale * (x_lora A^T) B^T as one autograd node (x_lora defaults to x)."""
-    return LoRALinearFunction.apply(x, x_lora, weight_fn, bias, lora_a, lora_b, float(scale), casts)
+    """y = x W^T + b + scale * (x_lora A^T) B^T (x_lora defaults to x), as the two nodes above.
+
+    The adapter weights are cast to x's dtype by `casts` (an `AdapterCasts`): once per call, or, inside
+    `AdapterCasts.frozen()`, once per window in which the optimizer does not step (the training loop's
+    forward and backward passes of one optimizer step), the copies then serving the forward, the
+    recompute and the backward pass of every micro-batch. (A cache across optimizer steps keyed on the
+    parameters' version counters was tried and removed: the fused CUDA AdamW updates parameters without
+    bumping their versions, so it served stale weights; tests/gpu keeps a check.)
+    """
+    dt, shape = x.dtype, x.shape
+    casts = casts or _UNCACHED
+    a, b = casts.get(lora_a, dt), casts.get(lora_b, dt)
+    x2 = x.reshape(-1, shape[-1])
+    xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
+    xa = _LoRAProject.apply(xl2, lora_a, a, x_lora is not None)
+    y = _LoRAMain.apply(x2, xa, weight_fn, bias, lora_b, b, a if x_lora is None else None, float(scale))
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 # ------------------------------------------------------------------------------------ peft layer swap
