@@ -100,6 +100,12 @@ def load_base(cfg: Config) -> PreTrainedModel:
     q = cfg.quantization
     compute = resolve_compute_dtype(q.compute_dtype)
     # Trainable weights stay fp32: full fine-tuning loads fp32 master weights (compute may autocast).
+    # Everything frozen that is not quantized (embedding, output head, norms) loads in the compute dtype, not
+    # upcast to fp32 wholesale as peft's prepare_model_for_kbit_training does: at a 128k vocabulary the
+    # embedding and head alone would cost GBs more. What stability needs is in fp32 anyway: the norms compute
+    # their statistics in fp32 inside the model's RMSNorm (their weights stay in the compute dtype, since an
+    # fp32 norm weight would promote the whole residual stream to fp32), the trainable adapters and their
+    # optimizer state are fp32 (adapters.py), and the loss's log-softmax runs in fp32 (train/loss.py).
     weight_dtype = torch.float32 if (cfg.adapter.type == "none" or q.bits == 32) else compute
     source = resolve_model_path(cfg.model.path)
     kwargs = dict(
