@@ -64,14 +64,15 @@ SHAPES: dict[str, dict] = {
 # default) and the loss impl of loratune.train.loss.lm_loss_sum ("chunked", ours; "liger" for comparison).
 # Kernels are applied cumulatively in the order given on one loaded model. A "+gc" name also turns
 # Python's automatic garbage collection off during the timed steps (after gc.freeze()).
-VARIANTS: dict[str, tuple[tuple[str, ...] | None, str]] = {
-    "plain": ((), "chunked"),  # model.kernels=off: transformers/peft forwards, our loss
-    "+lora": (("lora",), "chunked"),
-    "+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked"),
-    "+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked"),
-    "loratune": (None, "chunked"),  # the default of `loratune train` on a GPU
-    "loratune+gc": (None, "chunked"),
-    "loratune+ligerce": (None, "liger"),
+VARIANTS: dict[str, tuple[tuple[str, ...] | None, str, bool]] = {
+    "plain": ((), "chunked", False),  # model.kernels=off: transformers/peft forwards, our loss
+    "+lora": (("lora",), "chunked", False),
+    "+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked", False),
+    "+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked", False),
+    "loratune-eager": (None, "chunked", False),  # all kernels, model.cuda_graphs=false
+    "loratune": (None, "chunked", True),  # the default of `loratune train` on a GPU: kernels + CUDA graphs
+    "loratune+gc": (None, "chunked", True),
+    "loratune+ligerce": (None, "liger", False),
 }
 
 
@@ -185,19 +186,24 @@ def reference_step(model, ids, opt, autocast: bool = False) -> torch.Tensor:
     return loss.detach()
 
 
-def loratune_step(loss_sum_fn, params: list, clip: float):
-    """What `loratune.train.loop.Loop.step` does for one micro-batch window: bf16 autocast, token-summed
-    loss divided by the window's supervised tokens, backward, grad-norm clip (always computed), step."""
-
+def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
+    """What `loratune.train.loop.Loop.step` does for a one-micro-batch window: adapter casts once per step,
+    bf16 autocast, token-summed loss divided by the window's supervised tokens, backward (by CUDA graph
+    replay when `graphs` applies), grad-norm clip (always computed), optimizer step."""
     from loratune.kernels import frozen_adapters
 
     def step(model, ids, opt) -> torch.Tensor:
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        with frozen_adapters(model):  # as Loop.step: adapter casts once per optimizer step
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
-                loss_sum, n = loss_sum_fn(model, batch)
-            loss = loss_sum / n
-            loss.backward()
+        n = ids.shape[0] * (ids.shape[1] - 1)  # every token supervised but each row's last
+        replayed = graphs.run({"input_ids": ids, "labels": ids}, 1.0 / n) if graphs is not None else None
+        if replayed is not None:
+            loss = replayed / n
+        else:
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            with frozen_adapters(model):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
+                    loss_sum, n = loss_sum_fn(model, batch)
+                loss = loss_sum / n
+                loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -480,11 +486,15 @@ def main() -> None:
             return build_optimizer(model, cfg.train)
 
         last = variants[-1]
+        from loratune.kernels.graphs import GraphedMicroBatch
+        from loratune.train.loss import lm_loss_sum_all_rows
+
         for v in variants:
-            kernels, loss = VARIANTS[v]
+            kernels, loss, graphed = VARIANTS[v]
             apply(model, cfg, only=kernels)
             loss_fn = functools.partial(lm_loss_sum, impl=loss)
-            step = loratune_step(loss_fn, params, ARGS.clip)
+            graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16) if graphed and on_cuda() else None
+            step = loratune_step(loss_fn, params, ARGS.clip, graphs)
             for case in (cases if v == last else [standard]):
                 results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init,
                                         manual_gc=v.endswith("+gc")))
@@ -507,7 +517,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", default="reference,reference-autocast",
                    help="reference paths: 'reference' (plain loop as qlora.py), 'reference-autocast' (the same under "
                         "bf16 autocast, as qlora.py's Trainer runs it; standard case only); '' to skip")
-    p.add_argument("--variants", default="plain,+lora,+lora+norm+swiglu,+lora+norm+swiglu+rope,loratune",
+    p.add_argument("--variants", default="plain,+lora,+lora+norm+swiglu,+lora+norm+swiglu+rope,loratune-eager,loratune",
                    help=f"loratune variants in order (cumulative): {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="steps of the standard case (losses compared)")
     p.add_argument("--long-steps", type=int, default=5, help="steps of the other cases")

@@ -43,6 +43,10 @@ class ModelConfig:
         "auto", "Fast training paths on a CUDA GPU (fused LoRA linear with Triton NF4 dequantization, liger-kernel "
                 "RMSNorm/SwiGLU/RoPE when installed, the input embedding in host memory): `auto` (or true) uses them "
                 "on a GPU; false (or off) keeps the plain transformers/peft forwards. No effect on CPU.")
+    cuda_graphs: Union[Literal["auto"], bool] = _f(
+        "auto", "On a CUDA GPU, capture each repeated micro-batch shape's forward and backward pass once as a CUDA "
+                "graph and replay it (no Python per launch): `auto` (or true) does so where it is exact (no padding "
+                "in the batch, no adapter dropout, bf16/fp32 compute), false never. See loratune.kernels.graphs.")
 
 
 @dataclass

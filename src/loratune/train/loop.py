@@ -32,6 +32,7 @@ from loratune.data.collate import batch_order, collate
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
 from loratune.kernels import frozen_adapters
+from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.train.faults import fault
 from loratune.train.loss import lm_loss_sum
 from loratune.train.optim import build_scheduler
@@ -95,12 +96,15 @@ class Loop:
 
     def __init__(self, model: nn.Module, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                  pad_id: int, accelerator: Accelerator, group_by_length: bool = False,
-                 loss_fn: Callable = lm_loss_sum) -> None:
+                 loss_fn: Callable = lm_loss_sum, graphs: GraphedMicroBatch | None = None,
+                 packed_width: int | None = None) -> None:
         if not isinstance(cfg.batch_size, int):  # `auto` is resolved by the memory plan (train.run.check_memory)
             raise TypeError(f"Loop needs an integer train.batch_size, got {cfg.batch_size!r}")
         self.model, self.samples, self.cfg = model, samples, cfg
         self.optimizer, self.acc = optimizer, accelerator
         self.pad_id, self.loss_fn, self.group_by_length = pad_id, loss_fn, group_by_length
+        self.graphs = graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
+        self.packed_width = packed_width  # packed rows are padded to this width (one shape for every batch)
         self.n_micro = len(self.order(0))
         self.total = total_steps(cfg, self.n_micro)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
@@ -124,7 +128,10 @@ class Loop:
             yield epoch, micro, window
 
     def batches(self, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.samples[i] for i in idx], self.pad_id) for idx in window]
+        return [collate([self.samples[i] for i in idx], self.pad_id, self._width(idx)) for idx in window]
+
+    def _width(self, idx: list[int]) -> int | None:
+        return self.packed_width if self.samples[idx[0]].position_ids is not None else None
 
     def input_tokens(self, window: list[list[int]]) -> int:
         """Real tokens (padding excluded) the window feeds the model: the numerator of tokens/s.
@@ -146,6 +153,12 @@ class Loop:
             return float("nan"), 0
         total = 0.0
         for i, b in enumerate(batches):
+            replayed = self.graphs.run(b, 1.0 / n_window) if self.graphs is not None else None
+            if replayed is not None:  # forward and backward done by one graph replay
+                if not torch.isfinite(replayed):
+                    return float("nan"), n_window
+                total += float(replayed)
+                continue
             b = {k: v.to(self.acc.device) for k, v in b.items()}
             last = i == len(batches) - 1
             # gradients are all-reduced once per window, on its last backward (no-op on one process)

@@ -72,6 +72,18 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], impl: str = "c
     return loss, int(n)
 
 
+def lm_loss_sum_all_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed token loss like `lm_loss_sum`, without any host synchronisation (for CUDA graph capture):
+    every row goes through the head (unsupervised rows add 0), and the token count is not read back."""
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    hidden = hidden_states(model, batch)
+    targets = shift_labels(batch["labels"]).reshape(-1)
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    loss, _ = fused_linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, softcap=cap)
+    return loss
+
+
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Reference: the model's own forward to full logits, then summed cross-entropy in fp32."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -31,6 +31,7 @@ from accelerate.state import AcceleratorState
 from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, ModelError
+from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.model.build import build_model
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, plan_run, render
@@ -40,6 +41,7 @@ from loratune.train.artifacts import save_run
 from loratune.train.checkpoint import CHECKPOINTS, checkpoint_name, clean_leftovers, rotate, write_checkpoint
 from loratune.train.interrupt import GracefulStop
 from loratune.train.loop import Loop, LoopState, StepResult
+from loratune.train.loss import lm_loss_sum_all_rows
 from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 from loratune.train.optim import build_optimizer
 from loratune.train.progress import Reporter, Throughput, memory_gib
@@ -106,6 +108,17 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
+def make_graphs(model: torch.nn.Module, cfg: Config, acc: Accelerator) -> GraphedMicroBatch | None:
+    """CUDA graph replay of repeated micro-batch shapes, where it is exact (see loratune.kernels.graphs)."""
+    if cfg.model.cuda_graphs is False or acc.device.type != "cuda" or acc.scaler is not None:
+        return None
+    if cfg.train.deterministic:  # bit-identical resume is promised there; replays and eager runs may round apart
+        log.info("CUDA graphs off in deterministic mode")
+        return None
+    graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, resolve_compute_dtype(cfg.quantization.compute_dtype))
+    return graphs if graphs.enabled else None
+
+
 class Run:
     """One training run in `cfg.output.dir`, from step 0 or from a checkpoint."""
 
@@ -133,7 +146,8 @@ class Run:
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
         prepared, optimizer = self.acc.prepare(model, build_optimizer(model, cfg.train))
         self.loop = Loop(prepared, self.data.train, cfg.train, optimizer, self.info.pad_id, self.acc,
-                         group_by_length=cfg.data.group_by_length)
+                         group_by_length=cfg.data.group_by_length, graphs=make_graphs(model, cfg, self.acc),
+                         packed_width=cfg.data.max_length if cfg.data.pack else None)
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
         self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
@@ -385,6 +399,10 @@ def check_memory(cfg: Config, saved_batch_size: int | None = None) -> Config:
 def train(cfg: Config) -> TrainResult:
     """Fine-tune as `cfg` says, with checkpoints and resume, and write the adapter to `cfg.output.dir`."""
     faults.reset()
+    if not sys.stderr.isatty():  # transformers' weight-loading bar is a smear of carriage returns in a log file
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     with deterministic_mode(cfg.train.deterministic), GracefulStop() as stop:
         run = Run(cfg, stop)
         return run.fit()
