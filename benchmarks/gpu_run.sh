@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-150} python3 -m pytest ${TESTS:-tests/gpu tests/kernels} -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+  timeout ${TEST_TIMEOUT:-150} python3 -m pytest ${TESTS:-tests/gpu tests/kernels} -q ${PYTEST_X--x} -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 for spec in "$@"; do
   set -- $spec
