@@ -175,7 +175,7 @@ class TrainConfig:
 class OutputConfig:
     dir: str = _f("outputs/run", "Output folder: adapter, tokenizer, resolved config, metrics.")
     overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
-    sample_prompts: list[str] = _f([], "Prompts answered (greedy) before and after training, to show what changed.")
+    sample_prompts: list[str] = _f([], "Prompts answered (greedy, with the training chat template) before training starts and after it ends, to show what changed; printed and written to output.dir/samples.json. A resumed run keeps its first answers.")
     sample_max_new_tokens: int = _f(48, "New tokens generated per sample prompt.")
     adapter: Literal["last", "best"] = _f("last", "Weights written to output.dir at the end: the last step's, or the "
                                                   "checkpoint with the lowest eval loss (a checkpoint is then also saved "
