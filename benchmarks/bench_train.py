@@ -198,12 +198,17 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
         if replayed is not None:
             loss = replayed / n
         else:
+            sync()
+            t = time.perf_counter()
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             with frozen_adapters(model):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
                     loss_sum, n = loss_sum_fn(model, batch)
                 loss = loss_sum / n
                 loss.backward()
+            sync()
+            if graphs is not None:
+                graphs.eager_took(time.perf_counter() - t)
         torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)

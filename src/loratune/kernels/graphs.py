@@ -13,10 +13,14 @@ When it applies (else the caller runs the micro-batch eagerly, as before):
   position ids of packed rows (padded to data.max_length, so every packed batch has one shape), and
   the same shape was seen in the previous micro-batch. Not in deterministic mode (train.run).
 The first micro-batch of a shape runs eagerly (warm-up: Triton compilation, cuBLAS/cuDNN plans), the
-second is captured (after one more warm-up pass on a side stream with a zero loss scale, which adds
-nothing to the gradients) and replayed; later ones only replay. One graph is kept: a new shape that
-repeats replaces it (its memory pool is freed). A capture that fails (an operation that synchronises
-with the host, say) is logged once and that shape stays eager.
+second eagerly too, timed; at the third the shape is captured (after one more warm-up pass on a side
+stream with a zero loss scale, which adds nothing to the gradients), once with PyTorch's default
+attention kernels and once with FlashAttention only (measured on the H100: the default, cuDNN,
+attention ran slower inside a captured graph than eagerly at long sequences), each timed over one
+replay with a zero loss scale. The fastest of the three ways (eager, or either graph) is kept for that
+shape; later micro-batches only replay. One graph is kept: a new shape that repeats replaces it (its
+memory pool is freed). A capture that fails (an operation that synchronises with the host, say) is
+logged and that candidate is dropped.
 
 Gradients: the graph accumulates into each trainable parameter's `.grad` tensor, whose address is
 fixed at capture. `run` re-attaches those tensors if someone replaced or cleared `.grad` (zeroing
@@ -27,13 +31,24 @@ sync); the sum is the same.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+
+def _attention(backends: list | None):
+    """Restrict scaled-dot-product attention to `backends` while capturing (None: PyTorch's choice)."""
+    if backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backends)
 
 
 def _has_dropout(model: nn.Module) -> bool:
@@ -54,12 +69,16 @@ class GraphedMicroBatch:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None
         self.last_key: tuple | None = None
-        self.failed: set[tuple] = set()
+        self.failed: set[tuple] = set()  # shapes that run eagerly (no graph captured, or none faster)
         self.static: dict[str, Tensor] = {}
         self.scale: Tensor | None = None
         self.loss: Tensor | None = None
         self.grads: list[Tensor] = []
         self.replays = 0
+        self.sightings = 0  # consecutive micro-batches of the current shape
+        self.timing = False  # the caller's next eager micro-batch is timed (see eager_took)
+        self.eager_seconds = float("inf")
+        self.captured_with: str | None = None
 
     # ---------------------------------------------------------------------------------------- policy
 
@@ -72,16 +91,31 @@ class GraphedMicroBatch:
         return tuple(batch["input_ids"].shape), tuple(sorted(k for k in batch if k != "attention_mask"))
 
     def run(self, batch: dict[str, Tensor], scale: float) -> Tensor | None:
-        """Replay (capturing first when due) for this host-side batch; None: run it eagerly instead."""
+        """Replay (capturing first when due) for this host-side batch; None: run it eagerly instead.
+
+        After a None the caller runs the micro-batch eagerly and reports its wall time with `eager_took`.
+        """
         key = self._key(batch)
-        previous, self.last_key = self.last_key, key
+        if key != self.last_key:
+            self.sightings, self.eager_seconds = 0, float("inf")
+        self.last_key, self.timing = key, False
         if key is None or key in self.failed:
             return None
         if key != self.key:
-            if key != previous:  # first sighting of this shape in a row: eager warm-up
+            self.sightings += 1
+            if self.sightings < 3:  # 1: warm-up, 2: timed eager run
+                self.timing = self.sightings == 2
                 return None
-            if not self._capture(key, batch):
+            if not self._choose(key, batch):
                 return None
+        return self._replay(batch, scale)
+
+    def eager_took(self, seconds: float) -> None:
+        """Wall time of the eager micro-batch the last `run` declined (synchronised by the caller)."""
+        if self.timing:
+            self.eager_seconds = seconds
+
+    def _replay(self, batch: dict[str, Tensor], scale: float) -> Tensor:
         self._bind_grads()
         for k, t in self.static.items():
             t.copy_(batch[k], non_blocking=True)
@@ -89,6 +123,39 @@ class GraphedMicroBatch:
         self.graph.replay()
         self.replays += 1
         return self.loss
+
+    def _choose(self, key: tuple, batch: dict[str, Tensor]) -> bool:
+        """Capture each candidate, time one replay of it; keep the fastest if it beats the eager time."""
+        from torch.nn.attention import SDPBackend
+
+        best: tuple[float, str] | None = None
+        for name, backends in (("default attention", None), ("FlashAttention", [SDPBackend.FLASH_ATTENTION])):
+            if not self._capture(key, batch, backends, name):
+                continue
+            seconds = self._time_replay(batch)
+            log.info("CUDA graph (%s) for shape %s: %.1f ms per micro-batch (eager %.1f ms)", name, key[0],
+                     1e3 * seconds, 1e3 * self.eager_seconds)
+            if best is None or seconds < best[0]:
+                best = (seconds, name)
+        if best is None or best[0] >= self.eager_seconds:
+            self._release()
+            self.failed.add(key)
+            log.info("micro-batches of shape %s run eagerly (no captured graph was faster)", key[0])
+            return False
+        if self.captured_with != best[1]:  # the last capture is not the winner: capture it again
+            backends = None if best[1] == "default attention" else [SDPBackend.FLASH_ATTENTION]
+            if not self._capture(key, batch, backends, best[1]):
+                return False
+        log.info("captured a CUDA graph for micro-batches of shape %s (%s)", key[0], best[1])
+        return True
+
+    def _time_replay(self, batch: dict[str, Tensor]) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        self._replay(batch, 0.0)  # a zero loss scale adds nothing to the gradients
+        torch.cuda.synchronize()
+        self.replays -= 1
+        return time.perf_counter() - t
 
     # ---------------------------------------------------------------------------------------- capture
 
@@ -114,8 +181,9 @@ class GraphedMicroBatch:
 
     def _release(self) -> None:
         self.graph, self.key, self.loss, self.static, self.scale = None, None, None, {}, None
+        self.captured_with = None
 
-    def _capture(self, key: tuple, batch: dict[str, Tensor]) -> bool:
+    def _capture(self, key: tuple, batch: dict[str, Tensor], backends: list | None, name: str) -> bool:
         self._release()
         torch.cuda.empty_cache()
         dev = self.params[0].device
@@ -132,15 +200,13 @@ class GraphedMicroBatch:
                 self._forward_backward()  # scale 0: adds nothing to the gradients
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with _attention(backends), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self._forward_backward()
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run this shape eagerly
+        except Exception as e:  # noqa: BLE001 - any capture failure means: not this candidate
             self._release()
-            self.failed.add(key)
             torch.cuda.synchronize()
-            log.warning("CUDA graph capture failed for micro-batches of shape %s (%s: %s); they run eagerly",
+            log.warning("CUDA graph capture (%s) failed for micro-batches of shape %s (%s: %s)", name,
                         key[0], type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return False
-        self.graph, self.key, self.loss = graph, key, loss
-        log.info("captured a CUDA graph for micro-batches of shape %s", key[0])
+        self.graph, self.key, self.loss, self.captured_with = graph, key, loss, name
         return True

@@ -159,6 +159,10 @@ class Loop:
                     return float("nan"), n_window
                 total += float(replayed)
                 continue
+            timed = self.graphs is not None and self.graphs.timing  # the graphs compare their replay with this
+            if timed:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
             b = {k: v.to(self.acc.device) for k, v in b.items()}
             last = i == len(batches) - 1
             # gradients are all-reduced once per window, on its last backward (no-op on one process)
@@ -170,6 +174,9 @@ class Loop:
                 if not torch.isfinite(loss_sum):
                     return float("nan"), n_window
                 self.acc.backward(loss_sum / n_window)
+            if timed:
+                torch.cuda.synchronize()
+                self.graphs.eager_took(time.perf_counter() - t0)
             fault("step.backward")
             total += float(loss_sum.detach())
         return total, n_window
