@@ -246,6 +246,7 @@ def test_graphed_micro_batches_equal_eager(tiny_llama: Path, caplog) -> None:
         with frozen_adapters(model), torch.autocast("cuda", dtype=torch.bfloat16):
             want, _ = lm_loss_sum(model, {"input_ids": ids.cuda(), "labels": ids.cuda()})
         want_grads = torch.autograd.grad(want / n, params)
+        want = want.detach()  # hold no autograd graph while the graphs capture (see loratune.kernels.graphs)
         for p in params:
             p.grad = None
         got = graphs.run(batch, 1.0 / n)

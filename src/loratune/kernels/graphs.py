@@ -14,13 +14,12 @@ When it applies (else the caller runs the micro-batch eagerly, as before):
   the same shape was seen in the previous micro-batch. Not in deterministic mode (train.run).
 The first micro-batch of a shape runs eagerly (warm-up: Triton compilation, cuBLAS/cuDNN plans), the
 second eagerly too, timed; at the third the shape is captured (after one more warm-up pass on a side
-stream with a zero loss scale, which adds nothing to the gradients), once with PyTorch's default
-attention kernels and once with FlashAttention only (measured on the H100: the default, cuDNN,
-attention ran slower inside a captured graph than eagerly at long sequences), each timed over one
-replay with a zero loss scale. The fastest of the three ways (eager, or either graph) is kept for that
-shape; later micro-batches only replay. One graph is kept: a new shape that repeats replaces it (its
-memory pool is freed). A capture that fails (an operation that synchronises with the host, say) is
-logged and that candidate is dropped.
+stream with a zero loss scale, which adds nothing to the gradients) and one replay with a zero loss
+scale is timed. The graph is kept only if it beats the eager time; later micro-batches only replay.
+One graph is kept: a new shape that repeats replaces it (its memory pool is freed). A capture that
+fails (an operation that synchronises with the host, say) is logged and that shape stays eager.
+The caller must hold no autograd graph of an earlier micro-batch (a loss tensor) during `run`: its
+gradient-accumulation nodes belong to the default stream and would break the capture.
 
 Gradients: the graph accumulates into each trainable parameter's `.grad` tensor, whose address is
 fixed at capture. `run` re-attaches those tensors if someone replaced or cleared `.grad` (zeroing
@@ -40,6 +39,12 @@ import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+# Ways to capture, tried in order: (name, attention backends allowed during capture; None: PyTorch's
+# choice). FlashAttention-only was tried on the H100 and refused ("No available kernel": grouped-query
+# attention goes to cuDNN or the efficient kernel), so one candidate remains; the machinery stays for
+# backends worth comparing.
+CANDIDATES: list[tuple[str, list | None]] = [("default attention", None)]
 
 
 def _attention(backends: list | None):
@@ -126,10 +131,8 @@ class GraphedMicroBatch:
 
     def _choose(self, key: tuple, batch: dict[str, Tensor]) -> bool:
         """Capture each candidate, time one replay of it; keep the fastest if it beats the eager time."""
-        from torch.nn.attention import SDPBackend
-
         best: tuple[float, str] | None = None
-        for name, backends in (("default attention", None), ("FlashAttention", [SDPBackend.FLASH_ATTENTION])):
+        for name, backends in CANDIDATES:
             if not self._capture(key, batch, backends, name):
                 continue
             seconds = self._time_replay(batch)
@@ -143,8 +146,7 @@ class GraphedMicroBatch:
             log.info("micro-batches of shape %s run eagerly (no captured graph was faster)", key[0])
             return False
         if self.captured_with != best[1]:  # the last capture is not the winner: capture it again
-            backends = None if best[1] == "default attention" else [SDPBackend.FLASH_ATTENTION]
-            if not self._capture(key, batch, backends, best[1]):
+            if not self._capture(key, batch, dict(CANDIDATES)[best[1]], best[1]):
                 return False
         log.info("captured a CUDA graph for micro-batches of shape %s (%s)", key[0], best[1])
         return True

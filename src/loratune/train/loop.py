@@ -179,6 +179,7 @@ class Loop:
                 self.graphs.eager_took(time.perf_counter() - t0)
             fault("step.backward")
             total += float(loss_sum.detach())
+            del loss_sum  # drop this micro-batch's autograd graph now: a CUDA graph capture must not meet it
         return total, n_window
 
     def step(self, state: LoopState, window: list[list[int]]) -> StepResult:
