@@ -327,7 +327,7 @@ def profile_step(model, step_fn, make_opt, name: str, case: tuple[int, int], voc
         log(f"{name}: GPU kernel time in the profiled step {busy / 1e3:.1f} ms over {len(kernels)} kernels")
 
 
-def planned_gib(cfg, folder: Path, case: tuple[int, int], model) -> float:
+def planned_gib(cfg, folder: Path, case: tuple[int, int], model, graphs: bool = False) -> float:
     """`loratune plan`'s estimate of this case's peak, for the fast paths this model runs now (nan on error)."""
     try:
         from transformers import AutoConfig
@@ -338,7 +338,7 @@ def planned_gib(cfg, folder: Path, case: tuple[int, int], model) -> float:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         host = isinstance(base.get_input_embeddings(), HostEmbedding)
         fused = any(getattr(m, "_loratune_fused", False) and hasattr(m, "down_proj") for m in model.modules())
-        plan = estimate(cfg, AutoConfig.from_pretrained(folder), case[0], case[1], ARGS.device, host, fused)
+        plan = estimate(cfg, AutoConfig.from_pretrained(folder), case[0], case[1], ARGS.device, host, fused, graphs)
         return plan.total_gib
     except Exception as e:  # the planner must never cost a benchmark run
         log(f"memory plan failed: {e!r}")
@@ -503,7 +503,7 @@ def main() -> None:
             for case in (cases if v == last else [standard]):
                 results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init,
                                         manual_gc=v.endswith("+gc")))
-                results[-1].planned_gib = planned_gib(cfg, folder, case, model)
+                results[-1].planned_gib = planned_gib(cfg, folder, case, model, graphs is not None)
                 write_report()
             if v in ARGS.profile:
                 profile_step(model, step, make_opt, v, standard, vocab, out_dir)

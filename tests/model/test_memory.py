@@ -79,7 +79,7 @@ def test_lora_adapter_optimizer_and_embedding_components() -> None:
 
 def test_the_peak_is_the_larger_transient_and_settings_move_it_the_right_way() -> None:
     cfg, shape = bench_cfg(), llama(**LLAMA3_8B)
-    plan = estimate(cfg, shape, 2, 2048, "cuda", False, True)
+    plan = estimate(cfg, shape, 2, 2048, "cuda", False, True, graphs=False)
     transients = [plan.get("layer recompute + backward"), plan.get("logits / loss")]
     assert sum(c.counted for c in transients) == 1
     assert max(transients, key=lambda c: c.bytes).counted
@@ -96,9 +96,36 @@ def test_the_peak_is_the_larger_transient_and_settings_move_it_the_right_way() -
 @pytest.mark.parametrize(("fields", "batch", "seq", "measured"), MEASURED,
                          ids=[f"{'8b' if f is LLAMA3_8B else '1b'}-{b}x{s}" for f, b, s, _ in MEASURED])
 def test_totals_within_10_percent_of_the_measured_peaks(fields: dict, batch: int, seq: int, measured: float) -> None:
-    plan = estimate(bench_cfg(), llama(**fields), batch, seq, "cuda", embed_on_host=False, fused_mlp=True)
+    plan = estimate(bench_cfg(), llama(**fields), batch, seq, "cuda", embed_on_host=False, fused_mlp=True, graphs=False)
     assert plan.total_gib == pytest.approx(measured, rel=0.10)
     assert plan.total_gib >= 0.99 * measured  # calibrated to err on the safe side
+
+
+# The default path of `loratune train` on the H100 (docs/benchmarks.md, runs 6 and 9): every fast path,
+# the input embedding in host memory; eagerly, and with micro-batches replayed as CUDA graphs.
+MEASURED_DEFAULT = [(2, 2048, False, 7.00), (1, 8192, False, 8.61), (1, 16384, False, 12.11),
+                    (2, 2048, True, 7.38), (1, 8192, True, 9.41), (1, 16384, True, 13.75)]
+
+
+@pytest.mark.parametrize(("batch", "seq", "graphs", "measured"), MEASURED_DEFAULT)
+def test_the_default_path_within_10_percent(batch: int, seq: int, graphs: bool, measured: float) -> None:
+    plan = estimate(bench_cfg(), llama(**LLAMA3_8B), batch, seq, "cuda", embed_on_host=True, fused_mlp=True,
+                    graphs=graphs)
+    assert plan.total_gib == pytest.approx(measured, rel=0.10)
+    assert (_pool(plan) > 0) == graphs
+
+
+def test_graphs_are_planned_where_train_would_use_them() -> None:
+    shape = llama(**LLAMA3_8B)
+    assert _pool(estimate(bench_cfg(), shape, 2, 2048, "cuda", True)) == 13 * 4096 * 4096 * 2
+    for off in ("adapter.dropout=0.1", "model.cuda_graphs=false", "train.deterministic=true",
+                "quantization.compute_dtype=fp16"):
+        assert _pool(estimate(bench_cfg(off), shape, 2, 2048, "cuda", True)) == 0, off
+    assert _pool(estimate(bench_cfg(), shape, 2, 2048, "cpu", False)) == 0
+
+
+def _pool(plan) -> int:
+    return sum(c.bytes for c in plan.components if c.name == "CUDA graph pool")
 
 
 def test_fit_batch_size_picks_the_largest_batch_under_the_budget() -> None:

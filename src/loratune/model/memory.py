@@ -34,7 +34,9 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
                norm's input and output, the rows kept for the head, d(hidden)): 4 T H a.
   overhead     cuBLAS workspaces and small buffers on CUDA; the Python process itself on CPU.
 
-peak = weights + adapters + saved activations + max(loss, layer working set) + overhead: the loss
+  graph pool   when micro-batches are replayed as CUDA graphs: GRAPH_POOL x T x H x a (measured, below).
+
+peak = weights + adapters + saved activations + max(loss, layer working set) + graph pool + overhead: the loss
 (end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
 
 Calibrated (docs/benchmarks.md, run 2; H100, LoRA r=16 on 7 modules, NF4 double quant, bf16,
@@ -64,6 +66,11 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit blocksize)
 DQ_BLOCK = 256  # absmax values per second-level absmax (double quantization)
+# A micro-batch replayed as a CUDA graph (loratune.kernels.graphs) peaks higher than the same micro-batch
+# run eagerly: its private memory pool does not share blocks with the rest of the process. Measured on the
+# H100 (docs/benchmarks.md, run 9, Llama-3-8B shape): +0.38, +0.80, +1.64 GiB at 2x2048, 1x8192, 1x16384,
+# i.e. 12.2-13.1 x tokens x hidden x 2 bytes. Fitted from one shape: an estimate, kept on the high side.
+GRAPH_POOL = 13
 CUDA_OVERHEAD = 96 * 2**20  # cuBLAS/cuBLASLt workspaces, rotary tables, small buffers (calibrated)
 CPU_OVERHEAD = 1 * GiB  # the Python process with torch and transformers imported
 SAFETY = 0.90  # batch_size auto keeps the estimate under this fraction of the free memory
@@ -285,23 +292,32 @@ def embed_on_host_default(cfg: Config, shape: Shape, device: str) -> bool:
 
 
 def fused_mlp_default(cfg: Config, device: str) -> bool:
-    """Whether the SwiGLU MLPs run liger's fused kernel (CUDA, model.kernels on, liger installed)."""
-    if device != "cuda" or cfg.model.kernels not in ("auto", True):
-        return False
-    import importlib.util
+    """Whether the SwiGLU MLPs run the fused kernel (loratune.kernels.norm_swiglu: CUDA, model.kernels on)."""
+    return device == "cuda" and cfg.model.kernels in ("auto", True)
 
-    return importlib.util.find_spec("liger_kernel") is not None
+
+def graphs_default(cfg: Config, device: str) -> bool:
+    """Whether `loratune train` may capture CUDA graphs (loratune.kernels.graphs and train.run.make_graphs)."""
+    compute = cfg.quantization.compute_dtype
+    return (device == "cuda" and cfg.model.cuda_graphs in ("auto", True) and not cfg.train.deterministic
+            and compute != "fp16" and (cfg.adapter.type == "none" or cfg.adapter.dropout == 0))
+
+
+def _graph_pool(shape: Shape, tokens: int, a: int) -> Component:
+    return Component("CUDA graph pool", GRAPH_POOL * tokens * shape.hidden * a,
+                     f"the captured micro-batch's private pool beyond the eager peak: {GRAPH_POOL} x T x H x a (measured)")
 
 
 # -------------------------------------------------------------------------------------------- estimate
 
 
 def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool,
-             fused_mlp: bool | None = None) -> MemoryPlan:
+             fused_mlp: bool | None = None, graphs: bool | None = None) -> MemoryPlan:
     """The estimated peak memory of training `cfg` on `device` ("cuda" or "cpu") at batch_size x seq_len.
 
-    `model_config`: a transformers config (or a `Shape`). `fused_mlp`: liger's SwiGLU is in use (default:
-    as `loratune train` would decide on this machine). Pure: reads no weights, touches no device.
+    `model_config`: a transformers config (or a `Shape`). `fused_mlp`: the fused SwiGLU is in use; `graphs`:
+    micro-batches are replayed as CUDA graphs (defaults: as `loratune train` would decide on this device).
+    Pure: reads no weights, touches no device.
     """
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
     fused = fused_mlp_default(cfg, device) if fused_mlp is None else fused_mlp
@@ -317,9 +333,11 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     overhead = Component("CUDA overhead" if device == "cuda" else "process overhead",
                          CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD,
                          "cuBLAS workspaces, small buffers" if device == "cuda" else "Python, torch, transformers")
+    graphed = graphs_default(cfg, device) if graphs is None else graphs
+    pool = _graph_pool(shape, tokens, a) if graphed else Component("CUDA graph pool", 0, "")
     comps = [*_weights(cfg, shape, device, embed_on_host, e), *trainable, saved,
              dataclasses.replace(layer, counted=not loss_peak), dataclasses.replace(loss, counted=loss_peak),
-             overhead]
+             pool, overhead]
     return MemoryPlan(tuple(c for c in comps if c.bytes or c.name in ("embedding", "output head")),
                       batch_size, seq_len, device)
 
