@@ -211,4 +211,5 @@ class GraphedMicroBatch:
                         key[0], type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return False
         self.graph, self.key, self.loss, self.captured_with = graph, key, loss, name
+        torch.cuda.empty_cache()  # the side-stream warm-up's cached blocks: the main stream cannot reuse them
         return True
