@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session-8 GPU call 1: GPU tests (kernels + training engine with the fast paths now on by default), then
+# Benchmark run 6 (docs/benchmarks.md): GPU tests (kernels + training engine with the fast paths now on by default), then
 # Llama-3-8B: reference, plain, and the train default (all fast paths) with a profile of one step.
 set -uo pipefail
 export TESTS="tests/gpu tests/kernels tests/train/test_train_gpu.py"

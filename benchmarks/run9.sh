@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session-8 GPU call 4: the new GPU tests (own norm/SwiGLU kernels, host-embedding gather, CUDA graphs, graphs
+# Benchmark run 9 (docs/benchmarks.md): the new GPU tests (own norm/SwiGLU kernels, host-embedding gather, CUDA graphs, graphs
 # in training), then Llama-3-8B: reference, the eager fast path (profiled) and the train default (fast path +
 # CUDA graphs, autotuned per shape against eager) on all three cases.
 set -uo pipefail

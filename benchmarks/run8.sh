@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session-8 GPU call 3: GPU tests (kernels, graphs, training engine), then Llama-3-8B: reference, the
+# Benchmark run 8 (docs/benchmarks.md): GPU tests (kernels, graphs, training engine), then Llama-3-8B: reference, the
 # eager fast path, and the train default (fast path + CUDA graphs) on all three cases, profiled.
 set -uo pipefail
 export TESTS="tests/gpu tests/train/test_graphs_gpu.py tests/train/test_train_gpu.py tests/kernels" TEST_TIMEOUT=200 PYTEST_X=" "
