@@ -40,14 +40,19 @@ def _plan(args: argparse.Namespace) -> None:
         raise
 
 
+def _config_args(p: argparse.ArgumentParser, help: str = "YAML config file (see docs/config.md for every key)") -> None:
+    """The CONFIG and section.key=value arguments every config-driven subcommand takes."""
+    p.add_argument("config", help=help)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="Estimate the peak memory of a training run, without loading the model.",
                        description="Print the estimated peak memory of `loratune train CONFIG`, component by "
                                    "component, from the model's config.json alone (no weights are read), resolve "
                                    "train.batch_size auto, and fail (exit 2) if the run would not fit the free "
                                    "memory of the device (or --budget-gib).")
-    p.add_argument("config", help="YAML config file (see docs/config.md for every key)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    _config_args(p)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="plan for this device (default: a GPU when there is one)")
     p.add_argument("--budget-gib", type=float, help="plan against this much free memory instead of what the "
@@ -70,8 +75,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="Fine-tune a model from a YAML config.",
                        description="Fine-tune a model (QLoRA by default) from a YAML config. "
                                    "Any key can be overridden as section.key=value, e.g. train.lr=1e-4.")
-    p.add_argument("config", help="YAML config file (see docs/config.md for every key)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    _config_args(p)
     p.set_defaults(handler=_train)
 
 
@@ -188,8 +192,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                         "supervised tokens in colour (or between ⟦ ⟧ when not a terminal), then "
                                         "statistics: samples per dataset, lengths, truncated and dropped counts, "
                                         "supervised fraction, packing efficiency.")
-    pv.add_argument("config", help="YAML config file (its model and data sections are used)")
-    pv.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    _config_args(pv, "YAML config file (its model and data sections are used)")
     pv.add_argument("-n", type=int, default=3, help="samples to show (default: %(default)s)")
     pv.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                     help="colour the output (auto: when writing to a terminal and NO_COLOR is unset)")

@@ -21,6 +21,23 @@ from loratune.model.adapters import attach_adapters
 from loratune.model.load import load_base
 
 
+def _hf_loss_and_grads(model: torch.nn.Module, seed: int):
+    """Give the LoRA B matrices random values (so adapter gradients are informative) and return a function
+    computing the model's own HF loss on a fixed batch and its gradients for the trainable parameters."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss, torch.autograd.grad(loss, params)
+
+    return loss_and_grads
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -131,16 +148,7 @@ def test_swapped_peft_layers_match_original(tiny_llama: Path) -> None:
                              "adapter.rank=4", "adapter.dropout=0"])
     model = attach_adapters(load_base(cfg), cfg.adapter)
     model.train()  # in eval mode bitsandbytes may repack 4-bit weights for its CPU kernel
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(5))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        return loss, torch.autograd.grad(loss, params)
+    loss_and_grads = _hf_loss_and_grads(model, seed=5)
 
     want_loss, want = loss_and_grads()
     assert apply(model, cfg) is model and not any(getattr(m, "_loratune_fused", False) for m in model.modules())
@@ -238,16 +246,7 @@ def test_norm_and_swiglu_swaps_match_the_model(tiny_llama: Path) -> None:
         pytest.skip("CPU check; tests/gpu covers the swap on CUDA")
     cfg = load_config(None, [f"model.path={tiny_llama}", "quantization.bits=32", "adapter.rank=4", "adapter.dropout=0"])
     model = attach_adapters(load_base(cfg), cfg.adapter)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(9))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        return loss, torch.autograd.grad(loss, params)
+    loss_and_grads = _hf_loss_and_grads(model, seed=9)
 
     want_loss, want = loss_and_grads()
     layers = model.config.num_hidden_layers
