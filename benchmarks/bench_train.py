@@ -191,6 +191,7 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
     bf16 autocast, token-summed loss divided by the window's supervised tokens, backward (by CUDA graph
     replay when `graphs` applies), grad-norm clip (always computed), optimizer step."""
     from loratune.kernels import frozen_adapters
+    from loratune.train.loss import with_target_rows
 
     def step(model, ids, opt) -> torch.Tensor:
         n = ids.shape[0] * (ids.shape[1] - 1)  # every token supervised but each row's last
@@ -200,7 +201,8 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
         else:
             sync()
             t = time.perf_counter()
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            rows = with_target_rows({"labels": ids.cpu()})["target_rows"].to(ids.device)  # as Loop: from the host
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "target_rows": rows}
             with frozen_adapters(model):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
                     loss_sum, n = loss_sum_fn(model, batch)

@@ -46,3 +46,22 @@ def test_model_loss_equals_hf_loss(tiny_models: dict[str, Path], family: str) ->
     assert torch.allclose(ours / n, hf, rtol=1e-5)
     flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
     assert float((flat(got) - flat(want)).norm() / flat(want).norm()) < 1e-4
+
+
+def test_rows_counted_on_the_host_give_the_same_loss(tiny_models: dict[str, Path]) -> None:
+    """`with_target_rows` (what the loop adds on the host) selects exactly the supervised rows."""
+    from loratune.train.loss import TARGET_ROWS, with_target_rows
+
+    cfg = load_config(None, [f"model.path={tiny_models['llama']}", "adapter.rank=4", "adapter.dropout=0"])
+    model = attach_adapters(load_base(cfg), cfg.adapter)
+    ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE
+    labels[1, 9:] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rows = with_target_rows(batch)[TARGET_ROWS]
+    assert rows.tolist() == [4, 5, 6, 7, 8, 9, 10] + [12 + i for i in range(8)]
+    with torch.no_grad():
+        got, n = lm_loss_sum(model, with_target_rows(batch))
+        want, n_want = lm_loss_sum(model, batch)
+    assert n == n_want == 15 and torch.equal(got, want)

@@ -34,7 +34,7 @@ from loratune.errors import LoratuneError
 from loratune.kernels import frozen_adapters
 from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.train.faults import fault
-from loratune.train.loss import lm_loss_sum
+from loratune.train.loss import lm_loss_sum, with_target_rows
 from loratune.train.optim import build_scheduler
 
 log = logging.getLogger("loratune.train")
@@ -146,24 +146,27 @@ class Loop:
     def forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """Accumulate the window's gradients; returns (summed loss, supervised tokens); nan loss if non-finite.
 
-        Stops at the first non-finite micro-batch loss: the step will be skipped, so the rest is wasted work.
+        The host never waits for the GPU inside the window: batches go over from pinned memory without
+        blocking, the rows the loss keeps are counted on the host, and the losses are summed on the device
+        and read once at the end. A non-finite micro-batch therefore makes the whole window's loss
+        non-finite and the step is skipped (its gradients are dropped with it).
         """
         n_window = sum(_supervised(b) for b in batches)
         if n_window == 0:
             return float("nan"), 0
-        total = 0.0
+        cuda = self.acc.device.type == "cuda"
+        total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         for i, b in enumerate(batches):
             replayed = self.graphs.run(b, 1.0 / n_window) if self.graphs is not None else None
             if replayed is not None:  # forward and backward done by one graph replay
-                if not torch.isfinite(replayed):
-                    return float("nan"), n_window
-                total += float(replayed)
+                total += replayed
                 continue
             timed = self.graphs is not None and self.graphs.timing  # the graphs compare their replay with this
             if timed:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-            b = {k: v.to(self.acc.device) for k, v in b.items()}
+            b = {k: (v.pin_memory() if cuda else v).to(self.acc.device, non_blocking=cuda)
+                 for k, v in with_target_rows(b).items()}
             last = i == len(batches) - 1
             # gradients are all-reduced once per window, on its last backward (no-op on one process)
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
@@ -171,16 +174,15 @@ class Loop:
                     loss_sum, _ = self.loss_fn(self.model, b)
                 if fault("loss"):
                     loss_sum = loss_sum + float("inf")
-                if not torch.isfinite(loss_sum):
-                    return float("nan"), n_window
                 self.acc.backward(loss_sum / n_window)
             if timed:
                 torch.cuda.synchronize()
                 self.graphs.eager_took(time.perf_counter() - t0)
             fault("step.backward")
-            total += float(loss_sum.detach())
+            total += loss_sum.detach()
             del loss_sum  # drop this micro-batch's autograd graph now: a CUDA graph capture must not meet it
-        return total, n_window
+        value = float(total)
+        return (value if math.isfinite(value) else float("nan")), n_window
 
     def step(self, state: LoopState, window: list[list[int]]) -> StepResult:
         """One optimizer step over the window; skipped (no update) if the loss or a gradient is non-finite."""

@@ -43,11 +43,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+TARGET_ROWS = "target_rows"  # batch key: flat indices of the positions that predict a supervised token
+
+
+def with_target_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch plus `target_rows`, computed where the labels are (the host, before the batch moves to the
+    GPU), so that the loss can drop unsupervised rows without waiting for the GPU to count them."""
+    rows = (shift_labels(batch["labels"]).reshape(-1) != IGNORE).nonzero().squeeze(1)
+    return {**batch, TARGET_ROWS: rows}
+
+
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states from the model's backbone (adapters included: peft injects them in place)."""
     base = _unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", TARGET_ROWS)}
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
@@ -63,13 +73,15 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], impl: str = "c
         return full_logits_loss_sum(model, batch)
     hidden = hidden_states(model, batch)
     targets = shift_labels(batch["labels"]).reshape(-1)
-    keep = targets != IGNORE  # rows with no target cost nothing: drop them before the head matmul
     h = hidden.reshape(-1, hidden.shape[-1])
-    if not bool(keep.all()):
-        h, targets = h[keep], targets[keep]
+    rows = batch.get(TARGET_ROWS)
+    if rows is None:  # rows counted here: the host waits for the labels' comparison on the device
+        rows = (targets != IGNORE).nonzero().squeeze(1)
+    if rows.numel() != targets.numel():  # rows with no target cost nothing: dropped before the head matmul
+        h, targets = h.index_select(0, rows), targets.index_select(0, rows)
     cap = getattr(base.config, "final_logit_softcapping", None)
-    loss, n = fused_linear_cross_entropy_sum(h, head.weight, targets, softcap=cap, impl=impl)
-    return loss, int(n)
+    loss, _ = fused_linear_cross_entropy_sum(h, head.weight, targets, softcap=cap, impl=impl)
+    return loss, rows.numel()
 
 
 def lm_loss_sum_all_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,7 +98,7 @@ def lm_loss_sum_all_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Reference: the model's own forward to full logits, then summed cross-entropy in fp32."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", TARGET_ROWS)}
     logits = model(**inputs, use_cache=False).logits
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     targets = shift_labels(batch["labels"])
