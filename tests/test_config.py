@@ -95,3 +95,14 @@ def test_reference_doc_is_generated_and_current() -> None:
     assert doc.read_text(encoding="utf-8") == reference_markdown() + "\n"
     for section in Config.__dataclass_fields__:
         assert f"## `{section}`" in doc.read_text()
+
+
+def test_every_example_config_is_valid() -> None:
+    """The bundled configs load through the same validation as a user's (the quickstart also trains in CI)."""
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.model.path and cfg.data.datasets, path

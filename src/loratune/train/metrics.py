@@ -86,7 +86,7 @@ def plot_losses(rows: list[dict], path: Path) -> str | None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        return "loss.png skipped: matplotlib is not installed (pip install 'loratune[plot]')"
+        return "loss.png skipped: matplotlib is not installed (pip install matplotlib)"
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if not train and not evals:
