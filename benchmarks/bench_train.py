@@ -469,7 +469,7 @@ def main() -> None:
             results.append(run_case(model, reference_step, ref_opt, "reference", case, steps_for(case),
                                     ARGS.warmup, vocab, init))
             write_report()
-        if "reference" in ARGS.profile:
+        if "reference" in ARGS.profile.split(","):
             profile_step(model, reference_step, ref_opt, "reference", standard, vocab, out_dir)
         if "reference-autocast" in refs:  # qlora.py's HF Trainer runs with bf16 autocast
             step = functools.partial(reference_step, autocast=True)
@@ -507,7 +507,7 @@ def main() -> None:
                                         manual_gc=v.endswith("+gc")))
                 results[-1].planned_gib = planned_gib(cfg, folder, case, model, graphs is not None)
                 write_report()
-            if v in ARGS.profile:
+            if v in ARGS.profile.split(","):
                 profile_step(model, step, make_opt, v, standard, vocab, out_dir)
         free(model, init)
     write_report()

@@ -1,0 +1,126 @@
+"""Where does the GPU wait? A timeline of one training step, eager and replayed as a CUDA graph.
+
+Run 9 (docs/benchmarks.md) measured a graphed 2 x 2048 step of the Llama-3-8B shape at 420 ms for ~350 ms
+of kernels: the GPU idles ~70 ms per step somewhere. This script builds the model as bench_train.py does
+(`build_model` with every fast path), runs a few steps of `loratune.benchmarks.bench_train.loratune_step`
+with and without CUDA graphs, then records one step of each with the PyTorch profiler and reports, from
+the GPU timeline: the step's wall time, the sum of kernel times, and the largest idle gaps between
+consecutive GPU activities with what ran before and after each. The chrome traces go to $OUT (gzip).
+
+Usage (GPU machine, wheels installed as in benchmarks/gpu_run.sh):
+    python benchmarks/trace_step.py --shape llama3-8b --case 2x2048 --out-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_train as bench  # noqa: E402  (the benchmark's model, config and step, unchanged)
+
+
+@dataclass(frozen=True)
+class Activity:
+    start_us: float
+    end_us: float
+    name: str
+
+
+def idle_gaps(activities: list[Activity], min_us: float = 5.0) -> list[tuple[float, Activity, Activity]]:
+    """(gap, before, after) for every stretch of at least `min_us` in which no GPU activity runs, largest first.
+
+    Activities may overlap (several streams); a gap is time covered by none of them.
+    """
+    acts = sorted(activities, key=lambda a: a.start_us)
+    gaps: list[tuple[float, Activity, Activity]] = []
+    covered_until, last = None, None
+    for a in acts:
+        if covered_until is not None and a.start_us - covered_until >= min_us:
+            gaps.append((a.start_us - covered_until, last, a))
+        if covered_until is None or a.end_us > covered_until:
+            covered_until, last = a.end_us, a
+    return sorted(gaps, key=lambda g: -g[0])
+
+
+def gpu_activities(prof) -> list[Activity]:
+    out = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out.append(Activity(e.time_range.start, e.time_range.end, e.name))
+    return out
+
+
+def report(name: str, prof, wall_s: float, out_dir: Path, top: int = 15) -> None:
+    acts = gpu_activities(prof)
+    busy = sum(a.end_us - a.start_us for a in acts)
+    gaps = idle_gaps(acts)
+    span = (max(a.end_us for a in acts) - min(a.start_us for a in acts)) if acts else 0.0
+    print(f"\n== {name}: step {wall_s * 1e3:.1f} ms wall, {len(acts)} GPU activities, {busy / 1e3:.1f} ms busy, "
+          f"first-to-last {span / 1e3:.1f} ms, idle inside {sum(g for g, _, _ in gaps) / 1e3:.1f} ms "
+          f"in {len(gaps)} gaps >= 5 us")
+    for size in (5, 20, 100, 1000, 10000):
+        n = sum(1 for g, _, _ in gaps if g >= size)
+        print(f"   gaps >= {size:>5} us: {n:5d}, {sum(g for g, _, _ in gaps if g >= size) / 1e3:8.1f} ms")
+    for g, before, after in gaps[:top]:
+        print(f"   {g / 1e3:8.2f} ms idle after {before.name[:60]!r} before {after.name[:60]!r}")
+    path = out_dir / f"trace_{name}.json"
+    prof.export_chrome_trace(str(path))
+    with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
+    p.add_argument("--case", default="2x2048")
+    p.add_argument("--steps", type=int, default=5, help="steps before the traced one (capture happens in these)")
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "trace-out"))
+    args = p.parse_args()
+    bench.ARGS = bench.parse_args(["--shape", args.shape])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(bench.ARGS.model_dir) / args.shape
+    bench.build_and_save(args.shape, folder)
+    model, cfg = bench.load_loratune(folder)
+    from loratune.kernels import apply
+    from loratune.kernels.graphs import GraphedMicroBatch
+    from loratune.train.loss import lm_loss_sum, lm_loss_sum_all_rows
+    from loratune.train.optim import build_optimizer
+
+    apply(model, cfg)
+    params = [q for q in model.parameters() if q.requires_grad]
+    case = bench.parse_case(args.case)
+    ids = bench.batches(case, args.steps + 1, bench.SHAPES[args.shape]["vocab_size"])
+    for name, graphs in (("eager", None), ("graphed", GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16))):
+        opt = build_optimizer(model, cfg.train)
+        step = bench.loratune_step(lm_loss_sum, params, 0.0, graphs)
+        for b in ids[:-1]:
+            step(model, b.cuda(), opt)
+        torch.cuda.synchronize()
+        last = ids[-1].cuda()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            step(model, last, opt)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        report(name, prof, wall, out)
+        if graphs is not None:
+            print(f"   graph replays: {graphs.replays}, captured: {graphs.key is not None}")
+        del opt
+        for q in params:
+            q.grad = None
+
+
+if __name__ == "__main__":
+    main()
