@@ -204,3 +204,20 @@ def test_fp32_export_answers_exactly_like_the_adapter(tiny_llama: Path, tmp_path
         return [e.token_id for e in eng.chat(msgs, SamplingParams(max_new_tokens=16)) if isinstance(e, Delta)]
 
     assert answer(tmp_path / "out") == answer(adapter)
+
+
+def test_a_failed_verification_leaves_nothing_behind(q4_adapter: Path, tmp_path: Path, capsys) -> None:
+    """Files are written and checked in staging folders; the destinations receive them only if they pass."""
+    out, out4 = tmp_path / "merged", tmp_path / "merged-nf4"
+    with pytest.raises(ExportError, match=f"agrees with the adapter on only .*nothing was written to {out}"):
+        export(q4_adapter, out, dtype="bf16", quantize_4bit=out4, min_agreement=1.01)  # impossible to meet
+    assert "exported to" in capsys.readouterr().out  # the report with the numbers is still printed
+    assert not any(out.iterdir()) and not any(out4.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_overwrite_replaces_the_previous_export(exported, q4_adapter: Path) -> None:
+    _, out, _ = exported
+    (out / "stale.txt").write_text("from an earlier export")
+    export(q4_adapter, out, dtype="bf16", shard_size="100KB", overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "loratune_export.json").is_file()

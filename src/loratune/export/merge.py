@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,21 +200,53 @@ def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantiz
 
     generation = _generation_config(merged, tok, fmt.stop_ids)
     merged.generation_config = generation
-    merged.save_pretrained(out, max_shard_size=shard_size)
-    tok.save_pretrained(out)
-    del merged, model, base
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype).eval()
-    reload_diff = compare(merged_logits, probe_logits(reloaded, prompts)).max_diff
+    # written and verified in staging folders beside the destinations, which receive them only if the
+    # verification passes: a failed export never leaves a loadable-looking model behind
+    stage = _staging(out)
+    stage4 = _staging(Path(quantize_4bit)) if quantize_4bit else None
+    try:
+        merged.save_pretrained(stage, max_shard_size=shard_size)
+        tok.save_pretrained(stage)
+        del merged, model, base
+        reloaded = AutoModelForCausalLM.from_pretrained(stage, dtype=torch_dtype).eval()
+        reload_diff = compare(merged_logits, probe_logits(reloaded, prompts)).max_diff
 
-    report = ExportReport(str(out), dtype, stats, agreement, dequant_vs_trained, reload_diff)
-    if quantize_4bit:
-        del reloaded
-        report.quantized = _requantize(out, Path(quantize_4bit), prompts, merged_logits, trained, tok,
-                                       generation, torch_dtype)
-    (out / "loratune_export.json").write_text(json.dumps({"adapter": str(run.path), **asdict(report)}, indent=2))
-    print_report(report)
-    _check(report, min_agreement)
+        report = ExportReport(str(out), dtype, stats, agreement, dequant_vs_trained, reload_diff)
+        if quantize_4bit:
+            del reloaded
+            report.quantized = _requantize(stage, stage4, prompts, merged_logits, trained, tok, generation, torch_dtype)
+            report.quantized["out"] = str(quantize_4bit)
+        (stage / "loratune_export.json").write_text(json.dumps({"adapter": str(run.path), **asdict(report)}, indent=2))
+        print_report(report)
+        try:
+            _check(report, min_agreement)
+        except ExportError as e:
+            raise ExportError(f"{e}; nothing was written to {out}") from None
+        _publish(stage, out)
+        if stage4 is not None:
+            _publish(stage4, Path(quantize_4bit))
+    finally:
+        for folder in (stage, stage4):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def _staging(dest: Path) -> Path:
+    """An empty hidden folder beside `dest` (same filesystem, so that publishing is a rename)."""
+    stage = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _publish(stage: Path, dest: Path) -> None:
+    """Replace `dest`'s contents (empty, or --overwrite) by the verified files of `stage`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.iterdir():
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    for item in stage.iterdir():
+        os.replace(item, dest / item.name)
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:
