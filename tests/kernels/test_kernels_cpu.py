@@ -119,7 +119,8 @@ def test_reference_dequant_is_within_quantization_error() -> None:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_lora_linear_matches_reference_fp64(bias: bool, dropout: bool) -> None:
+@pytest.mark.parametrize("split", [False, True])
+def test_lora_linear_matches_reference_fp64(bias: bool, dropout: bool, split: bool) -> None:
     g = torch.Generator().manual_seed(4)
     t, d_in, d_out, r = 19, 48, 40, 4
     x = torch.randn(2, t, d_in, generator=g, dtype=torch.float64, requires_grad=True)
@@ -132,7 +133,7 @@ def test_lora_linear_matches_reference_fp64(bias: bool, dropout: bool) -> None:
 
     def run(fused: bool):
         x_l = x * mask if dropout else None
-        y = lora_linear(x, lambda dt: w.to(dt), b, a, bb, 0.7, x_l) if fused else \
+        y = lora_linear(x, lambda dt: w.to(dt), b, a, bb, 0.7, x_l, split=split) if fused else \
             reference_lora_linear(x, w, b, a, bb, 0.7, x_l)
         return (y, *torch.autograd.grad(y, (x, a, bb), upstream))
 
@@ -153,6 +154,8 @@ def test_swapped_peft_layers_match_original(tiny_llama: Path) -> None:
     want_loss, want = loss_and_grads()
     assert apply(model, cfg) is model and not any(getattr(m, "_loratune_fused", False) for m in model.modules())
     assert swap_lora_layers(model) == 7 * model.config.num_hidden_layers
+    last = [n for n, m in model.named_modules() if getattr(m, "_loratune_last_in_block", False)]
+    assert len(last) == model.config.num_hidden_layers and all(n.endswith("mlp.down_proj") for n in last)
     assert all(is_swappable(m) for m in model.modules() if getattr(m, "_loratune_fused", False))
     got_loss, got = loss_and_grads()
     assert torch.allclose(got_loss, want_loss, rtol=1e-5)
@@ -277,7 +280,7 @@ def test_checkpoint_recompute_skips_the_last_lora_main_product() -> None:
 
     def block(h: torch.Tensor) -> torch.Tensor:
         mid = F.silu(lora_linear(h, weight("w1", w1), None, a1, b1, 0.5))
-        return h + lora_linear(mid, weight("w2", w2), None, a2, b2, 0.5)
+        return h + lora_linear(mid, weight("w2", w2), None, a2, b2, 0.5, split=True)  # the block's last layer
 
     def plain(h: torch.Tensor) -> torch.Tensor:
         mid = F.silu(reference_lora_linear(h, w1, None, a1, b1, 0.5))
