@@ -325,13 +325,15 @@ def test_repetition_penalty_top_k_and_top_p_in_the_engine(engine) -> None:
     prompt = fmt.render([{"role": "user", "content": "Say it again and again"}])
     with engine._use("alpha"):
         greedy = manual_greedy(engine.model, prompt, 16)
-        penalised = manual_penalised_greedy(engine.model, prompt, 16, 1.8)
-    assert penalised != greedy  # the penalty changes this answer ...
+        # a penalty that changes this answer (> 1 if it repeats tokens, < 1 favours them if it does not;
+        # which applies depends on the random tiny weights)
+        penalty, penalised = next((p, out) for p in (1.8, 10.0, 0.5, 0.1)
+                                  if (out := manual_penalised_greedy(engine.model, prompt, 16, p)) != greedy)
 
     def run(**kw) -> list[int]:
         return _tokens(engine.generate([prompt], SamplingParams(max_new_tokens=16, **kw), "alpha", ignore_eos=True))
 
-    assert run(repetition_penalty=1.8) == penalised  # ... exactly as the reference applies it
+    assert run(repetition_penalty=penalty) == penalised  # the engine applies it exactly as the reference
     # top_k=1 and a tiny top_p keep only the most likely token: sampling at any temperature is greedy
     assert run(temperature=1.5, top_k=1, seed=0) == greedy
     assert run(temperature=1.5, top_p=1e-6, seed=1) == greedy
