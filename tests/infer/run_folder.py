@@ -31,9 +31,11 @@ def make_adapter_dir(base: Path, out: Path, *, bits: int = 16, seed: int = 1, sc
     tok, info = load_tokenizer(cfg.model)
     model = attach_adapters(load_base(cfg), cfg.adapter)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad():  # A as well as B from the seed: peft draws A from the global RNG, which tests share
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            elif "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
