@@ -36,10 +36,11 @@ def _text_run(tmp_path: Path, tiny_llama: Path, name: str, *overrides: str):
     return train(config(write_run_yaml(folder, tiny_llama, **sections), "quantization.compute_dtype=bf16", *overrides))
 
 
-def test_graphs_are_used_and_train_like_eager(tmp_path: Path, tiny_llama: Path, caplog) -> None:
+def test_graphs_are_used_and_train_like_eager(tmp_path: Path, tiny_llama: Path, caplog, capsys) -> None:
     caplog.set_level(logging.INFO, logger="loratune.kernels.graphs")
     graphed = _text_run(tmp_path, tiny_llama, "graphs")
     assert "captured a CUDA graph" in caplog.text and "capture failed" not in caplog.text
+    assert "micro-batches replayed" in capsys.readouterr().out  # the summary says so
     eager = _text_run(tmp_path, tiny_llama, "eager", "model.cuda_graphs=false")
     a = [r["loss"] for r in read_rows(graphed.out_dir / "metrics.jsonl") if "loss" in r]
     b = [r["loss"] for r in read_rows(eager.out_dir / "metrics.jsonl") if "loss" in r]

@@ -366,6 +366,8 @@ class Run:
             f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}" + (
                 f"; best eval loss {r.best_eval_loss:.4f} at step {r.best_step}" if r.best_eval_loss is not None else "")
             + ("; stopped early" if r.stopped_early else ""),
+            *([f"CUDA graphs: {self.loop.graphs.replays:,} micro-batches replayed"]
+              if self.loop.graphs is not None and self.loop.graphs.replays else []),
             f"adapter ({which}): {self.out}/   checkpoints: {self.root}/",
             f"chat with it:  loratune chat {self.out}",
         ]
