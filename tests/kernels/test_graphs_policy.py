@@ -1,0 +1,83 @@
+"""When `GraphedMicroBatch` replays, captures or declines, checked on the CPU with the CUDA parts stubbed.
+
+The capture and replay themselves run only on a GPU (tests/gpu, tests/train/test_graphs_gpu.py); the policy
+around them (which micro-batches are eager warm-ups, which one is timed, when a new shape starts over, what
+is never graphed) is plain Python and is pinned here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loratune.kernels.graphs import GraphedMicroBatch
+
+
+class Stubbed(GraphedMicroBatch):
+    """The policy of GraphedMicroBatch with capture and replay replaced by records."""
+
+    def __init__(self, capture_ok: bool = True) -> None:
+        super().__init__(torch.nn.Linear(2, 2), lambda m, b: torch.zeros(()), torch.float32, enabled=False)
+        self.enabled, self.capture_ok, self.events = True, capture_ok, []
+
+    def _choose(self, key, batch) -> bool:
+        self.events.append(("capture", key[0], self.eager_seconds))
+        if not self.capture_ok:
+            self.failed.add(key)
+            return False
+        self.key = key
+        return True
+
+    def _replay(self, batch, scale):
+        self.events.append(("replay", tuple(batch["input_ids"].shape)))
+        self.replays += 1
+        return torch.tensor(1.0)
+
+
+def batch(rows: int, cols: int, pad: bool = False, **extra) -> dict[str, torch.Tensor]:
+    ids = torch.ones(rows, cols, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[0, -1] = 0
+    return {"input_ids": ids, "labels": ids, "attention_mask": mask, **extra}
+
+
+def test_two_eager_micro_batches_then_capture_then_replays() -> None:
+    g = Stubbed()
+    assert g.run(batch(2, 8), 0.1) is None and not g.timing  # warm-up
+    assert g.run(batch(2, 8), 0.1) is None and g.timing  # timed eager run
+    g.eager_took(0.25)
+    assert g.run(batch(2, 8), 0.1) is not None and g.run(batch(2, 8), 0.1) is not None
+    assert g.events == [("capture", (2, 8), 0.25), ("replay", (2, 8)), ("replay", (2, 8))]
+
+
+def test_a_new_shape_starts_over_and_the_eager_time_is_its_own() -> None:
+    g = Stubbed()
+    for _ in range(3):
+        g.run(batch(2, 8), 1.0)
+    g.eager_took(9.0)  # reported for no timed run: ignored
+    assert g.run(batch(1, 16), 1.0) is None and g.run(batch(1, 16), 1.0) is None
+    assert g.timing and g.eager_seconds == float("inf")  # the 9.0 above was not taken: no run was being timed
+    g.eager_took(0.5)
+    assert g.run(batch(1, 16), 1.0) is not None
+    assert g.events[-2] == ("capture", (1, 16), 0.5)
+    assert g.run(batch(2, 8), 1.0) is None  # the old shape is a new sighting again (one graph is kept)
+
+
+def test_padding_unknown_keys_and_failed_shapes_stay_eager() -> None:
+    g = Stubbed()
+    for _ in range(4):
+        assert g.run(batch(2, 8, pad=True), 1.0) is None
+        assert g.run(batch(2, 8, extra_key=torch.zeros(1)), 1.0) is None
+    assert g.events == []
+    failing = Stubbed(capture_ok=False)
+    for _ in range(6):
+        assert failing.run(batch(2, 8), 1.0) is None
+    assert [e[0] for e in failing.events] == ["capture"]  # tried once, then eager for good
+
+
+def test_packed_batches_are_keyed_with_their_position_ids() -> None:
+    g = Stubbed()
+    packed = {"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long),
+              "position_ids": torch.arange(8).repeat(2, 1)}
+    assert g._key(packed) == ((2, 8), ("input_ids", "labels", "position_ids"))
+    assert g._key(batch(2, 8)) == ((2, 8), ("input_ids", "labels"))
