@@ -8,7 +8,6 @@ import sys
 import time
 
 import pexpect
-import pytest
 
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.sampling import SamplingParams

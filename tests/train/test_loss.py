@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from loratune.config import load_config
 from loratune.model.adapters import attach_adapters

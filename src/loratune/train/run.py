@@ -180,7 +180,7 @@ class Run:
         return self.state.stopped_early or self.state.step >= self.loop.total
 
     def fit(self) -> TrainResult:
-        cfg, state = self.cfg.train, self.state
+        state = self.state
         throughput, window = Throughput(), []
         if self.fresh and self.cfg.output.sample_prompts and not self.finished:
             self._samples_before()
