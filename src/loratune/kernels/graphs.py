@@ -123,7 +123,9 @@ class GraphedMicroBatch:
     def _replay(self, batch: dict[str, Tensor], scale: float) -> Tensor:
         self._bind_grads()
         for k, t in self.static.items():
-            t.copy_(batch[k], non_blocking=True)
+            src = batch[k]
+            # from pinned memory the copy is queued without waiting (a pageable source syncs the stream first)
+            t.copy_(src if src.is_cuda else src.pin_memory(), non_blocking=True)
         self.scale.fill_(scale)
         self.graph.replay()
         self.replays += 1
