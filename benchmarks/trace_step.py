@@ -63,7 +63,7 @@ def report(name: str, prof, wall_s: float, out_dir: Path, top: int = 15) -> None
     acts = gpu_activities(prof)
     busy = sum(a.end_us - a.start_us for a in acts)
     gaps = idle_gaps(acts)
-    span = (max(a.end_us for a in acts) - min(a.start_us for a in acts)) if acts else 0.0
+    span = (max(a.end_us for a in acts) - min(a.start_us for a in acts)) if acts else 0.0  # none on CPU
     print(f"\n== {name}: step {wall_s * 1e3:.1f} ms wall, {len(acts)} GPU activities, {busy / 1e3:.1f} ms busy, "
           f"first-to-last {span / 1e3:.1f} ms, idle inside {sum(g for g, _, _ in gaps) / 1e3:.1f} ms "
           f"in {len(gaps)} gaps >= 5 us")
@@ -79,14 +79,17 @@ def report(name: str, prof, wall_s: float, out_dir: Path, top: int = 15) -> None
     path.unlink()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
     p.add_argument("--case", default="2x2048")
     p.add_argument("--steps", type=int, default=5, help="steps before the traced one (capture happens in these)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "trace-out"))
-    args = p.parse_args()
-    bench.ARGS = bench.parse_args(["--shape", args.shape])
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (shape tiny)")
+    p.add_argument("--model-dir", default="/tmp/loratune-bench")
+    args = p.parse_args(argv)
+    bench.ARGS = bench.parse_args(["--shape", args.shape, "--device", args.device, "--model-dir", args.model_dir])
+    dev = torch.device(args.device)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(bench.ARGS.model_dir) / args.shape
@@ -101,18 +104,19 @@ def main() -> None:
     params = [q for q in model.parameters() if q.requires_grad]
     case = bench.parse_case(args.case)
     ids = bench.batches(case, args.steps + 1, bench.SHAPES[args.shape]["vocab_size"])
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda"
+                                                          else [])
     for name, graphs in (("eager", None), ("graphed", GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16))):
         opt = build_optimizer(model, cfg.train)
         step = bench.loratune_step(lm_loss_sum, params, 0.0, graphs)
         for b in ids[:-1]:
-            step(model, b.cuda(), opt)
-        torch.cuda.synchronize()
-        last = ids[-1].cuda()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step(model, b.to(dev), opt)
+        bench.sync()
+        last = ids[-1].to(dev)
+        with torch.profiler.profile(activities=activities) as prof:
             t = time.perf_counter()
             step(model, last, opt)
-            torch.cuda.synchronize()
+            bench.sync()
             wall = time.perf_counter() - t
         report(name, prof, wall, out)
         if graphs is not None:
