@@ -314,7 +314,8 @@ def profile_step(model, step_fn, make_opt, name: str, case: tuple[int, int], voc
 
     ids = batches(case, 1, vocab)[0].to(ARGS.device)
     opt = make_opt(model)
-    step_fn(model, ids, opt)  # warm
+    for _ in range(4):  # warm; a graphed variant captures this shape at its third step (loratune.kernels.graphs)
+        step_fn(model, ids, opt)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn(model, ids, opt)
         sync()
