@@ -23,13 +23,9 @@ from loratune.data.sample import Sample
 MEGA = 64
 
 
-def collate(samples: list[Sample], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, labels, and attention_mask (unpacked) or position_ids (packed).
-
-    `width`: pad to at least this many positions (packed rows all get the same shape, which lets a
-    CUDA graph replay every micro-batch); default the longest sample.
-    """
-    width = max([len(s.input_ids) for s in samples] + [width or 0])
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, labels, and attention_mask (unpacked) or position_ids (packed)."""
+    width = max(len(s.input_ids) for s in samples)
     n = len(samples)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)

@@ -9,9 +9,9 @@ embedding, decoder with checkpointing, head and loss, backward into the adapters
 When it applies (else the caller runs the micro-batch eagerly, as before):
 - CUDA, `model.cuda_graphs` auto/true, no loss scaler (bf16 or fp32 compute), no active dropout (the
   randomness of a replayed graph is not what checkpoints restore: exact resume comes first);
-- the batch holds input_ids, labels and either an all-ones attention mask (no padding) or the
-  position ids of packed rows (padded to data.max_length, so every packed batch has one shape), and
-  the same shape was seen in the previous micro-batch. Not in deterministic mode (train.run).
+- the batch holds input_ids, labels and an all-ones attention mask (no padding: equal-length rows, such
+  as plain text cut into max_length pieces), and the same shape was seen in the previous micro-batch.
+  Not packed batches (see `_key`), not in deterministic mode (train.run).
 The first micro-batch of a shape runs eagerly (warm-up: Triton compilation, cuBLAS/cuDNN plans), the
 second eagerly too, timed; at the third the shape is captured (after one more warm-up pass on a side
 stream with a zero loss scale, which adds nothing to the gradients) and one replay with a zero loss
@@ -88,7 +88,9 @@ class GraphedMicroBatch:
     # ---------------------------------------------------------------------------------------- policy
 
     def _key(self, batch: dict[str, Tensor]) -> tuple | None:
-        if not self.enabled or set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}:
+        # Packed batches (position_ids) stay eager: transformers derives their per-sample attention mask with
+        # a host-side check (masking_utils.find_packed_sequence_indices), which a capture cannot contain.
+        if not self.enabled or set(batch) - {"input_ids", "labels", "attention_mask"}:
             return None
         mask = batch.get("attention_mask")
         if mask is not None and not bool(mask.all()):  # padding: eager (host tensors, no GPU sync)

@@ -96,15 +96,13 @@ class Loop:
 
     def __init__(self, model: nn.Module, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                  pad_id: int, accelerator: Accelerator, group_by_length: bool = False,
-                 loss_fn: Callable = lm_loss_sum, graphs: GraphedMicroBatch | None = None,
-                 packed_width: int | None = None) -> None:
+                 loss_fn: Callable = lm_loss_sum, graphs: GraphedMicroBatch | None = None) -> None:
         if not isinstance(cfg.batch_size, int):  # `auto` is resolved by the memory plan (train.run.check_memory)
             raise TypeError(f"Loop needs an integer train.batch_size, got {cfg.batch_size!r}")
         self.model, self.samples, self.cfg = model, samples, cfg
         self.optimizer, self.acc = optimizer, accelerator
         self.pad_id, self.loss_fn, self.group_by_length = pad_id, loss_fn, group_by_length
         self.graphs = graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
-        self.packed_width = packed_width  # packed rows are padded to this width (one shape for every batch)
         self.n_micro = len(self.order(0))
         self.total = total_steps(cfg, self.n_micro)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
@@ -128,10 +126,7 @@ class Loop:
             yield epoch, micro, window
 
     def batches(self, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.samples[i] for i in idx], self.pad_id, self._width(idx)) for idx in window]
-
-    def _width(self, idx: list[int]) -> int | None:
-        return self.packed_width if self.samples[idx[0]].position_ids is not None else None
+        return [collate([self.samples[i] for i in idx], self.pad_id) for idx in window]
 
     def input_tokens(self, window: list[list[int]]) -> int:
         """Real tokens (padding excluded) the window feeds the model: the numerator of tokens/s.

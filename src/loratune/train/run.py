@@ -146,8 +146,7 @@ class Run:
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
         prepared, optimizer = self.acc.prepare(model, build_optimizer(model, cfg.train))
         self.loop = Loop(prepared, self.data.train, cfg.train, optimizer, self.info.pad_id, self.acc,
-                         group_by_length=cfg.data.group_by_length, graphs=make_graphs(model, cfg, self.acc),
-                         packed_width=cfg.data.max_length if cfg.data.pack else None)
+                         group_by_length=cfg.data.group_by_length, graphs=make_graphs(model, cfg, self.acc))
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
         self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
