@@ -46,7 +46,8 @@ class ModelConfig:
     cuda_graphs: Union[Literal["auto"], bool] = _f(
         "auto", "On a CUDA GPU, capture each repeated micro-batch shape's forward and backward pass once as a CUDA "
                 "graph and replay it (no Python per launch): `auto` (or true) does so where it is exact (no padding "
-                "in the batch, no adapter dropout, bf16/fp32 compute), false never. See loratune.kernels.graphs.")
+                "in the batch, not packed, no adapter dropout, bf16/fp32 compute, not deterministic) and measured "
+                "faster than eager, false never. See loratune.kernels.graphs.")
 
 
 @dataclass
