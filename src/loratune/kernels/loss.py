@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Elements of one chunk's logits (rows x vocab): 2^26 is ~256 MB in fp32, small against a 7B model's
-# footprint, while a chunk still has hundreds of rows, enough for an efficient matrix product.
-CHUNK_ELEMENTS = 1 << 26
+# Elements of one chunk's logits (rows x vocab): 2^25 is 128 MB in fp32 (261 rows of a 128k vocabulary,
+# still enough for an efficient matrix product). Three chunks' worth is live at once, and at the end of
+# the forward pass that was the peak of a Llama-3-8B QLoRA step at 2 x 2048 with 2^26 (0.87 GiB against
+# 0.79 GiB for a layer's recompute and backward; loratune.model.memory); 2^25 takes that moment below it.
+CHUNK_ELEMENTS = 1 << 25
 
 
 def reference_linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,

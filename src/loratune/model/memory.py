@@ -39,7 +39,8 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
 peak = weights + adapters + saved activations + max(loss, layer working set) + graph pool + overhead: the loss
 (end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
 
-Calibrated (docs/benchmarks.md, run 2; H100, LoRA r=16 on 7 modules, NF4 double quant, bf16,
+Calibrated with the loss chunk of those runs, 2^26 elements (now 2^25: the estimate follows it, the peaks
+with the new chunk are not measured yet) (docs/benchmarks.md, run 2; H100, LoRA r=16 on 7 modules, NF4 double quant, bf16,
 checkpointing, embedding on the GPU): measured / estimated GiB at 2x2048, 1x8192, 1x16384:
 Llama-3-8B 7.84 / 7.90, 9.40 / 9.50, 12.69 / 12.86; Llama-3.2-1B 2.24 / 2.28, 2.53 / 2.59,
 3.64 / 3.74 (all within +3%, none under). Not modelled: the paged optimizers' states live in
@@ -269,8 +270,8 @@ def _activations(cfg: Config, shape: Shape, tokens: int, a: int, e: int, fused_m
     return saved, Component("layer backward", tokens * a * 2 * (h + i) + dequant, "the gradient in flight")
 
 
-def _loss(shape: Shape, tokens: int, a: int, head_trained: bool) -> Component:
-    rows = max(1, min(tokens, CHUNK_ELEMENTS // shape.vocab))
+def _loss(shape: Shape, tokens: int, a: int, head_trained: bool, chunk_elements: int = CHUNK_ELEMENTS) -> Component:
+    rows = max(1, min(tokens, chunk_elements // shape.vocab))
     chunks = math.ceil(tokens / rows)
     logits = (2 if chunks == 1 else 3) * rows * shape.vocab * 4
     grad_w = shape.vocab * shape.hidden * 4 if head_trained else 0
@@ -312,11 +313,13 @@ def _graph_pool(shape: Shape, tokens: int, a: int) -> Component:
 
 
 def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool,
-             fused_mlp: bool | None = None, graphs: bool | None = None) -> MemoryPlan:
+             fused_mlp: bool | None = None, graphs: bool | None = None,
+             chunk_elements: int = CHUNK_ELEMENTS) -> MemoryPlan:
     """The estimated peak memory of training `cfg` on `device` ("cuda" or "cpu") at batch_size x seq_len.
 
     `model_config`: a transformers config (or a `Shape`). `fused_mlp`: the fused SwiGLU is in use; `graphs`:
-    micro-batches are replayed as CUDA graphs (defaults: as `loratune train` would decide on this device).
+    micro-batches are replayed as CUDA graphs (defaults: as `loratune train` would decide on this device);
+    `chunk_elements`: the loss's logit chunk (loratune.kernels.loss; other values to replay older runs).
     Pure: reads no weights, touches no device.
     """
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
@@ -328,7 +331,7 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     trainable, _, _ = _trainable(cfg, shape)
     saved, layer = _activations(cfg, shape, tokens, a, e, fused, checkpointing_on(cfg))
     head_trained = full or any("lm_head" in m for m in cfg.adapter.modules_to_save)
-    loss = _loss(shape, tokens, a, head_trained)
+    loss = _loss(shape, tokens, a, head_trained, chunk_elements)
     loss_peak = loss.bytes >= layer.bytes
     overhead = Component("CUDA overhead" if device == "cuda" else "process overhead",
                          CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD,
