@@ -5,9 +5,11 @@ through `from_pretrained`, as users load real checkpoints):
 1. reference: what qlora.py does. `from_pretrained(BitsAndBytesConfig(nf4, double quant, bf16
    compute))`, `prepare_model_for_kbit_training` (non-reentrant checkpointing), `get_peft_model`, a
    plain loop with torch AdamW and the model's own (HF) loss.
-2. loratune variants on one load: `loratune.model.load.load_base` + `attach_adapters` +
-   `enable_checkpointing` from a validated `Config` (what `loratune train` runs), then the fast
-   paths added one at a time (`--variants`), so each row says what one optimisation gave.
+2. loratune variants on one load: `loratune.model.build.build_model` from a validated `Config` with
+   `model.kernels=false` (what `loratune train` builds, before its fast paths), then the fast paths
+   added one group at a time (`--variants`, see VARIANTS), so each row says what one optimisation gave;
+   `loratune` is every fast path plus CUDA graphs, the default of `loratune train` on a GPU, and
+   `loratune-eager` the same without graphs. Each step does what `loratune.train.loop.Loop.step` does.
 Every run of a case starts from the same LoRA initialisation (same seed, same modules, restored before
 each run) and sees the same random batches, so the first losses of all paths are comparable: the table
 reports the largest relative difference to the reference over the first `--steps` losses.
