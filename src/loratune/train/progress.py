@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+import time
 
 import torch
 from rich.console import Console
@@ -50,6 +51,7 @@ class Reporter:
             TextColumn("eta"), TimeRemainingColumn(), console=self.console, disable=not self.tty, transient=False,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+        self.start_step, self.t0 = start_step, time.perf_counter()
 
     def __enter__(self) -> Reporter:
         self.progress.start()
@@ -63,7 +65,16 @@ class Reporter:
         info = f"ep {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s {mem_gib:.1f}GiB"
         self.progress.update(self.task, completed=step, info=info)
         if log_line and not self.tty:
-            log.info("step %d/%d  %s", step, self.total, info)
+            log.info("step %d/%d  %s  eta %s", step, self.total, info, self.eta(step))
+
+    def eta(self, step: int) -> str:
+        """Time left at the mean pace of this session's steps so far (m:ss, or h:mm:ss)."""
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        left = round((self.total - step) * (time.perf_counter() - self.t0) / done)
+        h, rest = divmod(left, 3600)
+        return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
     def print(self, text: str) -> None:
         if self.tty:
