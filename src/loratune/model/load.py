@@ -7,6 +7,7 @@ offline demo model, built reproducibly and cached on first use (see `loratune.mo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -95,6 +96,15 @@ def load_tokenizer(mcfg: ModelConfig):
     return tok, info
 
 
+def _saved_quantized(source: str) -> bool:
+    """A local folder whose config.json already holds a quantization_config (e.g. `export --quantize-4bit`)."""
+    config = Path(source) / "config.json"
+    try:
+        return config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def load_base(cfg: Config) -> PreTrainedModel:
     """Load the frozen base in the precision `cfg.quantization` asks for."""
     q = cfg.quantization
@@ -111,8 +121,9 @@ def load_base(cfg: Config) -> PreTrainedModel:
     kwargs = dict(
         revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation, dtype=weight_dtype,
-        quantization_config=bnb_config(q, compute),
     )
+    if not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings
+        kwargs["quantization_config"] = bnb_config(q, compute)
     if torch.cuda.is_available():  # straight to the GPU: no full-size copy in host memory first
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
