@@ -93,3 +93,22 @@ def test_log_lines_read_as_sentences() -> None:
 
     assert line(logging.INFO) == "step 3 done"
     assert line(logging.WARNING) == "warning: step 3 done" and line(logging.ERROR) == "error: step 3 done"
+
+
+def test_other_libraries_warnings_are_shown_once() -> None:
+    import logging
+
+    from loratune.cli import _shown_once
+
+    def record(name: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, "msg", None, None)
+
+    own = logging.getLogger("loratune_test_lib_with_handler")
+    own.addHandler(logging.NullHandler())
+    try:
+        assert _shown_once(record("loratune.train", logging.INFO))
+        assert not _shown_once(record("some_lib", logging.INFO))  # other libraries' chatter: not ours to print
+        assert _shown_once(record("some_lib", logging.WARNING))  # a warning nobody else prints
+        assert not _shown_once(record("loratune_test_lib_with_handler.sub", logging.WARNING))  # it prints it itself
+    finally:
+        own.handlers.clear()

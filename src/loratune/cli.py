@@ -223,9 +223,25 @@ class UserFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
 
 
+def _shown_once(record: logging.LogRecord) -> bool:
+    """loratune's records, and other libraries' warnings unless their logger prints them itself (no doubles)."""
+    if record.name == "loratune" or record.name.startswith("loratune."):
+        return True
+    if record.levelno < logging.WARNING:
+        return False
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None and logger is not logging.root:
+        if logger.handlers:
+            return False
+        logger = logger.parent if logger.propagate else None
+    return True
+
+
 def _configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else UserFormatter())
+    if not verbose:
+        handler.addFilter(_shown_once)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
