@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark run 11 (next): the other named shapes of issue 6, reference against the default path:
-# Llama-3.2-1B and Qwen2.5-7B, standard case plus the long cases. About 8 minutes on the H100.
+# Benchmark run 11 (next): Llama-3-8B, reference against the eager and default (graphed) paths, three cases,
+# re-measuring what changed after run 9 (docs/benchmarks.md). About 7 minutes on the H100.
 set -uo pipefail
-SKIP_TESTS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-230} benchmarks/gpu_run.sh \
-  "llama3.2-1b --paths reference --variants loratune" \
-  "qwen2.5-7b --paths reference --variants loratune --cases 2x2048,1x8192"
+SKIP_TESTS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-420} benchmarks/gpu_run.sh \
+  "llama3-8b --paths reference --variants loratune-eager,loratune --profile loratune"
