@@ -45,17 +45,32 @@ def reference_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a
         scale * F.linear(F.linear(x_l, lora_a.to(dt)), lora_b.to(dt))
 
 
+def _update_then_base(x: Tensor, xa: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
+                      b: Tensor, scale: float) -> Tensor:
+    """y = s xa B^T (+ bias), then x W^T accumulated onto it in the matrix product (beta = 1)."""
+    xs = xa * scale
+    y = xs @ b.t() if bias is None else torch.addmm(bias.to(x.dtype), xs, b.t())
+    y.addmm_(x, weight_fn(x.dtype).t())
+    return y
+
+
+def _input_grad(g: Tensor, gxa: Tensor, a: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor]) -> Tensor:
+    """dx = g W, plus gxa A when x also fed the projection (`a` given): that share first, g W accumulated onto it."""
+    if a is None:
+        return g @ weight_fn(g.dtype)
+    dx = gxa @ a
+    dx.addmm_(g, weight_fn(g.dtype))
+    return dx
+
+
 class _LoRALinear(torch.autograd.Function):
     """The whole layer as one node (the math of the module docstring): saves x (x_l) and xa."""
 
     @staticmethod
     def forward(ctx, x: Tensor, x_l: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
                 lora_a: Tensor, lora_b: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
-        dt = x.dtype
         xa = (x if x_l is None else x_l) @ a.t()
-        xs = xa * scale
-        y = xs @ b.t() if bias is None else torch.addmm(bias.to(dt), xs, b.t())
-        y.addmm_(x, weight_fn(dt).t())
+        y = _update_then_base(x, xa, weight_fn, bias, b, scale)
         ctx.save_for_backward(x if x_l is None else x_l, xa)
         ctx.weight_fn, ctx.scale, ctx.a, ctx.b, ctx.separate = weight_fn, scale, a, b, x_l is not None
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
@@ -70,15 +85,8 @@ class _LoRALinear(torch.autograd.Function):
         gxa = (g @ b).mul_(s)
         d_b = (g.t() @ xa).mul_(s).to(ctx.dtypes[1]) if need_b else None
         d_a = (gxa.t() @ x_l).to(ctx.dtypes[0]) if need_a else None
-        dx = dxl = None
-        if need_x:
-            if ctx.separate:
-                dx = g @ ctx.weight_fn(g.dtype)
-            else:  # the adapter's share first, the base product accumulated onto it (beta = 1)
-                dx = gxa @ a
-                dx.addmm_(g, ctx.weight_fn(g.dtype))
-        if ctx.separate and need_xl:
-            dxl = gxa @ a
+        dx = _input_grad(g, gxa, None if ctx.separate else a, ctx.weight_fn) if need_x else None
+        dxl = gxa @ a if (ctx.separate and need_xl) else None
         return dx, dxl, None, None, d_a, d_b, None, None, None
 
 
@@ -106,12 +114,7 @@ class _LoRAMain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xa: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
                 lora_b: Tensor, b: Tensor, a: Tensor | None, scale: float) -> Tensor:
-        dt = x.dtype
-        xs = xa * scale
-        y = xs @ b.t() if bias is None else torch.addmm(bias.to(dt), xs, b.t())
-        w = weight_fn(dt)
-        y.addmm_(x, w.t())
-        del w
+        y = _update_then_base(x, xa, weight_fn, bias, b, scale)
         ctx.xa = xa.detach()
         ctx.weight_fn, ctx.scale, ctx.b, ctx.a, ctx.b_dtype = weight_fn, scale, b, a, lora_b.dtype
         return y
@@ -123,13 +126,7 @@ class _LoRAMain(torch.autograd.Function):
         need_x, need_xa, _, _, need_b = ctx.needs_input_grad[:5]
         gxa = (g @ ctx.b).mul_(s)
         d_b = (g.t() @ ctx.xa).mul_(s).to(ctx.b_dtype) if need_b else None
-        dx = None
-        if need_x:
-            if ctx.a is not None:  # x is also the projection's input: its share is added in this product
-                dx = gxa @ ctx.a
-                dx.addmm_(g, ctx.weight_fn(dt))
-            else:
-                dx = g @ ctx.weight_fn(dt)
+        dx = _input_grad(g, gxa, ctx.a, ctx.weight_fn) if need_x else None  # ctx.a: x also fed the projection
         return dx, gxa if need_xa else None, None, None, d_b, None, None, None
 
 
