@@ -46,11 +46,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 TARGET_ROWS = "target_rows"  # batch key: flat indices of the positions that predict a supervised token
 
 
+def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions that predict a supervised token (computed on the labels' device)."""
+    return (shift_labels(labels).reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
 def with_target_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch plus `target_rows`, computed where the labels are (the host, before the batch moves to the
     GPU), so that the loss can drop unsupervised rows without waiting for the GPU to count them."""
-    rows = (shift_labels(batch["labels"]).reshape(-1) != IGNORE).nonzero().squeeze(1)
-    return {**batch, TARGET_ROWS: rows}
+    return {**batch, TARGET_ROWS: supervised_rows(batch["labels"])}
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,39 +65,43 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return backbone(**inputs, use_cache=False).last_hidden_state
 
 
+def _head_has_bias(model: nn.Module) -> bool:
+    return getattr(_unwrap(model).get_output_embeddings(), "bias", None) is not None
+
+
+def _head_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], rows: torch.Tensor | None, impl: str) -> torch.Tensor:
+    """The summed loss of the rows `rows` (None: every row) through the chunked head + cross-entropy."""
+    base = _unwrap(model)
+    hidden = hidden_states(model, batch)
+    targets = shift_labels(batch["labels"]).reshape(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if rows is not None and rows.numel() != targets.numel():  # rows with no target: dropped before the head
+        h, targets = h.index_select(0, rows), targets.index_select(0, rows)
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    loss, _ = fused_linear_cross_entropy_sum(h, base.get_output_embeddings().weight, targets, softcap=cap, impl=impl)
+    return loss
+
+
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], impl: str = "chunked") -> tuple[torch.Tensor, int]:
     """(summed token loss, number of supervised tokens) for one micro-batch.
 
     `impl`: `chunked` (ours, any device) or `liger` (liger-kernel's fused linear cross-entropy, CUDA;
     kept for comparison in benchmarks/bench_train.py).
     """
-    base = _unwrap(model)
-    head = base.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:  # rare (some GPT-style heads): the plain path
+    if _head_has_bias(model):  # rare (some GPT-style heads): the plain path
         return full_logits_loss_sum(model, batch)
-    hidden = hidden_states(model, batch)
-    targets = shift_labels(batch["labels"]).reshape(-1)
-    h = hidden.reshape(-1, hidden.shape[-1])
     rows = batch.get(TARGET_ROWS)
     if rows is None:  # rows counted here: the host waits for the labels' comparison on the device
-        rows = (targets != IGNORE).nonzero().squeeze(1)
-    if rows.numel() != targets.numel():  # rows with no target cost nothing: dropped before the head matmul
-        h, targets = h.index_select(0, rows), targets.index_select(0, rows)
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    loss, _ = fused_linear_cross_entropy_sum(h, head.weight, targets, softcap=cap, impl=impl)
-    return loss, rows.numel()
+        rows = supervised_rows(batch["labels"])
+    return _head_loss_sum(model, batch, rows, impl), rows.numel()
 
 
 def lm_loss_sum_all_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The summed token loss like `lm_loss_sum`, without any host synchronisation (for CUDA graph capture):
     every row goes through the head (unsupervised rows add 0), and the token count is not read back."""
-    base = _unwrap(model)
-    head = base.get_output_embeddings()
-    hidden = hidden_states(model, batch)
-    targets = shift_labels(batch["labels"]).reshape(-1)
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    loss, _ = fused_linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, softcap=cap)
-    return loss
+    if _head_has_bias(model):  # the plain path reads its count back: a capture of it fails and runs eagerly
+        return full_logits_loss_sum(model, batch)[0]
+    return _head_loss_sum(model, batch, None, "chunked")
 
 
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
