@@ -30,7 +30,6 @@ sync); the sum is the same.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -40,20 +39,16 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-# Ways to capture, tried in order: (name, attention backends allowed during capture; None: PyTorch's
-# choice). FlashAttention-only was tried on the H100 and refused ("No available kernel": grouped-query
-# attention goes to cuDNN or the efficient kernel), so one candidate remains; the machinery stays for
-# backends worth comparing.
-CANDIDATES: list[tuple[str, list | None]] = [("default attention", None)]
+def graphs_wanted(cfg, device: str) -> bool:
+    """Whether `loratune train` tries CUDA graphs for `cfg` on `device` ("cuda" or "cpu"): only where a replay
+    is exact. Not in deterministic mode (bit-identical resume is promised there; replays and eager runs may
+    round apart), not with fp16's loss scaler, not with adapter dropout (the randomness of a replayed graph is
+    not what checkpoints restore). The memory plan asks the same question (loratune.model.memory)."""
+    from loratune.model.quant import resolve_compute_dtype
 
-
-def _attention(backends: list | None):
-    """Restrict scaled-dot-product attention to `backends` while capturing (None: PyTorch's choice)."""
-    if backends is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(backends)
+    return (device == "cuda" and cfg.model.cuda_graphs is not False and not cfg.train.deterministic
+            and resolve_compute_dtype(cfg.quantization.compute_dtype) != torch.float16
+            and (cfg.adapter.type == "none" or cfg.adapter.dropout == 0))
 
 
 def _has_dropout(model: nn.Module) -> bool:
@@ -83,7 +78,6 @@ class GraphedMicroBatch:
         self.sightings = 0  # consecutive micro-batches of the current shape
         self.timing = False  # the caller's next eager micro-batch is timed (see eager_took)
         self.eager_seconds = float("inf")
-        self.captured_with: str | None = None
 
     # ---------------------------------------------------------------------------------------- policy
 
@@ -134,26 +128,18 @@ class GraphedMicroBatch:
         return self.loss
 
     def _choose(self, key: tuple, batch: dict[str, Tensor]) -> bool:
-        """Capture each candidate, time one replay of it; keep the fastest if it beats the eager time."""
-        best: tuple[float, str] | None = None
-        for name, backends in CANDIDATES:
-            if not self._capture(key, batch, backends, name):
-                continue
+        """Capture this shape and time one replay; keep the graph only if it beats the eager time."""
+        if self._capture(key, batch):
             seconds = self._time_replay(batch)
-            log.info("CUDA graph (%s) for shape %s: %.1f ms per micro-batch (eager %.1f ms)", name, key[0],
-                     1e3 * seconds, 1e3 * self.eager_seconds)
-            if best is None or seconds < best[0]:
-                best = (seconds, name)
-        if best is None or best[0] >= self.eager_seconds:
+            log.info("CUDA graph for shape %s: %.1f ms per micro-batch (eager %.1f ms)", key[0], 1e3 * seconds,
+                     1e3 * self.eager_seconds)
+            if seconds < self.eager_seconds:
+                log.info("captured a CUDA graph for micro-batches of shape %s", key[0])
+                return True
             self._release()
-            self.failed.add(key)
-            log.info("micro-batches of shape %s run eagerly (no captured graph was faster)", key[0])
-            return False
-        if self.captured_with != best[1]:  # the last capture is not the winner: capture it again
-            if not self._capture(key, batch, dict(CANDIDATES)[best[1]], best[1]):
-                return False
-        log.info("captured a CUDA graph for micro-batches of shape %s (%s)", key[0], best[1])
-        return True
+            log.info("micro-batches of shape %s run eagerly (the captured graph was not faster)", key[0])
+        self.failed.add(key)
+        return False
 
     def _time_replay(self, batch: dict[str, Tensor]) -> float:
         torch.cuda.synchronize()
@@ -187,9 +173,8 @@ class GraphedMicroBatch:
 
     def _release(self) -> None:
         self.graph, self.key, self.loss, self.static, self.scale = None, None, None, {}, None
-        self.captured_with = None
 
-    def _capture(self, key: tuple, batch: dict[str, Tensor], backends: list | None, name: str) -> bool:
+    def _capture(self, key: tuple, batch: dict[str, Tensor]) -> bool:
         self._release()
         torch.cuda.empty_cache()
         dev = self.params[0].device
@@ -206,14 +191,14 @@ class GraphedMicroBatch:
                 self._forward_backward()  # scale 0: adds nothing to the gradients
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with _attention(backends), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self._forward_backward()
-        except Exception as e:  # noqa: BLE001 - any capture failure means: not this candidate
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run this shape eagerly
             self._release()
             torch.cuda.synchronize()
-            log.warning("CUDA graph capture (%s) failed for micro-batches of shape %s (%s: %s)", name,
+            log.warning("CUDA graph capture failed for micro-batches of shape %s (%s: %s); they run eagerly",
                         key[0], type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return False
-        self.graph, self.key, self.loss, self.captured_with = graph, key, loss, name
+        self.graph, self.key, self.loss = graph, key, loss
         torch.cuda.empty_cache()  # the side-stream warm-up's cached blocks: the main stream cannot reuse them
         return True

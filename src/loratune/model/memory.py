@@ -60,6 +60,7 @@ from typing import Any
 
 from loratune.config import Config
 from loratune.errors import ConfigError, LoratuneError, ModelError
+from loratune.kernels.graphs import graphs_wanted
 from loratune.kernels.loss import CHUNK_ELEMENTS
 
 log = logging.getLogger(__name__)
@@ -297,13 +298,6 @@ def fused_mlp_default(cfg: Config, device: str) -> bool:
     return device == "cuda" and cfg.model.kernels in ("auto", True)
 
 
-def graphs_default(cfg: Config, device: str) -> bool:
-    """Whether `loratune train` may capture CUDA graphs (loratune.kernels.graphs and train.run.make_graphs)."""
-    compute = cfg.quantization.compute_dtype
-    return (device == "cuda" and cfg.model.cuda_graphs in ("auto", True) and not cfg.train.deterministic
-            and compute != "fp16" and (cfg.adapter.type == "none" or cfg.adapter.dropout == 0))
-
-
 def _graph_pool(shape: Shape, tokens: int, a: int) -> Component:
     return Component("CUDA graph pool", GRAPH_POOL * tokens * shape.hidden * a,
                      f"the captured micro-batch's private pool beyond the eager peak: {GRAPH_POOL} x T x H x a (measured)")
@@ -336,7 +330,7 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     overhead = Component("CUDA overhead" if device == "cuda" else "process overhead",
                          CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD,
                          "cuBLAS workspaces, small buffers" if device == "cuda" else "Python, torch, transformers")
-    graphed = graphs_default(cfg, device) if graphs is None else graphs
+    graphed = graphs_wanted(cfg, device) if graphs is None else graphs
     pool = _graph_pool(shape, tokens, a) if graphed else Component("CUDA graph pool", 0, "")
     comps = [*_weights(cfg, shape, device, embed_on_host, e), *trainable, saved,
              dataclasses.replace(layer, counted=not loss_peak), dataclasses.replace(loss, counted=loss_peak),

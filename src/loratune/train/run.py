@@ -31,7 +31,7 @@ from accelerate.state import AcceleratorState
 from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, ModelError
-from loratune.kernels.graphs import GraphedMicroBatch
+from loratune.kernels.graphs import GraphedMicroBatch, graphs_wanted
 from loratune.model.build import build_model
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, plan_run, render
@@ -110,10 +110,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 def make_graphs(model: torch.nn.Module, cfg: Config, acc: Accelerator) -> GraphedMicroBatch | None:
     """CUDA graph replay of repeated micro-batch shapes, where it is exact (see loratune.kernels.graphs)."""
-    if cfg.model.cuda_graphs is False or acc.device.type != "cuda" or acc.scaler is not None:
-        return None
-    if cfg.train.deterministic:  # bit-identical resume is promised there; replays and eager runs may round apart
-        log.info("CUDA graphs off in deterministic mode")
+    if not graphs_wanted(cfg, acc.device.type):
+        if acc.device.type == "cuda" and cfg.model.cuda_graphs is not False:
+            log.info("CUDA graphs off: they need adapter.dropout 0, bf16 or fp32 compute and train.deterministic "
+                     "false")
         return None
     graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, resolve_compute_dtype(cfg.quantization.compute_dtype))
     return graphs if graphs.enabled else None
