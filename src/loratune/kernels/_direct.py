@@ -27,14 +27,26 @@ class DirectKernel:
         self.runners: dict[tuple, Any] = {}
 
     def __call__(self, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+        grid3, key, aligned = self._key(grid, args, constexprs)
+        runner = self.runners.get(key) if aligned else None
+        if runner is not None:
+            runner(*args, *constexprs.values())  # constexprs in the kernel's parameter order
+            return
+        self._jit(grid3, key, aligned, args, constexprs)
+
+    def jit(self, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+        """Always through the JIT (for comparisons); the compiled kernel is kept for later direct calls."""
+        self._jit(*self._key(grid, args, constexprs), args, constexprs)
+
+    @staticmethod
+    def _key(grid: tuple[int, ...], args: tuple, constexprs: dict) -> tuple[tuple, tuple, bool]:
         grid3 = tuple(grid) + (1,) * (3 - len(grid))
         aligned = all(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
         key = (grid3, tuple(a if isinstance(a, int) else (a.dtype, a.device.index) if isinstance(a, torch.Tensor)
                             else type(a) for a in args), tuple(constexprs.items()))
-        runner = self.runners.get(key) if aligned else None
-        if runner is not None:
-            runner(*args, *constexprs.values())
-            return
+        return grid3, key, aligned
+
+    def _jit(self, grid3: tuple, key: tuple, aligned: bool, args: tuple, constexprs: dict) -> None:
         compiled = self.kernel[grid3](*args, **constexprs, num_warps=self.num_warps)
         if aligned and compiled is not None:
             self.runners[key] = compiled[grid3]

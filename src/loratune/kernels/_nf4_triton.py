@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from loratune.kernels._direct import DirectKernel
+
 
 @triton.jit
 def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_values,
@@ -49,30 +51,19 @@ def kernel_args(packed: Tensor, qs) -> tuple:
     return packed.view(torch.uint8), code, qs.absmax.float(), code, code, code, 1
 
 
-# Runners of compiled kernels by everything they were specialised on, to launch without the JIT's per-call
-# argument binding and cache lookup (measured as the dominant host cost of a launch; see
-# docs/benchmarks.md). Only used when every pointer is 16-byte aligned, as the JIT assumes for
-# torch allocations; otherwise the normal JIT launch decides.
-_COMPILED: dict[tuple, object] = {}
+_DEQUANT = DirectKernel(_dequant_4bit_kernel, num_warps=4)  # compiled once per specialisation, then launched directly
 
 
 def dequantize_nf4_triton(packed: Tensor, qs, dtype: torch.dtype, block: int = 1024, args: tuple | None = None,
                           direct: bool = True) -> Tensor:
-    """[out, in] weight in `dtype`; pass `args=kernel_args(packed, qs)` to skip rebuilding them per call."""
-    shape = torch.Size(qs.shape)
-    n = shape.numel()
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    """[out, in] weight in `dtype`; pass `args=kernel_args(packed, qs)` to skip rebuilding them per call.
+
+    `direct=False` launches through the JIT every time (benchmarks compare the two launch paths).
+    """
+    n = torch.Size(qs.shape).numel()
+    out = torch.empty(qs.shape, dtype=dtype, device=packed.device)
     p, code, absmax, code2, absmax2, offset, bs2 = args if args is not None else kernel_args(packed, qs)
-    grid = (triton.cdiv((n + 1) // 2, block),)
-    consts = (int(qs.blocksize), bs2, bool(qs.nested), block)
-    ptrs = (p, code, absmax, code2, absmax2, offset, out)
-    key = (n, dtype, packed.device.index, *consts)
-    runner = _COMPILED.get(key) if direct else None
-    if runner is not None and all(t.data_ptr() % 16 == 0 for t in ptrs):
-        runner(*ptrs, n, *consts)
-        return out
-    kernel = _dequant_4bit_kernel[grid](*ptrs, n, BLOCKSIZE=consts[0], BLOCKSIZE2=bs2, NESTED=consts[2], BLOCK=block,
-                                        num_warps=4)
-    if all(t.data_ptr() % 16 == 0 for t in ptrs):
-        _COMPILED[key] = kernel[(grid[0], 1, 1)]  # the runner of the compiled kernel (all three grid dims)
+    launch = _DEQUANT if direct else _DEQUANT.jit
+    launch((triton.cdiv((n + 1) // 2, block),), p, code, absmax, code2, absmax2, offset, out, n,
+           BLOCKSIZE=int(qs.blocksize), BLOCKSIZE2=bs2, NESTED=bool(qs.nested), BLOCK=block)
     return out
