@@ -22,31 +22,33 @@ from loratune.kernels._direct import DirectKernel
 
 
 @triton.jit
+def _row_of(ptr, dim, BLOCK: tl.constexpr):
+    """This program's row of a [rows, dim] tensor in fp32 (zeros past dim), with its offsets and mask."""
+    offsets = tl.program_id(0).to(tl.int64) * dim + tl.arange(0, BLOCK)
+    keep = tl.arange(0, BLOCK) < dim
+    return tl.load(ptr + offsets, mask=keep, other=0.0).to(tl.float32), offsets, keep
+
+
+@triton.jit
 def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, r_ptr, dim, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    keep = cols < dim
-    x = tl.load(x_ptr + row * dim + cols, mask=keep, other=0.0).to(tl.float32)
+    x, offsets, keep = _row_of(x_ptr, dim, BLOCK)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
-    w = tl.load(w_ptr + cols, mask=keep, other=0.0)
+    w = tl.load(w_ptr + tl.arange(0, BLOCK), mask=keep, other=0.0)
     y = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
-    tl.store(y_ptr + row * dim + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
-    tl.store(r_ptr + row, r)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=keep)
+    tl.store(r_ptr + tl.program_id(0), r)
 
 
 @triton.jit
 def _rmsnorm_bwd(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, dim, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    keep = cols < dim
-    g = tl.load(g_ptr + row * dim + cols, mask=keep, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * dim + cols, mask=keep, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=keep, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row)
+    g, offsets, keep = _row_of(g_ptr, dim, BLOCK)
+    x, _, _ = _row_of(x_ptr, dim, BLOCK)
+    w = tl.load(w_ptr + tl.arange(0, BLOCK), mask=keep, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + tl.program_id(0))
     xh = x * r
     u = g * w
     dx = r * (u - xh * (tl.sum(u * xh, axis=0) / dim))
-    tl.store(dx_ptr + row * dim + cols, dx.to(dx_ptr.dtype.element_ty), mask=keep)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
