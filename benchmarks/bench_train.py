@@ -204,7 +204,7 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
             sync()
             t = time.perf_counter()
             rows = with_target_rows({"labels": ids.cpu()})["target_rows"].to(ids.device)  # as Loop: from the host
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "target_rows": rows}
+            batch = {"input_ids": ids, "labels": ids, "target_rows": rows}  # no padding: no mask (as Loop)
             with frozen_adapters(model):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
                     loss_sum, n = loss_sum_fn(model, batch)

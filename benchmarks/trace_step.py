@@ -1,7 +1,7 @@
 """Where does the GPU wait? A timeline of one training step, eager and replayed as a CUDA graph.
 
-Run 9 (docs/benchmarks.md) measured a graphed 2 x 2048 step of the Llama-3-8B shape at 420 ms for ~350 ms
-of kernels: the GPU idles ~70 ms per step somewhere. This script builds the model as bench_train.py does
+Run 9 (docs/benchmarks.md) measured a graphed 2 x 2048 step of the Llama-3-8B shape at 420 ms; run 10 traced it
+(but with the model left in eval mode, so without activation checkpointing: fixed since). This script builds the model as bench_train.py does
 (`build_model` with every fast path), runs a few steps of `loratune.benchmarks.bench_train.loratune_step`
 with and without CUDA graphs, then records one step of each with the PyTorch profiler and reports, from
 the GPU timeline: the step's wall time, the sum of kernel times, and the largest idle gaps between
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     from loratune.train.optim import build_optimizer
 
     apply(model, cfg)
+    model.train()  # as bench_train.run_case: in eval mode transformers skips activation checkpointing
     params = [q for q in model.parameters() if q.requires_grad]
     case = bench.parse_case(args.case)
     ids = bench.batches(case, args.steps + 1, bench.SHAPES[args.shape]["vocab_size"])

@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from loratune.kernels.causal_mask import causal_mask_skip
+
 log = logging.getLogger(__name__)
 
 def graphs_wanted(cfg, device: str) -> bool:
@@ -185,14 +187,16 @@ class GraphedMicroBatch:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits stay out of the graph)
-                self._forward_backward()  # scale 0: adds nothing to the gradients
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                loss = self._forward_backward()
+            # causal_mask_skip: SDPA's causal kernels inside the capture too (loratune.kernels.causal_mask)
+            with causal_mask_skip(self.model):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits stay out of the graph)
+                    self._forward_backward()  # scale 0: adds nothing to the gradients
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    loss = self._forward_backward()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this shape eagerly
             self._release()
             torch.cuda.synchronize()

@@ -34,7 +34,7 @@ from loratune.errors import LoratuneError
 from loratune.kernels import frozen_adapters
 from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.train.faults import fault
-from loratune.train.loss import lm_loss_sum, with_target_rows
+from loratune.train.loss import lm_loss_sum, with_target_rows, without_full_mask
 from loratune.train.optim import build_scheduler
 
 log = logging.getLogger("loratune.train")
@@ -161,7 +161,7 @@ class Loop:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
             b = {k: (v.pin_memory() if cuda else v).to(self.acc.device, non_blocking=cuda)
-                 for k, v in with_target_rows(b).items()}
+                 for k, v in with_target_rows(without_full_mask(b)).items()}
             last = i == len(batches) - 1
             # gradients are all-reduced once per window, on its last backward (no-op on one process)
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
@@ -247,7 +247,7 @@ class Loop:
         total, n = 0.0, 0
         with torch.no_grad(), frozen_adapters(self.model):
             for i in range(0, len(samples), self.cfg.batch_size):
-                b = collate(samples[i:i + self.cfg.batch_size], self.pad_id)
+                b = without_full_mask(collate(samples[i:i + self.cfg.batch_size], self.pad_id))
                 b = {k: v.to(self.acc.device) for k, v in b.items()}
                 with self.acc.autocast():
                     s, k = self.loss_fn(self.model, b)

@@ -1,0 +1,120 @@
+"""The causal-mask skip that keeps captured CUDA graphs on SDPA's causal kernels (loratune.kernels.causal_mask),
+and the host-side drop of all-ones attention masks (loratune.train.loss.without_full_mask)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+from loratune.kernels.causal_mask import NAME, causal_mask_skip, causal_skip_mask
+from loratune.train.loss import without_full_mask
+
+
+def test_no_padding_means_no_mask() -> None:
+    assert causal_skip_mask(2, 16, 16) is None
+    assert causal_skip_mask(2, 1, 16, q_offset=15) is None  # one decoding query
+
+
+@pytest.mark.parametrize("case", ["padding", "no_skip", "window", "offset"])
+def test_otherwise_the_mask_is_transformers_own(case: str) -> None:
+    kw: dict = {}
+    q, kv = 8, 8
+    if case == "padding":
+        kw["attention_mask"] = torch.tensor([[1] * 8, [0, 0] + [1] * 6], dtype=torch.bool)
+    elif case == "no_skip":  # what create_causal_mask passes for packed sequences
+        kw["allow_is_causal_skip"] = False
+    elif case == "window":  # a sliding window narrower than the keys changes the mask
+        kw["local_size"], kw["mask_function"] = 4, sliding_window_causal_mask_function(4)
+    else:  # queries after a cache of 3 tokens, keys longer than queries
+        q, kv, kw["q_offset"] = 5, 8, 3
+    ours = causal_skip_mask(2, q, kv, **kw)
+    ref = sdpa_mask(2, q, kv, **kw)
+    assert ours is not None and ref is not None
+    assert torch.equal(ours, ref)
+    if case == "window":  # a row far from the start sees only its window: 4 keys
+        assert ours[0, 0, 7].sum().item() == 4
+
+
+def test_window_wider_than_keys_is_plain_causal() -> None:
+    assert causal_skip_mask(1, 8, 8, local_size=4096, mask_function=sliding_window_causal_mask_function(4096)) is None
+
+
+def _sdpa_model(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def test_context_switches_and_restores_and_logits_are_unchanged(tiny_llama: Path) -> None:
+    model = _sdpa_model(tiny_llama)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    pad = torch.ones_like(ids)
+    pad[1, :4] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        ref_pad = model(input_ids=ids, attention_mask=pad).logits
+        with causal_mask_skip(model) as n:
+            assert n >= 1
+            assert model.config._attn_implementation == NAME
+            got = model(input_ids=ids).logits
+            got_pad = model(input_ids=ids, attention_mask=pad).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_pad[:, 4:], ref_pad[:, 4:], rtol=0, atol=1e-6)
+    # the padded row really is masked differently from the unpadded one (the mask was honoured)
+    assert (got_pad[1, 4:] - got[1, 4:]).abs().max() > 1e-3
+
+
+def test_context_restores_after_an_error(tiny_llama: Path) -> None:
+    model = _sdpa_model(tiny_llama)
+    with pytest.raises(RuntimeError), causal_mask_skip(model):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_context_leaves_other_attention_alone(tiny_llama: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
+    with causal_mask_skip(model) as n:
+        assert n == 0 and model.config._attn_implementation == "eager"
+
+
+def test_without_full_mask() -> None:
+    ids = torch.arange(6).reshape(2, 3)
+    full = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    assert set(without_full_mask(full)) == {"input_ids", "labels"}
+    padded = dict(full, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert without_full_mask(padded) is padded
+    packed = {"input_ids": ids, "labels": ids, "position_ids": ids}
+    assert without_full_mask(packed) is packed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_forward_gets_no_mask(tiny_llama: Path) -> None:
+    """Under a real CUDA graph capture the attention layers receive no mask inside the context."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa", dtype=torch.bfloat16,
+                                                 device_map="cuda").eval()
+    seen: list = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+             for name, m in model.named_modules() if name.endswith("self_attn")]
+    ids = torch.randint(3, model.config.vocab_size, (2, 64), device="cuda")
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits.float()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with causal_mask_skip(model):
+            with torch.cuda.stream(side):
+                model(input_ids=ids)
+            torch.cuda.current_stream().wait_stream(side)
+            seen.clear()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = model(input_ids=ids).logits
+        g.replay()
+        torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    assert seen and all(m is None for m in seen)
+    torch.testing.assert_close(out.float(), eager, rtol=0, atol=0)
