@@ -193,6 +193,7 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
     bf16 autocast, token-summed loss divided by the window's supervised tokens, backward (by CUDA graph
     replay when `graphs` applies), grad-norm clip (always computed), optimizer step."""
     from loratune.kernels import frozen_adapters
+    from loratune.kernels.causal_mask import causal_mask_skip
     from loratune.train.loss import with_target_rows
 
     def step(model, ids, opt) -> torch.Tensor:
@@ -204,8 +205,8 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
             sync()
             t = time.perf_counter()
             rows = with_target_rows({"labels": ids.cpu()})["target_rows"].to(ids.device)  # as Loop: from the host
-            batch = {"input_ids": ids, "labels": ids, "target_rows": rows}  # no padding: no mask (as Loop)
-            with frozen_adapters(model):
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "target_rows": rows}
+            with frozen_adapters(model), causal_mask_skip(model, unpadded=True):  # as Loop: no padding, known on host
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
                     loss_sum, n = loss_sum_fn(model, batch)
                 loss = loss_sum / n

@@ -1,17 +1,16 @@
-"""The causal-mask skip that keeps captured CUDA graphs on SDPA's causal kernels (loratune.kernels.causal_mask),
-and the host-side drop of all-ones attention masks (loratune.train.loss.without_full_mask)."""
+"""The causal-mask skip that keeps captured CUDA graphs on SDPA's causal kernels (loratune.kernels.causal_mask)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
-from loratune.kernels.causal_mask import NAME, causal_mask_skip, causal_skip_mask
-from loratune.train.loss import without_full_mask
+from loratune.kernels.causal_mask import NAME, causal_mask_skip, causal_skip_mask, is_unpadded, unpadded_causal_mask
 
 
 def test_no_padding_means_no_mask() -> None:
@@ -80,14 +79,53 @@ def test_context_leaves_other_attention_alone(tiny_llama: Path) -> None:
         assert n == 0 and model.config._attn_implementation == "eager"
 
 
-def test_without_full_mask() -> None:
+def test_unpadded_builder_ignores_an_all_ones_mask() -> None:
+    ones = torch.ones(2, 8, dtype=torch.bool)
+    assert unpadded_causal_mask(2, 8, 8, attention_mask=ones) is None
+    # what it cannot skip (a narrow window) is built as for no padding at all
+    fn = sliding_window_causal_mask_function(4)
+    torch.testing.assert_close(unpadded_causal_mask(2, 8, 8, mask_function=fn, attention_mask=ones, local_size=4),
+                               sdpa_mask(2, 8, 8, mask_function=fn, local_size=4))
+
+
+def test_is_unpadded() -> None:
     ids = torch.arange(6).reshape(2, 3)
-    full = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-    assert set(without_full_mask(full)) == {"input_ids", "labels"}
-    padded = dict(full, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
-    assert without_full_mask(padded) is padded
-    packed = {"input_ids": ids, "labels": ids, "position_ids": ids}
-    assert without_full_mask(packed) is packed
+    assert is_unpadded({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert not is_unpadded({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]])})
+    assert not is_unpadded({"input_ids": ids})  # no mask: transformers' own checks decide
+    assert not is_unpadded({"input_ids": ids, "position_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def _masks_seen(model: torch.nn.Module, **inputs) -> list:
+    seen: list = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+             for name, m in model.named_modules() if name.endswith("self_attn")]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_under_capture_the_mask_stays_off(tiny_llama: Path) -> None:
+    """A CUDA stream capture as transformers sees it (its `is_tracing` answers True; simulated on CPU): by itself
+    it builds an explicit mask for an unpadded batch with an all-ones mask (5.17 does so without one too); inside
+    `causal_mask_skip(unpadded=True)` the attention layers get none, and the logits are the same."""
+    model = _sdpa_model(tiny_llama)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ones = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=ones).logits
+    with mock.patch("transformers.masking_utils.is_tracing", return_value=True):
+        assert all(m is not None for m in _masks_seen(model, input_ids=ids, attention_mask=ones))
+        with causal_mask_skip(model, unpadded=True):
+            seen = _masks_seen(model, input_ids=ids, attention_mask=ones)
+            with torch.no_grad():
+                got = model(input_ids=ids, attention_mask=ones).logits
+    assert seen and all(m is None for m in seen)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -101,17 +139,18 @@ def test_captured_forward_gets_no_mask(tiny_llama: Path) -> None:
              for name, m in model.named_modules() if name.endswith("self_attn")]
     ids = torch.randint(3, model.config.vocab_size, (2, 64), device="cuda")
     with torch.no_grad():
-        eager = model(input_ids=ids).logits.float()
+        ones = torch.ones_like(ids)
+        eager = model(input_ids=ids, attention_mask=ones).logits.float()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with causal_mask_skip(model):
+        with causal_mask_skip(model, unpadded=True):
             with torch.cuda.stream(side):
-                model(input_ids=ids)
+                model(input_ids=ids, attention_mask=ones)
             torch.cuda.current_stream().wait_stream(side)
             seen.clear()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                out = model(input_ids=ids).logits
+                out = model(input_ids=ids, attention_mask=ones).logits
         g.replay()
         torch.cuda.synchronize()
     for h in hooks:

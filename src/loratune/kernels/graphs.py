@@ -73,6 +73,7 @@ class GraphedMicroBatch:
         self.last_key: tuple | None = None
         self.failed: set[tuple] = set()  # shapes that run eagerly (no graph captured, or none faster)
         self.static: dict[str, Tensor] = {}
+        self.ones: Tensor | None = None  # the captured batch's attention mask (no padding)
         self.scale: Tensor | None = None
         self.loss: Tensor | None = None
         self.grads: list[Tensor] = []
@@ -159,7 +160,8 @@ class GraphedMicroBatch:
         with frozen_adapters(self.model):  # fresh adapter casts, made inside the graph
             with torch.autocast("cuda", dtype=self.compute_dtype or torch.float32,
                                 enabled=self.compute_dtype in (torch.bfloat16, torch.float16), cache_enabled=False):
-                loss = self.loss_fn(self.model, dict(self.static))
+                # the captured batch is unpadded: an all-ones mask (never copied), SDPA's causal kernels
+                loss = self.loss_fn(self.model, {**self.static, "attention_mask": self.ones})
             (loss * self.scale).backward()
         return loss.detach()
 
@@ -174,13 +176,14 @@ class GraphedMicroBatch:
                 p.grad = g
 
     def _release(self) -> None:
-        self.graph, self.key, self.loss, self.static, self.scale = None, None, None, {}, None
+        self.graph, self.key, self.loss, self.static, self.scale, self.ones = None, None, None, {}, None, None
 
     def _capture(self, key: tuple, batch: dict[str, Tensor]) -> bool:
         self._release()
         torch.cuda.empty_cache()
         dev = self.params[0].device
         self.static = {k: batch[k].to(dev).clone() for k in key[1]}
+        self.ones = torch.ones_like(self.static["input_ids"])
         self.scale = torch.zeros((), dtype=torch.float32, device=dev)
         for p in self.params:
             if p.grad is None:
@@ -188,7 +191,7 @@ class GraphedMicroBatch:
         self.grads = [p.grad for p in self.params]
         try:
             # causal_mask_skip: SDPA's causal kernels inside the capture too (loratune.kernels.causal_mask)
-            with causal_mask_skip(self.model):
+            with causal_mask_skip(self.model, unpadded=True):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits stay out of the graph)

@@ -32,9 +32,10 @@ from loratune.data.collate import batch_order, collate
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
 from loratune.kernels import frozen_adapters
+from loratune.kernels.causal_mask import causal_mask_skip, is_unpadded
 from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.train.faults import fault
-from loratune.train.loss import lm_loss_sum, with_target_rows, without_full_mask
+from loratune.train.loss import lm_loss_sum, with_target_rows
 from loratune.train.optim import build_scheduler
 
 log = logging.getLogger("loratune.train")
@@ -160,12 +161,14 @@ class Loop:
             if timed:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
+            # decided on the host: an unpadded batch keeps SDPA's causal kernels without a mask check on the GPU
+            skip = causal_mask_skip(self.model, unpadded=True) if is_unpadded(b) else contextlib.nullcontext()
             b = {k: (v.pin_memory() if cuda else v).to(self.acc.device, non_blocking=cuda)
-                 for k, v in with_target_rows(without_full_mask(b)).items()}
+                 for k, v in with_target_rows(b).items()}
             last = i == len(batches) - 1
             # gradients are all-reduced once per window, on its last backward (no-op on one process)
             with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
-                with self.acc.autocast():
+                with self.acc.autocast(), skip:
                     loss_sum, _ = self.loss_fn(self.model, b)
                 if fault("loss"):
                     loss_sum = loss_sum + float("inf")
@@ -247,9 +250,10 @@ class Loop:
         total, n = 0.0, 0
         with torch.no_grad(), frozen_adapters(self.model):
             for i in range(0, len(samples), self.cfg.batch_size):
-                b = without_full_mask(collate(samples[i:i + self.cfg.batch_size], self.pad_id))
+                b = collate(samples[i:i + self.cfg.batch_size], self.pad_id)
+                skip = causal_mask_skip(self.model, unpadded=True) if is_unpadded(b) else contextlib.nullcontext()
                 b = {k: v.to(self.acc.device) for k, v in b.items()}
-                with self.acc.autocast():
+                with self.acc.autocast(), skip:
                     s, k = self.loss_fn(self.model, b)
                 total, n = total + float(s), n + k
         self.model.train()

@@ -57,18 +57,6 @@ def with_target_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**batch, TARGET_ROWS: supervised_rows(batch["labels"])}
 
 
-def without_full_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The host-side batch without its attention mask when that mask keeps every position (no padding).
-
-    The model then computes the same causal attention, but transformers no longer inspects the mask on the GPU
-    to find out that it may skip it (one host/GPU synchronisation per forward pass).
-    """
-    mask = batch.get("attention_mask")
-    if mask is None or mask.is_cuda or not bool(mask.all()):
-        return batch
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
-
-
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states from the model's backbone (adapters included: peft injects them in place)."""
     base = _unwrap(model)
