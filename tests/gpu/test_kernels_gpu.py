@@ -107,6 +107,29 @@ def test_fused_ce_matches_reference_cuda(softcap, impl) -> None:
     assert _rel(gh, eh) < 1e-2 and _rel(gw, ew) < 1e-2
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_triton_ce_rows_match_the_pytorch_chunks(softcap, monkeypatch) -> None:
+    """A frozen head in bf16 on CUDA takes the Triton chunk kernel (kernels/_ce_triton.py); the PyTorch chunks
+    are its reference: same loss to fp32 rounding, the same d(hidden) to bf16 rounding."""
+    import loratune.kernels.loss as loss_mod
+    from loratune.kernels.loss import fused_linear_cross_entropy_sum, reference_linear_cross_entropy_sum
+
+    torch.manual_seed(1)
+    h = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.05 * torch.randn(32003, 512, device="cuda")).to(torch.bfloat16)  # frozen, odd vocabulary
+    y = torch.randint(0, 32003, (3000,), device="cuda")
+    y[::7] = -100
+    got, n = fused_linear_cross_entropy_sum(h, w, y, softcap=softcap, chunk_elements=1 << 24)
+    (gh,) = torch.autograd.grad(got, (h,))
+    monkeypatch.setattr(loss_mod, "_triton_rows_available", lambda *a: False)
+    plain, _ = fused_linear_cross_entropy_sum(h, w, y, softcap=softcap, chunk_elements=1 << 24)
+    (ph,) = torch.autograd.grad(plain, (h,))
+    want, _ = reference_linear_cross_entropy_sum(h, w, y, softcap=softcap)
+    (eh,) = torch.autograd.grad(want, (h,))
+    assert _rel(got, plain) < 1e-5 and _rel(got, want) < 1e-4
+    assert _rel(gh, ph) < 5e-3 and _rel(gh, eh) < 1e-2
+
+
 def test_adapter_updates_are_seen_with_fused_adamw() -> None:
     """The fused CUDA AdamW updates parameters in place without bumping their version counters: a
     cache of the bf16 adapter copies keyed on versions served stale weights (seen 2026-11-22)."""

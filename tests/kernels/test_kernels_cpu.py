@@ -221,6 +221,28 @@ def test_frozen_adapter_casts_are_made_once_and_dropped_after() -> None:
     assert not torch.allclose(after, plain)
 
 
+def test_tracked_adapter_casts_are_made_together() -> None:
+    """With the model's adapter weights tracked, the first request in a window casts all of them (multi-tensor
+    copy), each equal to its own cast; a second window casts afresh (an update in between is seen)."""
+    from loratune.kernels.lora_linear import AdapterCasts
+
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(4, 16, generator=g).requires_grad_(True) for _ in range(5)]
+    casts = AdapterCasts()
+    casts.track(params)
+    with casts.frozen():
+        first = casts.get(params[2], torch.bfloat16)
+        assert len(casts.copies) == 5
+        assert torch.equal(first, params[2].detach().to(torch.bfloat16))
+        assert all(torch.equal(casts.get(p, torch.bfloat16), p.detach().to(torch.bfloat16)) for p in params)
+        assert all(casts.get(p, torch.bfloat16) is casts.copies[(id(p), torch.bfloat16)] for p in params)
+        assert len(casts.copies) == 5
+    with torch.no_grad():
+        params[0].add_(1.0)
+    with casts.frozen():
+        assert torch.equal(casts.get(params[0], torch.bfloat16), params[0].detach().to(torch.bfloat16))
+
+
 # ------------------------------------------------------------------------------- rmsnorm, swiglu
 
 

@@ -54,6 +54,25 @@ def _update_then_base(x: Tensor, xa: Tensor, weight_fn: Callable[[torch.dtype], 
     return y
 
 
+_MM_OUT_DTYPE: bool | None = None  # whether torch.mm(..., out_dtype=) works here (CUDA builds of recent torch)
+
+
+def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a @ b returned in `dtype`: on CUDA, a 16-bit product written in fp32 by the matrix multiply itself
+    (fp32 accumulation, no rounding to 16 bits, no separate cast kernel); elsewhere the product, then a cast."""
+    global _MM_OUT_DTYPE
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError):
+            if _MM_OUT_DTYPE:  # it worked before: this is a real error
+                raise
+            _MM_OUT_DTYPE = False
+    return (a @ b).to(dtype)
+
+
 def _input_grad(g: Tensor, gxa: Tensor, a: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor]) -> Tensor:
     """dx = g W, plus gxa A when x also fed the projection (`a` given): that share first, g W accumulated onto it."""
     if a is None:
@@ -83,8 +102,8 @@ class _LoRALinear(torch.autograd.Function):
         g = g.to(b.dtype)
         need_x, need_xl, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         gxa = (g @ b).mul_(s)
-        d_b = (g.t() @ xa).mul_(s).to(ctx.dtypes[1]) if need_b else None
-        d_a = (gxa.t() @ x_l).to(ctx.dtypes[0]) if need_a else None
+        d_b = _mm_to(g.t(), xa, ctx.dtypes[1]).mul_(s) if need_b else None
+        d_a = _mm_to(gxa.t(), x_l, ctx.dtypes[0]) if need_a else None
         dx = _input_grad(g, gxa, None if ctx.separate else a, ctx.weight_fn) if need_x else None
         dxl = gxa @ a if (ctx.separate and need_xl) else None
         return dx, dxl, None, None, d_a, d_b, None, None, None
@@ -103,7 +122,7 @@ class _LoRAProject(torch.autograd.Function):
     def backward(ctx, gxa: Tensor):
         (x_l,) = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
-        d_a = (gxa.t() @ x_l).to(ctx.a_dtype) if need_a else None
+        d_a = _mm_to(gxa.t(), x_l, ctx.a_dtype) if need_a else None
         dx_l = gxa @ ctx.a if (need_x and ctx.grad_to_input) else None
         return dx_l, d_a, None, None
 
@@ -125,7 +144,7 @@ class _LoRAMain(torch.autograd.Function):
         g = g.to(dt)
         need_x, need_xa, _, _, need_b = ctx.needs_input_grad[:5]
         gxa = (g @ ctx.b).mul_(s)
-        d_b = (g.t() @ ctx.xa).mul_(s).to(ctx.b_dtype) if need_b else None
+        d_b = _mm_to(g.t(), ctx.xa, ctx.b_dtype).mul_(s) if need_b else None
         dx = _input_grad(g, gxa, ctx.a, ctx.weight_fn) if need_x else None  # ctx.a: x also fed the projection
         return dx, gxa if need_xa else None, None, None, d_b, None, None, None
 
@@ -141,25 +160,49 @@ class AdapterCasts:
     def __init__(self) -> None:
         self.active = False
         self.copies: dict[tuple[int, torch.dtype], Tensor] = {}
+        self.params: list[Tensor] = []  # every adapter weight of the model (see `track`)
+        self.batched: set[torch.dtype] = set()  # dtypes cast for all `params` in this window
+
+    def track(self, params: list[Tensor]) -> None:
+        """The adapter weights of the whole model: inside `frozen()` the first request for a dtype casts them all
+        with a few multi-tensor kernels (`torch._foreach_copy_`) instead of one kernel per weight (448 for a
+        Llama-3-8B with 7 targets: ~2 ms of GPU time and as many launches per step)."""
+        self.params = list(params)
 
     def get(self, p: Tensor, dtype: torch.dtype) -> Tensor:
         if not self.active:
             return p.detach().to(dtype)
         key = (id(p), dtype)
         c = self.copies.get(key)
+        if c is None and self.params and dtype not in self.batched:
+            self._cast_all(dtype)
+            c = self.copies.get(key)
         if c is None:
             c = self.copies[key] = p.detach().to(dtype)
         return c
 
+    def _cast_all(self, dtype: torch.dtype) -> None:
+        self.batched.add(dtype)
+        todo = [q for q in self.params if q.dtype != dtype and (id(q), dtype) not in self.copies]
+        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+        for q in todo:
+            d = torch.empty(q.shape, dtype=dtype, device=q.device)
+            self.copies[(id(q), dtype)] = d
+            dsts, srcs = by_device.setdefault(q.device, ([], []))
+            dsts.append(d)
+            srcs.append(q.detach())
+        for dsts, srcs in by_device.values():
+            torch._foreach_copy_(dsts, srcs)
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """A window with its own copies; nested windows (a CUDA graph capture) start fresh and restore the outer."""
-        outer = self.active, self.copies
-        self.active, self.copies = True, {}
+        outer = self.active, self.copies, self.batched
+        self.active, self.copies, self.batched = True, {}, set()
         try:
             yield
         finally:
-            self.active, self.copies = outer
+            self.active, self.copies, self.batched = outer
 
 
 _UNCACHED = AdapterCasts()
@@ -297,4 +340,6 @@ def swap_lora_layers(model: torch.nn.Module) -> int:
             n += 1
     if n:
         model._loratune_casts = casts
+        casts.track([w for m in model.modules() if getattr(m, "_loratune_fused", False) and hasattr(m, "lora_A")
+                     for d in (m.lora_A, m.lora_B) for w in (d[next(iter(d))].weight,)])
     return n

@@ -48,6 +48,17 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _triton_rows_available(hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the chunks go through `_ce_triton` (CUDA, 16-bit logits, Triton importable)."""
+    if not (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _chunk_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
     return max(1, min(n_rows, chunk_elements // max(vocab, 1)))
 
@@ -66,9 +77,18 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         rows = _chunk_rows(n, vocab, chunk_elements)
+        fused = _triton_rows_available(hidden, weight) and not need_w
         for start in range(0, n, rows):
             h = hidden[start:start + rows]
             y = labels[start:start + rows]
+            if fused:  # CUDA, 16-bit: one Triton pass per row turns the 16-bit logits into their gradient in place
+                from loratune.kernels._ce_triton import ce_rows_inplace
+
+                z = h @ weight.t()
+                loss += ce_rows_inplace(z, y, ignore_index, softcap, write_grad=need_h).sum()
+                if need_h:
+                    grad_h[start:start + rows] = z @ weight
+                continue
             z = _at_least_fp32(h @ weight.t())  # logits in the input dtype, as lm_head gives them, then fp32
             if softcap is not None:
                 z = torch.tanh_(z.div_(softcap)).mul_(softcap)
@@ -109,7 +129,8 @@ def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, label
     hidden [N, H] (or [B, S, H]), lm_head_weight [V, H], labels [N] (or [B, S]) already aligned with
     hidden (shifted for next-token prediction by the caller). Returns (fp32 loss_sum, n_tokens).
     `impl="chunked"` (this module, any device): peak extra memory is one chunk of `chunk_elements`
-    fp32 logits and a copy. `impl="liger"`: liger-kernel's fused linear cross-entropy (CUDA, Triton
+    fp32 logits and a copy; on CUDA with 16-bit weights and a frozen head, one chunk of 16-bit logits that a
+    Triton kernel turns into their gradient in place (`_ce_triton`). `impl="liger"`: liger-kernel's fused linear cross-entropy (CUDA, Triton
     softmax kernels), for comparison in benchmarks/bench_train.py.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
