@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from loratune.kernels.lora_group import project_shared
+
 LLAMA_RMSNORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")
 
 
@@ -86,7 +88,8 @@ def swap_swiglu_mlps(model: nn.Module) -> int:
             continue
 
         def forward(x: Tensor, m: nn.Module = m) -> Tensor:
-            return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+            gate, up = project_shared((m.gate_proj, m.up_proj), x)  # one node when both are fused LoRA layers
+            return m.down_proj(silu_mul(gate, up))
 
         m.forward = forward
         m._loratune_fused = True
@@ -114,9 +117,8 @@ def swap_attention_rope(model: nn.Module) -> int:
                                 attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
             input_shape = hidden_states.shape[:-1]
             hidden_shape = (*input_shape, -1, m.head_dim)
-            q = m.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            k = m.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            v = m.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            q, k, v = (t.view(hidden_shape).transpose(1, 2)  # one node when all three are fused LoRA layers
+                       for t in project_shared((m.q_proj, m.k_proj, m.v_proj), hidden_states))
             cos, sin = position_embeddings
             q, k = LigerRopeFunction.apply(q, k, cos, sin)
             attend = home.ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,7 @@ class AdapterCasts:
         self.copies: dict[tuple[int, torch.dtype], Tensor] = {}
         self.params: list[Tensor] = []  # every adapter weight of the model (see `track`)
         self.batched: set[torch.dtype] = set()  # dtypes cast for all `params` in this window
+        self.stacked: dict[tuple, Tensor] = {}  # get_cat's copies in this window
 
     def track(self, params: list[Tensor]) -> None:
         """The adapter weights of the whole model: inside `frozen()` the first request for a dtype casts them all
@@ -181,6 +183,17 @@ class AdapterCasts:
             c = self.copies[key] = p.detach().to(dtype)
         return c
 
+    def get_cat(self, params: list[Tensor], dtype: torch.dtype) -> Tensor:
+        """The casts of `params` stacked along dim 0 (the A matrices of layers sharing an input), made once per
+        window inside `frozen()`."""
+        if not self.active:
+            return torch.cat([self.get(p, dtype) for p in params])
+        key = (tuple(id(p) for p in params), dtype)
+        c = self.stacked.get(key)
+        if c is None:
+            c = self.stacked[key] = torch.cat([self.get(p, dtype) for p in params])
+        return c
+
     def _cast_all(self, dtype: torch.dtype) -> None:
         self.batched.add(dtype)
         todo = [q for q in self.params if q.dtype != dtype and (id(q), dtype) not in self.copies]
@@ -197,12 +210,12 @@ class AdapterCasts:
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """A window with its own copies; nested windows (a CUDA graph capture) start fresh and restore the outer."""
-        outer = self.active, self.copies, self.batched
-        self.active, self.copies, self.batched = True, {}, set()
+        outer = self.active, self.copies, self.batched, self.stacked
+        self.active, self.copies, self.batched, self.stacked = True, {}, set(), {}
         try:
             yield
         finally:
-            self.active, self.copies, self.batched = outer
+            self.active, self.copies, self.batched, self.stacked = outer
 
 
 _UNCACHED = AdapterCasts()
@@ -295,6 +308,41 @@ def is_swappable(layer: torch.nn.Module) -> bool:
             and layer.lora_B[name].bias is None and isinstance(layer.lora_A[name], torch.nn.Linear))
 
 
+@dataclass(frozen=True)
+class FusedPlan:
+    """What the fused path of one swapped peft LoRA layer needs (kept on the layer as `_loratune_plan`, also for
+    `loratune.kernels.lora_group`, which runs layers sharing an input as one node)."""
+
+    layer: torch.nn.Module
+    base: torch.nn.Module
+    weight_fn: Callable[[torch.dtype], Tensor]
+    compute: torch.dtype
+    name: str
+    casts: AdapterCasts | None
+
+    @property
+    def lora_a(self) -> Tensor:
+        return self.layer.lora_A[self.name].weight
+
+    @property
+    def lora_b(self) -> Tensor:
+        return self.layer.lora_B[self.name].weight
+
+    @property
+    def scale(self) -> float:
+        return float(self.layer.scaling[self.name])
+
+    def applies(self) -> bool:
+        """The fused path computes what peft would now (adapter active and unmerged, our weight layout)."""
+        layer = self.layer
+        return not (layer.disable_adapters or layer.merged or list(layer.active_adapters) != [self.name]
+                    or _cpu_packed(self.base))
+
+    def dropout_active(self) -> bool:
+        dropout = self.layer.lora_dropout[self.name]
+        return self.layer.training and getattr(dropout, "p", 0.0) > 0
+
+
 def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor],
                   casts: AdapterCasts | None = None) -> Callable[..., Tensor]:
     """A forward for one peft LoRA layer instance that takes the fused path when it applies.
@@ -303,19 +351,15 @@ def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor],
     also under autocast, which would pick the same dtype for them; the output has the input's dtype.
     """
     base = layer.get_base_layer()
-    weight_fn = _weight_fn(base)
-    compute = _compute_dtype(base)
-    name = next(iter(layer.lora_A))
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    plan = FusedPlan(layer, base, _weight_fn(base), _compute_dtype(base), next(iter(layer.lora_A)), casts)
+    layer._loratune_plan = plan
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
-        if (args or kwargs or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [name]
-                or _cpu_packed(base)):
+        if args or kwargs or not plan.applies():
             return original(x, *args, **kwargs)
-        dropout = layer.lora_dropout[name]
-        xc = x.to(compute)
-        x_lora = dropout(xc) if (layer.training and getattr(dropout, "p", 0.0) > 0) else None
-        y = lora_linear(xc, weight_fn, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name], x_lora, casts,
+        xc = x.to(plan.compute)
+        x_lora = layer.lora_dropout[plan.name](xc) if plan.dropout_active() else None
+        y = lora_linear(xc, plan.weight_fn, base.bias, plan.lora_a, plan.lora_b, plan.scale, x_lora, casts,
                         split=getattr(layer, "_loratune_last_in_block", False))
         return y.to(x.dtype)
 
