@@ -216,7 +216,8 @@ def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
                 graphs.eager_took(time.perf_counter() - t)
         torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if graphs is None or not graphs.zero_grads():  # as Loop.step
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step

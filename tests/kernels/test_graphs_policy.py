@@ -82,3 +82,41 @@ def test_packed_batches_stay_eager() -> None:
               "position_ids": torch.arange(8).repeat(2, 1)}
     assert g._key(packed) is None
     assert g._key(batch(2, 8)) == ((2, 8), ("input_ids", "labels"))
+
+
+def test_flat_grads_are_views_of_one_buffer_per_dtype() -> None:
+    """The graph's gradient tensors: zeroed views into one buffer per dtype (zeroing them is one kernel)."""
+    from loratune.kernels.graphs import _flat_grads
+
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(2, 2, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4, 3))]
+    views, flat = _flat_grads(params)
+    assert [v.shape for v in views] == [p.shape for p in params] and [v.dtype for v in views] == [p.dtype for p in params]
+    assert sorted(b.numel() for b in flat) == [4, 12 + 5 + 12]
+    assert all(not v.any() for v in views)
+    for i, v in enumerate(views):
+        v.fill_(i + 1)
+    f32 = next(b for b in flat if b.dtype == torch.float32)
+    assert f32.tolist() == [1.0] * 12 + [2.0] * 5 + [4.0] * 12
+    for p, v in zip(params, views):
+        p.grad = v  # accepted as gradients
+    for b in flat:
+        b.zero_()
+    assert all(not p.grad.any() for p in params)
+
+
+def test_zero_grads_in_place_only_while_attached() -> None:
+    from loratune.kernels.graphs import _flat_grads
+
+    model = torch.nn.Linear(3, 2)
+    graphs = GraphedMicroBatch(model, lambda m, b: m(b).sum(), None, enabled=False)
+    assert not graphs.zero_grads()  # nothing captured: the caller zeroes
+    graphs.grads, graphs.flat = _flat_grads(graphs.params)
+    for p, g in zip(graphs.params, graphs.grads):
+        p.grad = g
+    model(torch.ones(1, 3)).sum().backward()
+    assert any(p.grad.any() for p in model.parameters())
+    assert graphs.zero_grads() and all(not p.grad.any() for p in model.parameters())
+    assert all(p.grad is g for p, g in zip(graphs.params, graphs.grads))  # still attached
+    model.weight.grad = None
+    assert not graphs.zero_grads()

@@ -34,7 +34,7 @@ def _randomize_b(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(0.1 * torch.randn(p.shape, generator=g).to(p.device))
 
 
 def _outputs_and_grads(layers, x, fn, upstream):
@@ -54,8 +54,9 @@ def test_group_equals_layers_one_by_one(tiny_llama: Path, bits: int) -> None:
     attn = model.get_base_model().model.layers[0].self_attn
     layers = (attn.q_proj, attn.k_proj, attn.v_proj)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 5, model.config.hidden_size, generator=g, requires_grad=True)
-    upstream = [torch.randn(2, 5, layer.out_features, generator=g) for layer in layers]
+    dev = next(model.parameters()).device  # the GPU machine loads the model on CUDA
+    x = torch.randn(2, 5, model.config.hidden_size, generator=g).to(dev).requires_grad_(True)
+    upstream = [torch.randn(2, 5, layer.out_features, generator=g).to(dev) for layer in layers]
     calls = []
     original = _LoRAGroup.apply
     with pytest.MonkeyPatch.context() as mp:
@@ -105,7 +106,7 @@ def test_group_falls_back_with_dropout_and_when_not_fused(tiny_llama: Path) -> N
     model = _model(tiny_llama, dropout=0.1)
     swap_lora_layers(model)
     mlp = model.get_base_model().model.layers[0].mlp
-    x = torch.randn(1, 3, model.config.hidden_size)
+    x = torch.randn(1, 3, model.config.hidden_size).to(next(model.parameters()).device)
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_LoRAGroup, "apply", lambda *a: calls.append(1))
@@ -128,6 +129,7 @@ def test_swapped_mlp_groups_gate_and_up_and_matches(tiny_llama: Path) -> None:
     swap_lora_layers(fused)
     assert swap_swiglu_mlps(fused) == fused.config.num_hidden_layers
     ids = torch.randint(3, fused.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    ids = ids.to(next(fused.parameters()).device)
 
     def run(model):
         out = model(input_ids=ids, labels=ids)

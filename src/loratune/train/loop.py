@@ -204,7 +204,8 @@ class Loop:
                 self.optimizer.step()
             else:
                 finite = False
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graphs is None or not self.graphs.zero_grads():  # graphs: zeroed in place, still attached
+            self.optimizer.zero_grad(set_to_none=True)
         if finite:  # a skipped step is no step for the schedule either (as accelerate's scheduler wrapper does)
             self.scheduler.step()
         state.step += 1
