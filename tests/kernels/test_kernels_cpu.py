@@ -235,12 +235,22 @@ def test_tracked_adapter_casts_are_made_together() -> None:
         assert len(casts.copies) == 5
         assert torch.equal(first, params[2].detach().to(torch.bfloat16))
         assert all(torch.equal(casts.get(p, torch.bfloat16), p.detach().to(torch.bfloat16)) for p in params)
-        assert all(casts.get(p, torch.bfloat16) is casts.copies[(id(p), torch.bfloat16)] for p in params)
+        assert all(casts.get(p, torch.bfloat16) is casts.copies[(id(p), torch.bfloat16, 1.0)] for p in params)
         assert len(casts.copies) == 5
     with torch.no_grad():
         params[0].add_(1.0)
     with casts.frozen():
         assert torch.equal(casts.get(params[0], torch.bfloat16), params[0].detach().to(torch.bfloat16))
+    # a tracked scale (a B matrix) is folded into its cast, batched or not, inside a window or outside
+    casts.track(params, {id(params[1]): 2.5})
+    want = params[1].detach().to(torch.bfloat16) * 2.5
+    with casts.frozen():
+        got = casts.get(params[1], torch.bfloat16, 2.5)
+        assert len(casts.copies) == 5 and torch.equal(got, want)
+        assert casts.get(params[1], torch.bfloat16, 2.5) is got
+    assert torch.equal(casts.get(params[1], torch.bfloat16, 2.5), want)
+    fp32 = casts.get(params[1], torch.float32, 2.5)  # same dtype: a new tensor, the parameter untouched
+    assert fp32 is not params[1] and torch.equal(fp32, params[1].detach() * 2.5)
 
 
 # ------------------------------------------------------------------------------- rmsnorm, swiglu

@@ -88,7 +88,8 @@ def test_group_node_fp64_with_bias_and_unused_output() -> None:
     As = [torch.randn(r, d, generator=g, dtype=torch.float64, requires_grad=True) for _, r, _, _ in specs]
     Bs = [torch.randn(o, r, generator=g, dtype=torch.float64, requires_grad=True) for o, r, _, _ in specs]
     plans = tuple(Plan(w, b, s) for w, b, (_, _, s, _) in zip(ws, biases, specs))
-    ys = _LoRAGroup.apply(x, torch.cat([a.detach() for a in As]), plans, *As, *Bs, *[b.detach() for b in Bs])
+    scaled_bs = [b.detach() * s for b, (_, _, s, _) in zip(Bs, specs)]  # the casts carry the scales
+    ys = _LoRAGroup.apply(x, torch.cat([a.detach() for a in As]), plans, *As, *Bs, *scaled_bs)
     refs = [reference_lora_linear(x, w, b, a, bb, s) for w, b, a, bb, (_, _, s, _) in zip(ws, biases, As, Bs, specs)]
     up = [torch.randn(y.shape, generator=g, dtype=torch.float64) for y in ys]
     got = torch.autograd.grad((ys[0] * up[0]).sum() + (ys[1] * up[1]).sum(), [x, *As, *Bs], allow_unused=True)

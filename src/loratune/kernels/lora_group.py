@@ -6,8 +6,9 @@ forward pass, in the recompute and in the backward pass (for dA). Each layer als
 input gradient, and autograd then adds those: two [tokens, hidden] additions for q/k/v and one for
 gate/up, per layer and backward pass. As one node:
     forward:   xa = x [A_1; ...; A_n]^T                       one read of x for every rank-r projection
-               y_i = s_i xa_i B_i^T + b_i + x W_i^T           (update first, base accumulated onto it)
-    backward:  gxa_i = s_i g_i B_i;  dB_i = s_i g_i^T xa_i
+               y_i = xa_i (s_i B_i)^T + b_i + x W_i^T         (update first, base accumulated onto it;
+                                                               s_i folded into the cast of B_i)
+    backward:  gxa_i = g_i (s_i B_i);  dB_i = s_i g_i^T xa_i
                [dA_1; ...; dA_n] = [gxa_1 ... gxa_n]^T x      one read of x for every dA
                dx = [gxa_1 ... gxa_n] [A_1; ...; A_n] + sum_i g_i W_i    accumulated in one buffer (beta = 1)
 It takes this path only when every layer would take the fused path on its own, with no adapter dropout (a
@@ -38,7 +39,7 @@ class _LoRAGroup(torch.autograd.Function):
         ys, off = [], 0
         for plan, a, b in zip(plans, lora_as, bs):
             r = a.shape[0]
-            ys.append(_update_then_base(x, xa[:, off:off + r], plan.weight_fn, plan.base.bias, b, plan.scale))
+            ys.append(_update_then_base(x, xa[:, off:off + r], plan.weight_fn, plan.base.bias, b))
             off += r
         ctx.save_for_backward(x, xa)
         ctx.plans, ctx.a_cat, ctx.bs = plans, a_cat, bs
@@ -59,7 +60,7 @@ class _LoRAGroup(torch.autograd.Function):
                 d_bs.append(None)
             else:
                 g = g.to(b.dtype)
-                gxas.append((g @ b).mul_(plan.scale))
+                gxas.append(g @ b)  # b carries the scale
                 d_bs.append(_mm_to(g.t(), xa[:, off:off + r], b_dtype).mul_(plan.scale) if need_b else None)
                 live.append((plan, g))
             off += r
@@ -90,6 +91,6 @@ def project_shared(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
     lora_as = [p.lora_a for p in plans]
     lora_bs = [p.lora_b for p in plans]
     a_cat = casts.get_cat(lora_as, dt)
-    bs = [casts.get(b, dt) for b in lora_bs]
+    bs = [casts.get(p.lora_b, dt, p.scale) for p in plans]  # s B: the scale folded into the cast
     ys = _LoRAGroup.apply(xc, a_cat, tuple(plans), *lora_as, *lora_bs, *bs)
     return [y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype) for y in ys]

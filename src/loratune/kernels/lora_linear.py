@@ -15,6 +15,8 @@ autograd node per layer, or for the last LoRA layer of a decoder block the same 
     main:     y  = s xa B^T + b + x W^T             [T, out]    saves nothing (xa kept on ctx)
 Backward, given g = dL/dy [T, out]:
     main:     gxa = s g B   [T, r];   dB = s g^T xa;   dx = gxa A + g W   (when x_l is x; else dx = g W)
+s is folded into B's compute-dtype cast once per window (`AdapterCasts.get(B, dtype, s)`), so neither the
+forward product nor gxa pays a separate scaling pass.
     project:  dA = gxa^T x_l;   dx_l = gxa A   (only when x_l is a separate dropout output)
 Why split the last layer: under non-reentrant activation checkpointing the recompute stops as soon as the last
 tensor saved by the block has been recomputed. `main` saves nothing (its rank-r `xa` is kept on ctx:
@@ -47,10 +49,10 @@ def reference_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a
 
 
 def _update_then_base(x: Tensor, xa: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
-                      b: Tensor, scale: float) -> Tensor:
-    """y = s xa B^T (+ bias), then x W^T accumulated onto it in the matrix product (beta = 1)."""
-    xs = xa * scale
-    y = xs @ b.t() if bias is None else torch.addmm(bias.to(x.dtype), xs, b.t())
+                      b_s: Tensor) -> Tensor:
+    """y = xa (s B)^T (+ bias), then x W^T accumulated onto it in the matrix product (beta = 1). `b_s` is the
+    compute-dtype cast of B with the scale s folded in (`AdapterCasts.get(lora_b, dtype, s)`)."""
+    y = xa @ b_s.t() if bias is None else torch.addmm(bias.to(x.dtype), xa, b_s.t())
     y.addmm_(x, weight_fn(x.dtype).t())
     return y
 
@@ -90,7 +92,7 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, x_l: Tensor | None, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
                 lora_a: Tensor, lora_b: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
         xa = (x if x_l is None else x_l) @ a.t()
-        y = _update_then_base(x, xa, weight_fn, bias, b, scale)
+        y = _update_then_base(x, xa, weight_fn, bias, b)
         ctx.save_for_backward(x if x_l is None else x_l, xa)
         ctx.weight_fn, ctx.scale, ctx.a, ctx.b, ctx.separate = weight_fn, scale, a, b, x_l is not None
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
@@ -102,7 +104,7 @@ class _LoRALinear(torch.autograd.Function):
         s, a, b = ctx.scale, ctx.a, ctx.b
         g = g.to(b.dtype)
         need_x, need_xl, _, _, need_a, need_b = ctx.needs_input_grad[:6]
-        gxa = (g @ b).mul_(s)
+        gxa = g @ b  # b carries s
         d_b = _mm_to(g.t(), xa, ctx.dtypes[1]).mul_(s) if need_b else None
         d_a = _mm_to(gxa.t(), x_l, ctx.dtypes[0]) if need_a else None
         dx = _input_grad(g, gxa, None if ctx.separate else a, ctx.weight_fn) if need_x else None
@@ -134,7 +136,7 @@ class _LoRAMain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xa: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None,
                 lora_b: Tensor, b: Tensor, a: Tensor | None, scale: float) -> Tensor:
-        y = _update_then_base(x, xa, weight_fn, bias, b, scale)
+        y = _update_then_base(x, xa, weight_fn, bias, b)
         ctx.xa = xa.detach()
         ctx.weight_fn, ctx.scale, ctx.b, ctx.a, ctx.b_dtype = weight_fn, scale, b, a, lora_b.dtype
         return y
@@ -144,7 +146,7 @@ class _LoRAMain(torch.autograd.Function):
         s, dt = ctx.scale, ctx.b.dtype
         g = g.to(dt)
         need_x, need_xa, _, _, need_b = ctx.needs_input_grad[:5]
-        gxa = (g @ ctx.b).mul_(s)
+        gxa = g @ ctx.b  # ctx.b carries s
         d_b = _mm_to(g.t(), ctx.xa, ctx.b_dtype).mul_(s) if need_b else None
         dx = _input_grad(g, gxa, ctx.a, ctx.weight_fn) if need_x else None  # ctx.a: x also fed the projection
         return dx, gxa if need_xa else None, None, None, d_b, None, None, None
@@ -160,27 +162,33 @@ class AdapterCasts:
 
     def __init__(self) -> None:
         self.active = False
-        self.copies: dict[tuple[int, torch.dtype], Tensor] = {}
+        self.copies: dict[tuple[int, torch.dtype, float], Tensor] = {}
         self.params: list[Tensor] = []  # every adapter weight of the model (see `track`)
+        self.scales: dict[int, float] = {}  # id(weight) -> the scale its cast carries (B matrices)
         self.batched: set[torch.dtype] = set()  # dtypes cast for all `params` in this window
         self.stacked: dict[tuple, Tensor] = {}  # get_cat's copies in this window
 
-    def track(self, params: list[Tensor]) -> None:
+    def track(self, params: list[Tensor], scales: dict[int, float] | None = None) -> None:
         """The adapter weights of the whole model: inside `frozen()` the first request for a dtype casts them all
-        with a few multi-tensor kernels (`torch._foreach_copy_`) instead of one kernel per weight (448 for a
-        Llama-3-8B with 7 targets: ~2 ms of GPU time and as many launches per step)."""
-        self.params = list(params)
+        with a few multi-tensor kernels (`torch._foreach_copy_`, then `_foreach_mul_` for the B matrices' scales,
+        `scales`: id(weight) -> s) instead of one or two kernels per weight (448 weights for a Llama-3-8B with
+        7 targets: ~2 ms of GPU time and as many launches per step)."""
+        self.params, self.scales = list(params), dict(scales or {})
 
-    def get(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+    def get(self, p: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+        """`p` cast to `dtype` and multiplied by `scale` (the LoRA scale folded into B once, not applied to
+        every product); a new tensor, never `p` itself when `scale` is not 1."""
         if not self.active:
-            return p.detach().to(dtype)
-        key = (id(p), dtype)
+            c = p.detach().to(dtype)
+            return c * scale if scale != 1.0 else c
+        key = (id(p), dtype, scale)
         c = self.copies.get(key)
         if c is None and self.params and dtype not in self.batched:
             self._cast_all(dtype)
             c = self.copies.get(key)
         if c is None:
-            c = self.copies[key] = p.detach().to(dtype)
+            c = p.detach().to(dtype)
+            c = self.copies[key] = c * scale if scale != 1.0 else c
         return c
 
     def get_cat(self, params: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -196,16 +204,23 @@ class AdapterCasts:
 
     def _cast_all(self, dtype: torch.dtype) -> None:
         self.batched.add(dtype)
-        todo = [q for q in self.params if q.dtype != dtype and (id(q), dtype) not in self.copies]
-        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        for q in todo:
-            d = torch.empty(q.shape, dtype=dtype, device=q.device)
-            self.copies[(id(q), dtype)] = d
-            dsts, srcs = by_device.setdefault(q.device, ([], []))
+        groups: dict[torch.device, tuple[list[Tensor], list[Tensor], list[Tensor], list[float]]] = {}
+        for q in self.params:
+            scale = self.scales.get(id(q), 1.0)
+            key = (id(q), dtype, scale)
+            if key in self.copies or (q.dtype == dtype and scale == 1.0):
+                continue
+            d = self.copies[key] = torch.empty(q.shape, dtype=dtype, device=q.device)
+            dsts, srcs, scaled, factors = groups.setdefault(q.device, ([], [], [], []))
             dsts.append(d)
             srcs.append(q.detach())
-        for dsts, srcs in by_device.values():
+            if scale != 1.0:
+                scaled.append(d)
+                factors.append(scale)
+        for dsts, srcs, scaled, factors in groups.values():
             torch._foreach_copy_(dsts, srcs)
+            if scaled:
+                torch._foreach_mul_(scaled, factors)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -237,7 +252,7 @@ def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Ten
     """
     dt, shape = x.dtype, x.shape
     casts = casts or _UNCACHED
-    a, b = casts.get(lora_a, dt), casts.get(lora_b, dt)
+    a, b = casts.get(lora_a, dt), casts.get(lora_b, dt, float(scale))  # b: s B, the scale folded in once
     x2 = x.reshape(-1, shape[-1])
     xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
     if not split:
@@ -384,6 +399,6 @@ def swap_lora_layers(model: torch.nn.Module) -> int:
             n += 1
     if n:
         model._loratune_casts = casts
-        casts.track([w for m in model.modules() if getattr(m, "_loratune_fused", False) and hasattr(m, "lora_A")
-                     for d in (m.lora_A, m.lora_B) for w in (d[next(iter(d))].weight,)])
+        plans = [m._loratune_plan for m in model.modules() if getattr(m, "_loratune_plan", None) is not None]
+        casts.track([w for p in plans for w in (p.lora_a, p.lora_b)], {id(p.lora_b): p.scale for p in plans})
     return n
