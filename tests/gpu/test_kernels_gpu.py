@@ -130,6 +130,27 @@ def test_triton_ce_rows_match_the_pytorch_chunks(softcap, monkeypatch) -> None:
     assert _rel(gh, ph) < 5e-3 and _rel(gh, eh) < 1e-2
 
 
+def test_swiglu_backward_over_its_inputs() -> None:
+    """silu_mul(reuse_inputs=True): the same gradients, written over a and b; a second backward fails loudly."""
+    from loratune.kernels.norm_swiglu import silu_mul
+
+    torch.manual_seed(2)
+    src = torch.randn(2, 300, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(2, 300, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 300, 1000, device="cuda", dtype=torch.bfloat16)
+
+    def grads(reuse: bool):
+        a, b = src * 1.5, up * 0.5  # intermediate tensors that feed only the product
+        y = silu_mul(a, b, reuse_inputs=reuse)
+        return torch.autograd.grad(y, (src, up), g, retain_graph=reuse), (y, a)
+
+    (ga, gb), _ = grads(False)
+    (ra, rb), (y, a) = grads(True)
+    assert torch.equal(ra, ga) and torch.equal(rb, gb)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, (src, up), g)
+
+
 def test_adapter_updates_are_seen_with_fused_adamw() -> None:
     """The fused CUDA AdamW updates parameters in place without bumping their version counters: a
     cache of the bf16 adapter copies keyed on versions served stale weights (seen 2026-11-22)."""

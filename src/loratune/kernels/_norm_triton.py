@@ -101,8 +101,9 @@ def swiglu_forward(a: Tensor, b: Tensor) -> Tensor:
     return y
 
 
-def swiglu_backward(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    da, db = torch.empty_like(a), torch.empty_like(b)
+def swiglu_backward(g: Tensor, a: Tensor, b: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """(da, db); with `in_place` written over a and b (each element is read before it is written)."""
+    da, db = (a, b) if in_place else (torch.empty_like(a), torch.empty_like(b))
     n = a.numel()
     _SWIGLU_BWD((triton.cdiv(n, SWIGLU_BLOCK),), g, a, b, da, db, n, BLOCK=SWIGLU_BLOCK)
     return da, db

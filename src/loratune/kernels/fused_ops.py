@@ -89,7 +89,7 @@ def swap_swiglu_mlps(model: nn.Module) -> int:
 
         def forward(x: Tensor, m: nn.Module = m) -> Tensor:
             gate, up = project_shared((m.gate_proj, m.up_proj), x)  # one node when both are fused LoRA layers
-            return m.down_proj(silu_mul(gate, up))
+            return m.down_proj(silu_mul(gate, up, reuse_inputs=True))  # gate and up feed only this product
 
         m.forward = forward
         m._loratune_fused = True

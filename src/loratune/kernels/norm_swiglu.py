@@ -86,10 +86,16 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """y = silu(a) * b elementwise; one kernel forward, one backward (plain PyTorch off CUDA)."""
+    """y = silu(a) * b elementwise; one kernel forward, one backward (plain PyTorch off CUDA).
+
+    With `reuse_inputs` (the caller's a and b feed nothing else) the CUDA backward writes da and db over a and b:
+    in a Llama-3-8B block at 2 x 2048 tokens that is 224 MiB less at the moment of the step's memory peak (the
+    first backward layer). The inputs' version counters are bumped, so a second backward through the same graph
+    fails loudly instead of reading gradients as activations.
+    """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, reuse_inputs: bool = False) -> Tensor:
         a = a if a.is_contiguous() else a.contiguous()
         b = b if b.is_contiguous() else b.contiguous()
         if _triton(a):
@@ -99,6 +105,7 @@ class SwiGLUFunction(torch.autograd.Function):
         else:
             y = _swiglu_fwd_torch(a, b)
         ctx.save_for_backward(a, b)
+        ctx.reuse = reuse_inputs and a.data_ptr() != b.data_ptr()
         return y
 
     @staticmethod
@@ -108,13 +115,19 @@ class SwiGLUFunction(torch.autograd.Function):
         if _triton(a):
             from loratune.kernels._norm_triton import swiglu_backward
 
-            return swiglu_backward(g, a, b)
-        return _swiglu_bwd_torch(g, a, b)
+            da, db = swiglu_backward(g, a, b, in_place=ctx.reuse)
+            if ctx.reuse:
+                torch.autograd.graph.increment_version(a)
+                torch.autograd.graph.increment_version(b)
+            return da, db, None
+        return (*_swiglu_bwd_torch(g, a, b), None)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return RMSNormFunction.apply(x, weight, float(eps))
 
 
-def silu_mul(a: Tensor, b: Tensor) -> Tensor:
-    return SwiGLUFunction.apply(a, b)
+def silu_mul(a: Tensor, b: Tensor, reuse_inputs: bool = False) -> Tensor:
+    """silu(a) * b; `reuse_inputs`: a and b feed nothing else, so the backward may overwrite them (see
+    SwiGLUFunction)."""
+    return SwiGLUFunction.apply(a, b, reuse_inputs)
