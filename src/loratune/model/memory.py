@@ -23,7 +23,8 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
                fp32 weights + gradients + states.
   activations  with checkpointing: the saved input of each layer, L x T x H x e, plus the working set
                of one layer's recompute and backward pass: T x a x (4H + 3q + 3kv + m I + 7r) with m = 4
-               for the fused SwiGLU (gate, up, their product, its gradient) or 6 for the plain MLP, plus
+               for the fused SwiGLU (gate and up, whose gradients its backward writes over them, their
+               product and its gradient) or 6 for the plain MLP, plus
                dropout outputs and masks (T x d_in x (a + 1) per adapted layer) when adapter dropout > 0,
                plus the largest dequantized weight (d_in x d_out x a). Without checkpointing every layer
                keeps its saved tensors, L x T x (H e + a (3H + 3q + 3kv + (m-1) I + 7r)), and the working
@@ -34,7 +35,8 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
                norm's input and output, the rows kept for the head, d(hidden)): 4 T H a.
   overhead     cuBLAS workspaces and small buffers on CUDA; the Python process itself on CPU.
 
-  graph pool   when micro-batches are replayed as CUDA graphs: GRAPH_POOL x T x H x a (measured, below).
+  graph pool   when micro-batches are replayed as CUDA graphs: the trainable parameters' gradients (held
+               through the whole capture) + GRAPH_POOL x T x H x a (measured, below).
 
 peak = weights + adapters + saved activations + max(loss, layer working set) + graph pool + overhead: the loss
 (end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
@@ -69,10 +71,12 @@ GiB = 2**30
 NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit blocksize)
 DQ_BLOCK = 256  # absmax values per second-level absmax (double quantization)
 # A micro-batch replayed as a CUDA graph (loratune.kernels.graphs) peaks higher than the same micro-batch
-# run eagerly: its private memory pool does not share blocks with the rest of the process. Measured on the
-# H100 (docs/benchmarks.md, run 9, Llama-3-8B shape): +0.38, +0.80, +1.64 GiB at 2x2048, 1x8192, 1x16384,
-# i.e. 12.2-13.1 x tokens x hidden x 2 bytes. Fitted from one shape: an estimate, kept on the high side.
-GRAPH_POOL = 13
+# run eagerly. What is alive at the two peaks (benchmarks/memory_peak.py, docs/benchmarks.md run 14): during
+# the capture every trainable parameter's gradient exists from the start (the graph accumulates into fixed
+# tensors; eagerly they appear layer by layer in the backward pass), plus a few activation-sized buffers the
+# capture keeps. Fitted on the H100 (run 19, Llama-3-8B shape): the peaks 7.05, 8.76, 12.12 GiB at 2x2048,
+# 1x8192, 1x16384 leave 5.2, 4.9, 4.2 x tokens x hidden x 2 bytes beyond the gradients; 5 is used.
+GRAPH_POOL = 5
 CUDA_OVERHEAD = 96 * 2**20  # cuBLAS/cuBLASLt workspaces, rotary tables, small buffers (calibrated)
 CPU_OVERHEAD = 1 * GiB  # the Python process with torch and transformers imported
 SAFETY = 0.90  # batch_size auto keeps the estimate under this fraction of the free memory
@@ -298,9 +302,10 @@ def fused_mlp_default(cfg: Config, device: str) -> bool:
     return device == "cuda" and cfg.model.kernels in ("auto", True)
 
 
-def _graph_pool(shape: Shape, tokens: int, a: int) -> Component:
-    return Component("CUDA graph pool", GRAPH_POOL * tokens * shape.hidden * a,
-                     f"the captured micro-batch's private pool beyond the eager peak: {GRAPH_POOL} x T x H x a (measured)")
+def _graph_pool(shape: Shape, tokens: int, a: int, grad_bytes: int) -> Component:
+    return Component("CUDA graph pool", grad_bytes + GRAPH_POOL * tokens * shape.hidden * a,
+                     f"the captured micro-batch beyond the eager peak: all gradients held through the capture, "
+                     f"{GRAPH_POOL} x T x H x a buffers (measured)")
 
 
 # -------------------------------------------------------------------------------------------- estimate
@@ -331,7 +336,8 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
                          CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD,
                          "cuBLAS workspaces, small buffers" if device == "cuda" else "Python, torch, transformers")
     graphed = graphs_wanted(cfg, device) if graphs is None else graphs
-    pool = _graph_pool(shape, tokens, a) if graphed else Component("CUDA graph pool", 0, "")
+    grads = sum(c.bytes for c in trainable if c.name == "gradients")
+    pool = _graph_pool(shape, tokens, a, grads) if graphed else Component("CUDA graph pool", 0, "")
     comps = [*_weights(cfg, shape, device, embed_on_host, e), *trainable, saved,
              dataclasses.replace(layer, counted=not loss_peak), dataclasses.replace(loss, counted=loss_peak),
              pool, overhead]
