@@ -104,23 +104,26 @@ def test_totals_within_10_percent_of_the_measured_peaks(fields: dict, batch: int
     assert plan.total_gib >= 0.99 * measured  # calibrated to err on the safe side
 
 
-# The default path of `loratune train` on the H100 (docs/benchmarks.md, runs 6 and 9): every fast path,
+# The default path of `loratune train` on the H100 (docs/benchmarks.md, run 19, this code): every fast path,
 # the input embedding in host memory; eagerly, and with micro-batches replayed as CUDA graphs.
-MEASURED_DEFAULT = [(2, 2048, False, 7.00), (1, 8192, False, 8.61), (1, 16384, False, 12.11),
-                    (2, 2048, True, 7.38), (1, 8192, True, 9.41), (1, 16384, True, 13.75)]
+MEASURED_DEFAULT = [(2, 2048, False, 6.77), (2, 2048, True, 7.05), (1, 8192, True, 8.76), (1, 16384, True, 12.12)]
 
 
 @pytest.mark.parametrize(("batch", "seq", "graphs", "measured"), MEASURED_DEFAULT)
 def test_the_default_path_within_10_percent(batch: int, seq: int, graphs: bool, measured: float) -> None:
     plan = estimate(bench_cfg(), llama(**LLAMA3_8B), batch, seq, "cuda", embed_on_host=True, fused_mlp=True,
-                    graphs=graphs, chunk_elements=RUN_CHUNK)
+                    graphs=graphs)
     assert plan.total_gib == pytest.approx(measured, rel=0.10)
+    assert plan.total_gib >= 0.99 * measured
     assert (_pool(plan) > 0) == graphs
 
 
 def test_graphs_are_planned_where_train_would_use_them() -> None:
     shape = llama(**LLAMA3_8B)
-    assert _pool(estimate(bench_cfg(), shape, 2, 2048, "cuda", True)) == 13 * 4096 * 4096 * 2
+    plan = estimate(bench_cfg(), shape, 2, 2048, "cuda", True)
+    grads = next(c.bytes for c in plan.components if c.name == "gradients")
+    assert grads == 4 * 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # fp32, r=16
+    assert _pool(plan) == grads + 5 * 4096 * 4096 * 2  # held through the capture + 5 T H a
     for off in ("adapter.dropout=0.1", "model.cuda_graphs=false", "train.deterministic=true",
                 "quantization.compute_dtype=fp16"):
         assert _pool(estimate(bench_cfg(off), shape, 2, 2048, "cuda", True)) == 0, off

@@ -41,11 +41,12 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
 peak = weights + adapters + saved activations + max(loss, layer working set) + graph pool + overhead: the loss
 (end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
 
-Calibrated with the loss chunk of those runs, 2^26 elements (now 2^25: the estimate follows it, the peaks
-with the new chunk are not measured yet) (docs/benchmarks.md, run 2; H100, LoRA r=16 on 7 modules, NF4 double quant, bf16,
-checkpointing, embedding on the GPU): measured / estimated GiB at 2x2048, 1x8192, 1x16384:
-Llama-3-8B 7.84 / 7.90, 9.40 / 9.50, 12.69 / 12.86; Llama-3.2-1B 2.24 / 2.28, 2.53 / 2.59,
-3.64 / 3.74 (all within +3%, none under). Not modelled: the paged optimizers' states live in
+Calibrated on the H100 (docs/benchmarks.md; LoRA r=16 on 7 modules, NF4 double quant, bf16, checkpointing).
+Run 2 (embedding on the GPU, no graphs, logit chunks of 2^26), measured / estimated GiB at 2x2048, 1x8192,
+1x16384: Llama-3-8B 7.84 / 7.90, 9.40 / 9.50, 12.69 / 12.86; Llama-3.2-1B 2.24 / 2.28, 2.53 / 2.59,
+3.64 / 3.74. Run 19 (the default path: embedding in host memory, CUDA graphs, chunks of 2^25, the SwiGLU
+gradients over gate/up), Llama-3-8B: eager 2x2048 6.77 / 6.84; graphed 7.05 / 7.15, 8.76 / 8.99,
+12.12 / 12.66 (all within +5%, none under). Not modelled: the paged optimizers' states live in
 managed memory and can spill to the host (counted as if on the GPU); architectures without
 Llama-style fields (hidden_size, intermediate_size, ...) are refused.
 """
