@@ -4,13 +4,16 @@ One entry point, called explicitly by the loader (nothing is patched at import t
 `apply(model, cfg)` swaps the forwards of this model instance's own modules, on CUDA only, when the
 config's `model.kernels` is `auto` or true (the default; false/off leaves the model untouched). What it swaps:
 - `lora`: every peft LoRA linear over a 4-bit or 16-bit base -> one autograd function (bf16 adapter
-  products, Triton NF4 dequantization); `loratune.kernels.lora_linear`;
+  products, Triton NF4 dequantization); `loratune.kernels.lora_linear`; the swapped attention and MLP
+  forwards run layers that share an input (q/k/v, gate/up) as one node (`loratune.kernels.lora_group`);
 - `rmsnorm`, `swiglu`: Llama-style RMSNorm (frozen weight) and SiLU-gated MLPs -> one Triton kernel
   per direction each (`loratune.kernels.norm_swiglu`);
 - `rope`: the RoPE of Llama/Qwen2/Mistral attention -> liger-kernel's fused RoPE, when liger-kernel is
   installed (`loratune.kernels.fused_ops`).
 - `embed_offload`: the frozen, untied input embedding table moves to pinned host memory (1 GB less GPU
   memory for a 128k vocabulary); `loratune.kernels.offload`.
+Not swaps, used by the training loop: `loratune.kernels.causal_mask` (SDPA's causal kernels for unpadded
+batches, decided on the host, also inside CUDA graph captures) and `loratune.kernels.graphs`.
 The loss is not a module swap: every run's loss (`loratune.train.loss.lm_loss_sum`) goes through
 `loratune.kernels.loss` (linear cross-entropy in row chunks, gradient computed in the forward pass;
 exact, any device).
