@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     for i, b in enumerate(ids[1:]):  # graphs: step 2 eager (timed), step 3 capture + timed replay, then replays
         step(model, b, opt)
         torch.cuda.synchronize()
-        marks.append((f"step {i + 2} ({'captured' if graphs.key is not None else 'eager'}, "
-                      f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB)",
-                      len(torch.cuda.memory._snapshot()["device_traces"][0])))
+        title = (f"step {i + 2} ({'captured' if graphs.key is not None else 'eager'}, "
+                 f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB)")
+        marks.append((title, len(torch.cuda.memory._snapshot()["device_traces"][0])))
         torch.cuda.reset_peak_memory_stats()
     events = torch.cuda.memory._snapshot()["device_traces"][0]
     torch.cuda.memory._record_memory_history(enabled=None)

@@ -10,7 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
-from loratune.kernels.causal_mask import NAME, causal_mask_skip, causal_skip_mask, is_unpadded, unpadded_causal_mask
+from loratune.kernels.causal_mask import (
+    NAME,
+    causal_mask_skip,
+    causal_skip_mask,
+    is_unpadded,
+    unpadded_causal_mask,
+)
 
 
 def test_no_padding_means_no_mask() -> None:

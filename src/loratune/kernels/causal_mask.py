@@ -65,7 +65,10 @@ BUILDERS = {NAME: causal_skip_mask, NAME_UNPADDED: unpadded_causal_mask}
 def register() -> None:
     """Make `NAME` and `NAME_UNPADDED` known attention implementations (idempotent): SDPA's own forward, with
     `BUILDERS` as their mask builders."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     for name, builder in BUILDERS.items():

@@ -23,7 +23,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from loratune.kernels.lora_linear import AdapterCasts, FusedPlan, _mm_to, _update_then_base
+from loratune.kernels.lora_linear import (
+    AdapterCasts,
+    FusedPlan,
+    _mm_to,
+    _update_then_base,
+)
 
 _UNCACHED = AdapterCasts()
 
