@@ -12,6 +12,8 @@ from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_fun
 
 from loratune.kernels.causal_mask import (
     NAME,
+    NAME_UNPADDED,
+    causal_mask_for,
     causal_mask_skip,
     causal_skip_mask,
     is_unpadded,
@@ -100,6 +102,16 @@ def test_is_unpadded() -> None:
     assert not is_unpadded({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]])})
     assert not is_unpadded({"input_ids": ids})  # no mask: transformers' own checks decide
     assert not is_unpadded({"input_ids": ids, "position_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def test_causal_mask_for_switches_only_for_unpadded_batches(tiny_llama: Path) -> None:
+    model = _sdpa_model(tiny_llama)
+    ids = torch.arange(6).reshape(2, 3)
+    with causal_mask_for(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        assert model.config._attn_implementation == NAME_UNPADDED
+    with causal_mask_for(model, {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]])}):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
 
 
 def _masks_seen(model: torch.nn.Module, **inputs) -> list:

@@ -117,3 +117,9 @@ def is_unpadded(batch: dict[str, Tensor]) -> bool:
     that keeps every position, and it is not packed (packed batches carry position_ids and no mask)."""
     mask = batch.get("attention_mask")
     return mask is not None and "position_ids" not in batch and not mask.is_cuda and bool(mask.all())
+
+
+def causal_mask_for(model: nn.Module, batch: dict[str, Tensor]) -> contextlib.AbstractContextManager:
+    """The context to run `model` on this host-side batch in: `causal_mask_skip(unpadded=True)` for an unpadded
+    batch (`is_unpadded`), else nothing (transformers builds the mask the batch needs)."""
+    return causal_mask_skip(model, unpadded=True) if is_unpadded(batch) else contextlib.nullcontext()

@@ -189,15 +189,17 @@ class GraphedMicroBatch:
         None, which makes the next replay zero and re-attach 448 tensors one by one."""
         if not self.flat or any(p.grad is not g for p, g in zip(self.params, self.grads)):
             return False
-        for buf in self.flat:
-            buf.zero_()
+        self._zero_flat()
         return True
+
+    def _zero_flat(self) -> None:
+        for buf in self.flat:  # one kernel per buffer (a foreach zero of 448 tensors costs ~3 ms of host time)
+            buf.zero_()
 
     def _bind_grads(self) -> None:
         cleared = [g for p, g in zip(self.params, self.grads) if p.grad is None]
-        if len(cleared) == len(self.grads) and self.flat:  # after zero_grad(set_to_none=True): the usual case
-            for buf in self.flat:  # one kernel per buffer (a foreach zero of 448 tensors costs ~3 ms of host time)
-                buf.zero_()
+        if len(cleared) == len(self.grads) and self.flat:  # after zero_grad(set_to_none=True)
+            self._zero_flat()
         elif cleared:
             torch._foreach_zero_(cleared)
         for p, g in zip(self.params, self.grads):

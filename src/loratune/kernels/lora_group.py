@@ -23,14 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from loratune.kernels.lora_linear import (
-    AdapterCasts,
-    FusedPlan,
-    _mm_to,
-    _update_then_base,
-)
-
-_UNCACHED = AdapterCasts()
+from loratune.kernels.lora_linear import _UNCACHED, FusedPlan, _mm_to, _update_then_base
 
 
 class _LoRAGroup(torch.autograd.Function):

@@ -15,9 +15,9 @@ autograd node per layer, or for the last LoRA layer of a decoder block the same 
     main:     y  = s xa B^T + b + x W^T             [T, out]    saves nothing (xa kept on ctx)
 Backward, given g = dL/dy [T, out]:
     main:     gxa = s g B   [T, r];   dB = s g^T xa;   dx = gxa A + g W   (when x_l is x; else dx = g W)
+    project:  dA = gxa^T x_l;   dx_l = gxa A   (only when x_l is a separate dropout output)
 s is folded into B's compute-dtype cast once per window (`AdapterCasts.get(B, dtype, s)`), so neither the
 forward product nor gxa pays a separate scaling pass.
-    project:  dA = gxa^T x_l;   dx_l = gxa A   (only when x_l is a separate dropout output)
 Why split the last layer: under non-reentrant activation checkpointing the recompute stops as soon as the last
 tensor saved by the block has been recomputed. `main` saves nothing (its rank-r `xa` is kept on ctx:
 tokens x r values, ~128 KB per layer at 4096 tokens x r 16), so in a decoder block whose last linear

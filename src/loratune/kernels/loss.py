@@ -50,13 +50,10 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 def _triton_rows_available(hidden: Tensor, weight: Tensor) -> bool:
     """Whether the chunks go through `_ce_triton` (CUDA, 16-bit logits, Triton importable)."""
-    if not (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from loratune.kernels.nf4 import triton_available
+
+    return (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+            and triton_available())
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_elements: int) -> int:
@@ -130,8 +127,8 @@ def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, label
     hidden (shifted for next-token prediction by the caller). Returns (fp32 loss_sum, n_tokens).
     `impl="chunked"` (this module, any device): peak extra memory is one chunk of `chunk_elements`
     fp32 logits and a copy; on CUDA with 16-bit weights and a frozen head, one chunk of 16-bit logits that a
-    Triton kernel turns into their gradient in place (`_ce_triton`). `impl="liger"`: liger-kernel's fused linear cross-entropy (CUDA, Triton
-    softmax kernels), for comparison in benchmarks/bench_train.py.
+    Triton kernel turns into their gradient in place (`_ce_triton`). `impl="liger"`: liger-kernel's fused
+    linear cross-entropy (CUDA, Triton softmax kernels), for comparison in benchmarks/bench_train.py.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)

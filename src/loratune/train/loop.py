@@ -32,7 +32,7 @@ from loratune.data.collate import batch_order, collate
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
 from loratune.kernels import frozen_adapters
-from loratune.kernels.causal_mask import causal_mask_skip, is_unpadded
+from loratune.kernels.causal_mask import causal_mask_for
 from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.train.faults import fault
 from loratune.train.loss import lm_loss_sum, with_target_rows
@@ -162,7 +162,7 @@ class Loop:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
             # decided on the host: an unpadded batch keeps SDPA's causal kernels without a mask check on the GPU
-            skip = causal_mask_skip(self.model, unpadded=True) if is_unpadded(b) else contextlib.nullcontext()
+            skip = causal_mask_for(self.model, b)
             b = {k: (v.pin_memory() if cuda else v).to(self.acc.device, non_blocking=cuda)
                  for k, v in with_target_rows(b).items()}
             last = i == len(batches) - 1
@@ -252,7 +252,7 @@ class Loop:
         with torch.no_grad(), frozen_adapters(self.model):
             for i in range(0, len(samples), self.cfg.batch_size):
                 b = collate(samples[i:i + self.cfg.batch_size], self.pad_id)
-                skip = causal_mask_skip(self.model, unpadded=True) if is_unpadded(b) else contextlib.nullcontext()
+                skip = causal_mask_for(self.model, b)
                 b = {k: v.to(self.acc.device) for k, v in b.items()}
                 with self.acc.autocast(), skip:
                     s, k = self.loss_fn(self.model, b)
