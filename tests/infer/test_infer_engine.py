@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from loratune.infer.engine import Delta, Finish, decode_steps, generate_text, left_pad
 from loratune.infer.sampling import SamplingParams
@@ -17,20 +18,26 @@ class CountingModel(torch.nn.Module):
     """next token = (last token + 1) mod V, as near-one-hot logits; records every forward's shapes.
 
     It checks the loop's contract: after prefill, one token per row; the attention mask grows by one per
-    step; positions continue each row's own count (left padding).
+    step; positions continue each row's own count (left padding); one cache object, given to every
+    forward, holding everything fed before (the mock appends its inputs to it, as a layer appends its keys).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.calls: list[tuple[tuple[int, ...], tuple[int, ...], list[list[int]]]] = []
+        self.caches: list[tuple[int, int]] = []  # (id of the cache object, tokens it held before the forward)
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, **kw):
+    def forward(self, input_ids, attention_mask, position_ids, *, cache, use_cache=True, **kw):
+        assert isinstance(cache, DynamicCache) and use_cache
         self.calls.append((tuple(input_ids.shape), tuple(attention_mask.shape), position_ids.tolist()))
+        self.caches.append((id(cache), cache.get_seq_length()))
+        kv = input_ids[:, None, :, None].float()  # (B, heads=1, T, head_dim=1)
+        cache.update(kv, kv, 0)
         last = input_ids[:, -1]
         logits = torch.full((input_ids.shape[0], 1, V), -10.0)
         logits[torch.arange(len(last)), 0, (last + 1) % V] = 10.0
-        return SimpleNamespace(logits=logits, past_key_values=(past_key_values or 0) + 1)
+        return SimpleNamespace(logits=logits)
 
 
 def test_left_pad_aligns_prompts_on_the_right() -> None:
@@ -48,6 +55,9 @@ def test_mock_loop_feeds_one_token_per_step_with_per_row_positions() -> None:
     assert shape0 == (2, 3) and pos0 == [[0, 1, 2], [0, 0, 0]]  # prefill
     assert shape1 == (2, 1) and mask1 == (2, 4) and pos1 == [[3], [1]]
     assert mask2 == (2, 5) and pos2 == [[4], [2]]
+    (first, held0), *later = model.caches
+    assert held0 == 0 and [held for _, held in later] == [3, 4]  # the prefill filled it, each step appended
+    assert {ident for ident, _ in later} == {first}  # one cache object for the whole answer
 
 
 def test_mock_stop_token_ends_only_its_row() -> None:
@@ -151,6 +161,23 @@ def test_greedy_equals_manual_loop_other_families(tiny_models, family: str) -> N
     msgs = [{"role": "user", "content": "Hi"}]
     tokens = [e.token_id for e in eng.chat(msgs, SamplingParams(max_new_tokens=8)) if isinstance(e, Delta) and e.token_id is not None]
     assert tokens == manual_greedy(eng.model, fmt.render(msgs), 8, fmt.stop_ids)
+
+
+def test_decoding_uses_the_cache_api_without_deprecation_warnings(engine, caplog) -> None:
+    """transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40): the loop passes a
+    `DynamicCache` as `cache`, so neither a FutureWarning nor transformers' logged notice appears."""
+    import logging
+    import warnings
+
+    fmt = engine.format("alpha")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        with engine._use("alpha"):
+            steps = list(decode_steps(engine.model, _prompts(fmt), SamplingParams(max_new_tokens=4),
+                                      stop_ids=frozenset(), pad_id=fmt.pad_id))
+    assert len(steps) == 4
+    assert [str(w.message) for w in caught] == []
+    assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
 
 
 def test_greedy_matches_transformers_generate(engine) -> None:

@@ -6,9 +6,12 @@ are each a line here, and each would be a callback or a subclass around `generat
 
 Two layers:
 - `decode_steps` knows only a model (anything whose forward takes input_ids, attention_mask,
-  position_ids, past_key_values and returns `.logits` and `.past_key_values`) and token ids. Prompts are
-  left-padded into one batch; the first forward (prefill) fills the KV cache; each later step feeds one
-  token per row. Padding is masked by position (pad may equal eos). It is tested with a mock model.
+  position_ids, cache, use_cache, logits_to_keep and returns `.logits`) and token ids. Prompts are
+  left-padded into one batch; one `transformers.DynamicCache` is made before the first forward (prefill),
+  which fills it, and the same object is passed to every later step, which feeds one token per row and
+  appends to it in place. (transformers 5 renamed the argument `past_key_values` to `cache`; the old name
+  and reading `.past_key_values` back from the output warn, and go in 5.40.) Padding is masked by
+  position (pad may equal eos). It is tested with a mock model.
 - `generate_text` adds a tokenizer's decode: incremental detokenisation and stop strings per row, and
   yields `Delta` events (text pieces) and `Finish` events (reason and token counts).
 """
@@ -19,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from loratune.infer.detok import IncrementalDetokenizer, StopStrings
 from loratune.infer.sampling import SamplingParams, make_generator, next_tokens
@@ -72,6 +76,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids, mask
 
 
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty KV cache shaped by the model's own config (sliding-window layers and all), when it has one."""
+    config = getattr(model, "config", None)
+    return DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -101,13 +111,12 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     budget = params.max_new_tokens
     if max_total is not None:
         budget = min(budget, max_total - int(lengths.max()))
-    cache = None
+    cache = new_cache(model)  # filled by the prefill, appended to in place by every step
     for _ in range(max(budget, 0)):
         if cancel() or all(state.done):
             return
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
         logits = out.logits[:, -1, :]
         if seen is None:
             counts = torch.zeros(logits.shape, dtype=torch.long, device=device)
