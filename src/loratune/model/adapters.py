@@ -16,7 +16,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loratune.config import AdapterConfig
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, ModelError
+from loratune.model.quant import keep_standard_4bit_layout, repacked_4bit_layers
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -76,12 +77,24 @@ def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    _refuse_repacked_base(model)
+    keep_standard_4bit_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
     # autocast_adapter_dtype keeps the adapter weights in fp32 on a 16-bit or 4-bit base: the updates
     # are small relative to the weights and would be rounded away in bf16.
     with _peft_reading_deprecated_alias():
         return get_peft_model(model, lora_config(model, cfg), autocast_adapter_dtype=True)
+
+
+def _refuse_repacked_base(model: nn.Module) -> None:
+    """A base whose 4-bit weights bitsandbytes repacked for CPU inference passes no gradient (quant.py says
+    why) and cannot be unpacked exactly: training it would silently leave most adapters at zero gradient."""
+    repacked = repacked_4bit_layers(model)
+    if repacked:
+        raise ModelError(f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were repacked by bitsandbytes for "
+                         "CPU inference (an eval-mode forward without gradients), and no gradient can pass through "
+                         "them; load the base with loratune.model.load.load_base, which keeps the trainable layout")
 
 
 @contextlib.contextmanager

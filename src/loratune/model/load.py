@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loratune.config import Config, ModelConfig
 from loratune.errors import ModelError
-from loratune.model.quant import bnb_config, resolve_compute_dtype
+from loratune.model.quant import bnb_config, keep_standard_4bit_layout, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def load_base(cfg: Config) -> PreTrainedModel:
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model from {source!r}: {e}".splitlines()[0]) from None
     model.config.use_cache = False
+    keep_standard_4bit_layout(model)  # before any forward: see loratune.model.quant
     return model
 
 
