@@ -180,14 +180,21 @@ def test_template_rejects_conversation(write, toks) -> None:
     assert fails(data_cfg(d, template=str(p)), toks) == f"{d}: row 2: chat template 't' rejected the conversation: no system role"
 
 
-def test_template_not_prefix_stable(write, toks) -> None:
-    # marks the last message: an earlier turn renders differently once a turn is added
+def test_template_not_prefix_stable_is_labelled_from_one_rendering(write, toks) -> None:
+    # marks the last message: an earlier turn renders differently once a turn is added, which the renderer must
+    # label from the whole rendering (no prefix property asked for)
     p = write("t.jinja", "{% for m in messages %}{% if loop.last %}(last) {% endif %}<|im_start|>{{ m['role'] }}\n"
                          "{{ m['content'] }}<|im_end|>\n{% endfor %}")
     conv = {"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "A."},
                          {"role": "user", "content": "B?"}, {"role": "assistant", "content": "B."}]}
     d = write("m.jsonl", [conv])
-    assert fails(data_cfg(d, template=str(p)), toks).startswith(f"{d}: row 1: chat template 't' is not prefix-stable")
+    tok, info = toks["qwen2"]
+    data = prepare_data(data_cfg(d, template=str(p)), tok, info, seed=0)
+    (sample,) = data.train
+    assert tok.decode(sample.input_ids) == ("<|im_start|>user\nA?<|im_end|>\n<|im_start|>assistant\nA.<|im_end|>\n"
+                                            "<|im_start|>user\nB?<|im_end|>\n(last) <|im_start|>assistant\nB.<|im_end|>\n")
+    supervised = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
+    assert tok.decode(supervised) == "A.<|im_end|>B.<|im_end|>"
 
 
 def test_template_without_end_of_turn(write, toks) -> None:

@@ -147,7 +147,10 @@ def tool_conversations(draw) -> tuple[list[dict], list[dict] | None]:
 
 
 @SETTINGS
-@given(conv=tool_conversations(), name=st.sampled_from(list(TEMPLATES)), family=st.sampled_from(FAMILIES))
+# "plain" writes the messages' texts side by side with nothing between them, so a BPE token may join the end of a
+# user's text and the start of the answer (one run for two turns); its own golden tests pin what it supervises.
+@given(conv=tool_conversations(), name=st.sampled_from([n for n in TEMPLATES if n != "plain"]),
+       family=st.sampled_from(FAMILIES))
 def test_builtin_templates_drop_nothing(toks: dict, conv, name: str, family: str) -> None:
     """Every built-in template renders every message, call and tool (the renderer checks it and would raise),
     and supervises exactly one run per assistant message: its text, its calls and its end-of-turn text."""

@@ -1,19 +1,26 @@
 """The one place that turns a conversation (or a plain text) into token ids and labels.
 
-Labels come from rendering, never from searching token ids for marker strings:
+The conversation is rendered once, whole, by the chat template (the same Jinja renderer as
+`tokenizer.apply_chat_template`), and tokenized once. Labels mark, for each trained assistant message,
+the characters the model has to produce in that very rendering: what the template writes for the
+message (its content, reasoning, tool calls, and any text the template puts inside the turn such as an
+empty `<think></think>` block) and the end-of-turn text that closes it, nothing of the next header.
+No template is asked to be prefix-stable and no marker string is searched for in the conversation:
 
-1. Render the whole conversation with the chat template (the same Jinja renderer as
-   `tokenizer.apply_chat_template`), and for each trained assistant message i render two prefixes:
-   the conversation before it with the generation prompt, and the conversation through it. The
-   assistant's text is what lies between them, which gives a character span: from the end of the
-   generation prompt to the end of the template's end-of-turn text (`ChatTemplate.stop`), so the
-   end-of-turn token is supervised and whatever the template writes after it (a newline) is not.
-2. Check the prefix property (each prefix is a prefix of the full text); a template that renders earlier
-   turns differently depending on what follows is rejected with a clear error instead of mislabelled.
-   Check too that nothing is dropped silently: the text of every non-assistant message, the name of every
-   tool schema and of every tool call must appear in the rendering (a template without a tool role, or
-   one that ignores `tools`, would otherwise train the model on a conversation it never sees).
-3. Tokenize the full text once with character offsets and supervise the tokens that overlap a span.
+1. A template with `{% generation %}` markers says itself which characters an assistant produces; those
+   spans are the labels (the renderer's own assistant-mask mechanism).
+2. Otherwise each message's place in the rendering is found by rendering the conversation again with that
+   one message's content replaced by a probe (private-use characters that never occur in it) and
+   comparing the two renderings: what differs is what the template wrote for that message, wherever the
+   template puts it (Mistral writes the system prompt into the last user turn, DeepSeek moves system
+   messages to the front, Qwen3 renders reasoning only after the last user query). A message whose probe
+   changes nothing is left out by the template, which is an error rather than silent data loss.
+3. An assistant turn then reaches back over template text between the generation prompt and the content
+   (Qwen3's `<think>\n\n</think>\n\n`), looked for only in the stretch of template text after the
+   previous message, and forward over the end-of-turn text (`ChatTemplate.stop`), which must follow.
+   If another message's text falls inside that turn, supervision would be ambiguous: an error names the
+   template and what to change.
+4. The text is tokenized with character offsets and the tokens that overlap a span are supervised.
 
 Exactly one BOS: the text is tokenized without special tokens; BOS is prepended when the tokenizer adds
 one to plain text and the template did not render it, and a sequence with two is rejected. The first
@@ -22,12 +29,18 @@ token never carries a label (nothing predicts it), which also keeps packed sampl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from loratune.data.templates import ChatTemplate, render_text
 from loratune.model.load import TokenizerInfo
 
 IGNORE = -100
+
+Span = tuple[int, int]
+_PROBES = ("\ue000\ue001", "\ue002\ue003", "\ue004\ue005")  # private-use pairs; one absent from the message
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class RenderError(ValueError):
@@ -39,7 +52,7 @@ class Plan:
     """Rendered text and the character spans [start, end) that carry loss."""
 
     text: str
-    spans: list[tuple[int, int]]
+    spans: list[Span]
 
 
 def _render(tokenizer, template: ChatTemplate, messages: list[dict], gen: bool, tools: list | None) -> str:
@@ -49,41 +62,160 @@ def _render(tokenizer, template: ChatTemplate, messages: list[dict], gen: bool, 
         raise RenderError(f"chat template {template.name!r} rejected the conversation: {e}") from None
 
 
+def has_generation_markers(jinja: str) -> bool:
+    """Whether a template marks the assistant's text with `{% generation %}` blocks."""
+    return bool(_GENERATION.search(jinja))
+
+
 def plan_conversation(messages: list[dict], template: ChatTemplate, tokenizer, train_on: str = "assistant",
                       tools: list | None = None) -> Plan:
-    """Render `messages` and locate the supervised character spans (see the module docstring)."""
+    """Render `messages` once and locate the supervised character spans (see the module docstring)."""
     full = _render(tokenizer, template, messages, False, tools)
-    _check_nothing_dropped(full, messages, tools, template)
+    _check_tools_kept(full, messages, tools, template)
     if train_on == "all":
         return Plan(full, [(0, len(full))])
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last":
         trained = trained[-1:]
+    if not trained:
+        return Plan(full, [])
+    if has_generation_markers(template.jinja):
+        return Plan(full, _marked_spans(full, messages, template, tokenizer, tools, train_on))
+    regions = [_region(full, messages, j, template, tokenizer, tools) for j in range(len(messages))]
+    for j, (m, r) in enumerate(zip(messages, regions)):
+        if r is None and m["role"] != "assistant" and m["content"].strip():
+            raise RenderError(f"chat template {template.name!r} leaves out message {j} ({m['role']}): its text is "
+                              f"not in the rendering; use a template that renders {m['role']} messages")
     stop = template.stop_text(tokenizer.eos_token)
+    gen = generation_prompt(tokenizer, template)
     spans = []
     for i in trained:
-        before = _render(tokenizer, template, messages[:i], True, tools)
-        through = _render(tokenizer, template, messages[:i + 1], False, tools)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise RenderError(
-                f"chat template {template.name!r} is not prefix-stable: the conversation rendered up to message {i} "
-                "(assistant) is not a prefix of the whole rendering, so its assistant turns cannot be located exactly; "
-                "use a template that renders earlier turns the same whatever follows, or data.train_on=last")
-        turn = through[len(before):]
-        k = turn.rfind(stop)
-        if k < 0:
-            raise RenderError(f"chat template {template.name!r} does not end assistant message {i} with its "
-                              f"end-of-turn text {stop!r}, so the model could not learn to stop")
-        spans.append((len(before), len(before) + k + len(stop)))
+        try:  # the prompt inference would show before this turn, when the rendering starts with it
+            prompt = _render(tokenizer, template, messages[:i], True, tools)
+        except RenderError:  # e.g. a template that cannot render an empty conversation
+            prompt = None
+        spans.append(_turn(full, messages, regions, i, stop, gen, prompt, template))
     return Plan(full, spans)
 
 
-def _check_nothing_dropped(full: str, messages: list[dict], tools: list | None, template: ChatTemplate) -> None:
+def _marked_spans(full: str, messages: list[dict], template: ChatTemplate, tokenizer, tools: list | None,
+                  train_on: str) -> list[Span]:
+    """The template's own `{% generation %}` spans (the last one alone for train_on=last)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        (text,), (spans,) = render_jinja_template([messages], tools=tools, chat_template=template.jinja,
+                                                  return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    except Exception as e:
+        raise RenderError(f"chat template {template.name!r} rejected the conversation: {e}") from None
+    if text != full:  # the markers only record positions; a template whose output depends on them is broken
+        raise RenderError(f"chat template {template.name!r} renders differently when its generation markers are active")
+    spans = [(a, b) for a, b in spans if b > a]
+    if not spans:
+        raise RenderError(f"chat template {template.name!r} has {{% generation %}} markers but marks no assistant text "
+                          "in this conversation")
+    return spans[-1:] if train_on == "last" else spans
+
+
+def _probe_message(m: dict) -> dict:
+    """`m` with everything the message says replaced by a probe string that does not occur in it."""
+    said = "".join(str(v) for v in m.values())
+    probe = next(p for p in _PROBES if p[0] not in said and p[1] not in said)
+    keep = {k: m[k] for k in ("role", "name", "tool_call_id") if k in m}
+    return {**keep, "content": probe}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # binary search over slice comparisons: each is a C memcmp
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _region(full: str, messages: list[dict], j: int, template: ChatTemplate, tokenizer,
+            tools: list | None) -> Span | None:
+    """Where the template wrote message j in `full`: the stretch that changes when only message j changes
+    (None when nothing changes: the template leaves the message out)."""
+    probed = [*messages[:j], _probe_message(messages[j]), *messages[j + 1:]]
+    other = _render(tokenizer, template, probed, False, tools)
+    if other == full:
+        return None
+    a = _common_prefix(full, other)
+    s = _common_suffix(full, other, min(len(full), len(other)) - a)
+    return a, len(full) - s
+
+
+@lru_cache(maxsize=64)
+def _generation_prompt(jinja: str, specials: tuple) -> str:
+    messages = [{"role": "user", "content": "loratune probe question"}]
+    special = dict(specials)
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        (with_gen,), _ = render_jinja_template([messages], chat_template=jinja, add_generation_prompt=True, **special)
+        (without,), _ = render_jinja_template([messages], chat_template=jinja, add_generation_prompt=False, **special)
+    except Exception:  # a template that cannot render a lone user turn: no generation prompt to reach back to
+        return ""
+    return with_gen[len(without):] if with_gen.startswith(without) else ""
+
+
+def generation_prompt(tokenizer, template: ChatTemplate) -> str:
+    """The text the template adds for `add_generation_prompt` (the header of an assistant turn), or ''."""
+    return _generation_prompt(template.jinja, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+
+
+def _turn(full: str, messages: list[dict], regions: list[Span | None], i: int, stop: str, gen: str,
+          prompt: str | None, template: ChatTemplate) -> Span:
+    """The supervised span of assistant message i: from where its generation starts (the end of `prompt`, the
+    conversation before it with the generation prompt, when the rendering starts with it; else the end of the
+    generation prompt `gen` found in the template text before the content) to the end of its end of turn."""
+    region = regions[i]
+    if region is None:
+        raise RenderError(f"chat template {template.name!r} leaves out assistant message {i}: it is not in the "
+                          "rendering, so it cannot be trained on")
+    a, b = region
+    if not full.startswith(stop, b):
+        found = full[b:b + max(len(stop), 12)]
+        raise RenderError(f"chat template {template.name!r} does not close assistant message {i} with its end-of-turn "
+                          f"text {stop!r} (it writes {found!r} after it), so the model could not learn to stop; "
+                          "use a template that ends every assistant turn with an end-of-turn token")
+    end = b + len(stop)
+    before = max((r[1] for j, r in enumerate(regions) if j != i and r is not None and r[1] <= a), default=0)
+    start = a
+    if prompt is not None and before <= len(prompt) <= a and full.startswith(prompt):
+        start = len(prompt)  # exactly where generation would start
+    elif gen:  # template text inside the turn, after its header (e.g. an empty think block), in template text only
+        at = full.rfind(gen, before, a)
+        if at >= 0:
+            start = at + len(gen)
+    for j, r in enumerate(regions):
+        if j != i and r is not None and r[1] > r[0] and r[0] < end and start < r[1]:
+            raise RenderError(
+                f"chat template {template.name!r} writes message {j} ({messages[j]['role']}) inside assistant "
+                f"message {i}'s turn, so which tokens the assistant produces is ambiguous; use data.train_on=last, or a "
+                "template that renders each message in its own turn (data.template)")
+    return start, end
+
+
+def _check_tools_kept(full: str, messages: list[dict], tools: list | None, template: ChatTemplate) -> None:
+    """Tool schemas and tool calls must be in the text: a template that ignores them would train the model on
+    a conversation it never sees."""
     for i, m in enumerate(messages):
-        text = m["content"].strip()
-        if m["role"] != "assistant" and text and text not in full:
-            raise RenderError(f"chat template {template.name!r} leaves out message {i} ({m['role']}): its text is not in "
-                              f"the rendering; use a template that renders {m['role']} messages")
         for call in m.get("tool_calls") or []:
             if call["function"]["name"] not in full:
                 raise RenderError(f"chat template {template.name!r} leaves out the tool calls of message {i}; use a "

@@ -19,10 +19,14 @@ plain text and the template did not, so every sequence has exactly one.
 
 from __future__ import annotations
 
+import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from loratune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,15 @@ TEMPLATES: dict[str, ChatTemplate] = {
     ),
 }
 
+# The markup tokens of each built-in template that are meant to be one token each (plain-text markers such as
+# "### Human:" are text by design and not listed).
+_MARKUP: dict[str, tuple[str, ...]] = {
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
+}
+
 # A probe conversation: rendering it shows what a template writes after an assistant message.
 _PROBE_REPLY = "loratune probe reply 7f3a"
 _PROBE = [{"role": "user", "content": "loratune probe question"}, {"role": "assistant", "content": _PROBE_REPLY}]
@@ -171,9 +184,17 @@ def render_text(tokenizer, jinja: str, messages: list[dict], add_generation_prom
     return rendered[0]
 
 
+def marker_tokens(tokenizer) -> list[str]:
+    """Every token text the tokenizer treats as one unit: its special tokens and its added vocabulary
+    (Llama 3's `<|eot_id|>` is an added token but not a named special token in the original release)."""
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    return [t for t in dict.fromkeys([*tokenizer.all_special_tokens, *added]) if t]
+
+
 def infer_stop(tokenizer, jinja: str, name: str) -> str:
-    """The end-of-turn text of an arbitrary template: what follows an assistant reply, up to the first special
-    token (e.g. `<|im_end|>` before a newline); the whole suffix if it contains no special token."""
+    """The end-of-turn text of an arbitrary template: what follows an assistant reply, up to and including the
+    first marker token (special or added, e.g. `<|im_end|>` before a newline); the whole suffix, stripped,
+    if it contains no marker token."""
     try:
         text = render_text(tokenizer, jinja, _PROBE)
     except Exception as e:  # a template error: show the template's own message
@@ -182,13 +203,29 @@ def infer_stop(tokenizer, jinja: str, name: str) -> str:
     if at < 0:
         raise ConfigError(f"chat template {name!r} does not write the assistant's content into the text")
     after = text[at + len(_PROBE_REPLY):]
-    specials = [t for t in tokenizer.all_special_tokens if t]
-    hits = [(after.find(t), -len(t), t) for t in specials if after.find(t) >= 0]
+    hits = [(after.find(t), -len(t), t) for t in marker_tokens(tokenizer) if after.find(t) >= 0]
     stop = after[:min(hits)[0] + len(min(hits)[2])] if hits else after.rstrip()
     if not stop.strip():
         raise ConfigError(f"chat template {name!r} writes nothing after an assistant message, so the model could "
                           "never learn to stop; end assistant turns with {{ eos_token }} or an end-of-turn token")
     return EOS if stop == tokenizer.eos_token else stop
+
+
+def splits_into_pieces(tokenizer, template: ChatTemplate) -> list[str]:
+    """The markup tokens of a built-in template that this tokenizer would cut into several pieces."""
+    marks = _MARKUP.get(template.name, ())
+    return [m for m in marks if len(tokenizer.encode(m, add_special_tokens=False)) != 1]
+
+
+def _fallback(tokenizer) -> ChatTemplate:
+    """The template for a tokenizer without one: chatml when its markers are single tokens of this vocabulary,
+    else guanaco's plain-text markers (never markers that would be cut into pieces)."""
+    chosen = TEMPLATES["chatml"] if not splits_into_pieces(tokenizer, TEMPLATES["chatml"]) else TEMPLATES["guanaco"]
+    how = ("its <|im_start|>/<|im_end|> markers are tokens of this vocabulary" if chosen.name == "chatml" else
+           f"plain-text '### Human:'/'### Assistant:' markers, each answer closed by eos {tokenizer.eos_token!r}")
+    log.info("the tokenizer has no chat template: using the built-in %r template (%s); set data.template to choose "
+             "another", chosen.name, how)
+    return chosen
 
 
 def _own_template(tokenizer) -> str | None:
@@ -201,18 +238,26 @@ def _own_template(tokenizer) -> str | None:
 def resolve_template(spec: str, tokenizer) -> ChatTemplate:
     """`data.template` -> the `ChatTemplate` to render with (see the module docstring)."""
     if spec in TEMPLATES:
-        return TEMPLATES[spec]
+        chosen = TEMPLATES[spec]
+        split = splits_into_pieces(tokenizer, chosen)
+        if split:
+            log.warning("data.template %r: this tokenizer cuts its markers %s into several tokens each; a model "
+                        "learns them, but a template whose markers are tokens of the vocabulary is better",
+                        spec, ", ".join(split))
+        return chosen
     if spec == "auto":
         own = _own_template(tokenizer)
         if own is None:
-            return TEMPLATES["chatml"]
+            return _fallback(tokenizer)
         for t in TEMPLATES.values():
             if t.jinja == own:
                 return t
         return ChatTemplate("tokenizer", own, infer_stop(tokenizer, own, "the tokenizer's"))
     path = Path(spec)
     if path.suffix not in (".jinja", ".j2", ".jinja2") and not path.is_file():
-        raise ConfigError(f"config key 'data.template': got {spec!r}, expected 'auto', one of "
+        close = difflib.get_close_matches(spec.lower().replace("-", "").replace("_", ""), TEMPLATES, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"config key 'data.template': got {spec!r}; {hint}expected 'auto', one of "
                           f"{', '.join(TEMPLATES)}, or a path to a .jinja file")
     if not path.is_file():
         raise ConfigError(f"config key 'data.template': template file not found: {spec}")
