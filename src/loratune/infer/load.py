@@ -237,6 +237,7 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     plain: list[str] = []
     for spec in sources:
         name, path = parse_source(spec)
+        path = resolve_model_path(path)  # demo://FAMILY[-SIZE]: the built-in model's cached folder (built once)
         if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
             raise ModelError(f"no such folder: {path}")
         if is_run_folder(path):
