@@ -59,7 +59,7 @@ def _render(tokenizer, template: ChatTemplate, messages: list[dict], gen: bool, 
     try:
         return render_text(tokenizer, template.jinja, messages, add_generation_prompt=gen, tools=tools)
     except Exception as e:  # jinja's raise_exception and template bugs: report the template's own words
-        raise RenderError(f"chat template {template.name!r} rejected the conversation: {e}") from None
+        raise RenderError(f"{template.label} rejected the conversation: {e}") from None
 
 
 def has_generation_markers(jinja: str) -> bool:
@@ -84,7 +84,7 @@ def plan_conversation(messages: list[dict], template: ChatTemplate, tokenizer, t
     regions = [_region(full, messages, j, template, tokenizer, tools) for j in range(len(messages))]
     for j, (m, r) in enumerate(zip(messages, regions)):
         if r is None and m["role"] != "assistant" and m["content"].strip():
-            raise RenderError(f"chat template {template.name!r} leaves out message {j} ({m['role']}): its text is "
+            raise RenderError(f"{template.label} leaves out message {j} ({m['role']}): its text is "
                               f"not in the rendering; use a template that renders {m['role']} messages")
     stop = template.stop_text(tokenizer.eos_token)
     gen = generation_prompt(tokenizer, template)
@@ -94,7 +94,7 @@ def plan_conversation(messages: list[dict], template: ChatTemplate, tokenizer, t
             prompt = _render(tokenizer, template, messages[:i], True, tools)
         except RenderError:  # e.g. a template that cannot render an empty conversation
             prompt = None
-        spans.append(_turn(full, messages, regions, i, stop, gen, prompt, template))
+        spans.append(_turn(full, messages, regions, i, stop, tokenizer.eos_token, gen, prompt, template))
     return Plan(full, spans)
 
 
@@ -107,12 +107,12 @@ def _marked_spans(full: str, messages: list[dict], template: ChatTemplate, token
         (text,), (spans,) = render_jinja_template([messages], tools=tools, chat_template=template.jinja,
                                                   return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     except Exception as e:
-        raise RenderError(f"chat template {template.name!r} rejected the conversation: {e}") from None
+        raise RenderError(f"{template.label} rejected the conversation: {e}") from None
     if text != full:  # the markers only record positions; a template whose output depends on them is broken
-        raise RenderError(f"chat template {template.name!r} renders differently when its generation markers are active")
+        raise RenderError(f"{template.label} renders differently when its generation markers are active")
     spans = [(a, b) for a, b in spans if b > a]
     if not spans:
-        raise RenderError(f"chat template {template.name!r} has {{% generation %}} markers but marks no assistant text "
+        raise RenderError(f"{template.label} has {{% generation %}} markers but marks no assistant text "
                           "in this conversation")
     return spans[-1:] if train_on == "last" else spans
 
@@ -179,19 +179,21 @@ def generation_prompt(tokenizer, template: ChatTemplate) -> str:
     return _generation_prompt(template.jinja, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
 
 
-def _turn(full: str, messages: list[dict], regions: list[Span | None], i: int, stop: str, gen: str,
+def _turn(full: str, messages: list[dict], regions: list[Span | None], i: int, stop: str, eos: str, gen: str,
           prompt: str | None, template: ChatTemplate) -> Span:
     """The supervised span of assistant message i: from where its generation starts (the end of `prompt`, the
     conversation before it with the generation prompt, when the rendering starts with it; else the end of the
     generation prompt `gen` found in the template text before the content) to the end of its end of turn."""
     region = regions[i]
     if region is None:
-        raise RenderError(f"chat template {template.name!r} leaves out assistant message {i}: it is not in the "
+        raise RenderError(f"{template.label} leaves out assistant message {i}: it is not in the "
                           "rendering, so it cannot be trained on")
     a, b = region
+    if not full.startswith(stop, b) and full.startswith(eos, b):
+        stop = eos  # a turn closed by eos where others close with the template's own end of turn
     if not full.startswith(stop, b):
         found = full[b:b + max(len(stop), 12)]
-        raise RenderError(f"chat template {template.name!r} does not close assistant message {i} with its end-of-turn "
+        raise RenderError(f"{template.label} does not close assistant message {i} with its end-of-turn "
                           f"text {stop!r} (it writes {found!r} after it), so the model could not learn to stop; "
                           "use a template that ends every assistant turn with an end-of-turn token")
     end = b + len(stop)
@@ -206,7 +208,7 @@ def _turn(full: str, messages: list[dict], regions: list[Span | None], i: int, s
     for j, r in enumerate(regions):
         if j != i and r is not None and r[1] > r[0] and r[0] < end and start < r[1]:
             raise RenderError(
-                f"chat template {template.name!r} writes message {j} ({messages[j]['role']}) inside assistant "
+                f"{template.label} writes message {j} ({messages[j]['role']}) inside assistant "
                 f"message {i}'s turn, so which tokens the assistant produces is ambiguous; use data.train_on=last, or a "
                 "template that renders each message in its own turn (data.template)")
     return start, end
@@ -218,11 +220,11 @@ def _check_tools_kept(full: str, messages: list[dict], tools: list | None, templ
     for i, m in enumerate(messages):
         for call in m.get("tool_calls") or []:
             if call["function"]["name"] not in full:
-                raise RenderError(f"chat template {template.name!r} leaves out the tool calls of message {i}; use a "
+                raise RenderError(f"{template.label} leaves out the tool calls of message {i}; use a "
                                   "template that renders tool_calls (every built-in one does)")
     for tool in tools or []:
         if tool["function"]["name"] not in full:
-            raise RenderError(f"chat template {template.name!r} leaves out the record's tools; use a template that "
+            raise RenderError(f"{template.label} leaves out the record's tools; use a template that "
                               "renders tools (every built-in one does)")
 
 

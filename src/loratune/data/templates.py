@@ -37,6 +37,11 @@ class ChatTemplate:
     jinja: str
     stop: str  # the end-of-turn text after each assistant message ("{eos}" means the tokenizer's eos)
 
+    @property
+    def label(self) -> str:
+        """How messages name the template: its name, or the tokenizer's own when it came with the model."""
+        return "the tokenizer's chat template" if self.name in ("tokenizer", "saved") else f"chat template {self.name!r}"
+
     def stop_text(self, eos_token: str) -> str:
         """The literal end-of-turn text for a tokenizer whose eos is `eos_token`."""
         return eos_token if self.stop == EOS else self.stop
