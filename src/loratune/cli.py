@@ -7,9 +7,11 @@ line on stderr with a non-zero exit; anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 from loratune.errors import LoratuneError
 
@@ -245,11 +247,54 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
+# Library output that says nothing a loratune user can act on. Each entry is scoped to its source:
+# - bitsandbytes' CPU backend warns at import that its optional AVX512 inference kernel (from the `kernels`
+#   package) is missing; loratune never calls that kernel (model/quant.py keeps the standard 4-bit layout).
+# - FutureWarnings raised inside transformers and peft are about their own APIs and internals (one library
+#   reading another's deprecated alias); they are for loratune's developers, who see them in tests.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+QUIET_WARNING_MODULES = r"(transformers|peft)(\.|$)"
+
+
+def _silent_bar(factory: Callable, args: tuple, kwargs: dict) -> object:
+    return factory(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool) -> Iterator[None]:
+    """For one command: hide the library noise above and transformers' own progress bars ("Loading weights",
+    "Writing model shards"), unless `-v`. Everything is put back on exit.
+
+    The warnings filters are appended, so they sit below any filter the user (-W, PYTHONWARNINGS) or a caller
+    set: those still decide first. Logging levels change only for the loggers named in QUIET_LOGGERS; every
+    other warning a library logs (an unused checkpoint weight, a dequantization dtype) is still shown. The
+    hub's download bars are left alone: a download of gigabytes needs its progress shown.
+    """
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=QUIET_WARNING_MODULES, append=True)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        previous = hf_logging.set_tqdm_hook(_silent_bar)
+        try:
+            yield
+        finally:
+            hf_logging.set_tqdm_hook(previous)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        return int(args.handler(args) or 0)
+        with quiet_libraries(args.verbose):
+            return int(args.handler(args) or 0)
     except LoratuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
