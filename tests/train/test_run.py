@@ -102,12 +102,10 @@ def test_changed_config_is_refused_with_a_diff_unless_allowed(tmp_path: Path, ti
     assert result.steps == 8
 
 
-def test_finished_and_unfinished_runs_are_not_overwritten_silently(tmp_path: Path, tiny_llama: Path,
-                                                                   monkeypatch) -> None:
+def test_unfinished_runs_are_not_overwritten_silently(tmp_path: Path, tiny_llama: Path, monkeypatch) -> None:
+    """(Finished runs: test_continue.py.)"""
     path = write_run_yaml(tmp_path, tiny_llama)
     train(config(path, "train.max_steps=2"))
-    with pytest.raises(ConfigError, match="already holds a finished run"):
-        train(config(path, "train.max_steps=2", "output.overwrite=false"))
     monkeypatch.setenv("LORATUNE_FAULT", "term@step.end#1")
     train(config(path, "train.max_steps=4"))  # overwrite=true: starts afresh, then stops at step 1
     monkeypatch.delenv("LORATUNE_FAULT")

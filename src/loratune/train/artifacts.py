@@ -4,6 +4,7 @@
     OUT/tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer, with the template used
     OUT/loratune.yaml       the resolved config (every key, defaults included)
     OUT/loratune_run.json   template name and stop text, tokenizer facts, library versions, run summary
+    OUT/README.md           the model card (card.py), in place of the template peft writes
 
 The same files make up the usable part of every checkpoint folder (checkpoint.py), so `loratune chat`
 works on a checkpoint as on a finished run. `loratune_run.json` is written last, atomically: a folder
@@ -28,6 +29,7 @@ from loratune.train.checkpoint import write_json_atomic
 
 CONFIG_FILE = "loratune.yaml"
 RUN_FILE = "loratune_run.json"
+CARD_FILE = "README.md"
 VERSIONED = ("loratune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers")
 
 
@@ -46,12 +48,14 @@ def library_versions() -> dict[str, str]:
 
 
 def save_run(out: Path, model: nn.Module, tokenizer, template: ChatTemplate, info: TokenizerInfo,
-             cfg: Config, extra: dict | None = None) -> None:
-    """Write the adapter (or full model), tokenizer with template, resolved config and run facts."""
+             cfg: Config, extra: dict | None = None, card: str | None = None) -> None:
+    """Write the adapter (or full model), tokenizer with template, model card, resolved config and run facts."""
     if not adapters_finite(model):
         raise NonFiniteWeights("refusing to save: the trained weights contain NaN or inf")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    if card is not None:  # after peft's save, which writes its template card as README.md
+        (out / CARD_FILE).write_text(card, encoding="utf-8")
     tokenizer.chat_template = template.jinja
     tokenizer.save_pretrained(out)
     (out / CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")

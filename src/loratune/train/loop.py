@@ -60,15 +60,19 @@ class LoopState:
     best_step: int = -1
     evals_without_improvement: int = 0
     stopped_early: bool = False
-    first_loss: float | None = None
-    last_loss: float | None = None
+    first_loss: float | None = None  # the reported train loss (metrics.Window) at the first logged step
+    first_loss_steps: list[int] = field(default_factory=list)  # [first, last] step of the window it covers
+    last_loss: float | None = None  # the reported train loss at the latest step
+    last_eval: float | None = None  # the latest eval loss
     seconds: float = 0.0  # time spent training, summed over resumed sessions
+    window: list[list[float]] = field(default_factory=list)  # metrics.Window's entries: the last log_every steps
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean per supervised token over the window (nan if skipped)
-    tokens: int  # supervised tokens in the window
+    loss: float  # mean per supervised token over the step's micro-batches (nan if skipped)
+    loss_sum: float  # summed token losses of the step (nan if skipped): what metrics.Window adds up
+    tokens: int  # supervised tokens in the step
     input_tokens: int  # non-padding tokens processed
     grad_norm: float
     lr: float
@@ -82,10 +86,11 @@ def steps_per_epoch(n_micro: int, grad_accum: int) -> int:
     return math.ceil(n_micro / grad_accum)
 
 
-def total_steps(cfg: TrainConfig, n_micro: int) -> int:
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    """Optimizer steps the run is planned for: train.max_steps, else train.epochs x `per_epoch` steps."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * steps_per_epoch(n_micro, cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
 def _supervised(batch: dict[str, torch.Tensor]) -> int:
@@ -105,7 +110,8 @@ class Loop:
         self.pad_id, self.loss_fn, self.group_by_length = pad_id, loss_fn, group_by_length
         self.graphs = graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
         self.n_micro = len(self.order(0))
-        self.total = total_steps(cfg, self.n_micro)
+        self.steps_per_epoch = steps_per_epoch(self.n_micro, cfg.grad_accum)
+        self.total = total_steps(cfg, self.steps_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
@@ -190,7 +196,7 @@ class Loop:
         n_input = self.input_tokens(window)
         with frozen_adapters(self.model):  # no adapter weight changes until optimizer.step below
             loss_sum, n_window = self.forward_backward(batches)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (set by the schedule's last step)
         finite, grad_norm, overflow = math.isfinite(loss_sum), float("nan"), False
         if finite:
             clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
@@ -215,7 +221,8 @@ class Loop:
             self._check_weights(state)
         fault("step.end")
         mean = loss_sum / n_window if finite else float("nan")
-        return StepResult(mean, n_window, n_input, grad_norm, lr, not finite, time.perf_counter() - t0)
+        return StepResult(mean, loss_sum if finite else float("nan"), n_window, n_input, grad_norm, lr, not finite,
+                          time.perf_counter() - t0)
 
     def _account(self, state: LoopState, finite: bool, overflow: bool) -> None:
         """Count skipped steps; too many non-finite ones in a row end the run with advice."""

@@ -1,10 +1,18 @@
-"""The run's record: `metrics.jsonl`, optional TensorBoard, and `loss.png`.
+"""The run's record: the reported train loss, `metrics.jsonl`, optional TensorBoard, and `loss.png`.
+
+The train loss is reported one way everywhere (the progress bar and log lines, `metrics.jsonl`,
+`loss.png`, the end-of-run summary, the model card): `Window.loss()`, the mean loss per supervised token
+over the last `train.log_every` optimizer steps (fewer at the very start), i.e. the summed token losses
+of those steps divided by their supervised tokens. Tokens/s is smoothed over the same window: the real
+tokens of those steps divided by their training time. The window's entries live in the loop state, so a
+resumed run reports exactly what the uninterrupted run would have.
 
 `metrics.jsonl` holds one JSON object per line: training rows (`step`, `epoch`, `loss`, `lr`,
-`grad_norm`, `tokens_per_s`, `memory_gib`, `skipped`) every `log_every` steps, and evaluation rows
-(`step`, `eval_loss`) at each evaluation. A resumed run first cuts the file back to the checkpoint's
-step, so the steps replayed after the checkpoint are not recorded twice; TensorBoard is told the same
-through `purge_step`.
+`grad_norm`, `tokens` (supervised tokens trained on so far), `tokens_per_s`, `memory_gib`, `skipped`)
+every `log_every` steps and at the last step, and
+evaluation rows (`step`, `eval_loss`) at each evaluation. A resumed run first cuts the file back to the
+checkpoint's step, so the steps replayed after the checkpoint are not recorded twice; TensorBoard is
+told the same through `purge_step`.
 
 `loss.png` is drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend
 switch, no display needed). Without matplotlib the plot is skipped with one note.
@@ -39,6 +47,45 @@ def read_rows(path: Path) -> list[dict]:
 def _clean(value: object) -> object:
     """NaN/inf are not JSON: write them as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class Window:
+    """The last `size` optimizer steps, as [summed token loss, supervised tokens, real tokens, seconds] each.
+
+    `entries` is the list it keeps them in (the loop state's, so that checkpoints carry it); a skipped step
+    (non-finite loss) enters with no loss and no supervised tokens, but with its tokens and time.
+    """
+
+    def __init__(self, size: int, entries: list[list[float]] | None = None) -> None:
+        self.size = max(1, size)
+        self.entries = entries if entries is not None else []
+        del self.entries[:-self.size]  # train.log_every may have been lowered since the checkpoint
+
+    def add(self, loss_sum: float, tokens: int, input_tokens: int, seconds: float) -> None:
+        finite = math.isfinite(loss_sum) and tokens > 0
+        self.entries.append([loss_sum if finite else 0.0, tokens if finite else 0, input_tokens, seconds])
+        del self.entries[:-self.size]
+
+    def span(self, step: int) -> list[int]:
+        """[first, last] optimizer step the window covers when `step` is its newest."""
+        return [step - len(self.entries) + 1, step]
+
+    def loss(self) -> float | None:
+        """Mean loss per supervised token over the window; None if no step in it had a finite loss."""
+        tokens = sum(e[1] for e in self.entries)
+        return sum(e[0] for e in self.entries) / tokens if tokens else None
+
+    def tokens_per_s(self) -> float:
+        """Real (non-padding) tokens processed per second of training over the window."""
+        seconds = sum(e[3] for e in self.entries)
+        return sum(e[2] for e in self.entries) / seconds if seconds > 0 else 0.0
+
+
+def span_text(steps: list[int] | None) -> str:
+    """'steps 11-20' (or 'step 20') for a window's [first, last] step."""
+    if not steps or len(steps) != 2:
+        return "?"
+    return f"step {steps[1]}" if steps[0] == steps[1] else f"steps {steps[0]}-{steps[1]}"
 
 
 class MetricsLog:

@@ -78,3 +78,18 @@ def warmup_steps(cfg: TrainConfig, total: int) -> int:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup_steps(cfg, total_steps), total_steps))
+
+
+def apply_schedule(scheduler: LambdaLR) -> list[float]:
+    """Set each group's lr to this schedule's value at the scheduler's position; returns the rates.
+
+    After a checkpoint is restored, the optimizer's groups hold the rate the checkpoint's schedule chose for
+    the next step. When the run's length changed (a finished run trained further, train.max_steps raised),
+    this run's schedule is built for the new total and must decide that rate instead, exactly as
+    `LambdaLR.step` would have: base lr x multiplier at `last_epoch` (the optimizer steps taken, skipped
+    ones excluded). With an unchanged length the value is the same float the checkpoint holds.
+    """
+    rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    return rates

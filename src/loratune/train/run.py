@@ -2,8 +2,9 @@
 
 The recipe in the torchtune sense. `Run.__init__` sets everything up, fresh or from a checkpoint;
 `Run.fit` is the loop over optimizer steps with evaluation, checkpoints and the stop checks written
-out; `Run.finish` evaluates a last time, saves the final checkpoint, writes the adapter to the output
-folder and prints the summary.
+out; `Run.finish` evaluates a last time, saves the final checkpoint, writes the adapter and its model card
+to the output folder and prints the summary. Where a run starts (step 0, a checkpoint, a finished run
+continued, or nothing to do) is decided by `resume.plan_start`; its module docstring has the rules.
 
 Order matters for exact resume: after step N the run evaluates (if due), then checkpoints (if due), so a
 checkpoint of step N holds the state after step N's evaluation, and a resumed run continues with step
@@ -32,21 +33,24 @@ from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, ModelError
 from loratune.kernels.graphs import GraphedMicroBatch, graphs_wanted
+from loratune.model.adapters import count_parameters
 from loratune.model.build import build_model
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, plan_run, render
 from loratune.model.quant import resolve_compute_dtype
 from loratune.train import faults
-from loratune.train.artifacts import save_run
+from loratune.train import card
+from loratune.train.artifacts import RUN_FILE, library_versions, save_run
 from loratune.train.checkpoint import CHECKPOINTS, checkpoint_name, clean_leftovers, rotate, write_checkpoint
 from loratune.train.interrupt import GracefulStop
 from loratune.train.loop import Loop, LoopState, StepResult
 from loratune.train.loss import lm_loss_sum_all_rows
-from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
-from loratune.train.optim import build_optimizer
-from loratune.train.progress import Reporter, Throughput, memory_gib
-from loratune.train.resume import (check_compatible, config_diff, data_diff, data_fingerprint, drop_newer, plan_start,
-                                   resume_mode)
+from loratune.train.metrics import PLOT_FILE, MetricsLog, Window, plot_losses, span_text
+from loratune.train.optim import apply_schedule, build_optimizer
+from loratune.train.progress import Reporter, memory_gib
+from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff,
+                                   continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
+                                   length_message, plan_start, resume_mode)
 from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
 from loratune.train.snapshot import Parts, fill, load_weights, read_meta, restore_training
 
@@ -59,8 +63,8 @@ class TrainResult:
     steps: int
     tokens: int
     seconds: float
-    first_loss: float
-    last_loss: float
+    first_loss: float  # the reported train loss (metrics.Window) at the first logged step
+    last_loss: float  # the reported train loss at the last step
     peak_memory_gib: float
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -68,6 +72,7 @@ class TrainResult:
     interrupted: str | None = None  # name of the signal that stopped the run early, if one did
     stopped_early: bool = False  # early stopping on the eval loss
     exit_code: int = 0
+    nothing_to_do: bool = False  # output.dir held this run finished: nothing was trained (resume.AlreadyFinished)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,12 +131,12 @@ class Run:
         self.stop, self.out = stop, Path(cfg.output.dir)
         self.root = self.out / CHECKPOINTS
         start = plan_start(cfg, self.say)
-        meta = read_meta(start) if start is not None else None
+        meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
         # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
         saved_batch = (meta or {}).get("config", {}).get("train", {}).get("batch_size")
         self.cfg = cfg = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
         if meta is not None:  # before the slow part, so a refused resume fails at once
-            check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start)
+            check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start.checkpoint)
         self.out.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.out)
         clean_leftovers(self.root)
@@ -149,15 +154,17 @@ class Run:
                          group_by_length=cfg.data.group_by_length, graphs=make_graphs(model, cfg, self.acc))
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
+        self.model_facts = model_facts(model)
         self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
         self.state, self.saved_step = LoopState(), -1
-        self.fresh = start is None  # a resumed run's weights are trained: no "before" answers
-        if start is not None:
-            check_compatible(data_diff(meta["data"], self.fingerprints), cfg, start)
+        self.fresh = start.checkpoint is None  # a resumed run's weights are trained: no "before" answers
+        if start.checkpoint is not None:
+            check_compatible(data_diff(meta["data"], self.fingerprints), cfg, start.checkpoint)
             self._restore(start, meta)
+        self.window = Window(cfg.train.log_every, self.state.window)  # the reported loss and tokens/s
         self.reporter = Reporter(self.loop.total, self.state.step)
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
-        self.metrics = MetricsLog(self.out, cfg.train.tensorboard, self.state.step if start is not None else None)
+        self.metrics = MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
         self.has_eval = bool(self.data.eval)
         if cfg.train.eval_every and not self.has_eval:
             log.warning("train.eval_every is set but there is no eval split (data.eval_split / data.eval_datasets)")
@@ -165,12 +172,34 @@ class Run:
     def say(self, text: str) -> None:
         log.warning("%s", text)
 
-    def _restore(self, folder: Path, meta: dict) -> None:
+    def _restore(self, start: Start, meta: dict) -> None:
+        """Continue from `start.checkpoint`; the length of the run may have changed (resume.py's docstring)."""
+        folder, done = start.checkpoint, start.continues
         self.state = restore_training(folder, meta, self.parts)
+        if done is not None:  # only now is the length known in epochs for a run that did not record it
+            judge_length(self.cfg, done, self.loop.total)
+        planned = meta.get("total_steps") or (done.total if done is not None else self.loop.total)
+        if self.loop.total < self.state.step:
+            raise ConfigError(f"the checkpoint {folder} is at step {self.state.step}, past the {self.loop.total} "
+                              "steps this config plans: raise train.max_steps (or train.epochs), or start afresh with "
+                              "train.resume=off and output.overwrite=true")
+        lr_saved = self.parts.optimizer.param_groups[0]["lr"]
+        lr = apply_schedule(self.loop.scheduler)[0]  # this run's schedule (the total may differ from the saved one)
         if folder.parent.resolve() == self.root.resolve():  # (a checkpoint of another run is not ours)
             self.saved_step = self.state.step
             drop_newer(self.root, self.state.step, self.say)
+        if done is not None:
+            self._continue(done, lr_saved, lr)
+            return
         log.info("resuming from %s: step %d of %d", folder, self.state.step, self.loop.total)
+        if planned != self.loop.total:
+            log.info("%s", length_message(self.cfg, self.state.step, planned, self.loop.total, lr_saved, lr))
+
+    def _continue(self, done: FinishedRun, lr_saved: float, lr: float) -> None:
+        """Train the finished run `done` further (to the longer total this config plans), saying so in one line."""
+        self.state.stopped_early = False
+        (self.out / RUN_FILE).unlink(missing_ok=True)  # unfinished again, until this run finishes
+        log.info("%s", continue_message(self.cfg, done, self.loop.total, lr_saved, lr))
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -180,7 +209,6 @@ class Run:
 
     def fit(self) -> TrainResult:
         state = self.state
-        throughput, window = Throughput(), []
         if self.fresh and self.cfg.output.sample_prompts and not self.finished:
             self._samples_before()
         with self.reporter:
@@ -188,7 +216,7 @@ class Run:
                 for epoch, micro, batch_ids in self.loop.windows(state):
                     r = self.loop.step(state, batch_ids)
                     state.epoch, state.micro = epoch, micro
-                    self._record(r, epoch + micro / max(self.loop.n_micro, 1), throughput, window)
+                    self._record(r, epoch + micro / max(self.loop.n_micro, 1))
                     if self._after_step():
                         break
             if self.stop.requested and not self.finished:
@@ -227,22 +255,22 @@ class Run:
         write_samples(self.out, prompts, before, after, self.state.step)
         return format_comparison(prompts, before, after)
 
-    def _record(self, r: StepResult, epoch: float, throughput: Throughput, window: list[float]) -> None:
+    def _record(self, r: StepResult, epoch: float) -> None:
+        """The step into the window; the window's loss and tokens/s to the console and (when due) the metrics."""
         state, step = self.state, self.state.step
-        throughput.add(r.input_tokens, r.seconds)
-        if not r.skipped:
-            state.first_loss = r.loss if state.first_loss is None else state.first_loss
-            state.last_loss = r.loss
-            window.append(r.loss)
+        self.window.add(r.loss_sum, r.tokens, r.input_tokens, r.seconds)
+        loss, rate = self.window.loss(), self.window.tokens_per_s()
+        state.last_loss = loss
         mem = memory_gib(self.acc.device)
         due = step % self.cfg.train.log_every == 0 or step == self.loop.total
         if due:
+            if state.first_loss is None and loss is not None:
+                state.first_loss, state.first_loss_steps = loss, self.window.span(step)
             self.metrics.write({
-                "step": step, "epoch": round(epoch, 4), "loss": sum(window) / len(window) if window else None,
-                "lr": r.lr, "grad_norm": r.grad_norm, "tokens_per_s": round(throughput.take(), 1),
-                "memory_gib": round(mem, 3), "skipped": state.skipped_steps})
-            window.clear()
-        self.reporter.step(step, epoch, r.loss, r.lr, r.input_tokens / max(r.seconds, 1e-9), mem, due)
+                "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                "tokens": state.tokens, "tokens_per_s": round(rate, 1), "memory_gib": round(mem, 3),
+                "skipped": state.skipped_steps})
+        self.reporter.step(step, epoch, loss, r.lr, rate, mem, due)
 
     def _after_step(self) -> bool:
         """Evaluate and checkpoint as due; True to leave the loop (end, early stop or a stop request)."""
@@ -274,7 +302,7 @@ class Run:
             state.evals_without_improvement += 1
         if better:
             state.best_eval, state.best_step = loss, state.step
-        state.last_eval_step = state.step
+        state.last_eval_step, state.last_eval = state.step, loss
         self.metrics.write({"step": state.step, "eval_loss": loss, "best_eval_loss": state.best_eval})
         self.reporter.print(f"step {state.step}: eval loss {loss:.4f}" + ("  (best so far)" if better else ""))
         self._plot()
@@ -289,20 +317,38 @@ class Run:
 
     # ---------------------------------------------------------------------------------------- saving
 
+    def _epochs(self) -> float:
+        return self.state.epoch + self.state.micro / max(self.loop.n_micro, 1)
+
     def _facts(self) -> dict:
+        """The run's record (loratune_run.json): what a finished run is continued from and its card reports."""
         s = self.state
         s.seconds = self.base_seconds + time.perf_counter() - self.t_start
-        return {"steps": s.step, "tokens": s.tokens, "seconds": round(s.seconds, 2), "best_eval_loss": s.best_eval,
-                "best_step": s.best_step if s.best_step >= 0 else None}
+        return {"steps": s.step, "total_steps": self.loop.total, "steps_per_epoch": self.loop.steps_per_epoch,
+                "epochs": round(self._epochs(), 4), "tokens": s.tokens, "seconds": round(s.seconds, 2),
+                "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
+                "train_loss": s.last_loss, "train_loss_steps": self.window.span(s.step) if s.last_loss is not None
+                else None, "eval_loss": s.last_eval if s.last_eval_step == s.step else None,
+                "best_eval_loss": s.best_eval, "best_step": s.best_step if s.best_step >= 0 else None}
+
+    def _card(self, facts: dict, final: bool) -> str:
+        """The model card: of the finished run (`final`), or of a checkpoint."""
+        f = self.model_facts
+        samples = read_samples(self.out).get("samples", []) if final else []
+        return card.render(self.cfg, card.CardFacts(
+            f["precision"], f["targets"], f["trainable"], f["parameters"], self.data.stats, facts,
+            library_versions(), samples, plot=final and (self.out / PLOT_FILE).is_file(),
+            checkpoint_of=None if final else self.loop.total))
+
+    def _fill(self, folder: Path) -> None:
+        facts = self._facts()
+        fill(folder, self.parts, self.state, self.cfg, self.fingerprints, facts, card=self._card(facts, final=False))
 
     def save_checkpoint(self) -> Path:
         """Atomically write the checkpoint of the current step; then rotate older ones."""
         if self.saved_step == self.state.step:
             return self.root / checkpoint_name(self.state.step)
-        path = write_checkpoint(
-            self.root, self.state.step,
-            lambda tmp: fill(tmp, self.parts, self.state, self.cfg, self.fingerprints, self._facts()),
-            fault=faults.fault)
+        path = write_checkpoint(self.root, self.state.step, self._fill, fault=faults.fault)
         self.saved_step = self.state.step
         self._rotate()
         faults.fault("save.rotated")
@@ -339,9 +385,10 @@ class Run:
             else:
                 log.warning("the best checkpoint (step %d) is gone; the output holds the last step", state.best_step)
         samples = self._samples_after() if self.cfg.output.sample_prompts else ""
-        save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg,
-                 extra={**self._facts(), "adapter": which, "checkpoint": str(path)})
-        self._plot()
+        self._plot()  # before the card, which shows it
+        facts = {**self._facts(), "adapter": which, "checkpoint": str(path)}
+        save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg, extra=facts,
+                 card=self._card(facts, final=True))
         self.metrics.close()
         result = self._result(path)
         summary = self._summary(result, which)
@@ -356,21 +403,45 @@ class Run:
                            s.stopped_early, exit_code)
 
     def _summary(self, r: TrainResult, which: str) -> str:
-        epochs = self.state.epoch + self.state.micro / max(self.loop.n_micro, 1)
         mem = "GPU peak allocated" if self.acc.device.type == "cuda" else "CPU peak resident"
         lines = [
-            f"training done: {r.steps} steps ({epochs:.2f} epochs), {r.tokens:,} supervised tokens, "
+            f"training done: {r.steps} steps ({self._epochs():.2f} epochs), {r.tokens:,} supervised tokens, "
             f"{_duration(r.seconds)}, {mem} memory {r.peak_memory_gib:.2f} GiB"
             + (f", {self.state.skipped_steps} steps skipped (non-finite)" if self.state.skipped_steps else ""),
-            f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}" + (
-                f"; best eval loss {r.best_eval_loss:.4f} at step {r.best_step}" if r.best_eval_loss is not None else "")
-            + ("; stopped early" if r.stopped_early else ""),
+            self._loss_line(r),
             *([f"CUDA graphs: {self.loop.graphs.replays:,} micro-batches replayed"]
               if self.loop.graphs is not None and self.loop.graphs.replays else []),
             f"adapter ({which}): {self.out}/   checkpoints: {self.root}/",
             f"chat with it:  loratune chat {self.out}",
         ]
         return "\n".join(lines)
+
+
+    def _loss_line(self, r: TrainResult) -> str:
+        """'train loss A (steps 1-10) -> B (steps 241-250), mean per supervised token; best eval loss ...'."""
+        s, parts = self.state, []
+        last = self.window.span(s.step)
+        if s.last_loss is None:
+            parts.append(f"train loss: no finite loss in {span_text(last)}")
+        else:
+            first = (f"{s.first_loss:.4f} ({span_text(s.first_loss_steps)}) -> "
+                     if s.first_loss is not None and s.first_loss_steps != last else "")
+            parts.append(f"train loss {first}{s.last_loss:.4f} ({span_text(last)}), mean per supervised token")
+        if r.best_eval_loss is not None:
+            parts.append(f"best eval loss {r.best_eval_loss:.4f} at step {r.best_step}")
+        if r.stopped_early:
+            parts.append("stopped early")
+        return "; ".join(parts)
+
+
+def model_facts(model: torch.nn.Module) -> dict:
+    """What the model card says about the model itself, read from it once (it does not change)."""
+    trainable, total = count_parameters(model)
+    configs = getattr(model, "peft_config", None) or {}
+    targets = next(iter(configs.values())).target_modules if configs else []
+    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
+    return {"precision": card.weight_precision(model), "targets": targets, "trainable": trainable,
+            "parameters": total}
 
 
 def _duration(seconds: float) -> str:
@@ -405,6 +476,19 @@ def train(cfg: Config) -> TrainResult:
 
         hf_logging.disable_progress_bar()
     with deterministic_mode(cfg.train.deterministic), GracefulStop() as stop:
-        run = Run(cfg, stop)
+        try:
+            run = Run(cfg, stop)
+        except AlreadyFinished as e:
+            print(e.message, flush=True)
+            return finished_result(e.finished)
         return run.fit()
+
+
+def finished_result(done: FinishedRun) -> TrainResult:
+    """The result of a run that found itself already finished: its own record, nothing trained."""
+    f, nan = done.facts, float("nan")
+    number = lambda key: f[key] if isinstance(f.get(key), (int, float)) else nan  # noqa: E731
+    return TrainResult(done.out, done.steps, int(f.get("tokens") or 0), float(f.get("seconds") or 0.0),
+                       number("first_train_loss"), number("train_loss"), nan, f.get("best_eval_loss"),
+                       f.get("best_step"), done.checkpoint, nothing_to_do=True)
 

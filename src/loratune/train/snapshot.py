@@ -46,16 +46,17 @@ class Parts:
 
 
 def fill(folder: Path, parts: Parts, state: LoopState, cfg: Config, fingerprints: dict[str, str],
-         run_facts: dict) -> None:
-    """Write the adapter, tokenizer, config and full training state into `folder`."""
-    save_run(folder, parts.model, parts.tokenizer, parts.template, parts.info, cfg, extra=run_facts)
+         run_facts: dict, card: str | None = None) -> None:
+    """Write the adapter, tokenizer, model card, config and full training state into `folder`."""
+    save_run(folder, parts.model, parts.tokenizer, parts.template, parts.info, cfg, extra=run_facts, card=card)
     opt_tensors, opt_meta = optimizer_state(parts.optimizer)
     if not all_finite(opt_tensors):
         raise NonFiniteWeights("refusing to save: the optimizer state contains NaN or inf")
     rng_tensors, rng_meta = rng_state()
     save_file({**opt_tensors, **rng_tensors}, str(folder / STATE_TENSORS), metadata={"format": "loratune"})
     meta = {
-        "format": STATE_FORMAT, "step": state.step, "loop": dataclasses.asdict(state),
+        "format": STATE_FORMAT, "step": state.step, "total_steps": run_facts.get("total_steps"),
+        "loop": dataclasses.asdict(state),
         "optimizer": opt_meta, "scheduler": scheduler_state(parts.scheduler), "scaler": scaler_state(parts.scaler),
         "rng": rng_meta, "config": to_dict(cfg), "config_hash": config_hash(cfg), "data": fingerprints,
         "versions": library_versions(),

@@ -1,0 +1,237 @@
+"""The model card (`README.md`) of a run folder: what was trained, on what, how, with what result, how to load it.
+
+peft's `save_pretrained` writes a template card ("[More Information Needed]", `base_model` pointing into
+the local model cache). `artifacts.save_run` writes this one after it, in its place. Every figure comes
+from the run itself: the config as the user wrote it (`model.path` as given, so a `demo://` name stays
+one and a hub id stays a hub id), the adapter peft built (its real target modules), the base's real
+weight precision, the data pipeline's counts, the run's own record (steps, tokens, time, the reported
+train loss of `metrics.Window`, eval loss), `samples.json` and the library versions.
+
+The YAML front matter is what the Hugging Face hub reads: `base_model` only when `model.path` is a hub
+id (a local folder or a demo model is no hub reference), `library_name: peft` (`transformers` for a
+full fine-tune, which saves a whole model), `pipeline_tag` and `tags`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from loratune.config import Config
+from loratune.data.stats import DataStats
+from loratune.model.load import DEMO_SCHEME
+from loratune.train.metrics import span_text
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+@dataclass
+class CardFacts:
+    """What the card reports besides the config: gathered by the run from its live objects and record."""
+
+    precision: str  # weight_precision(model)
+    targets: list[str]  # modules with adapters (empty for a full fine-tune)
+    trainable: int
+    parameters: int
+    data: DataStats
+    run: dict  # the run's facts (Run._facts): steps, tokens, seconds, losses, eval
+    versions: dict[str, str]
+    samples: list[dict] = field(default_factory=list)  # samples.json's entries
+    plot: bool = False  # loss.png is in the folder
+    checkpoint_of: int | None = None  # a checkpoint's card: the run's planned total steps
+
+
+def is_hub_id(path: str) -> bool:
+    """True for `org/name` (or a bare `name`) that is not a local folder or file, nor a demo model."""
+    return not path.startswith(DEMO_SCHEME) and _HUB_ID.match(path) is not None and not Path(path).exists()
+
+
+def weight_precision(model: nn.Module) -> str:
+    """How the base weights are stored, read from the weights: the storage holding most of their values.
+
+    The frozen weights of an adapter run; every weight of a full fine-tune (all trainable). 4-bit values
+    are counted as the values they hold (two per byte), with their quantization type.
+    """
+    params = [p for p in model.parameters() if not p.requires_grad] or list(model.parameters())
+    counts: Counter[str] = Counter()
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            nested = ", double-quantized" if getattr(state, "nested", False) else ""
+            counts[f"4-bit {str(state.quant_type).upper()}{nested}"] += state.shape.numel()
+        elif p.dtype == torch.int8:
+            counts["8-bit (LLM.int8)"] += p.numel()
+        else:
+            counts[_DTYPES.get(p.dtype, str(p.dtype).removeprefix("torch."))] += p.numel()
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def render(cfg: Config, facts: CardFacts) -> str:
+    """The whole README.md."""
+    sections = [_front_matter(cfg), _title(cfg, facts), _method(cfg, facts), _data(cfg, facts.data),
+                _training(cfg), _results(cfg, facts), _samples(facts.samples), _usage(cfg),
+                _versions(facts.versions)]
+    return "\n".join(s for s in sections if s)
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def _full(cfg: Config) -> bool:
+    return cfg.adapter.type == "none"
+
+
+def _front_matter(cfg: Config) -> str:
+    path, hub = cfg.model.path, is_hub_id(cfg.model.path)
+    tags = ["loratune", "text-generation"]
+    if not _full(cfg):
+        tags += ["lora"] + (["qlora"] if cfg.quantization.bits == 4 else [])
+        if hub:
+            tags.append(f"base_model:adapter:{path}")
+    elif hub:
+        tags.append(f"base_model:finetune:{path}")
+    meta: dict = {"base_model": path} if hub else {}
+    meta.update({"library_name": "transformers" if _full(cfg) else "peft", "pipeline_tag": "text-generation",
+                 "tags": tags})
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _title(cfg: Config, f: CardFacts) -> str:
+    name = Path(cfg.output.dir).name or cfg.output.dir
+    what = "A full fine-tune" if _full(cfg) else "A LoRA adapter"
+    status = (f"\nThis is the checkpoint of step {f.run.get('steps')} of {f.checkpoint_of}, saved while training; "
+              "the finished run is in the folder above.\n" if f.checkpoint_of is not None else "")
+    return f"# {name}\n\n{what} for `{cfg.model.path}`, trained with loratune.\n{status}"
+
+
+def _method(cfg: Config, f: CardFacts) -> str:
+    q, a = cfg.quantization, cfg.adapter
+    lines = ["## Method", ""]
+    base = f"- Base model: `{cfg.model.path}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else "")
+    if cfg.model.path.startswith(DEMO_SCHEME):
+        base += ", loratune's built-in demo model (random weights, built offline from a fixed seed)"
+    lines.append(base)
+    if _full(cfg):
+        lines.append(f"- Full fine-tuning: every weight trained, weights in {f.precision}")
+    else:
+        qlora = "QLoRA: " if q.bits == 4 else ""
+        lines.append(f"- {qlora}frozen base weights in {f.precision}, compute dtype `{q.compute_dtype}`")
+        scale = a.alpha / (a.rank ** 0.5 if a.rslora else a.rank)
+        extras = ", ".join(x for x in ("rsLoRA" if a.rslora else "", "DoRA" if a.dora else "") if x)
+        lines.append(f"- LoRA: rank {a.rank}, alpha {a.alpha:g} (update scale {scale:g}), dropout {a.dropout:g}"
+                     + (f", {extras}" if extras else ""))
+        lines.append(f"- Adapted modules: {', '.join(f'`{t}`' for t in f.targets)}")
+        if a.modules_to_save:
+            lines.append(f"- Trained in full and saved with the adapter: {', '.join(a.modules_to_save)}")
+    share = 100 * f.trainable / max(f.parameters, 1)
+    lines.append(f"- Trainable parameters: {f.trainable:,} of {f.parameters:,} ({share:.3f}%)")
+    return "\n".join(lines) + "\n"
+
+
+def _data(cfg: Config, stats: DataStats) -> str:
+    d = cfg.data
+    lines = ["## Data", "", "| dataset | format | records | samples | held out for eval | in the training mix |",
+             "|---|---|---:|---:|---:|---:|"]
+    for s in stats.datasets:
+        lines.append(f"| `{s.path}` | {s.format} | {s.records:,} | {s.samples:,} | {s.eval:,} | {s.mixed:,} |")
+    for s in stats.eval_datasets:
+        lines.append(f"| `{s.path}` (eval) | {s.format} | {s.records:,} | {s.samples:,} | {s.samples:,} | 0 |")
+    lines += ["", f"- Chat template: `{stats.template or d.template}`; loss on: {d.train_on} tokens; "
+              f"max length {d.max_length} tokens" + ("; packed" if d.pack else ""),
+              f"- Training set: {stats.train_samples:,} samples in {stats.rows:,} rows, {stats.tokens:,} tokens, "
+              f"{stats.supervised:,} of them supervised ({100 * stats.supervised_fraction:.1f}%)",
+              f"- Eval set: {stats.eval_samples:,} samples"]
+    return "\n".join(lines) + "\n"
+
+
+def _training(cfg: Config) -> str:
+    t = cfg.train
+    length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    warmup = f"{t.warmup_steps} steps" if t.warmup_steps > 0 else f"{t.warmup_ratio:g} of the steps"
+    batch = t.batch_size if isinstance(t.batch_size, int) else 0
+    rows = [("length", length), ("micro-batch size", t.batch_size), ("gradient accumulation", t.grad_accum),
+            ("sequences per optimizer step", batch * t.grad_accum), ("optimizer", t.optimizer),
+            ("learning rate", f"{t.lr:g}"), ("schedule", f"{t.scheduler}, warmup {warmup}"),
+            ("weight decay", f"{t.weight_decay:g}"), ("max grad norm", f"{t.max_grad_norm:g}"),
+            ("LoRA+ ratio", f"{t.loraplus_ratio:g}"), ("seed", t.seed)]
+    lines = ["## Training", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+             "The complete resolved config is `loratune.yaml` in this folder."]
+    return "\n".join(lines) + "\n"
+
+
+def _results(cfg: Config, f: CardFacts) -> str:
+    r = f.run
+    lines = ["## Results", "",
+             f"- Optimizer steps: {r.get('steps')} ({r.get('epochs', 0):.2f} epochs), {r.get('tokens', 0):,} supervised "
+             f"tokens, {r.get('seconds', 0):.1f} s of training"]
+    first, last = r.get("first_train_loss"), r.get("train_loss")
+    if isinstance(last, (int, float)):
+        start = (f"{first:.4f} ({span_text(r.get('first_train_loss_steps'))}) -> " if isinstance(first, (int, float))
+                 else "")
+        lines.append(f"- Train loss: {start}{last:.4f} ({span_text(r.get('train_loss_steps'))}), each the mean loss per "
+                     "supervised token over those steps")
+    if isinstance(r.get("best_eval_loss"), (int, float)):
+        lines.append(f"- Eval loss: best {r['best_eval_loss']:.4f} at step {r.get('best_step')}"
+                     + (f", last {r['eval_loss']:.4f} at step {r.get('steps')}"
+                        if isinstance(r.get("eval_loss"), (int, float)) else ""))
+    if r.get("adapter") and not _full(cfg):
+        lines.append(f"- Weights in this folder: {r['adapter']}")
+    if f.plot:
+        lines += ["", "![train and eval loss](loss.png)"]
+    lines += ["", "Every logged value is in `metrics.jsonl`."]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str | None) -> str:
+    if text is None:
+        return ""
+    text = text.strip().replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    return text or "(empty)"
+
+
+def _samples(samples: list[dict]) -> str:
+    if not samples:
+        return ""
+    lines = ["## Sample answers", "", "Greedy answers to `output.sample_prompts`, before and after training "
+             "(from `samples.json`).", "", "| prompt | before | after |", "|---|---|---|"]
+    lines += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |" for s in samples]
+    return "\n".join(lines) + "\n"
+
+
+def _usage(cfg: Config) -> str:
+    out, path, q = cfg.output.dir, cfg.model.path, cfg.quantization
+    code = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    tokenizer = f"tokenizer = AutoTokenizer.from_pretrained({out!r})  # with the chat template used in training"
+    if _full(cfg):
+        code += ["", f"model = AutoModelForCausalLM.from_pretrained({out!r})", tokenizer]
+    else:
+        load = ""
+        if q.bits == 4:
+            code[0] += ", BitsAndBytesConfig"
+            load = (f", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.quant_type!r}, "
+                    f"bnb_4bit_use_double_quant={q.double_quant})")
+        elif q.bits == 8:
+            code[0] += ", BitsAndBytesConfig"
+            load = ", quantization_config=BitsAndBytesConfig(load_in_8bit=True)"
+        code.insert(0, "from peft import PeftModel")
+        if path.startswith(DEMO_SCHEME):
+            code += ["from loratune.model.load import resolve_model_path", "",
+                     f"base_path = resolve_model_path({path!r})  # the demo model's folder (built offline once)"]
+        else:
+            code += ["", f"base_path = {path!r}"]
+        code += [f"base = AutoModelForCausalLM.from_pretrained(base_path{load})",
+                 f"model = PeftModel.from_pretrained(base, {out!r})", tokenizer]
+    lines = ["## How to use it", "", "In the terminal, with the chat template and stop text of training:", "",
+             "```bash", f"loratune chat {out}", "```", "", "In Python:", "", "```python", *code, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _versions(versions: dict[str, str]) -> str:
+    lines = ["## Framework versions", "", *(f"- {name} {v}" for name, v in versions.items())]
+    return "\n".join(lines) + "\n"
