@@ -111,8 +111,12 @@ class DataConfig:
     eval_datasets: list[DatasetConfig] = _f([], "Held-out evaluation datasets (instead of eval_split).")
     eval_split: float = _f(0.0, "Hold out this fraction (0 < x < 1) or this many samples (x >= 1) of the training data "
                                 "for evaluation, chosen with train.seed; 0 for none.")
-    template: str = _f("auto", "Chat template: `auto` (the tokenizer's own, else chatml), a built-in name (llama3, chatml, "
+    template: str = _f("auto", "Chat template: `auto` (the tokenizer's own; for a tokenizer without one, chatml when its markers are tokens of the vocabulary, else guanaco's plain-text markers), a built-in name (llama3, chatml, "
                                "mistral, gemma, phi3, zephyr, plain, alpaca, vicuna, guanaco), or a path to a .jinja file.")
+    template_variables: dict[str, Union[str, int, float, bool]] = _f(
+        {}, "Extra variables the chat template reads, as `apply_chat_template(**kwargs)` passes them (e.g. "
+            "`enable_thinking: false` for Qwen3, `date_string: 26 Jul 2024` for Llama 3.2, whose template otherwise "
+            "writes today's date); saved with the run and used by chat and serve too.")
     max_length: int = _f(1024, "Cutoff length in tokens of one training sequence (and of a packed row).")
     source_max_length: int = _f(0, "qlora.py's source_max_len: keep at most this many prompt tokens (those before the "
                                    "first trained token; the ones nearest the answer are kept); 0: no separate limit.")
@@ -204,6 +208,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -231,6 +237,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
         return [_coerce(v, get_args(tp)[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        return {str(k): _coerce(v, get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")

@@ -27,7 +27,7 @@ from loratune.model.load import TokenizerInfo, cache_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: built-in templates render tools and tool calls
+FORMAT_VERSION = 3  # 2: built-in templates render tools and tool calls; 3: labels from one whole rendering, template variables
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ def key(files: list[Path], ds: DatasetConfig, template: ChatTemplate, train_on: 
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     section = {k: v for k, v in dataclasses.asdict(ds).items() if k != "weight"}  # weights apply after the cache
-    h.update(json.dumps([FORMAT_VERSION, section, template.jinja, template.stop, train_on, tok_fp],
+    h.update(json.dumps([FORMAT_VERSION, section, template.jinja, template.stop, template.variables, train_on, tok_fp],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

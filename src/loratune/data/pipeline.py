@@ -197,7 +197,7 @@ def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int, log
     go to the log unless `log_stats` is false (the preview prints them itself)."""
     if not cfg.datasets:
         raise DataError("data.datasets is empty: list at least one dataset, e.g. `- path: train.jsonl`")
-    template = resolve_template(cfg.template, tokenizer)
+    template = resolve_template(cfg.template, tokenizer, cfg.template_variables)
     stats = DataStats(template=template.name)
     groups = []
     for ds in cfg.datasets:

@@ -57,7 +57,8 @@ class Plan:
 
 def _render(tokenizer, template: ChatTemplate, messages: list[dict], gen: bool, tools: list | None) -> str:
     try:
-        return render_text(tokenizer, template.jinja, messages, add_generation_prompt=gen, tools=tools)
+        return render_text(tokenizer, template.jinja, messages, add_generation_prompt=gen, tools=tools,
+                           variables=template.variables)
     except Exception as e:  # jinja's raise_exception and template bugs: report the template's own words
         raise RenderError(f"{template.label} rejected the conversation: {e}") from None
 
@@ -105,7 +106,8 @@ def _marked_spans(full: str, messages: list[dict], template: ChatTemplate, token
 
     try:
         (text,), (spans,) = render_jinja_template([messages], tools=tools, chat_template=template.jinja,
-                                                  return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+                                                  return_assistant_tokens_mask=True,
+                                                  **{**template.variables, **tokenizer.special_tokens_map})
     except Exception as e:
         raise RenderError(f"{template.label} rejected the conversation: {e}") from None
     if text != full:  # the markers only record positions; a template whose output depends on them is broken
@@ -163,7 +165,7 @@ def _region(full: str, messages: list[dict], j: int, template: ChatTemplate, tok
 @lru_cache(maxsize=64)
 def _generation_prompt(jinja: str, specials: tuple) -> str:
     messages = [{"role": "user", "content": "loratune probe question"}]
-    special = dict(specials)
+    special = dict(specials)  # the template's variables and the tokenizer's special tokens
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
@@ -176,7 +178,8 @@ def _generation_prompt(jinja: str, specials: tuple) -> str:
 
 def generation_prompt(tokenizer, template: ChatTemplate) -> str:
     """The text the template adds for `add_generation_prompt` (the header of an assistant turn), or ''."""
-    return _generation_prompt(template.jinja, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+    variables = {**template.variables, **tokenizer.special_tokens_map}
+    return _generation_prompt(template.jinja, tuple(sorted(variables.items(), key=lambda kv: kv[0])))
 
 
 def _turn(full: str, messages: list[dict], regions: list[Span | None], i: int, stop: str, eos: str, gen: str,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loratune.errors import ConfigError
@@ -36,6 +36,7 @@ class ChatTemplate:
     name: str
     jinja: str
     stop: str  # the end-of-turn text after each assistant message ("{eos}" means the tokenizer's eos)
+    variables: dict = field(default_factory=dict)  # extra template variables (data.template_variables)
 
     @property
     def label(self) -> str:
@@ -179,13 +180,14 @@ _PROBE = [{"role": "user", "content": "loratune probe question"}, {"role": "assi
 
 
 def render_text(tokenizer, jinja: str, messages: list[dict], add_generation_prompt: bool = False,
-                tools: list[dict] | None = None) -> str:
-    """Render `messages` with `jinja` exactly as `tokenizer.apply_chat_template(tokenize=False)` does
-    (same renderer, same special-token variables), also for an empty list (the prefix of a first turn)."""
+                tools: list[dict] | None = None, variables: dict | None = None) -> str:
+    """Render `messages` with `jinja` exactly as `tokenizer.apply_chat_template(tokenize=False, **variables)`
+    does (same renderer, same special-token variables), also for an empty list (the prefix of a first turn)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template([messages], tools=tools, chat_template=jinja,
-                                        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+                                        add_generation_prompt=add_generation_prompt,
+                                        **{**(variables or {}), **tokenizer.special_tokens_map})
     return rendered[0]
 
 
@@ -196,12 +198,12 @@ def marker_tokens(tokenizer) -> list[str]:
     return [t for t in dict.fromkeys([*tokenizer.all_special_tokens, *added]) if t]
 
 
-def infer_stop(tokenizer, jinja: str, name: str) -> str:
+def infer_stop(tokenizer, jinja: str, name: str, variables: dict | None = None) -> str:
     """The end-of-turn text of an arbitrary template: what follows an assistant reply, up to and including the
     first marker token (special or added, e.g. `<|im_end|>` before a newline); the whole suffix, stripped,
     if it contains no marker token."""
     try:
-        text = render_text(tokenizer, jinja, _PROBE)
+        text = render_text(tokenizer, jinja, _PROBE, variables=variables)
     except Exception as e:  # a template error: show the template's own message
         raise ConfigError(f"chat template {name!r} cannot render a user/assistant conversation: {e}") from None
     at = text.rfind(_PROBE_REPLY)
@@ -240,8 +242,14 @@ def _own_template(tokenizer) -> str | None:
     return tpl or None
 
 
-def resolve_template(spec: str, tokenizer) -> ChatTemplate:
-    """`data.template` -> the `ChatTemplate` to render with (see the module docstring)."""
+def resolve_template(spec: str, tokenizer, variables: dict | None = None) -> ChatTemplate:
+    """`data.template` (and `data.template_variables`) -> the `ChatTemplate` to render with (see the module
+    docstring)."""
+    template = _resolve(spec, tokenizer, variables or {})
+    return replace(template, variables=dict(variables)) if variables else template
+
+
+def _resolve(spec: str, tokenizer, variables: dict) -> ChatTemplate:
     if spec in TEMPLATES:
         chosen = TEMPLATES[spec]
         split = splits_into_pieces(tokenizer, chosen)
@@ -257,7 +265,7 @@ def resolve_template(spec: str, tokenizer) -> ChatTemplate:
         for t in TEMPLATES.values():
             if t.jinja == own:
                 return t
-        return ChatTemplate("tokenizer", own, infer_stop(tokenizer, own, "the tokenizer's"))
+        return ChatTemplate("tokenizer", own, infer_stop(tokenizer, own, "the tokenizer's", variables))
     path = Path(spec)
     if path.suffix not in (".jinja", ".j2", ".jinja2") and not path.is_file():
         close = difflib.get_close_matches(spec.lower().replace("-", "").replace("_", ""), TEMPLATES, n=1, cutoff=0.6)
@@ -267,4 +275,4 @@ def resolve_template(spec: str, tokenizer) -> ChatTemplate:
     if not path.is_file():
         raise ConfigError(f"config key 'data.template': template file not found: {spec}")
     jinja = path.read_text(encoding="utf-8")
-    return ChatTemplate(path.stem, jinja, infer_stop(tokenizer, jinja, str(path)))
+    return ChatTemplate(path.stem, jinja, infer_stop(tokenizer, jinja, str(path), variables))
