@@ -60,6 +60,30 @@ def test_mock_loop_feeds_one_token_per_step_with_per_row_positions() -> None:
     assert {ident for ident, _ in later} == {first}  # one cache object for the whole answer
 
 
+class OldNameModel(CountingModel):
+    """A forward that still names its cache `past_key_values` (transformers before the rename, remote code)."""
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, **kw):
+        assert "cache" not in kw
+        return super().forward(input_ids, attention_mask, position_ids, cache=past_key_values, use_cache=use_cache)
+
+
+class CacheIgnoringModel(CountingModel):
+    """Takes any keyword and fills no cache: decoding on would answer each token without its context."""
+
+    def forward(self, input_ids, attention_mask, position_ids, **kw):
+        return super().forward(input_ids, attention_mask, position_ids, cache=DynamicCache())
+
+
+def test_cache_keyword_follows_the_models_forward_and_an_unfilled_cache_is_an_error() -> None:
+    old = OldNameModel()
+    steps = list(decode_steps(old, [[1, 2]], SamplingParams(max_new_tokens=3), stop_ids=frozenset(), pad_id=0))
+    assert steps == [[3], [4], [5]] and [held for _, held in old.caches] == [0, 2, 3]
+    with pytest.raises(RuntimeError, match="did not fill the KV cache passed as `cache`"):
+        list(decode_steps(CacheIgnoringModel(), [[1]], SamplingParams(max_new_tokens=3), stop_ids=frozenset(),
+                          pad_id=0))
+
+
 def test_mock_stop_token_ends_only_its_row() -> None:
     steps = list(decode_steps(CountingModel(), [[1], [10]], SamplingParams(max_new_tokens=6),
                               stop_ids=frozenset({12}), pad_id=0))

@@ -9,15 +9,18 @@ Two layers:
   position_ids, cache, use_cache, logits_to_keep and returns `.logits`) and token ids. Prompts are
   left-padded into one batch; one `transformers.DynamicCache` is made before the first forward (prefill),
   which fills it, and the same object is passed to every later step, which feeds one token per row and
-  appends to it in place. (transformers 5 renamed the argument `past_key_values` to `cache`; the old name
-  and reading `.past_key_values` back from the output warn, and go in 5.40.) Padding is masked by
-  position (pad may equal eos). It is tested with a mock model.
+  appends to it in place. transformers renamed the argument `past_key_values` to `cache` within the
+  versions we support (5.24 warns on the old name, 5.40 removes it; 5.17 knows only the old one), so the
+  keyword is read from the model's own forward signature, and a cache still empty after the prefill is
+  an error rather than answers decoded without context. Padding is masked by position (pad may equal
+  eos). It is tested with a mock model.
 - `generate_text` adds a tokenizer's decode: incremental detokenisation and stop strings per row, and
   yields `Delta` events (text pieces) and `Finish` events (reason and token counts).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ from transformers import DynamicCache
 
 from loratune.infer.detok import IncrementalDetokenizer, StopStrings
 from loratune.infer.sampling import SamplingParams, make_generator, next_tokens
+from loratune.model.adapters import is_peft
 
 Cancel = Callable[[], bool]
 
@@ -82,6 +86,17 @@ def new_cache(model: torch.nn.Module) -> DynamicCache:
     return DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` (transformers >= the rename) or `past_key_values`.
+
+    Read from the signature of the transformers model's forward (under a peft wrapper, whose forward takes
+    **kwargs); transformers' deprecation wrapper keeps the real signature visible (`functools.wraps`).
+    """
+    inner = model.get_base_model() if is_peft(model) else model
+    params = inspect.signature(inner.forward).parameters
+    return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -112,11 +127,14 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     if max_total is not None:
         budget = min(budget, max_total - int(lengths.max()))
     cache = new_cache(model)  # filled by the prefill, appended to in place by every step
+    keyword = cache_keyword(model)
     for _ in range(max(budget, 0)):
         if cancel() or all(state.done):
             return
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{keyword: cache})
+        if seen is None and cache.get_seq_length() == 0:
+            raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as `{keyword}`")
         logits = out.logits[:, -1, :]
         if seen is None:
             counts = torch.zeros(logits.shape, dtype=torch.long, device=device)
