@@ -9,11 +9,19 @@ Mistral folds the system prompt into the first [INST]; Gemma ties its embeddings
 
 The tokenizer is a byte-level BPE trained on a small bundled corpus, so token boundaries do not line up
 with characters (as in real models), and it is deterministic: the same call gives the same files.
+
+`build_tiny_arch` is the other way round: a tiny random model of a real architecture (`ARCHS`: Llama,
+Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 text, Phi-3, DeepSeek-V3) around an existing tokenizer folder,
+typically a model family's real tokenizer. The tokenizer files are copied unchanged and the config takes
+its vocabulary size and special-token ids from the tokenizer, so the folder loads like a hub checkpoint
+of that family, real vocabulary and chat template included, while the network stays tiny (hidden size
+64, 2 layers) even at a 262k vocabulary.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -107,7 +115,7 @@ def build_tiny(family: str, out_dir: str | Path, size: str = "test", seed: int =
 
     The weights depend only on (family, size, seed), so a folder can be rebuilt identically anywhere.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
@@ -121,16 +129,89 @@ def build_tiny(family: str, out_dir: str | Path, size: str = "test", seed: int =
         bos_token_id=ids.get(fam.bos), eos_token_id=ids[fam.eos], pad_token_id=ids.get(fam.pad),
         **shape, **fam.config_extra,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # the default init is tiny; a wider spread gives a non-trivial random model
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05)
+    model = _random_model(config, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=ids.get(fam.bos), eos_token_id=ids[fam.eos], pad_token_id=ids.get(fam.pad)
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "loratune_tiny.json").write_text(json.dumps({"family": family, "size": size, "seed": seed}))
+    return out
+
+
+def _random_model(config, seed: int):
+    """A float32 model of `config` whose weights depend only on `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # the default init is tiny; a wider spread gives a non-trivial random model
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    return model
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A real architecture at tiny size: its HF model_type and the config keys that keep its traits."""
+
+    model_type: str
+    config_extra: dict = field(default_factory=dict)
+
+
+# Two layers so that alternating patterns show (Gemma's sliding/full attention, DeepSeek-V3's dense first
+# layer then a mixture-of-experts layer); head_dim 16 = hidden 64 / 4 heads where the default is larger.
+_GEMMA_TRAITS = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                 "layer_types": ["sliding_attention", "full_attention"]}
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama"),
+    "qwen2": Arch("qwen2"),  # q/k/v biases
+    "qwen3": Arch("qwen3", {"head_dim": 16}),  # q/k norms
+    "mistral": Arch("mistral"),
+    "gemma2": Arch("gemma2", {**_GEMMA_TRAITS, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "gemma3": Arch("gemma3_text", _GEMMA_TRAITS),  # Gemma3ForCausalLM: q/k norms, tied embeddings
+    "phi3": Arch("phi3"),  # fused qkv_proj and gate_up_proj
+    "deepseek_v3": Arch("deepseek_v3", {  # multi-head latent attention, shared + routed experts
+        "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8, "v_head_dim": 16, "moe_intermediate_size": 32, "n_routed_experts": 4,
+        "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    }),
+}
+ARCH_SHAPE: dict = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2}
+# What a tokenizer folder may hold; copied as is (other files, e.g. a fetcher's stamp, are left behind).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model")
+
+
+def build_tiny_arch(arch: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random `arch` model around the tokenizer in `tokenizer_dir` to `out_dir`; returns the folder.
+
+    The tokenizer files are copied byte for byte; vocab_size is len(tokenizer) and the bos/eos/pad ids are
+    the tokenizer's, so `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load the
+    folder as they load that family's checkpoint. The weights depend only on (arch, tokenizer, seed).
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
+    src = Path(tokenizer_dir)
+    if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
+        raise ValueError(f"{src} holds no tokenizer.json or tokenizer.model")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    spec = ARCHS[arch]
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = AutoConfig.for_model(spec.model_type, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                                  **ids, **{**ARCH_SHAPE, **spec.config_extra})
+    model = _random_model(config, seed)
+    model.generation_config = GenerationConfig(**ids)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    (out / "loratune_tiny.json").write_text(json.dumps({"arch": arch, "tokenizer": str(src), "seed": seed}))
     return out
