@@ -43,9 +43,14 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser, help: str = "YAML config file (see docs/config.md for every key)") -> None:
-    """The CONFIG and section.key=value arguments every config-driven subcommand takes."""
+    """The CONFIG and section.key=value arguments every config-driven subcommand takes.
+
+    Overrides may come anywhere after CONFIG, before or after the options (`parse_args` gathers them).
+    """
     p.add_argument("config", help=help)
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, anywhere on the line after CONFIG")
+    p.set_defaults(command_parser=p)
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
@@ -289,8 +294,27 @@ def quiet_libraries(verbose: bool) -> Iterator[None]:
                 logging.getLogger(name).setLevel(level)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; section.key=value overrides may sit before, between or after the options.
+
+    argparse gives a `nargs="*"` positional only the words before the first option, and its
+    `parse_intermixed_args` refuses parsers with subcommands; so the words argparse leaves over are
+    taken as more overrides (in their order on the line) by the subcommands that have them, and
+    anything else left over (an unknown option) is still an error.
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    own = getattr(args, "command_parser", None)
+    unknown = [a for a in rest if a.startswith("-") or own is None]
+    if unknown:
+        (own or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _configure_logging(args.verbose)
     try:
         with quiet_libraries(args.verbose):
