@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -115,8 +116,11 @@ def test_demo_scheme_and_missing_model(tmp_path: Path) -> None:
     assert resolve_model_path("demo://qwen2-test") == str(folder)  # cached, not rebuilt
     with pytest.raises(ModelError, match=r"unknown demo model 'demo://gpt9'"):
         resolve_model_path("demo://gpt9")
-    with pytest.raises(ModelError, match=r"cannot load the model from .*nowhere"):
+    with pytest.raises(ModelError, match=rf"^no such folder: {re.escape(str(tmp_path / 'nowhere'))}$"):
         load_base(cfg_for(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()  # a folder, but no model in it: transformers' reason, on one line
+    with pytest.raises(ModelError, match=r"^cannot load the model from '.*empty': [^\n]+$"):
+        load_base(cfg_for(tmp_path / "empty"))
 
 
 def test_nf4_reconstructs_normal_weights_better_than_fp4() -> None:

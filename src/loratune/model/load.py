@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loratune.config import Config, ModelConfig
 from loratune.errors import ModelError
+from loratune.model.hub import locate
 from loratune.model.quant import bnb_config, keep_standard_4bit_layout, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ def resolve_model_path(path: str) -> str:
 def load_tokenizer(mcfg: ModelConfig):
     """Load the tokenizer and make its special tokens safe for training; returns (tokenizer, info)."""
     source = resolve_model_path(mcfg.tokenizer or mcfg.path)
+    where = locate(source, mcfg.revision)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(where.path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
+                                            local_files_only=where.local_files_only)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer from {source!r}: {e}".splitlines()[0]) from None
     if tok.eos_token_id is None:
@@ -117,9 +120,11 @@ def load_base(cfg: Config) -> PreTrainedModel:
     # fp32 norm weight would promote the whole residual stream to fp32), the trainable adapters and their
     # optimizer state are fp32 (adapters.py), and the loss's log-softmax runs in fp32 (train/loss.py).
     weight_dtype = torch.float32 if (cfg.adapter.type == "none" or q.bits == 32) else compute
-    source = resolve_model_path(cfg.model.path)
+    where = locate(resolve_model_path(cfg.model.path), cfg.model.revision)
+    source = where.path
     kwargs = dict(
-        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision, local_files_only=where.local_files_only,
+        trust_remote_code=cfg.model.trust_remote_code,
         attn_implementation=cfg.model.attn_implementation, dtype=weight_dtype,
     )
     if not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings

@@ -391,14 +391,18 @@ def fit_batch_size(plan_for: Callable[[int], MemoryPlan], budget: int, cap: int)
 
 
 def load_model_config(cfg: Config) -> Any:
-    """The base model's transformers config (config.json only; the demo model is built once if needed)."""
+    """The base model's transformers config: from a folder, a config.json file or a hub id (config.json only;
+    the demo model is built once if needed)."""
     from transformers import AutoConfig
 
+    from loratune.model.hub import locate
     from loratune.model.load import resolve_model_path
 
     source = resolve_model_path(cfg.model.path)
+    where = locate(source, cfg.model.revision, config_file_ok=True)  # a bare config.json is enough here
     try:
-        return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+        return AutoConfig.from_pretrained(where.path, revision=cfg.model.revision,
+                                          local_files_only=where.local_files_only,
                                           trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read the model config of {source!r}: {e}".splitlines()[0]) from None
