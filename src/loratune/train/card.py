@@ -26,9 +26,11 @@ from torch import nn
 from loratune.config import Config
 from loratune.data.stats import DataStats
 from loratune.model.load import DEMO_SCHEME
+from loratune.model.quant import resolve_compute_dtype
 from loratune.train.metrics import span_text
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -87,6 +89,11 @@ def _full(cfg: Config) -> bool:
     return cfg.adapter.type == "none"
 
 
+def _compute(cfg: Config) -> str:
+    """The compute dtype training used ('bf16', 'fp16', 'fp32'): `auto` resolved on this machine, as training did."""
+    return _DTYPES[resolve_compute_dtype(cfg.quantization.compute_dtype)]
+
+
 def _front_matter(cfg: Config) -> str:
     path, hub = cfg.model.path, is_hub_id(cfg.model.path)
     tags = ["loratune", "text-generation"]
@@ -106,7 +113,7 @@ def _title(cfg: Config, f: CardFacts) -> str:
     name = Path(cfg.output.dir).name or cfg.output.dir
     what = "A full fine-tune" if _full(cfg) else "A LoRA adapter"
     status = (f"\nThis is the checkpoint of step {f.run.get('steps')} of {f.checkpoint_of}, saved while training; "
-              "the finished run is in the folder above.\n" if f.checkpoint_of is not None else "")
+              "the run's output folder is the one that holds `checkpoints/`.\n" if f.checkpoint_of is not None else "")
     return f"# {name}\n\n{what} for `{cfg.model.path}`, trained with loratune.\n{status}"
 
 
@@ -121,7 +128,8 @@ def _method(cfg: Config, f: CardFacts) -> str:
         lines.append(f"- Full fine-tuning: every weight trained, weights in {f.precision}")
     else:
         qlora = "QLoRA: " if q.bits == 4 else ""
-        lines.append(f"- {qlora}frozen base weights in {f.precision}, compute dtype `{q.compute_dtype}`")
+        lines.append(f"- {qlora}frozen base weights in {f.precision}, computing in {_compute(cfg)}"
+                     + (" (quantization.compute_dtype auto)" if q.compute_dtype == "auto" else ""))
         scale = a.alpha / (a.rank ** 0.5 if a.rslora else a.rank)
         extras = ", ".join(x for x in ("rsLoRA" if a.rslora else "", "DoRA" if a.dora else "") if x)
         lines.append(f"- LoRA: rank {a.rank}, alpha {a.alpha:g} (update scale {scale:g}), dropout {a.dropout:g}"
@@ -142,8 +150,10 @@ def _data(cfg: Config, stats: DataStats) -> str:
         lines.append(f"| `{s.path}` | {s.format} | {s.records:,} | {s.samples:,} | {s.eval:,} | {s.mixed:,} |")
     for s in stats.eval_datasets:
         lines.append(f"| `{s.path}` (eval) | {s.format} | {s.records:,} | {s.samples:,} | {s.samples:,} | 0 |")
-    lines += ["", f"- Chat template: `{stats.template or d.template}`; loss on: {d.train_on} tokens; "
-              f"max length {d.max_length} tokens" + ("; packed" if d.pack else ""),
+    variables = getattr(d, "template_variables", None)
+    lines += ["", f"- Chat template: `{stats.template or d.template}`"
+              + (f" with {', '.join(f'{k}={v!r}' for k, v in variables.items())}" if variables else "")
+              + f"; loss on: {d.train_on} tokens; max length {d.max_length} tokens" + ("; packed" if d.pack else ""),
               f"- Training set: {stats.train_samples:,} samples in {stats.rows:,} rows, {stats.tokens:,} tokens, "
               f"{stats.supervised:,} of them supervised ({100 * stats.supervised_fraction:.1f}%)",
               f"- Eval set: {stats.eval_samples:,} samples"]
@@ -211,21 +221,24 @@ def _usage(cfg: Config) -> str:
     if _full(cfg):
         code += ["", f"model = AutoModelForCausalLM.from_pretrained({out!r})", tokenizer]
     else:
-        load = ""
-        if q.bits == 4:
-            code[0] += ", BitsAndBytesConfig"
-            load = (f", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.quant_type!r}, "
-                    f"bnb_4bit_use_double_quant={q.double_quant})")
-        elif q.bits == 8:
-            code[0] += ", BitsAndBytesConfig"
-            load = ", quantization_config=BitsAndBytesConfig(load_in_8bit=True)"
-        code.insert(0, "from peft import PeftModel")
+        dtype = f"torch.{_TORCH_NAMES[_compute(cfg)]}"
+        code[:0] = ["import torch", "from peft import PeftModel"]
+        setup, load = [], ""
+        if q.bits in (4, 8):
+            code[-1] += ", BitsAndBytesConfig"
+            setup = ([f"quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.quant_type!r},",
+                      f"                                  bnb_4bit_use_double_quant={q.double_quant}, "
+                      f"bnb_4bit_compute_dtype={dtype})"] if q.bits == 4
+                     else ["quantization = BitsAndBytesConfig(load_in_8bit=True)"])
+            load = ", quantization_config=quantization"
+        if q.bits != 32:
+            load += f", dtype={dtype}"  # the frozen weights that are not quantized, as in training
         if path.startswith(DEMO_SCHEME):
             code += ["from loratune.model.load import resolve_model_path", "",
                      f"base_path = resolve_model_path({path!r})  # the demo model's folder (built offline once)"]
         else:
             code += ["", f"base_path = {path!r}"]
-        code += [f"base = AutoModelForCausalLM.from_pretrained(base_path{load})",
+        code += [*setup, f"base = AutoModelForCausalLM.from_pretrained(base_path{load})",
                  f"model = PeftModel.from_pretrained(base, {out!r})", tokenizer]
     lines = ["## How to use it", "", "In the terminal, with the chat template and stop text of training:", "",
              "```bash", f"loratune chat {out}", "```", "", "In Python:", "", "```python", *code, "```"]
