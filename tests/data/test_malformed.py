@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
 from datahelp import data_cfg
+from loratune.config import DatasetConfig
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, DataError
 
@@ -163,14 +165,53 @@ def test_hub_name_offline(toks, monkeypatch) -> None:
     assert msg.startswith("someone/some-dataset: no such file or folder, and the hub is offline")
 
 
+def test_hub_name_without_the_datasets_package(toks, monkeypatch) -> None:
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, as when not installed
+    assert fails(data_cfg("someone/some-dataset"), toks) == (
+        "someone/some-dataset: no such file or folder; loading it as a hub dataset needs the `datasets` package: "
+        "pip install 'loratune[data]'")
+
+
 def test_no_datasets(toks) -> None:
     assert "data.datasets is empty" in fails(data_cfg(), toks)
 
 
-def test_everything_dropped(write, toks) -> None:
-    p = write("u.jsonl", [{"messages": [{"role": "user", "content": "Hi, nobody answers."}]}] * 3)
-    assert fails(data_cfg(p), toks) == ("no training samples left after length limits and drops (3 no supervised) "
-                                        "(every record has no supervised token: is there an assistant turn? see data.train_on)")
+NO_REPLY = {"messages": [{"role": "user", "content": "Hi, nobody answers."}]}
+EXAMPLE = 'e.g. {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}'
+
+
+def test_no_record_has_an_assistant_turn(write, toks) -> None:
+    p = write("u.jsonl", [NO_REPLY] * 3)
+    assert fails(data_cfg(p), toks) == (f"{p}: none of its 3 records has a token to train on: 3 have no assistant turn "
+                                        f"to learn from (data.train_on=assistant); expected conversations with an "
+                                        f"assistant reply, {EXAMPLE}")
+
+
+def test_the_dataset_without_replies_is_named_among_good_ones(write, toks) -> None:
+    good, bad = write("good.jsonl", [OK] * 4), write("bad.jsonl", [NO_REPLY] * 2)
+    assert fails(data_cfg(good, bad), toks).startswith(f"{bad}: none of its 2 records has a token to train on: "
+                                                       "2 have no assistant turn")
+    with pytest.raises(DataError, match=re.escape(f"{bad}: none of its 2 records")):  # an eval dataset too
+        prepare_data(data_cfg(good, eval_datasets=[DatasetConfig(path=str(bad))]), *toks["qwen2"], seed=0)
+
+
+def test_every_reply_cut_by_the_length_limit(write, toks) -> None:
+    long_prompt = {"messages": [{"role": "user", "content": "Why? " * 60}, {"role": "assistant", "content": "So."}]}
+    p = write("long.jsonl", [long_prompt, NO_REPLY])
+    assert fails(data_cfg(p, max_length=32, truncation="end"), toks) == (
+        f"{p}: none of its 2 records has a token to train on: 1 have no assistant turn to learn from "
+        f"(data.train_on=assistant), 1 lost theirs to data.max_length=32; expected conversations with an assistant "
+        f"reply, {EXAMPLE}")
+
+
+def test_everything_dropped_names_each_dataset(write, toks) -> None:
+    long = {"messages": [{"role": "user", "content": "Why? " * 60}, {"role": "assistant", "content": "So."}]}
+    a, b = write("a.jsonl", [long] * 2), write("b.jsonl", [long, NO_REPLY])
+    assert fails(data_cfg(a, b, max_length=32, truncation="drop"), toks) == (
+        f"no training samples left after length limits and drops ({a}: 2 records, dropped: 2 too long; "
+        f"{b}: 2 records, dropped: 1 too long, 1 no supervised)")
 
 
 def test_template_rejects_conversation(write, toks) -> None:

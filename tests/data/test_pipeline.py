@@ -11,6 +11,7 @@ from loratune.config import Config, DataConfig, ModelConfig, validate
 from loratune.data import cache, pipeline
 from loratune.data.pipeline import prepare_data
 from loratune.data.render import IGNORE
+from loratune.data.stats import DataStats
 from loratune.errors import ConfigError
 
 
@@ -119,6 +120,14 @@ def test_no_supervised_dropped_and_counted(write, toks) -> None:
     data = prepare_data(data_cfg(write("a.jsonl", rows)), tok, info, seed=0)
     assert len(data.train) == 3 and data.stats.dropped == {"no_supervised": 1}
     assert all(any(x != IGNORE for x in s.labels[1:]) for s in data.train)
+
+
+@pytest.mark.parametrize("lengths, median", [([4, 1, 3, 2], 2.5), ([3, 1, 2], 2), ([7, 7], 7), ([5], 5)])
+def test_length_summary(lengths: list[int], median: float) -> None:
+    summary = DataStats(lengths=lengths).length_summary()
+    assert summary["median"] == median  # the mean of the two middle values for an even count
+    assert summary["min"] == min(lengths) and summary["max"] == max(lengths)
+    assert summary["mean"] == round(sum(lengths) / len(lengths), 1)
 
 
 def test_packing(write, toks) -> None:

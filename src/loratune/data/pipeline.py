@@ -25,7 +25,7 @@ from pathlib import Path
 from loratune.config import DataConfig, DatasetConfig
 from loratune.data import cache
 from loratune.data.formats import Example, Normaliser
-from loratune.data.lengths import Pair, fit
+from loratune.data.lengths import Pair, fit, has_targets
 from loratune.data.packing import efficiency, pack
 from loratune.data.readers import Record, dataset_files, iter_file, iter_hub, looks_local
 from loratune.data.render import RenderError, encode, plan_conversation, plan_text
@@ -151,14 +151,34 @@ def tokenize_dataset(ds: DatasetConfig, cfg: DataConfig, template: ChatTemplate,
 # ------------------------------------------------------------------------------------------ assembling
 
 
-def _fitted(tok: cache.Tokenized, cfg: DataConfig, info: TokenizerInfo, stats: DataStats) -> list[list[Pair]]:
+def _fitted(tok: cache.Tokenized, cfg: DataConfig, info: TokenizerInfo, stats: DataStats,
+            ds_stats: DatasetStats) -> list[list[Pair]]:
     """Length limits per record; returns each record's resulting samples (empty when dropped)."""
     groups = []
     for ids, labels, is_text in zip(tok.ids, tok.labels, tok.is_text):
         pieces, outcome = fit(ids, labels, is_text, cfg, info.bos_id)
         stats.outcomes[outcome] += 1
+        ds_stats.outcomes[outcome] += 1
+        ds_stats.no_target += not has_targets(labels)
         groups.append(pieces)
+    _check_supervised(ds_stats, cfg)
     return groups
+
+
+def _check_supervised(ds: DatasetStats, cfg: DataConfig) -> None:
+    """A dataset none of whose records keeps a token to learn from is a mistake (usually no assistant turn,
+    or the wrong format or data.train_on), never something to train on silently: name it and say why."""
+    n = ds.outcomes["no_supervised"]
+    if n == 0 or n != ds.records:
+        return
+    why = []
+    if ds.no_target:
+        why.append(f"{ds.no_target} have no assistant turn to learn from (data.train_on={cfg.train_on})")
+    if n > ds.no_target:
+        why.append(f"{n - ds.no_target} lost theirs to data.max_length={cfg.max_length}")
+    raise DataError(f"{ds.path}: none of its {n} records has a token to train on: {', '.join(why)}; expected "
+                    "conversations with an assistant reply, e.g. {\"messages\": [{\"role\": \"user\", ...}, "
+                    "{\"role\": \"assistant\", ...}]}")
 
 
 def _eval_holdout(groups: list[list[list[Pair]]], cfg: DataConfig, seed: int) -> list[set[int]]:
@@ -186,10 +206,13 @@ def _weighted(pairs: list[Pair], weight: float, rng: random.Random) -> list[Pair
 
 
 def _describe_empty(stats: DataStats) -> str:
-    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.dropped.items())
-    hint = " (every record has no supervised token: is there an assistant turn? see data.train_on)" \
-        if stats.dropped.get("no_supervised") else ""
-    return f"no training samples left after length limits and drops ({dropped or 'nothing read'}){hint}"
+    """Why no training sample is left, dataset by dataset (all-unsupervised ones were named earlier)."""
+    def dropped(d: DatasetStats) -> str:
+        counts = [f"{d.outcomes[k]} {k.replace('_', ' ')}" for k in ("too_long", "no_supervised") if d.outcomes[k]]
+        return f"{d.records} records, dropped: {', '.join(counts) or 'none'}"
+
+    per = "; ".join(f"{d.path}: {dropped(d)}" for d in stats.datasets)
+    return f"no training samples left after length limits and drops ({per or 'nothing read'})"
 
 
 def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int, log_stats: bool = True) -> PreparedData:
@@ -202,7 +225,7 @@ def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int, log
     groups = []
     for ds in cfg.datasets:
         tok, ds_stats = tokenize_dataset(ds, cfg, template, tokenizer, info)
-        groups.append(_fitted(tok, cfg, info, stats))
+        groups.append(_fitted(tok, cfg, info, stats, ds_stats))
         stats.datasets.append(ds_stats)
     held = _eval_holdout(groups, cfg, seed)
     rng = random.Random(f"loratune-mix:{seed}")
@@ -217,7 +240,7 @@ def prepare_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int, log
         eval_pairs += evals
     for ds in cfg.eval_datasets:
         tok, ds_stats = tokenize_dataset(ds, cfg, template, tokenizer, info)
-        evals = [p for pieces in _fitted(tok, cfg, info, stats) for p in pieces]
+        evals = [p for pieces in _fitted(tok, cfg, info, stats, ds_stats) for p in pieces]
         ds_stats.samples = ds_stats.eval = len(evals)
         stats.eval_datasets.append(ds_stats)
         eval_pairs += evals

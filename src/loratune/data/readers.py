@@ -74,7 +74,10 @@ def iter_hub(name: str, split: str, streaming: bool) -> Iterator[Record]:
                         "is set), so it cannot be loaded as a hub dataset")
     try:
         import datasets
-
+    except ImportError:  # an optional dependency: say which extra brings it
+        raise DataError(f"{name}: no such file or folder; loading it as a hub dataset needs the `datasets` "
+                        "package: pip install 'loratune[data]'") from None
+    try:
         ds = datasets.load_dataset(name, split=split, streaming=streaming)
         for i, row in enumerate(ds):
             yield Record(f"{name}[{split}]", i + 1, row)
@@ -274,7 +277,7 @@ def _parquet(path: Path) -> Iterator[Record]:
 
         pf = pq.ParquetFile(path)
     except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        raise DataError(f"{path}: reading .parquet needs the `pyarrow` package: pip install 'loratune[data]'") from None
     except Exception as e:
         raise DataError(f"{path}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
     row = 0

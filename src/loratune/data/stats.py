@@ -18,6 +18,8 @@ class DatasetStats:
     eval: int = 0  # of those, held out for evaluation
     mixed: int = 0  # training samples after weighting (per epoch)
     cached: bool = False
+    outcomes: Counter = field(default_factory=Counter)  # this dataset's records by outcome (see DataStats)
+    no_target: int = 0  # records whose rendering supervises no token at all (e.g. no assistant turn)
 
 
 @dataclass
@@ -50,7 +52,8 @@ class DataStats:
         if not self.lengths:
             return {}
         s = sorted(self.lengths)
-        return {"min": s[0], "mean": round(statistics.fmean(s), 1), "median": s[len(s) // 2],
+        # statistics.median: the mean of the two middle values for an even count (s[n // 2] is the upper one)
+        return {"min": s[0], "mean": round(statistics.fmean(s), 1), "median": statistics.median(s),
                 "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1]}
 
     def lines(self) -> list[str]:
