@@ -40,9 +40,11 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off by default: only enable it for models you trust.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f("sdpa", "Attention kernel passed to transformers.")
     kernels: Union[Literal["auto"], bool] = _f(
-        "auto", "Fast training paths on a CUDA GPU (fused LoRA linear with Triton NF4 dequantization, liger-kernel "
-                "RMSNorm/SwiGLU/RoPE when installed, the input embedding in host memory): `auto` (or true) uses them "
-                "on a GPU; false (or off) keeps the plain transformers/peft forwards. No effect on CPU.")
+        "auto", "Fast training paths on a CUDA GPU (loratune.kernels): each LoRA linear as one fused computation "
+                "over the base weight (4-bit weights dequantized by loratune's Triton kernel), loratune's own Triton "
+                "RMSNorm and SwiGLU kernels, the frozen input embedding in host memory, and liger-kernel's fused RoPE "
+                "if liger-kernel is installed (otherwise RoPE keeps its plain forward). `auto` (or true) uses them on "
+                "a GPU; false (or off) keeps the plain transformers/peft forwards. No effect on CPU.")
     cuda_graphs: Union[Literal["auto"], bool] = _f(
         "auto", "On a CUDA GPU, capture each repeated micro-batch shape's forward and backward pass once as a CUDA "
                 "graph and replay it (no Python per launch): `auto` (or true) does so where it is exact (no padding "
