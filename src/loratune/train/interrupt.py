@@ -3,8 +3,8 @@
 The handlers only set a flag that the loop reads between steps, so a signal never lands in the middle
 of an optimizer update or a save. A second Ctrl-C means "now": it raises KeyboardInterrupt at once;
 checkpoints are atomic, so even that loses at most the steps since the last one. The previous handlers
-are put back on exit. Outside the main thread (e.g. a web UI worker) signals cannot be caught, and the
-stop is only available through `request()`.
+are put back on exit. Outside the main thread (e.g. a program that runs `train` in a worker thread)
+signals cannot be caught, and the stop is only available through `request()`.
 """
 
 from __future__ import annotations
