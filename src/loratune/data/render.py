@@ -8,7 +8,8 @@ empty `<think></think>` block) and the end-of-turn text that closes it, nothing 
 No template is asked to be prefix-stable and no marker string is searched for in the conversation:
 
 1. A template with `{% generation %}` markers says itself which characters an assistant produces; those
-   spans are the labels (the renderer's own assistant-mask mechanism).
+   spans are the labels (the renderer's own assistant-mask mechanism), unless a message's text is missing
+   from the rendering, which the steps below handle.
 2. Otherwise each message's place in the rendering is found by rendering the conversation again with that
    one message's content replaced by a probe (private-use characters that never occur in it) and
    comparing the two renderings: what differs is what the template wrote for that message, wherever the
@@ -20,6 +21,10 @@ No template is asked to be prefix-stable and no marker string is searched for in
    previous message, and forward over the end-of-turn text (`ChatTemplate.stop`), which must follow.
    If another message's text falls inside that turn, supervision would be ambiguous: an error names the
    template and what to change.
+   A template that writes a message only into a prompt (Mistral's put the system prompt into the user turn
+   that ends the conversation, so it is lost from a conversation that ends with an answer) is rendered as
+   that prompt, up to the last user turn, followed by the answers after it, as Mistral's own tokenizer
+   library builds training text.
 4. The text is tokenized with character offsets and the tokens that overlap a span are supervised.
 
 Exactly one BOS: the text is tokenized without special tokens; BOS is prepended when the tokenizer adds
@@ -80,23 +85,83 @@ def plan_conversation(messages: list[dict], template: ChatTemplate, tokenizer, t
         trained = trained[-1:]
     if not trained:
         return Plan(full, [])
-    if has_generation_markers(template.jinja):
+    if has_generation_markers(template.jinja) and all(
+            m["role"] == "assistant" or m["content"].strip() in full for m in messages):
         return Plan(full, _marked_spans(full, messages, template, tokenizer, tools, train_on))
-    regions = [_region(full, messages, j, template, tokenizer, tools) for j in range(len(messages))]
-    for j, (m, r) in enumerate(zip(messages, regions)):
-        if r is None and m["role"] != "assistant" and m["content"].strip():
-            raise RenderError(f"{template.label} leaves out message {j} ({m['role']}): its text is "
-                              f"not in the rendering; use a template that renders {m['role']} messages")
-    stop = template.stop_text(tokenizer.eos_token)
-    gen = generation_prompt(tokenizer, template)
-    spans = []
-    for i in trained:
-        try:  # the prompt inference would show before this turn, when the rendering starts with it
-            prompt = _render(tokenizer, template, messages[:i], True, tools)
-        except RenderError:  # e.g. a template that cannot render an empty conversation
-            prompt = None
-        spans.append(_turn(full, messages, regions, i, stop, tokenizer.eos_token, gen, prompt, template))
-    return Plan(full, spans)
+    r = _Renderer(template, tokenizer, tools)
+    regions = r.regions(full, messages, False)
+    dropped = [j for j, (m, g) in enumerate(zip(messages, regions))
+               if g is None and m["role"] != "assistant" and m["content"].strip()]
+    if dropped:
+        return r.prompt_then_answers(full, messages, regions, dropped, trained)
+    return Plan(full, r.spans(full, messages, regions, trained))
+
+
+@dataclass(frozen=True)
+class _Renderer:
+    """Renderings of one record's conversation with its template, tokenizer and tools."""
+
+    template: ChatTemplate
+    tokenizer: object
+    tools: list | None
+
+    def render(self, messages: list[dict], gen: bool) -> str:
+        return _render(self.tokenizer, self.template, messages, gen, self.tools)
+
+    def regions(self, text: str, messages: list[dict], gen: bool) -> list[Span | None]:
+        """Where the template wrote each message in `text` (`messages` rendered with generation prompt `gen`)."""
+        return [_region(text, self.probed(messages, j, gen)) for j in range(len(messages))]
+
+    def probed(self, messages: list[dict], j: int, gen: bool) -> str:
+        """The conversation rendered with message j replaced by the first of its probes the template accepts."""
+        variants = _probes(messages[j])
+        for k, probe in enumerate(variants):
+            try:
+                return self.render([*messages[:j], probe, *messages[j + 1:]], gen)
+            except RenderError:
+                if k == len(variants) - 1:
+                    raise
+        raise AssertionError("unreachable: a message has at least one probe")
+
+    def spans(self, text: str, messages: list[dict], regions: list[Span | None], trained: list[int],
+              left_out: tuple[int, ...] = ()) -> list[Span]:
+        """The supervised span of each trained assistant message in `text` (see `_turn`); `left_out` are
+        messages `text` was rendered without, also left out of the prompts compared with it."""
+        stop = self.template.stop_text(self.tokenizer.eos_token)
+        gen = generation_prompt(self.tokenizer, self.template)
+        spans = []
+        for i in trained:
+            try:  # the prompt inference would show before this turn, when the rendering starts with it
+                prompt = self.render([m for j, m in enumerate(messages[:i]) if j not in left_out], True)
+            except RenderError:  # e.g. a template that cannot render an empty conversation
+                prompt = None
+            spans.append(_turn(text, messages, regions, i, stop, self.tokenizer.eos_token, gen, prompt, self.template))
+        return spans
+
+    def prompt_then_answers(self, full: str, messages: list[dict], regions: list[Span | None], dropped: list[int],
+                            trained: list[int]) -> Plan:
+        """For a template that writes some message only into a prompt (Mistral's put the system prompt into the
+        user turn that ends the conversation, so a conversation ending with an answer loses it): the conversation up
+        to its last user turn rendered as the prompt it is, then the answers after it as the whole rendering has them
+        (what Mistral's own tokenizer library does for training)."""
+        last_user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        head_messages = messages[:last_user + 1]
+        head = self.render(head_messages, True) if last_user >= 0 and max(dropped) < last_user else ""
+        head_regions = self.regions(head, head_messages, True) if head else []
+        lost = [j for j in dropped if not head or head_regions[j] is None]
+        if lost:
+            m = messages[lost[0]]
+            raise RenderError(f"{self.template.label} leaves out message {lost[0]} ({m['role']}): its text is not in "
+                              f"the rendering; use a template that renders {m['role']} messages")
+        base = self.render([m for j, m in enumerate(head_messages) if j not in dropped], True)
+        if not full.startswith(base):
+            raise RenderError(f"{self.template.label} writes message {dropped[0]} ({messages[dropped[0]]['role']}) only "
+                              "into a prompt and renders the answers after it differently, so the training text is "
+                              "ambiguous; end the conversation with its last user turn, or set data.template")
+        spans = self.spans(head, head_messages, head_regions, [i for i in trained if i < last_user])
+        shift = len(head) - len(base)
+        tail = self.spans(full, messages, regions, [i for i in trained if i > last_user], tuple(dropped))
+        return Plan(head + full[len(base):], spans + [(a + shift, b + shift) for a, b in tail])
 
 
 def _marked_spans(full: str, messages: list[dict], template: ChatTemplate, tokenizer, tools: list | None,
@@ -119,12 +184,22 @@ def _marked_spans(full: str, messages: list[dict], template: ChatTemplate, token
     return spans[-1:] if train_on == "last" else spans
 
 
-def _probe_message(m: dict) -> dict:
-    """`m` with everything the message says replaced by a probe string that does not occur in it."""
+def _probes(m: dict) -> list[dict]:
+    """Stand-ins for message `m`, each saying nothing `m` says: first everything replaced by one probe string
+    (its tool calls and reasoning gone); then, for templates that need the message's shape (e.g. tool calls to
+    keep roles alternating), the same shape with probe names, arguments, content and reasoning."""
     said = "".join(str(v) for v in m.values())
     probe = next(p for p in _PROBES if p[0] not in said and p[1] not in said)
     keep = {k: m[k] for k in ("role", "name", "tool_call_id") if k in m}
-    return {**keep, "content": probe}
+    variants = [{**keep, "content": probe}]
+    if m.get("tool_calls") or m.get("reasoning_content"):
+        shaped = {**m, "content": probe}
+        if m.get("tool_calls"):
+            shaped["tool_calls"] = [{**c, "function": {"name": probe, "arguments": {probe: probe}}} for c in m["tool_calls"]]
+        if m.get("reasoning_content"):
+            shaped["reasoning_content"] = probe
+        variants.append(shaped)
+    return variants
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -149,17 +224,14 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
     return lo
 
 
-def _region(full: str, messages: list[dict], j: int, template: ChatTemplate, tokenizer,
-            tools: list | None) -> Span | None:
-    """Where the template wrote message j in `full`: the stretch that changes when only message j changes
-    (None when nothing changes: the template leaves the message out)."""
-    probed = [*messages[:j], _probe_message(messages[j]), *messages[j + 1:]]
-    other = _render(tokenizer, template, probed, False, tools)
-    if other == full:
+def _region(text: str, other: str) -> Span | None:
+    """Where the template wrote a message in `text`, from `other`, the rendering with only that message replaced
+    by a probe: the stretch that changes (None when nothing changes: the template leaves the message out)."""
+    if other == text:
         return None
-    a = _common_prefix(full, other)
-    s = _common_suffix(full, other, min(len(full), len(other)) - a)
-    return a, len(full) - s
+    a = _common_prefix(text, other)
+    s = _common_suffix(text, other, min(len(text), len(other)) - a)
+    return a, len(text) - s
 
 
 @lru_cache(maxsize=64)
@@ -192,14 +264,18 @@ def _turn(full: str, messages: list[dict], regions: list[Span | None], i: int, s
         raise RenderError(f"{template.label} leaves out assistant message {i}: it is not in the "
                           "rendering, so it cannot be trained on")
     a, b = region
-    if not full.startswith(stop, b) and full.startswith(eos, b):
-        stop = eos  # a turn closed by eos where others close with the template's own end of turn
-    if not full.startswith(stop, b):
+    # Forward over template text only (up to the next message's text) to the end of turn: usually right after the
+    # content; after it when the template closes a tool call first. eos is accepted where other turns use the
+    # template's own end-of-turn text.
+    after = min((r[0] for j, r in enumerate(regions) if j != i and r is not None and r[0] >= b), default=len(full))
+    closes = [(at, len(t)) for t in dict.fromkeys((stop, eos)) if (at := full.find(t, b, after)) >= 0]
+    if not closes:
         found = full[b:b + max(len(stop), 12)]
         raise RenderError(f"{template.label} does not close assistant message {i} with its end-of-turn "
                           f"text {stop!r} (it writes {found!r} after it), so the model could not learn to stop; "
                           "use a template that ends every assistant turn with an end-of-turn token")
-    end = b + len(stop)
+    at, length = min(closes)
+    end = at + length
     before = max((r[1] for j, r in enumerate(regions) if j != i and r is not None and r[1] <= a), default=0)
     start = a
     if prompt is not None and before <= len(prompt) <= a and full.startswith(prompt):
