@@ -1,5 +1,5 @@
 """The memory plan: components against hand-computed values, totals against the peaks measured on the
-H100 (docs/benchmarks.md, run 2), batch_size auto, `loratune plan`, and a run that would not fit."""
+H100 (docs/benchmarks.md, runs 2 and 19: never below them, at most 5% above), batch_size auto, `loratune plan`, and a run that would not fit."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
 LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+
+# What README.md claims ("within 5% of the measured peaks"): the estimate errs on the safe side, by at most 5%.
+ACCURACY = 1.05
 
 RUN_CHUNK = 1 << 26  # the loss's logit chunk (elements) when these peaks were measured
 
@@ -97,11 +100,11 @@ def test_the_peak_is_the_larger_transient_and_settings_move_it_the_right_way() -
 
 @pytest.mark.parametrize(("fields", "batch", "seq", "measured"), MEASURED,
                          ids=[f"{'8b' if f is LLAMA3_8B else '1b'}-{b}x{s}" for f, b, s, _ in MEASURED])
-def test_totals_within_10_percent_of_the_measured_peaks(fields: dict, batch: int, seq: int, measured: float) -> None:
+def test_totals_within_5_percent_above_the_measured_peaks(fields: dict, batch: int, seq: int,
+                                                          measured: float) -> None:
     plan = estimate(bench_cfg(), llama(**fields), batch, seq, "cuda", embed_on_host=False, fused_mlp=True, graphs=False,
                     chunk_elements=RUN_CHUNK)
-    assert plan.total_gib == pytest.approx(measured, rel=0.10)
-    assert plan.total_gib >= 0.99 * measured  # calibrated to err on the safe side
+    assert measured <= plan.total_gib <= ACCURACY * measured  # 1.01-1.03x today
 
 
 # The default path of `loratune train` on the H100 (docs/benchmarks.md, run 19, this code): every fast path,
@@ -110,11 +113,10 @@ MEASURED_DEFAULT = [(2, 2048, False, 6.77), (2, 2048, True, 7.05), (1, 8192, Tru
 
 
 @pytest.mark.parametrize(("batch", "seq", "graphs", "measured"), MEASURED_DEFAULT)
-def test_the_default_path_within_10_percent(batch: int, seq: int, graphs: bool, measured: float) -> None:
+def test_the_default_path_within_5_percent_above(batch: int, seq: int, graphs: bool, measured: float) -> None:
     plan = estimate(bench_cfg(), llama(**LLAMA3_8B), batch, seq, "cuda", embed_on_host=True, fused_mlp=True,
                     graphs=graphs)
-    assert plan.total_gib == pytest.approx(measured, rel=0.10)
-    assert plan.total_gib >= 0.99 * measured
+    assert measured <= plan.total_gib <= ACCURACY * measured  # 1.01-1.04x today (1x16384 graphed: 1.045x)
     assert (_pool(plan) > 0) == graphs
 
 
