@@ -42,9 +42,12 @@ def test_steps_lower_loss_and_adapter_reloads(tiny_models: dict[str, Path], tmp_
     assert saved == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
-    fresh = load_base(cfg)
-    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(load_base(cfg), tmp_path / "adapter").eval()
     with torch.no_grad():
         again = reloaded(ids).logits
-    assert torch.allclose(trained, again, atol=1e-5, rtol=0)
-    assert not torch.allclose(trained, fresh.get_base_model()(ids).logits if hasattr(fresh, "get_base_model") else trained + 1)
+        with reloaded.disable_adapter():  # the same reloaded model, its adapter off
+            without = reloaded(ids).logits
+        base = load_base(cfg).eval()(ids).logits  # a base loaded on its own, never adapted
+    assert torch.allclose(trained, again, atol=1e-5, rtol=0)  # the adapter is what was trained
+    assert torch.allclose(without, base, atol=1e-5, rtol=0)  # and the only thing the reload added
+    assert (trained - base).abs().max() > 0.5  # and it changes the model's output
