@@ -2,8 +2,8 @@
 """Rewrite constraints.txt from an environment in which the test suite passed.
 
 constraints.txt pins, for the README's install lines and CI (`pip install -c constraints.txt`), the exact
-version of every distribution that loratune with all its extras needs, directly or through another
-package, as installed in that environment. loratune itself is left out (the editable install), and so
+version of every distribution that pyproject.toml's dependencies and extras need, directly or through
+another package, as installed in that environment. loratune itself is left out (the editable install), and so
 is torch: the README names it on its own line so that pip takes the CPU build, and GPU machines take the
 CUDA build they need. Distributions installed by hand that nothing requires are left out too, so a stray
 `pip install` in a developer's venv does not end up pinned.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import platform
 import re
 import sys
+import tomllib
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,33 +33,46 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str, extras: set[str]) -> dict[str, metadata.Distribution]:
-    """Every installed distribution that `root[extras]` requires, directly or not (markers evaluated)."""
+def closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
+    """Every installed distribution that `requirements` need, directly or not (markers evaluated)."""
     found: dict[str, metadata.Distribution] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
-    todo: list[tuple[str, frozenset[str]]] = [(canonical(root), frozenset(extras))]
+    todo: list[tuple[str, frozenset[str]]] = []
+
+    def want(line: str, extras: frozenset[str]) -> None:
+        req = Requirement(line)
+        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
+            todo.append((canonical(req.name), frozenset(req.extras)))
+
+    for line in requirements:
+        want(line, frozenset())
     while todo:
-        name, wanted = todo.pop()
-        if (name, wanted) in seen:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
             continue
-        seen.add((name, wanted))
+        seen.add((name, extras))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             continue  # a requirement whose marker holds but which is not installed: nothing to pin
         found[name] = dist
         for line in dist.requires or []:
-            req = Requirement(line)
-            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in wanted | {""}):
-                todo.append((canonical(req.name), frozenset(req.extras)))
+            want(line, extras)
     return found
 
 
+def project_requirements() -> tuple[list[str], list[str]]:
+    """pyproject.toml's dependencies and those of every extra (the repository's, not an installed copy's)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project.get("optional-dependencies", {})
+    return project["dependencies"] + [r for reqs in extras.values() for r in reqs], sorted(extras)
+
+
 def main() -> int:
-    loratune = metadata.distribution("loratune")
-    extras = set(loratune.metadata.get_all("Provides-Extra") or [])
-    dists = closure("loratune", extras)
-    pins = sorted((f"{d.metadata['Name']}=={d.version}" for k, d in dists.items() if k not in LEFT_OUT), key=str.lower)
+    requirements, extras = project_requirements()
+    dists = closure(requirements)
+    pins = sorted((f"{d.metadata['Name']}=={d.version}" for k, d in dists.items() if k not in LEFT_OUT),
+                  key=lambda pin: canonical(pin.split("==")[0]))
     today = datetime.now(timezone.utc).date()
     header = [
         "# The versions the test suite passes with: pinned for the README's install lines and CI (pip -c).",
@@ -66,7 +80,7 @@ def main() -> int:
         "# in which the suite passed; loratune and torch are left out on purpose. See docs/testing.md.",
     ]
     (ROOT / "constraints.txt").write_text("\n".join(header + pins) + "\n", encoding="utf-8")
-    print(f"constraints.txt: {len(pins)} pins (loratune with extras {', '.join(sorted(extras))}) from {sys.prefix}")
+    print(f"constraints.txt: {len(pins)} pins (pyproject.toml's dependencies and extras {', '.join(extras)}) from {sys.prefix}")
     return 0
 
 
