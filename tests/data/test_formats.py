@@ -224,3 +224,21 @@ def test_sharegpt_detected_by_list_key(write) -> None:
 
     with pytest.raises(DataError, match=r"key 'conversations\[0\]': missing key 'from'; expected \{from, value\}"):
         Normaliser("auto", None, None)(Record("f", 1, {"conversations": [{"value": "x"}]}))
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_is_kept_as_reasoning_content(key: str) -> None:
+    from loratune.data.formats import Normaliser
+    from loratune.data.readers import Record
+    from loratune.errors import DataError
+
+    norm = Normaliser("auto", None, None)
+    ex = norm(Record("f", 1, {"messages": [{"role": "user", "content": "q"},
+                                           {"role": "assistant", "content": "a", key: "because"}]}))
+    assert ex.messages[1] == {"role": "assistant", "content": "a", "reasoning_content": "because"}
+    with pytest.raises(DataError, match=rf"f: row 1: key 'messages\[0\]\.{key}': reasoning belongs to assistant "
+                                        "messages, not to a user message"):
+        norm(Record("f", 1, {"messages": [{"role": "user", "content": "q", key: "x"}]}))
+    with pytest.raises(DataError, match=rf"key 'messages\[1\]\.{key}': expected a string, got an integer"):
+        norm(Record("f", 1, {"messages": [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a", key: 3}]}))

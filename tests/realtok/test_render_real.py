@@ -42,6 +42,8 @@ def _normalised(rec: Record) -> tuple[list[dict], list | None]:
     except DataError as e:
         assert "empty assistant turn" in str(e)
         return rec.messages, rec.tools
+    for raw, kept in zip(rec.messages, ex.messages, strict=True):  # nothing the record says is lost on the way
+        assert {k for k, v in raw.items() if v is not None} <= set(kept)
     return ex.messages, ex.tools
 
 

@@ -6,8 +6,10 @@ line naming the file, the row, the key and what was expected, so a bad record ne
 tokenizer as a `KeyError`. Key names can be remapped per dataset (`columns` in the config).
 
 Messages come out as dicts with `role` in system/user/assistant/tool and a string `content`; `name` and
-`tool_call_id` pass through. Tool calls are normalised to one shape whatever the source (OpenAI
-`tool_calls`, whose arguments may be a JSON string, or a sharegpt `function_call` turn holding JSON):
+`tool_call_id` pass through, and an assistant's reasoning (`reasoning_content`, `reasoning` or `thinking`)
+is kept as `reasoning_content`, which reasoning models' templates render. Tool calls are normalised to one
+shape whatever the source (OpenAI `tool_calls`, whose arguments may be a JSON string, or a sharegpt
+`function_call` turn holding JSON):
 `{"type": "function", "function": {"name": str, "arguments": dict}}`, and tool schemas (OpenAI's wrapped
 form or a bare `{name, description, parameters}`) to `{"type": "function", "function": {...}}`, so that
 templates (built-in or a model's own) see what `tokenizer.apply_chat_template` users pass.
@@ -31,6 +33,7 @@ ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant"
                 "model": "assistant", "bot": "assistant", "function_call": "assistant", "tool": "tool",
                 "observation": "tool", "function": "tool", "ipython": "tool"}
 PASSTHROUGH = ("name", "tool_call_id")
+REASONING = ("reasoning_content", "reasoning", "thinking")  # the names datasets use, kept as reasoning_content
 OASST_TURN = re.compile(r"###\s*(Human|Assistant)\s*:")
 
 
@@ -138,6 +141,13 @@ def _conversation(row: _Row, list_default: str, role_default: str, content_defau
             row.fail(f"{at}.{rkey}", f"unknown role {json.dumps(raw_role)}; expected one of {', '.join(ROLES)} "
                                      "(or human, gpt, function_call, observation)")
         msg = {"role": role, **{k: m[k] for k in PASSTHROUGH if m.get(k) is not None}}
+        reasoning = next((k for k in REASONING if m.get(k) is not None), None)
+        if reasoning is not None:  # a reasoning model's thinking, for templates that render it (Qwen3's <think>)
+            if role != "assistant":
+                row.fail(f"{at}.{reasoning}", f"reasoning belongs to assistant messages, not to a {role} message")
+            if not isinstance(m[reasoning], str):
+                row.fail(f"{at}.{reasoning}", f"expected a string, got {_kind(m[reasoning])}")
+            msg["reasoning_content"] = m[reasoning]
         if raw_role.strip().lower() == "function_call":  # sharegpt: the turn's text is the call as JSON
             msg["tool_calls"] = _tool_calls(row, f"{at}.{ckey}", m[ckey], from_text=True)
             msg["content"] = ""
