@@ -22,7 +22,7 @@ from loratune.data.pipeline import prepare_data
 from loratune.data.stats import DataStats
 from loratune.model.adapters import attach_adapters
 from loratune.model.load import load_base, load_tokenizer
-from loratune.train.card import CardFacts, is_hub_id, render, weight_precision
+from loratune.train.card import CardFacts, ModelFacts, is_hub_id, render, weight_precision
 from loratune.train.checkpoint import checkpoint_name
 from loratune.train.metrics import read_rows
 from loratune.train.run import train
@@ -88,7 +88,8 @@ def test_the_output_folder_has_a_model_card_of_the_run(tmp_path: Path, tiny_llam
             f"{facts['seconds']:.1f} s of training\n") in text
     assert (f"- Train loss: {rows[0]['loss']:.4f} (step 1) -> {rows[-1]['loss']:.4f} (step 8), each the mean loss "
             "per supervised token over those steps\n") in text
-    assert f"- Eval loss: best {result.best_eval_loss:.4f} at step 8, last {result.best_eval_loss:.4f} at step 8\n" in text
+    best = f"{result.best_eval_loss:.4f}"
+    assert f"- Eval loss: best {best} at step 8, last {best} at step 8\n" in text
     assert "![train and eval loss](loss.png)" in text and (out / "loss.png").is_file()
 
     samples = json.loads((out / "samples.json").read_text())["samples"]
@@ -114,7 +115,7 @@ def test_the_output_folder_has_a_model_card_of_the_run(tmp_path: Path, tiny_llam
 
 
 def _facts() -> CardFacts:
-    return CardFacts("4-bit NF4, double-quantized", ["q_proj", "v_proj"], 10, 1000, DataStats(),
+    return CardFacts(ModelFacts("4-bit NF4, double-quantized", ["q_proj", "v_proj"], 10, 1000), DataStats(),
                      {"steps": 3, "epochs": 1.0, "tokens": 30, "seconds": 1.5}, {"peft": "0.0"})
 
 

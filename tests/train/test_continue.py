@@ -160,3 +160,22 @@ def test_an_unfinished_run_may_be_made_longer_when_resumed(tmp_path: Path, tiny_
     result = train(config(path, "train.max_steps=10"))
     assert result.steps == 10
     assert "the run now ends at step 10 instead of 8; lr 3.00e-03 at step 5 (constant schedule)" in caplog.text
+
+
+def test_a_run_that_stopped_early_is_finished_and_continues_to_its_next_evaluation(
+        tmp_path: Path, tiny_llama: Path, capsys, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="loratune.train")
+    # a huge min_delta: no evaluation after the first counts as an improvement; patience 2 stops at step 6
+    path = write_run_yaml(tmp_path, tiny_llama, train={
+        "max_steps": 20, "eval_every": 2, "save_every": 0, "early_stopping_patience": 2,
+        "early_stopping_min_delta": 100}, output={"overwrite": False})
+    assert train(config(path)).steps == 6
+    capsys.readouterr()
+    again = train(config(path))
+    assert again.nothing_to_do and again.steps == 6
+    assert "already holds this run, finished: 6 steps of 20 (stopped early)" in capsys.readouterr().out
+    longer = train(config(path, "train.max_steps=30"))
+    assert (longer.steps, longer.stopped_early) == (8, True)  # the next evaluation, at step 8, did not improve
+    assert ("from its final checkpoint (step 6) to step 30 (24 more)" in caplog.text
+            and "it had stopped early: it stops again at its next evaluation unless the eval loss improves"
+            in caplog.text)

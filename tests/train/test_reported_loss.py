@@ -90,5 +90,6 @@ def test_console_metrics_and_summary_report_the_same_window_also_after_a_resume(
 
     loss_line = f"train loss {want[3]:.4f} (steps 1-3) -> {want[8]:.4f} (steps 6-8), mean per supervised token"
     assert [x for x in summary if x.startswith("train loss")][0].startswith(loss_line)
-    assert [x for x in whole_summary if x.startswith("train loss")] == [x for x in summary if x.startswith("train loss")]
+    assert [x for x in whole_summary if x.startswith("train loss")] == [x for x in summary
+                                                                       if x.startswith("train loss")]
     assert (result.first_loss, result.last_loss) == (rows[3]["loss"], rows[8]["loss"])

@@ -25,6 +25,7 @@ from torch import nn
 
 from loratune.config import Config
 from loratune.data.stats import DataStats
+from loratune.model.adapters import count_parameters
 from loratune.model.load import DEMO_SCHEME
 from loratune.model.quant import resolve_compute_dtype
 from loratune.train.metrics import span_text
@@ -34,13 +35,20 @@ _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
-class CardFacts:
-    """What the card reports besides the config: gathered by the run from its live objects and record."""
+class ModelFacts:
+    """What the card says about the model itself (`model_facts` reads it from the live model)."""
 
     precision: str  # weight_precision(model)
     targets: list[str]  # modules with adapters (empty for a full fine-tune)
     trainable: int
     parameters: int
+
+
+@dataclass
+class CardFacts:
+    """What the card reports besides the config: gathered by the run from its live objects and record."""
+
+    model: ModelFacts
     data: DataStats
     run: dict  # the run's facts (Run._facts): steps, tokens, seconds, losses, eval
     versions: dict[str, str]
@@ -52,6 +60,15 @@ class CardFacts:
 def is_hub_id(path: str) -> bool:
     """True for `org/name` (or a bare `name`) that is not a local folder or file, nor a demo model."""
     return not path.startswith(DEMO_SCHEME) and _HUB_ID.match(path) is not None and not Path(path).exists()
+
+
+def model_facts(model: nn.Module) -> ModelFacts:
+    """Precision, adapted modules and parameter counts of the model being trained."""
+    trainable, total = count_parameters(model)
+    configs = getattr(model, "peft_config", None) or {}
+    targets = next(iter(configs.values())).target_modules if configs else []
+    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
+    return ModelFacts(weight_precision(model), targets, trainable, total)
 
 
 def weight_precision(model: nn.Module) -> str:
@@ -125,20 +142,20 @@ def _method(cfg: Config, f: CardFacts) -> str:
         base += ", loratune's built-in demo model (random weights, built offline from a fixed seed)"
     lines.append(base)
     if _full(cfg):
-        lines.append(f"- Full fine-tuning: every weight trained, weights in {f.precision}")
+        lines.append(f"- Full fine-tuning: every weight trained, weights in {f.model.precision}")
     else:
         qlora = "QLoRA: " if q.bits == 4 else ""
-        lines.append(f"- {qlora}frozen base weights in {f.precision}, computing in {_compute(cfg)}"
+        lines.append(f"- {qlora}frozen base weights in {f.model.precision}, computing in {_compute(cfg)}"
                      + (" (quantization.compute_dtype auto)" if q.compute_dtype == "auto" else ""))
         scale = a.alpha / (a.rank ** 0.5 if a.rslora else a.rank)
         extras = ", ".join(x for x in ("rsLoRA" if a.rslora else "", "DoRA" if a.dora else "") if x)
         lines.append(f"- LoRA: rank {a.rank}, alpha {a.alpha:g} (update scale {scale:g}), dropout {a.dropout:g}"
                      + (f", {extras}" if extras else ""))
-        lines.append(f"- Adapted modules: {', '.join(f'`{t}`' for t in f.targets)}")
+        lines.append(f"- Adapted modules: {', '.join(f'`{t}`' for t in f.model.targets)}")
         if a.modules_to_save:
             lines.append(f"- Trained in full and saved with the adapter: {', '.join(a.modules_to_save)}")
-    share = 100 * f.trainable / max(f.parameters, 1)
-    lines.append(f"- Trainable parameters: {f.trainable:,} of {f.parameters:,} ({share:.3f}%)")
+    share = 100 * f.model.trainable / max(f.model.parameters, 1)
+    lines.append(f"- Trainable parameters: {f.model.trainable:,} of {f.model.parameters:,} ({share:.3f}%)")
     return "\n".join(lines) + "\n"
 
 
@@ -178,14 +195,14 @@ def _training(cfg: Config) -> str:
 def _results(cfg: Config, f: CardFacts) -> str:
     r = f.run
     lines = ["## Results", "",
-             f"- Optimizer steps: {r.get('steps')} ({r.get('epochs', 0):.2f} epochs), {r.get('tokens', 0):,} supervised "
-             f"tokens, {r.get('seconds', 0):.1f} s of training"]
+             f"- Optimizer steps: {r.get('steps')} ({r.get('epochs', 0):.2f} epochs), {r.get('tokens', 0):,} "
+             f"supervised tokens, {r.get('seconds', 0):.1f} s of training"]
     first, last = r.get("first_train_loss"), r.get("train_loss")
     if isinstance(last, (int, float)):
-        start = (f"{first:.4f} ({span_text(r.get('first_train_loss_steps'))}) -> " if isinstance(first, (int, float))
-                 else "")
-        lines.append(f"- Train loss: {start}{last:.4f} ({span_text(r.get('train_loss_steps'))}), each the mean loss per "
-                     "supervised token over those steps")
+        start = (f"{first:.4f} ({span_text(r.get('first_train_loss_steps'))}) -> "
+                 if isinstance(first, (int, float)) else "")
+        lines.append(f"- Train loss: {start}{last:.4f} ({span_text(r.get('train_loss_steps'))}), each the mean loss "
+                     "per supervised token over those steps")
     if isinstance(r.get("best_eval_loss"), (int, float)):
         lines.append(f"- Eval loss: best {r['best_eval_loss']:.4f} at step {r.get('best_step')}"
                      + (f", last {r['eval_loss']:.4f} at step {r.get('steps')}"

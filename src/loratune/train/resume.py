@@ -45,7 +45,7 @@ import yaml
 
 from loratune.config import Config, to_dict
 from loratune.errors import ConfigError, LoratuneError
-from loratune.train.artifacts import CARD_FILE, CONFIG_FILE, RUN_FILE
+from loratune.train.artifacts import CONFIG_FILE, RUN_FILE
 from loratune.train.checkpoint import (CHECKPOINTS, checkpoint_name, complete_checkpoints, list_checkpoints, step_of,
                                        trash, verify)
 from loratune.train.loop import total_steps
@@ -61,7 +61,7 @@ BOOKKEEPING = frozenset({
 })
 # The run's length: may change on resume (the run is made longer or shorter; the schedule follows).
 LENGTH = frozenset({"train.max_steps", "train.epochs"})
-RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "tensorboard", "samples.json", CARD_FILE, CHECKPOINTS)
+RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "tensorboard", "samples.json", CHECKPOINTS)
 
 
 class ResumeError(LoratuneError):

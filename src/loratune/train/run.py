@@ -33,13 +33,11 @@ from loratune.config import Config, to_dict
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, ModelError
 from loratune.kernels.graphs import GraphedMicroBatch, graphs_wanted
-from loratune.model.adapters import count_parameters
 from loratune.model.build import build_model
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, plan_run, render
 from loratune.model.quant import resolve_compute_dtype
-from loratune.train import faults
-from loratune.train import card
+from loratune.train import card, faults
 from loratune.train.artifacts import RUN_FILE, library_versions, save_run
 from loratune.train.checkpoint import CHECKPOINTS, checkpoint_name, clean_leftovers, rotate, write_checkpoint
 from loratune.train.interrupt import GracefulStop
@@ -154,7 +152,7 @@ class Run:
                          group_by_length=cfg.data.group_by_length, graphs=make_graphs(model, cfg, self.acc))
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
-        self.model_facts = model_facts(model)
+        self.model_facts = card.model_facts(model)  # read once: the model's shape and storage do not change
         self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
         self.state, self.saved_step = LoopState(), -1
         self.fresh = start.checkpoint is None  # a resumed run's weights are trained: no "before" answers
@@ -333,12 +331,10 @@ class Run:
 
     def _card(self, facts: dict, final: bool) -> str:
         """The model card: of the finished run (`final`), or of a checkpoint."""
-        f = self.model_facts
         samples = read_samples(self.out).get("samples", []) if final else []
         return card.render(self.cfg, card.CardFacts(
-            f["precision"], f["targets"], f["trainable"], f["parameters"], self.data.stats, facts,
-            library_versions(), samples, plot=final and (self.out / PLOT_FILE).is_file(),
-            checkpoint_of=None if final else self.loop.total))
+            self.model_facts, self.data.stats, facts, library_versions(), samples,
+            plot=final and (self.out / PLOT_FILE).is_file(), checkpoint_of=None if final else self.loop.total))
 
     def _fill(self, folder: Path) -> None:
         facts = self._facts()
@@ -416,7 +412,6 @@ class Run:
         ]
         return "\n".join(lines)
 
-
     def _loss_line(self, r: TrainResult) -> str:
         """'train loss A (steps 1-10) -> B (steps 241-250), mean per supervised token; best eval loss ...'."""
         s, parts = self.state, []
@@ -432,16 +427,6 @@ class Run:
         if r.stopped_early:
             parts.append("stopped early")
         return "; ".join(parts)
-
-
-def model_facts(model: torch.nn.Module) -> dict:
-    """What the model card says about the model itself, read from it once (it does not change)."""
-    trainable, total = count_parameters(model)
-    configs = getattr(model, "peft_config", None) or {}
-    targets = next(iter(configs.values())).target_modules if configs else []
-    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
-    return {"precision": card.weight_precision(model), "targets": targets, "trainable": trainable,
-            "parameters": total}
 
 
 def _duration(seconds: float) -> str:
