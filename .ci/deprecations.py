@@ -58,14 +58,14 @@ def _first_line(text: str) -> str:
 class _LogNotices(logging.Handler):
     """Keeps logged warnings that announce a deprecation or removal."""
 
-    def __init__(self, sink: "Collector") -> None:
+    def __init__(self, sink: Collector) -> None:
         super().__init__(level=logging.WARNING)
         self.sink = sink
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
-        except Exception:  # a malformed record is the emitting library's problem, not the report's
+        except (TypeError, ValueError):  # a malformed record (bad % arguments) is its library's problem
             return
         if LOGGED.search(text):
             where, location = _where_and_location(record.pathname, record.lineno)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import platform
 import re
 import sys
-import tomllib
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,8 @@ def main() -> int:
         "# in which the suite passed; loratune and torch are left out on purpose. See docs/testing.md.",
     ]
     (ROOT / "constraints.txt").write_text("\n".join(header + pins) + "\n", encoding="utf-8")
-    print(f"constraints.txt: {len(pins)} pins (pyproject.toml's dependencies and extras {', '.join(extras)}) from {sys.prefix}")
+    print(f"constraints.txt: {len(pins)} pins (pyproject.toml's dependencies and extras {', '.join(extras)}) "
+          f"from {sys.prefix}")
     return 0
 
 
