@@ -59,9 +59,10 @@ CASES: dict[str, tuple[str, str, set[str]]] = {
 LOAD_OVERRIDES: dict[str, list[str]] = {"gemma2": ["model.attn_implementation=eager"]}
 # Known gaps (reported): the check xfails while the gap exists and passes once fixed; then remove the entry.
 ADAPTER_XFAIL = {
-    "deepseek_v3": "peft 0.21 on a transformers-5 MoE: the leaf names gate_proj/up_proj/down_proj put LoRA on the "
-                   "routed experts' fused 3-D parameters instead, and layer 0's dense MLP and the shared experts "
-                   "get none",
+    "deepseek_v3": "peft 0.21 on a transformers-5 MoE rewrites every target ending in gate_proj/up_proj/down_proj "
+                   "(leaf or full name) into the routed experts' fused 3-D parameters, for adapters trained on "
+                   "transformers 4 (peft.utils.transformers_weight_conversion); layer 0's dense MLP and the shared "
+                   "experts get none",
 }
 TEXT = [{"role": "user", "content": "Wie spät ist es? 今何時ですか"}, {"role": "assistant", "content": "It is noon."}]
 
