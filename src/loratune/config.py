@@ -38,7 +38,9 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     tokenizer: str | None = _f(None, "Tokenizer folder or hub id, if not the model's own.")
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off by default: only enable it for models you trust.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f("sdpa", "Attention kernel passed to transformers.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto", "Attention kernel passed to transformers; `auto` lets transformers pick the best one the architecture "
+                "supports (PyTorch SDPA for most, eager for Gemma 2, whose soft-capped attention has no SDPA path).")
     kernels: Union[Literal["auto"], bool] = _f(
         "auto", "Fast training paths on a CUDA GPU (loratune.kernels): each LoRA linear as one fused computation "
                 "over the base weight (4-bit weights dequantized by loratune's Triton kernel), loratune's own Triton "

@@ -125,7 +125,8 @@ def load_base(cfg: Config) -> PreTrainedModel:
     kwargs = dict(
         revision=cfg.model.revision, local_files_only=where.local_files_only,
         trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation, dtype=weight_dtype,
+        attn_implementation=None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation,
+        dtype=weight_dtype,
     )
     if not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings
         kwargs["quantization_config"] = bnb_config(q, compute)
