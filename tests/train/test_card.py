@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 from loratune.config import load_config
 from loratune.data.pipeline import prepare_data
 from loratune.data.stats import DataStats
-from loratune.model.adapters import attach_adapters
+from loratune.model.adapters import attach_adapters, weight_precision
 from loratune.model.load import load_base, load_tokenizer
-from loratune.train.card import CardFacts, ModelFacts, is_hub_id, render, weight_precision
+from loratune.train.card import CardFacts, ModelFacts, is_hub_id, render
 from loratune.train.checkpoint import checkpoint_name
 from loratune.train.metrics import read_rows
 from loratune.train.run import train

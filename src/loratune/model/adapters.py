@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -135,3 +136,26 @@ def is_peft(model: nn.Module) -> bool:
 
 def adapters_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def weight_precision(model: nn.Module) -> str:
+    """How the base weights are stored, read from the weights: the storage holding most of their values.
+
+    The frozen weights of an adapter run; every weight of a full fine-tune (all trainable). 4-bit values
+    are counted as the values they hold (two per byte), with their quantization type.
+    """
+    params = [p for p in model.parameters() if not p.requires_grad] or list(model.parameters())
+    counts: Counter[str] = Counter()
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            nested = ", double-quantized" if getattr(state, "nested", False) else ""
+            counts[f"4-bit {str(state.quant_type).upper()}{nested}"] += state.shape.numel()
+        elif p.dtype == torch.int8:
+            counts["8-bit (LLM.int8)"] += p.numel()
+        else:
+            counts[DTYPE_NAMES.get(p.dtype, str(p.dtype).removeprefix("torch."))] += p.numel()
+    return counts.most_common(1)[0][0] if counts else "unknown"

@@ -15,22 +15,20 @@ full fine-tune, which saves a whole model), `pipeline_tag` and `tags`.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from torch import nn
 
 from loratune.config import Config
 from loratune.data.stats import DataStats
-from loratune.model.adapters import count_parameters
+from loratune.model.adapters import DTYPE_NAMES, count_parameters, weight_precision
 from loratune.model.load import DEMO_SCHEME
 from loratune.model.quant import resolve_compute_dtype
 from loratune.train.metrics import span_text
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -71,26 +69,6 @@ def model_facts(model: nn.Module) -> ModelFacts:
     return ModelFacts(weight_precision(model), targets, trainable, total)
 
 
-def weight_precision(model: nn.Module) -> str:
-    """How the base weights are stored, read from the weights: the storage holding most of their values.
-
-    The frozen weights of an adapter run; every weight of a full fine-tune (all trainable). 4-bit values
-    are counted as the values they hold (two per byte), with their quantization type.
-    """
-    params = [p for p in model.parameters() if not p.requires_grad] or list(model.parameters())
-    counts: Counter[str] = Counter()
-    for p in params:
-        state = getattr(p, "quant_state", None)
-        if state is not None:
-            nested = ", double-quantized" if getattr(state, "nested", False) else ""
-            counts[f"4-bit {str(state.quant_type).upper()}{nested}"] += state.shape.numel()
-        elif p.dtype == torch.int8:
-            counts["8-bit (LLM.int8)"] += p.numel()
-        else:
-            counts[_DTYPES.get(p.dtype, str(p.dtype).removeprefix("torch."))] += p.numel()
-    return counts.most_common(1)[0][0] if counts else "unknown"
-
-
 def render(cfg: Config, facts: CardFacts) -> str:
     """The whole README.md."""
     sections = [_front_matter(cfg), _title(cfg, facts), _method(cfg, facts), _data(cfg, facts.data),
@@ -108,7 +86,7 @@ def _full(cfg: Config) -> bool:
 
 def _compute(cfg: Config) -> str:
     """The compute dtype training used ('bf16', 'fp16', 'fp32'): `auto` resolved on this machine, as training did."""
-    return _DTYPES[resolve_compute_dtype(cfg.quantization.compute_dtype)]
+    return DTYPE_NAMES[resolve_compute_dtype(cfg.quantization.compute_dtype)]
 
 
 def _front_matter(cfg: Config) -> str:

@@ -10,8 +10,8 @@ Generating must leave training untouched, which is why `answer` is careful:
 - eval mode (no dropout) and `torch.inference_mode` (no autograd state); the previous mode comes back;
 - every random generator is saved and restored around it (greedy decoding draws nothing, and a private
   generator is used anyway, but exact resume must not depend on that staying true);
-- bitsandbytes would repack 4-bit weights for its CPU kernel in eval mode; `keep_4bit_layout` (applied
-  when the model is built) prevents that, so the frozen base is bit for bit the same afterwards.
+- bitsandbytes would repack 4-bit weights for its CPU kernel in eval mode;
+  `loratune.model.quant.keep_standard_4bit_layout` (applied when the base is loaded) prevents that, so the frozen base is bit for bit the same afterwards.
 
 The answers go to `OUT/samples.json` ("before" written as soon as it exists, so that a run killed and
 resumed still shows it at the end; a resumed run never answers "before" again: its weights are trained).
