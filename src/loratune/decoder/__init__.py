@@ -1,0 +1,18 @@
+"""loratune's own decoder for the families it owns (Llama, Mistral, Qwen2/2.5/3, Gemma 1-3, Phi-3).
+
+Ordinary `nn.Module`s built from the HF config (`config.decoder_config`) and the checkpoint's own tensors
+(`load.build_decoder` / `load.decoder_from_hf`), with LoRA adapters that read and write PEFT files
+(`peft_io`). Batches are token streams with their sample boundaries (`attention.Boundaries`); generation
+uses `cache.KVCache`. Other architectures keep the HF + peft path.
+"""
+
+from loratune.decoder.attention import Boundaries
+from loratune.decoder.cache import KVCache
+from loratune.decoder.config import DecoderConfig, RopeConfig, decoder_config
+from loratune.decoder.load import build_decoder, decoder_from_hf
+from loratune.decoder.lora import QLoRALinear
+from loratune.decoder.model import Decoder
+from loratune.decoder.peft_io import load_adapter, save_adapter
+
+__all__ = ["Boundaries", "Decoder", "DecoderConfig", "KVCache", "QLoRALinear", "RopeConfig", "build_decoder",
+           "decoder_config", "decoder_from_hf", "load_adapter", "save_adapter"]

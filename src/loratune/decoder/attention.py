@@ -1,0 +1,234 @@
+"""Causal attention over samples laid end to end, with the sequence boundaries given by the caller.
+
+A micro-batch is one stream of N tokens holding several samples back to back (no padding). `Boundaries`
+carries where each sample starts (`cu_seqlens`, as flash attention takes it) and each token's position
+inside its sample; no token ever attends to a token of another sample. Three implementations, one answer:
+
+- `sdpa` (the reference, and the CPU path): PyTorch's scaled_dot_product_attention over the whole stream
+  with a block-diagonal causal mask [N, N] (plus the sliding window). With a logit soft-cap (Gemma 2),
+  which SDPA cannot apply, the same mask on the plain product/softmax path, as transformers' eager path
+  computes it. Memory grows with N^2: meant for CPU and tests, and as the fallback.
+- `flash`: `flash_attn.flash_attn_varlen_func` with `cu_seqlens` (window and soft-cap native), when the
+  flash-attn package is installed, on CUDA in 16-bit.
+- `flex`: PyTorch's FlexAttention with a block mask built from the sample ids (blocks that cross samples
+  are skipped, not computed and masked); compiled on CUDA, the unfused reference implementation elsewhere.
+`auto` picks flash, then flex on CUDA, else sdpa. All take q [N, H, D] and k, v [N, H_kv, D] (grouped-query
+attention: H a multiple of H_kv) and return [N, H, D]. A sliding window of w keeps keys with q - k < w.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from loratune.errors import ConfigError
+
+Backend = Literal["auto", "sdpa", "flash", "flex"]
+BACKENDS = ("auto", "sdpa", "flash", "flex")
+
+
+@dataclass(frozen=True)
+class Boundaries:
+    """Where the samples of a token stream begin and end, and each token's position in its sample.
+
+    `lengths` lives on the host (the SDPA reference, the KV cache and the flash call's max_seqlen need it
+    there); the tensors live on the device. Masks derived from it are kept for the forward pass's layers.
+    """
+
+    lengths: tuple[int, ...]
+    cu_seqlens: Tensor  # int32 [S + 1]
+    positions: Tensor  # int64 [N]
+    sample_ids: Tensor  # int64 [N]
+    max_seqlen: int
+    offsets: tuple[int, ...] = ()  # tokens already in the KV cache per sample (positions start there)
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int] | tuple[int, ...], device: torch.device | str | None = None,
+                     offsets: list[int] | tuple[int, ...] | None = None) -> Boundaries:
+        """Samples of `lengths` tokens laid end to end; positions start at `offsets` (default 0)."""
+        lengths = tuple(int(n) for n in lengths)
+        offsets = tuple(int(o) for o in offsets) if offsets is not None else (0,) * len(lengths)
+        if not lengths or min(lengths) < 1 or len(offsets) != len(lengths) or min(offsets) < 0:
+            raise ValueError(f"sample lengths must be >= 1 (and offsets >= 0, one per sample): {lengths}, {offsets}")
+        n = torch.tensor(lengths, dtype=torch.int64)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(n, 0)
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), n)
+        starts = cu[:-1].long()[ids]
+        positions = torch.arange(int(cu[-1])) - starts + torch.tensor(offsets, dtype=torch.int64)[ids]
+        return cls(lengths, cu.to(device), positions.to(device), ids.to(device), max(lengths), offsets)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Tensor) -> Boundaries:
+        """Samples found where the positions do not continue by +1 (packed [1, N] or [N] position ids, as
+        transformers reads them); reads the positions on the host once."""
+        pos = position_ids.reshape(-1).tolist()
+        starts = [i for i, p in enumerate(pos) if i == 0 or p != pos[i - 1] + 1]
+        ends = starts[1:] + [len(pos)]
+        return cls.from_lengths([e - s for s, e in zip(starts, ends)], position_ids.device,
+                                offsets=[pos[s] for s in starts])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+    def extent(self) -> Tensor:
+        """Per token: one past the last position of its sample (longrope's choice of factors)."""
+        if "extent" not in self._derived:
+            ends = torch.tensor([o + n for o, n in zip(self.offsets, self.lengths)], device=self.positions.device)
+            self._derived["extent"] = ends[self.sample_ids]
+        return self._derived["extent"]
+
+    def dense_mask(self, window: int | None) -> Tensor:
+        """[N, N] bool, True where query i may attend to key j: same sample, j <= i, i - j < window."""
+        key = ("dense", window)
+        if key not in self._derived:
+            i = torch.arange(self.n_tokens, device=self.positions.device)
+            mask = (self.sample_ids[:, None] == self.sample_ids[None, :]) & (i[None, :] <= i[:, None])
+            if window is not None:
+                mask &= (i[:, None] - i[None, :]) < window
+            self._derived[key] = mask
+        return self._derived[key]
+
+    def block_mask(self, window: int | None):
+        """FlexAttention's block mask of `dense_mask` (built once per batch and window)."""
+        key = ("flex", window)
+        if key not in self._derived:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            ids = self.sample_ids
+
+            def causal(b, h, q, k):
+                return (ids[q] == ids[k]) & (k <= q)
+
+            def windowed(b, h, q, k):
+                return (ids[q] == ids[k]) & (k <= q) & (q - k < window)
+
+            n = self.n_tokens
+            self._derived[key] = create_block_mask(causal if window is None else windowed, None, None, n, n,
+                                                   device=self.positions.device)
+        return self._derived[key]
+
+
+# ------------------------------------------------------------------------------------------ dense paths
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """[B, H_kv, L, D] -> [B, H_kv * groups, L, D], each kv head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float | None = None,
+                    dropout: float = 0.0) -> Tensor:
+    """q [B, H, Lq, D], k/v [B, H_kv, Lk, D], mask bool broadcastable to [B, H, Lq, Lk] -> [B, H, Lq, D].
+
+    SDPA when there is no soft-cap; with one, the product/soft-cap/mask/softmax(fp32) path of transformers'
+    eager attention."""
+    groups = q.shape[1] // k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              enable_gqa=groups > 1)
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    w = torch.matmul(q, k.transpose(2, 3)) * scale
+    w = torch.tanh(w / softcap) * softcap
+    w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        w = F.dropout(w, p=dropout)
+    return torch.matmul(w, v)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
+          softcap: float | None, dropout: float) -> Tensor:
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, N, D]
+    out = dense_attention(qh, kh, vh, b.dense_mask(window)[None, None], scale, softcap, dropout)
+    return out[0].transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ fast paths
+
+
+@functools.lru_cache(maxsize=1)
+def flash_available() -> bool:
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
+           softcap: float | None, dropout: float) -> Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen,
+                                  dropout_p=dropout, softmax_scale=scale, causal=True,
+                                  window_size=(-1, -1) if window is None else (window - 1, window - 1),
+                                  softcap=softcap or 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
+          softcap: float | None, dropout: float) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if dropout:
+        raise ConfigError("attention dropout is not available with FlexAttention; use the sdpa or flash backend")
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, bi, h, qi, ki):
+            return torch.tanh(score / softcap) * softcap
+    fn = _compiled_flex() if q.is_cuda else flex_attention  # unfused (and slow) off CUDA: for tests
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = fn(qh, kh, vh, score_mod=score_mod, block_mask=b.block_mask(window), scale=scale,
+             enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+_IMPLS = {"sdpa": _sdpa, "flash": _flash, "flex": _flex}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention implementation `name` stands for on this device and dtype (`auto`: the fastest present)."""
+    if name not in BACKENDS:
+        raise ConfigError(f"attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    cuda16 = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        if cuda16 and flash_available():
+            return "flash"
+        return "flex" if device.type == "cuda" and flex_available() else "sdpa"
+    if name == "flash" and not (cuda16 and flash_available()):
+        raise ConfigError("attention backend 'flash' needs the flash-attn package, a CUDA device and 16-bit compute")
+    if name == "flex" and not flex_available():
+        raise ConfigError("attention backend 'flex' needs a PyTorch with torch.nn.attention.flex_attention")
+    return name
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, *, scale: float, window: int | None = None,
+           softcap: float | None = None, dropout: float = 0.0, backend: str = "sdpa") -> Tensor:
+    """Causal attention within each sample of the stream: q [N, H, D], k/v [N, H_kv, D] -> [N, H, D]."""
+    return _IMPLS[backend](q, k, v, b, scale, window, softcap, dropout)

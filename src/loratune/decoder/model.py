@@ -1,0 +1,297 @@
+"""The decoder: embedding -> blocks (attention + gated MLP, pre-norm residuals) -> norm -> output head.
+
+One readable model for every family we own; what differs is read from `DecoderConfig` fields, never from
+a model's name. Tokens flow as one stream [N, hidden] of samples laid end to end (`Boundaries`), so a
+packed batch, a padded batch seen as equal-length samples and a generation step are the same forward pass.
+
+    x = embed(ids) (* sqrt(hidden): Gemma)
+    per block:  h = attn(norm(x));  h = post_norm(h) (Gemma 2/3);  x = x + h
+                h = mlp(norm(x));   h = post_norm(h) (Gemma 2/3);  x = x + h
+    attn:       q, k, v = projections (fused qkv: Phi-3; biases: Qwen2);  q, k = qk_norm (Qwen3, Gemma 3)
+                q, k = RoPE(positions);  causal attention within each sample (sliding window, soft-cap)
+    mlp:        down(act(gate) * up), act = SiLU (SwiGLU) or tanh-GELU (GeGLU); fused gate_up: Phi-3
+    logits = head(norm(x)) (soft-capped: Gemma 2)
+
+Every linear layer is a `QLoRALinear` (frozen base as the checkpoint stores it, optional LoRA adapter).
+`Decoder(config, weights)` takes its tensors by our parameter names (`loratune.decoder.keys`), without
+copying; `loratune.decoder.load` builds it from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from loratune.decoder.attention import Boundaries, attend, resolve_backend
+from loratune.decoder.cache import KVCache
+from loratune.decoder.config import DecoderConfig
+from loratune.decoder.keys import hf_module_name, linear_names, projection_names, weight_names
+from loratune.decoder.lora import QLoRALinear, project_group
+from loratune.decoder.norm import RMSNorm
+from loratune.decoder.rope import Rotary, apply_rope
+from loratune.errors import ConfigError, ModelError
+from loratune.kernels.lora_linear import AdapterCasts
+from loratune.kernels.norm_swiglu import silu_mul
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    """The tensor itself if it is a parameter already (its owner decided requires_grad), else a frozen one."""
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, w: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        p = f"layers.{layer}.attn."
+        for leaf in projection_names(cfg)[0]:
+            setattr(self, leaf, QLoRALinear(w[p + leaf + ".weight"], w.get(p + leaf + ".bias"), dtype))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(w[p + "q_norm.weight"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(w[p + "k_norm.weight"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.cfg, self.layer, self.window = cfg, layer, cfg.windows[layer]
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        if cfg.fused_qkv:
+            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        else:
+            q, k, v = project_group([self.q_proj, self.k_proj, self.v_proj], x)
+        n = x.shape[0]
+        return (q.reshape(n, cfg.num_heads, cfg.head_dim), k.reshape(n, cfg.num_kv_heads, cfg.head_dim),
+                v.reshape(n, cfg.num_kv_heads, cfg.head_dim))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, b: Boundaries, backend: str,
+                cache: KVCache | None = None) -> Tensor:
+        cfg = self.cfg
+        q, k, v = self.project(x)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            out = cache.attend(self.layer, q, k, v, b, scale=cfg.attn_scale, window=self.window,
+                               softcap=cfg.attn_softcap)
+        else:
+            out = attend(q, k, v, b, scale=cfg.attn_scale, window=self.window, softcap=cfg.attn_softcap,
+                         dropout=cfg.attention_dropout if self.training else 0.0, backend=backend)
+        return self.o_proj(out.reshape(x.shape[0], cfg.q_size))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, w: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        p = f"layers.{layer}.mlp."
+        for leaf in projection_names(cfg)[1]:
+            setattr(self, leaf, QLoRALinear(w[p + leaf + ".weight"], w.get(p + leaf + ".bias"), dtype))
+        self.down_proj.ends_block = True  # a residual add follows: its fused backward may skip the recompute
+        self.cfg = cfg
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cfg.fused_gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            separate = False
+        else:
+            gate, up = project_group([self.gate_proj, self.up_proj], x)
+            separate = True
+        act = self.cfg.activation
+        if act == "silu":
+            h = silu_mul(gate, up, reuse_inputs=separate)  # separate outputs feed only this product
+        else:
+            h = F.gelu(gate, approximate="tanh" if act == "gelu_tanh" else "none") * up
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, w: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        p, eps, unit = f"layers.{layer}.", cfg.rms_norm_eps, cfg.norm_unit_offset
+        self.attn_norm = RMSNorm(w[p + "attn_norm.weight"], eps, unit)
+        self.attn = Attention(cfg, layer, w, dtype)
+        self.mlp_norm = RMSNorm(w[p + "mlp_norm.weight"], eps, unit)
+        self.mlp = GatedMLP(cfg, layer, w, dtype)
+        if cfg.sandwich_norms:
+            self.post_attn_norm = RMSNorm(w[p + "post_attn_norm.weight"], eps, unit)
+            self.post_mlp_norm = RMSNorm(w[p + "post_mlp_norm.weight"], eps, unit)
+        self.sandwich, self.residual_dropout = cfg.sandwich_norms, cfg.residual_dropout
+
+    def _residual(self, h: Tensor) -> Tensor:
+        return F.dropout(h, self.residual_dropout, training=True) if self.training and self.residual_dropout else h
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, b: Boundaries, backend: str,
+                cache: KVCache | None = None) -> Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, b, backend, cache)
+        if self.sandwich:
+            h = self.post_attn_norm(h)
+        x = x + self._residual(h)
+        h = self.mlp(self.mlp_norm(x))
+        if self.sandwich:
+            h = self.post_mlp_norm(h)
+        return x + self._residual(h)
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, weight: Tensor, scale: float | None) -> None:
+        super().__init__()
+        self.weight, self.scale = _frozen(weight), scale
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = F.embedding(ids, self.weight)
+        # transformers multiplies by the scale rounded to the weight dtype (sqrt(3072) is 55.5 in bf16)
+        return x if self.scale is None else x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
+
+
+class OutputHead(nn.Module):
+    def __init__(self, weight: Tensor, softcap: float | None) -> None:
+        super().__init__()
+        self.weight, self.softcap = _frozen(weight), softcap
+
+    def forward(self, h: Tensor) -> Tensor:
+        logits = F.linear(h, self.weight.to(h.dtype))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class Decoder(nn.Module):
+    """A causal LM over token streams: `forward(ids, boundaries) -> logits`; see the module docstring.
+
+    `weights`: {our parameter name: tensor}, every name of `keys.weight_names(config)` (bitsandbytes 4-bit
+    `Params4bit` for quantized projections); taken as they are, not copied. `compute_dtype`: the dtype of
+    the activations and products (default: the embedding's dtype). `attention`: auto | sdpa | flash | flex.
+    `checkpointing`: recompute each block in the backward pass (non-reentrant activation checkpointing).
+    """
+
+    def __init__(self, config: DecoderConfig, weights: Mapping[str, Tensor], *, compute_dtype: torch.dtype | None = None,
+                 attention: str = "auto", checkpointing: bool = False) -> None:
+        super().__init__()
+        missing = sorted(set(weight_names(config)) - set(weights))
+        if missing:
+            raise ModelError(f"the decoder's weights lack {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                             f"({len(missing)} of {len(weight_names(config))})")
+        self.config = config
+        embed = weights["embed.weight"]
+        dtype = compute_dtype or embed.dtype
+        self.compute_dtype = dtype
+        self.embed = TokenEmbedding(embed, config.embed_scale)
+        self.layers = nn.ModuleList(Block(config, i, weights, dtype) for i in range(config.num_layers))
+        self.norm = RMSNorm(weights["norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
+        self.head = OutputHead(self.embed.weight if config.tie_embeddings else weights["head.weight"],
+                               config.final_softcap)
+        distinct = list(dict.fromkeys(config.rope))
+        self.ropes = nn.ModuleList(Rotary(rc, embed.device) for rc in distinct)
+        self.rope_of_layer = tuple(distinct.index(rc) for rc in config.rope)
+        self.attention, self.checkpointing = attention, checkpointing
+        resolve_backend(attention, embed.device, dtype)  # an impossible choice fails here, not mid-run
+        self.casts = AdapterCasts()
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _boundaries(self, ids: Tensor, boundaries: Boundaries | None, cache: KVCache | None) -> Boundaries:
+        rows = ids.shape[0] if ids.dim() == 2 else 1
+        if boundaries is None:
+            per_row = ids.shape[-1]
+            if cache is not None:
+                return cache.boundaries([per_row] * rows)
+            return Boundaries.from_lengths([per_row] * rows, ids.device)
+        if boundaries.n_tokens != ids.numel():
+            raise ValueError(f"the boundaries cover {boundaries.n_tokens} tokens, the batch holds {ids.numel()}")
+        if cache is not None:
+            cache.check(boundaries)
+        return boundaries
+
+    def hidden_states(self, input_ids: Tensor, boundaries: Boundaries | None = None,
+                      cache: KVCache | None = None) -> Tensor:
+        """Final-norm hidden states [N, hidden] of the token stream (input [N], [1, N], or [B, T] read as B
+        samples of T tokens when no boundaries are given)."""
+        b = self._boundaries(input_ids, boundaries, cache)
+        x = self.embed(input_ids.reshape(-1)).to(self.compute_dtype)
+        backend = resolve_backend(self.attention, x.device, x.dtype)
+        extent = b.extent() if any(r.long_inv_freq is not None for r in self.ropes) else None
+        tables = [rope(b.positions, x.dtype, extent) for rope in self.ropes]
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
+        for block, r in zip(self.layers, self.rope_of_layer):
+            cos, sin = tables[r]
+            if recompute:
+                x = checkpoint(block, x, cos, sin, b, backend, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, b, backend, cache)
+        if cache is not None:
+            cache.commit(b)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)
+
+    def forward(self, input_ids: Tensor, boundaries: Boundaries | None = None, cache: KVCache | None = None) -> Tensor:
+        """Logits in the input's layout: [N, V] for a stream, [B, T, V] for B samples of T tokens."""
+        logits = self.logits(self.hidden_states(input_ids, boundaries, cache))
+        return logits.reshape(*input_ids.shape, -1)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.config, batch, capacity, self.compute_dtype, self.embed.weight.device)
+
+    # ------------------------------------------------------------------------------------------ adapters
+
+    def linear_layers(self) -> dict[str, QLoRALinear]:
+        """{our name: layer} of every projection (adapter candidates), in block order."""
+        return {name: self.get_submodule(name) for name in linear_names(self.config)}
+
+    def adapted_layers(self) -> dict[str, QLoRALinear]:
+        return {name: m for name, m in self.linear_layers().items() if m.lora_A is not None}
+
+    def add_adapters(self, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                     targets: str | list[str] | tuple[str, ...] = "all-linear", exclude: tuple[str, ...] = (),
+                     seed: int | None = None) -> list[str]:
+        """Fresh LoRA adapters (peft's initialisation) on the projections `targets` selects; returns their names.
+
+        `targets`/`exclude` are matched as loratune's `adapter.target_modules` are: `all-linear`, or module-name
+        suffixes of the HF model (`q_proj`, `self_attn.q_proj`, `model.layers.0.mlp.down_proj`)."""
+        chosen = select_layers(self.config, targets, exclude)
+        generator = None if seed is None else torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        layers = self.linear_layers()
+        for name in chosen:
+            layers[name].add_adapter(rank, alpha, dropout, rslora, self.casts, generator)
+        self.track_adapters()
+        return chosen
+
+    def track_adapters(self) -> None:
+        """Tell the shared adapter casts which weights (and scales) exist: after adding or loading adapters."""
+        adapted = list(self.adapted_layers().values())
+        self.casts.track([w for m in adapted for w in (m.lora_A, m.lora_B)], {id(m.lora_B): m.scale for m in adapted})
+
+    @contextlib.contextmanager
+    def frozen_adapters(self) -> Iterator[None]:
+        """Promise that no adapter weight changes inside (one optimizer step's passes): the compute-dtype casts
+        of the adapter weights are then made once for all passes inside (`kernels.lora_linear.AdapterCasts`)."""
+        with self.casts.frozen():
+            yield
+
+
+def _suffix(name: str, suffixes: list[str] | tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def select_layers(cfg: DecoderConfig, targets: str | list[str] | tuple[str, ...],
+                  exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Our names of the projections picked by `targets`/`exclude` (matched against the HF module names)."""
+    ours = linear_names(cfg)
+    hf = {name: hf_module_name(name) for name in ours}
+    if targets == "all-linear":
+        chosen = list(ours)
+    else:
+        if isinstance(targets, str):
+            raise ConfigError(f"adapter targets: expected 'all-linear' or a list of module names, got {targets!r}")
+        chosen = [n for n in ours if _suffix(hf[n], targets)]
+        missing = [t for t in targets if not any(_suffix(hf[n], [t]) for n in ours)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in ours})
+            raise ConfigError(f"adapter.target_modules: no linear layer named {missing} in this {cfg.model_type} "
+                              f"decoder; its linear layers are: {', '.join(leaves)}")
+    chosen = [n for n in chosen if not _suffix(hf[n], exclude)]
+    if not chosen:
+        raise ConfigError("adapter.target_modules/exclude_modules leave no module to adapt")
+    return chosen

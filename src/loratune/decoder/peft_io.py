@@ -1,0 +1,146 @@
+"""Adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`, peft's names for the HF model.
+
+What we write is what `peft.PeftModel.from_pretrained(hf_model, folder)` loads: the LoRA config written by
+peft's own `LoraConfig.save_pretrained`, and tensors named `base_model.model.<HF module>.lora_A.weight` /
+`.lora_B.weight` (fp32), the HF module names coming from `loratune.decoder.keys`. What we read is what peft
+saves for these models, LoRA only: rank per module from the tensors (checked against `r`/`rank_pattern`),
+scale from `lora_alpha`/`alpha_pattern` and `use_rslora`. Anything the decoder cannot apply (DoRA, LoRA
+biases, modules_to_save, trainable tokens, a module it does not own) is a `ModelError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loratune.decoder.keys import PEFT_PREFIX, hf_module_name, linear_names, our_module_name
+from loratune.decoder.model import Decoder
+from loratune.errors import ModelError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"^" + re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight$")
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern/alpha_pattern lookup: the first key matching the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _target_modules(decoder: Decoder, hf_names: list[str]) -> list[str]:
+    """Leaf names when they pick exactly the adapted modules (a readable config, as loratune's adapters.py
+    writes it), else the full module names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in hf_names})
+    every = [hf_module_name(n) for n in linear_names(decoder.config)]
+    picked = [n for n in every if n.rsplit(".", 1)[-1] in leaves]
+    return leaves if sorted(picked) == sorted(hf_names) else sorted(hf_names)
+
+
+def save_adapter(decoder: Decoder, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the decoder's adapters to `folder` in PEFT format; returns the folder."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    adapted = decoder.adapted_layers()
+    if not adapted:
+        raise ModelError("the decoder has no adapters to save")
+    tensors, hf_names = {}, []
+    for name, m in adapted.items():
+        hf = hf_module_name(name)
+        hf_names.append(hf)
+        for leaf, w in (("A", m.lora_A), ("B", m.lora_B)):
+            t = w.detach().to("cpu", torch.float32).contiguous()
+            if not torch.isfinite(t).all():
+                raise ModelError(f"refusing to save: the adapter of {hf} (lora_{leaf}) holds NaN or inf")
+            tensors[f"{PEFT_PREFIX}{hf}.lora_{leaf}.weight"] = t
+    if len({m.rslora for m in adapted.values()}) != 1:
+        raise ModelError("adapters mixing rsLoRA and plain LoRA scaling cannot be written as one peft config")
+    rank = Counter(m.rank for m in adapted.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in adapted.values()).most_common(1)[0][0]
+    first = next(iter(adapted.values()))
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
+        target_modules=_target_modules(decoder, hf_names), bias="none", task_type="CAUSAL_LM",
+        rank_pattern={hf_module_name(n): m.rank for n, m in adapted.items() if m.rank != rank},
+        alpha_pattern={hf_module_name(n): m.alpha for n, m in adapted.items() if m.alpha != alpha},
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} does not exist: not a PEFT adapter folder") from None
+    except ValueError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from None
+    if config.get("peft_type") != "LORA":
+        raise ModelError(f"{path}: peft_type {config.get('peft_type')!r}; loratune's decoder loads LORA adapters")
+    refused = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "modules_to_save": "modules_to_save",
+               "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
+               "fan_in_fan_out": "fan_in_fan_out", "target_parameters": "target_parameters"}
+    for key, what in refused.items():
+        if config.get(key):
+            raise ModelError(f"{path}: {key} is set ({what}); loratune's decoder does not apply it (the HF + peft "
+                             "path does)")
+    if config.get("bias", "none") != "none":
+        raise ModelError(f"{path}: bias={config['bias']!r}; loratune's decoder trains no biases (expected 'none')")
+    return config
+
+
+def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
+    """Put the PEFT adapter in `folder` on the decoder (replacing any adapters it has); returns our names of
+    the adapted layers."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = _read_config(folder)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist (loratune reads adapters saved as safetensors)")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ModelError(f"{path}: tensor {key!r} is not a LoRA A/B weight of a module; loratune's decoder loads "
+                             "plain LoRA adapters")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+    layers = decoder.linear_layers()
+    plan = []
+    for hf, ab in sorted(pairs.items()):
+        ours = our_module_name(hf)
+        if ours not in layers:
+            raise ModelError(f"{path}: the adapter has weights for {hf!r}, which is not a projection of this "
+                             f"{decoder.config.model_type} decoder")
+        if set(ab) != {"A", "B"}:
+            raise ModelError(f"{path}: {hf!r} has lora_{next(iter(ab))} but not its pair")
+        rank = ab["A"].shape[0]
+        want = pattern_value(config.get("rank_pattern"), hf, config.get("r"))
+        if want is not None and rank != want:
+            raise ModelError(f"{path}: {hf!r} has a rank-{rank} adapter; the config says r={want}")
+        alpha = pattern_value(config.get("alpha_pattern"), hf, config.get("lora_alpha", 8))
+        plan.append((ours, ab, rank, alpha))
+    if not plan:
+        raise ModelError(f"{path} holds no LoRA weights")
+    for layer in layers.values():
+        layer.remove_adapter()
+    for ours, ab, rank, alpha in plan:
+        layer = layers[ours]
+        layer.add_adapter(rank, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora")),
+                          decoder.casts)
+        layer.set_adapter_weights(ab["A"], ab["B"])
+    decoder.track_adapters()
+    return [ours for ours, *_ in plan]
