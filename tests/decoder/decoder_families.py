@@ -5,7 +5,8 @@ own config classes) and loaded back through `loratune.model.load.load_base`, the
 The traits exercised: Llama 3.1's llama3 RoPE scaling; Mistral's sliding window on every layer; Qwen2's
 q/k/v biases and a windowed second layer; Qwen3's q/k norms with yarn RoPE; Gemma's embedding scale and
 (1 + w) norms with GeGLU; Gemma 2's sandwich norms, soft-caps, query_pre_attn_scalar and sliding/global
-alternation; Gemma 3's q/k norms and one RoPE per layer type (linear scaling on the global layers);
+alternation; Gemma 3's q/k norms and one RoPE per layer type (linear scaling on the global layers), also as
+the text decoder beside a vision tower (`gemma3mm`, model_type gemma3, Gemma 3 4B and up);
 Phi-3's fused qkv/gate_up, partial rotary dims, longrope and a sliding window. Windows are a few tokens,
 so the short test samples cross them. Weights are drawn wider than transformers' init so that every
 path changes the logits visibly (logits of order 1).
@@ -36,6 +37,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gemma3": ("gemma3_text", {**_GEMMA, "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}}),
+    "gemma3mm": ("gemma3", {**_GEMMA}),
     "phi3": ("phi3", {"sliding_window": 6, "original_max_position_embeddings": 8, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
         "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 3.0, 4.0, 5.0]}}),
@@ -51,6 +53,11 @@ def hf_config(name: str):
     model_type, extra = FAMILIES[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if model_type == "gemma3":  # the text decoder's config inside, a one-layer vision tower beside it
+            vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "image_size": 28, "patch_size": 14}
+            return AutoConfig.for_model(model_type, text_config={**SHAPE, **extra}, vision_config=vision,
+                                        mm_tokens_per_image=4)
         return AutoConfig.for_model(model_type, **{**SHAPE, **extra})
 
 
@@ -103,15 +110,13 @@ def hf_logits(model, ids: list[torch.Tensor]) -> torch.Tensor:
 def attach_random_lora(decoder, peft_model, seed: int = 0, scale_b: float = 0.3) -> None:
     """Random non-zero A and B on every adapted layer of our decoder, copied into peft's layers of the same
     (HF) name, so both compute the same adapted model."""
-    from loratune.decoder.keys import hf_module_name
-
     g = torch.Generator().manual_seed(seed)
     modules = dict(peft_model.named_modules())
     for name, layer in decoder.adapted_layers().items():
         a = torch.randn(layer.lora_A.shape, generator=g) * 0.2
         b = torch.randn(layer.lora_B.shape, generator=g) * scale_b
         layer.set_adapter_weights(a, b)
-        theirs = modules["base_model.model." + hf_module_name(name)]
+        theirs = modules["base_model.model." + decoder.hf_name(name)]
         with torch.no_grad():
             theirs.lora_A["default"].weight.copy_(a)
             theirs.lora_B["default"].weight.copy_(b)

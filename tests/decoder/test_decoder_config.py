@@ -29,6 +29,10 @@ def test_family_traits_come_from_the_config(quiet):
     g3 = c["gemma3"]
     assert g3.qk_norm and g3.attn_softcap is None and [r.kind for r in g3.rope] == ["default", "linear"]
     assert [r.theta for r in g3.rope] == [10000.0, 1000000.0]
+    mm = c["gemma3mm"]  # the same text decoder, under model.language_model beside a vision tower
+    assert mm.hf_prefix == "model.language_model." and mm.hf_ignored == ("model.vision_tower.",
+                                                                         "model.multi_modal_projector.")
+    assert mm.qk_norm and mm.windows == (4, None) and mm.sandwich_norms
     p3 = c["phi3"]
     assert p3.fused_qkv and p3.fused_gate_up and p3.windows == (6, 6)
     assert p3.rope[0].kind == "longrope" and p3.rope[0].rotary_dim == 8 and p3.rope[0].original_max_position == 8

@@ -34,7 +34,7 @@ def _grads(dec, peft_model) -> tuple[dict, dict]:
     ours, theirs = {}, {}
     modules = dict(peft_model.named_modules())
     for name, layer in dec.adapted_layers().items():
-        peft_layer = modules["base_model.model." + hf_module_name(name)]
+        peft_layer = modules["base_model.model." + dec.hf_name(name)]
         ours[name] = (layer.lora_A.grad, layer.lora_B.grad)
         theirs[name] = (peft_layer.lora_A["default"].weight.grad, peft_layer.lora_B["default"].weight.grad)
     return ours, theirs

@@ -28,7 +28,7 @@ def _ours(dec) -> torch.Tensor:
         return dec(torch.cat(sample_ids()), Boundaries.from_lengths(LENGTHS))
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3mm", "phi3"])
 def test_ours_saved_peft_loads(name, checkpoint, tmp_path, quiet):
     folder = checkpoint(name)
     cfg = run_config(folder, "adapter.rslora=true", "adapter.exclude_modules=[o_proj]")
@@ -44,6 +44,8 @@ def test_ours_saved_peft_loads(name, checkpoint, tmp_path, quiet):
     keys = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert len(keys) == 2 * len(dec.adapted_layers())
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    injected = {n for n, m in peft_model.named_modules() if "default" in getattr(m, "lora_A", {})}
+    assert injected == {"base_model.model." + dec.hf_name(n) for n in dec.adapted_layers()}  # no vision module
     with torch.no_grad():
         ref = hf_logits(peft_model, sample_ids())
     ours = _ours(dec)

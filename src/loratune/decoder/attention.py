@@ -32,7 +32,7 @@ Backend = Literal["auto", "sdpa", "flash", "flex"]
 BACKENDS = ("auto", "sdpa", "flash", "flex")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Boundaries:
     """Where the samples of a token stream begin and end, and each token's position in its sample.
 

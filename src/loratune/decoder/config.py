@@ -11,6 +11,7 @@ says what and where; such models keep running on the HF + peft path.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +77,8 @@ class DecoderConfig:
     final_softcap: float | None = None
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0  # Phi-3's resid_pdrop
+    hf_prefix: str = "model."  # where the HF model keeps the text decoder (`model.language_model.`: Gemma 3 4B+)
+    hf_ignored: tuple[str, ...] = ()  # HF modules outside the text decoder (a vision tower), left unused
 
     @property
     def q_size(self) -> int:
@@ -287,10 +290,20 @@ def _gemma3_text(hf: Any) -> DecoderConfig:
         final_softcap=_get(hf, "final_logit_softcapping"), windows=_windows_by_type(hf)))
 
 
+def _gemma3(hf: Any) -> DecoderConfig:
+    """Gemma 3 with a vision tower (4B and up): its text decoder is Gemma 3's, under `model.language_model.`;
+    the decoder trains on text, the vision tower and projector are left out."""
+    text = getattr(hf, "text_config", None)
+    if text is None:
+        raise ModelError("config.json of this gemma3 model has no text_config")
+    return dataclasses.replace(_gemma3_text(text), model_type="gemma3", hf_prefix="model.language_model.",
+                               hf_ignored=("model.vision_tower.", "model.multi_modal_projector."))
+
+
 def _phi3(hf: Any) -> DecoderConfig:
     return DecoderConfig(**_common(hf, activation=_activation(hf, "hidden_act"), fused_qkv=True, fused_gate_up=True,
                                    windows=_windows_all(hf), residual_dropout=float(_get(hf, "resid_pdrop", 0.0))))
 
 
 READERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "gemma": _gemma,
-           "gemma2": _gemma2, "gemma3_text": _gemma3_text, "phi3": _phi3}
+           "gemma2": _gemma2, "gemma3_text": _gemma3_text, "gemma3": _gemma3, "phi3": _phi3}

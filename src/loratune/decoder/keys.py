@@ -4,8 +4,9 @@ Our modules are named for what they do (`layers.3.mlp_norm`); the checkpoint's f
 `post_attention_layernorm` is the norm before the MLP, Gemma 2's is the one after attention). This module
 is the only place that knows both: `weight_names` for taking a loaded HF model's tensors, and
 `hf_module_name` / `our_module_name` for the adapted linear layers, whose HF names are the module names
-peft uses in adapter files (`base_model.model.<hf name>.lora_A.weight`). Every family we own uses
-`model.embed_tokens`, `model.layers.N.self_attn`, `model.layers.N.mlp`, `model.norm` and `lm_head`.
+peft uses in adapter files (`base_model.model.<hf name>.lora_A.weight`). Every family we own keeps its
+text decoder under one prefix (`DecoderConfig.hf_prefix`: `model.`, or `model.language_model.` beside a
+vision tower) as `embed_tokens`, `layers.N.self_attn`, `layers.N.mlp` and `norm`, and its head as `lm_head`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from loratune.decoder.config import DecoderConfig
 
 PEFT_PREFIX = "base_model.model."
 _OURS = re.compile(r"^layers\.(\d+)\.(attn|mlp)\.(\w+)$")
-_HF = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
 
 def projection_names(cfg: DecoderConfig) -> tuple[list[str], list[str]]:
@@ -33,18 +33,18 @@ def linear_names(cfg: DecoderConfig) -> list[str]:
             for part, leaves in (("attn", attn), ("mlp", mlp)) for leaf in leaves]
 
 
-def hf_module_name(ours: str) -> str:
+def hf_module_name(ours: str, prefix: str = "model.") -> str:
     """`layers.3.attn.q_proj` -> `model.layers.3.self_attn.q_proj` (the name peft gives the module)."""
     m = _OURS.match(ours)
     if m is None:
         raise KeyError(f"{ours!r} is not a decoder projection name")
     layer, part, leaf = m.groups()
-    return f"model.layers.{layer}.{'self_attn' if part == 'attn' else 'mlp'}.{leaf}"
+    return f"{prefix}layers.{layer}.{'self_attn' if part == 'attn' else 'mlp'}.{leaf}"
 
 
-def our_module_name(hf: str) -> str | None:
+def our_module_name(hf: str, prefix: str = "model.") -> str | None:
     """The inverse of `hf_module_name`; None for a name that is not a block projection."""
-    m = _HF.match(hf)
+    m = re.match(r"^" + re.escape(prefix) + r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)$", hf)
     if m is None:
         return None
     layer, part, leaf = m.groups()
@@ -53,12 +53,13 @@ def our_module_name(hf: str) -> str | None:
 
 def weight_names(cfg: DecoderConfig) -> dict[str, str]:
     """{our parameter name: HF parameter name} for every tensor the decoder takes from the checkpoint."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    p = cfg.hf_prefix
+    names = {"embed.weight": f"{p}embed_tokens.weight", "norm.weight": f"{p}norm.weight"}
     if not cfg.tie_embeddings:
         names["head.weight"] = "lm_head.weight"
     attn, mlp = projection_names(cfg)
     for i in range(cfg.num_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        ours, hf = f"layers.{i}.", f"{p}layers.{i}."
         names[ours + "attn_norm.weight"] = hf + "input_layernorm.weight"
         if cfg.sandwich_norms:
             names[ours + "post_attn_norm.weight"] = hf + "post_attention_layernorm.weight"

@@ -45,18 +45,18 @@ def decoder_from_hf(model: nn.Module, *, attention: str = "auto", checkpointing:
         raise ModelError(f"the {cfg.model_type} checkpoint lacks {missing[:3]} ({len(missing)} tensors the decoder "
                          "needs)")
     used = set(names.values()) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    unused = sorted(set(params) - used)
+    unused = sorted(n for n in set(params) - used if not n.startswith(cfg.hf_ignored))
     if unused:
         raise ModelError(f"the {cfg.model_type} checkpoint holds tensors loratune's decoder would not use: "
                          f"{unused[:3]}{' ...' if len(unused) > 3 else ''}; it trains through the HF + peft path")
-    if cfg.tie_embeddings and "lm_head.weight" in params and params["lm_head.weight"] is not params["model.embed_tokens.weight"]:
+    if cfg.tie_embeddings and "lm_head.weight" in params and params["lm_head.weight"] is not params[names["embed.weight"]]:
         raise ModelError("config.json says tie_word_embeddings but the loaded lm_head is a separate tensor")
     weights = {ours: params[hf] for ours, hf in names.items()}
     for w in weights.values():
         if type(w).__name__ == "Int8Params":
             raise ModelError("8-bit (LLM.int8) bases train through the HF + peft path, not loratune's decoder")
         w.requires_grad_(train_base and getattr(w, "quant_state", None) is None)
-    first = model.get_submodule(hf_module_name(linear_names(cfg)[0]))
+    first = model.get_submodule(hf_module_name(linear_names(cfg)[0], cfg.hf_prefix))
     compute = getattr(first, "compute_dtype", None) or weights["embed.weight"].dtype
     return Decoder(cfg, weights, compute_dtype=compute, attention=attention, checkpointing=checkpointing)
 

@@ -240,6 +240,10 @@ class Decoder(nn.Module):
         """{our name: layer} of every projection (adapter candidates), in block order."""
         return {name: self.get_submodule(name) for name in linear_names(self.config)}
 
+    def hf_name(self, ours: str) -> str:
+        """The HF (and peft) module name of one of our projections."""
+        return hf_module_name(ours, self.config.hf_prefix)
+
     def adapted_layers(self) -> dict[str, QLoRALinear]:
         return {name: m for name, m in self.linear_layers().items() if m.lora_A is not None}
 
@@ -279,7 +283,7 @@ def select_layers(cfg: DecoderConfig, targets: str | list[str] | tuple[str, ...]
                   exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Our names of the projections picked by `targets`/`exclude` (matched against the HF module names)."""
     ours = linear_names(cfg)
-    hf = {name: hf_module_name(name) for name in ours}
+    hf = {name: hf_module_name(name, cfg.hf_prefix) for name in ours}
     if targets == "all-linear":
         chosen = list(ours)
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.decoder.keys import PEFT_PREFIX, hf_module_name, linear_names, our_module_name
+from loratune.decoder.keys import PEFT_PREFIX, linear_names, our_module_name
 from loratune.decoder.model import Decoder
 from loratune.errors import ModelError
 
@@ -34,13 +34,18 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _target_modules(decoder: Decoder, hf_names: list[str]) -> list[str]:
+def _target_modules(decoder: Decoder, hf_names: list[str]) -> list[str] | str:
     """Leaf names when they pick exactly the adapted modules (a readable config, as loratune's adapters.py
-    writes it), else the full module names."""
+    writes it), else the full module names. Beside a vision tower (whose modules share the leaf names) the
+    leaves are scoped to the text decoder by a regular expression, which peft matches in full."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in hf_names})
-    every = [hf_module_name(n) for n in linear_names(decoder.config)]
+    every = [decoder.hf_name(n) for n in linear_names(decoder.config)]
     picked = [n for n in every if n.rsplit(".", 1)[-1] in leaves]
-    return leaves if sorted(picked) == sorted(hf_names) else sorted(hf_names)
+    if sorted(picked) != sorted(hf_names):
+        return sorted(hf_names)
+    if decoder.config.hf_ignored:
+        return re.escape(decoder.config.hf_prefix) + r"layers\.\d+\.(self_attn|mlp)\.(" + "|".join(leaves) + ")"
+    return leaves
 
 
 def save_adapter(decoder: Decoder, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
@@ -53,7 +58,7 @@ def save_adapter(decoder: Decoder, folder: str | Path, base_model_name_or_path: 
         raise ModelError("the decoder has no adapters to save")
     tensors, hf_names = {}, []
     for name, m in adapted.items():
-        hf = hf_module_name(name)
+        hf = decoder.hf_name(name)
         hf_names.append(hf)
         for leaf, w in (("A", m.lora_A), ("B", m.lora_B)):
             t = w.detach().to("cpu", torch.float32).contiguous()
@@ -68,8 +73,8 @@ def save_adapter(decoder: Decoder, folder: str | Path, base_model_name_or_path: 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
         target_modules=_target_modules(decoder, hf_names), bias="none", task_type="CAUSAL_LM",
-        rank_pattern={hf_module_name(n): m.rank for n, m in adapted.items() if m.rank != rank},
-        alpha_pattern={hf_module_name(n): m.alpha for n, m in adapted.items() if m.alpha != alpha},
+        rank_pattern={decoder.hf_name(n): m.rank for n, m in adapted.items() if m.rank != rank},
+        alpha_pattern={decoder.hf_name(n): m.alpha for n, m in adapted.items() if m.alpha != alpha},
         base_model_name_or_path=base_model_name_or_path,
     )
     out = Path(folder)
@@ -121,7 +126,7 @@ def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
     layers = decoder.linear_layers()
     plan = []
     for hf, ab in sorted(pairs.items()):
-        ours = our_module_name(hf)
+        ours = our_module_name(hf, decoder.config.hf_prefix)
         if ours not in layers:
             raise ModelError(f"{path}: the adapter has weights for {hf!r}, which is not a projection of this "
                              f"{decoder.config.model_type} decoder")
