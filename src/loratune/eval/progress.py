@@ -25,8 +25,10 @@ class Bar:
         self.progress = progress
         self.task = progress.add_task(label, total=total, completed=done) if progress else None
         self.logged, self.last_log = done, time.monotonic()
-        if done:
-            log.info("%s: %d of %d items already done (cached), continuing", label, done, total)
+        if done == total:
+            log.info("%s: all %d items in the cache", label, total)
+        elif done:
+            log.info("%s: %d of %d items in the cache, continuing", label, done, total)
 
     def advance(self, n: int) -> None:
         self.done += n

@@ -1,0 +1,315 @@
+"""`loratune eval`: every task on every model, one loaded base at a time, then one report.
+
+    read every benchmark, test set and prompt file first     (a malformed row fails before any model loads)
+    for each group of models sharing a base (models.plan):
+        load it; for each model: mc, generate, perplexity, judge answers   (each cached per item)
+        release it
+    judge every pair of answers (cached per judgment), Elo over random orderings
+    report.json + report.md (+ plots)
+
+Nothing is recomputed that the output folder's cache already holds for the same model files, task
+settings and data bytes: a stopped eval, run again, continues; an eval with one more model computes
+only that model's results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from loratune import __version__
+from loratune.eval import elo, generate, judge, mc, perplexity, plots, report
+from loratune.eval.config import EvalConfig, GenerateTaskConfig, JudgeConfig, MCTaskConfig, PerplexityTaskConfig
+from loratune.eval.mcdata import Benchmark, load_benchmark
+from loratune.eval.models import Loaded, Source, fingerprint, load, plan, release, selected
+from loratune.eval.progress import bar
+from loratune.eval.stats import paired_difference
+from loratune.eval.store import ResultStore, file_digest, store_for, write_text_atomic
+from loratune.eval.store import fingerprint as key_of
+from loratune.eval.textdata import TextItem, read_items
+from loratune.infer.sampling import SamplingParams
+
+log = logging.getLogger("loratune.eval")
+
+FORMAT = 1  # of the cached results; bump when their meaning changes
+
+
+@dataclass
+class Inputs:
+    """Everything read before a model loads: benchmarks, test sets, documents, judge prompts, their digests."""
+
+    mc: dict[str, Benchmark] = field(default_factory=dict)
+    generate: dict[str, list[TextItem]] = field(default_factory=dict)
+    perplexity: dict[str, list] = field(default_factory=dict)
+    judge: list[TextItem] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def _digest(files: list[Path], fallback: str) -> str:
+    return file_digest(files) if files else fallback
+
+
+def read_inputs(cfg: EvalConfig) -> Inputs:
+    inp = Inputs()
+    for t in cfg.mc:
+        inp.mc[t.name] = load_benchmark(t)
+        inp.digests[t.name] = _digest(inp.mc[t.name].files, t.path)
+    for g in cfg.generate:
+        inp.generate[g.name], files = read_items(g.path, fmt=g.format, columns=g.columns, split=g.split,
+                                                 system=g.system, limit=g.limit, with_reference=True)
+        inp.digests[g.name] = _digest(files, g.path)
+    for p in cfg.perplexity:
+        inp.perplexity[p.name], files = perplexity.read_documents(p.path, text_key=p.text_key, split=p.split, limit=p.limit)
+        inp.digests[p.name] = _digest(files, p.path)
+    if cfg.judge.prompts:
+        j = cfg.judge
+        inp.judge, files = read_items(j.prompts, fmt=j.format, columns=j.columns, limit=j.limit, with_reference=False)
+        inp.digests["judge"] = _digest(files, j.prompts)
+    return inp
+
+
+def _settings(task) -> dict:
+    return {k: v for k, v in dataclasses.asdict(task).items() if k != "name"}
+
+
+def _context_length(folder: str) -> int | None:
+    """The context length the engine will have (its config's max_position_embeddings, else 4096), read from the
+    base's config.json without loading it; None when there is no local config.json."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    return int(json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings") or 4096)
+
+
+@dataclass
+class Job:
+    """One task on one model: its cache, the item ids it must hold, how to compute them, where the result goes."""
+
+    section: str  # mc, generate, perplexity or judge
+    task: str
+    model: str
+    store: ResultStore
+    ids: list[str]
+    compute: Callable[[Loaded], object]  # fills the store; returns the result
+    result: Callable[[], object]  # the result, from a complete store
+
+    def complete(self) -> bool:
+        return all(i in self.store for i in self.ids)
+
+
+class Runner:
+    """Runs the tasks of one eval config; keeps every model's per-item results for the report."""
+
+    def __init__(self, cfg: EvalConfig, inputs: Inputs) -> None:
+        self.cfg, self.inputs = cfg, inputs
+        self.out = Path(cfg.output.dir)
+        self.results: dict[str, dict[str, dict[str, object]]] = {"mc": {}, "generate": {}, "perplexity": {}, "judge": {}}
+        self.sources: list[Source] = []
+        self.fingerprints: dict[str, str] = {}
+        self.windows: dict[str, tuple[int, int]] = {}  # perplexity task -> (max_length, stride) used
+
+    @property
+    def answers(self) -> dict[str, dict[str, str]]:
+        """The judge players' answers: model -> item id -> text."""
+        return self.results["judge"].get("answers", {})  # type: ignore[return-value]
+
+    def store(self, model: str, task: str, *parts) -> ResultStore:
+        return store_for(self.out, model, task, key_of(FORMAT, self.fingerprints[model], *parts))
+
+    def run_models(self) -> None:
+        """Each group of models: from the cache when it holds everything, else loaded and computed."""
+        for group in plan(self.cfg.models):
+            for src in group:
+                self.sources.append(src)
+                self.fingerprints[src.spec.name] = fingerprint(src)
+            context = _context_length(group[0].base)
+            jobs = [j for s in group for j in self.jobs(s.spec.name, context)] if context else []
+            if jobs and all(j.complete() for j in jobs):
+                log.info("%s: every result is in the cache; not loading", ", ".join(s.spec.name for s in group))
+                for j in jobs:
+                    self._keep(j, j.result())
+                continue
+            log.info("loading %s", ", ".join(f"{s.spec.name} ({s.spec.path})" for s in group))
+            loaded = load(group)
+            try:
+                for src in group:
+                    for j in self.jobs(src.spec.name, loaded.engine.context_length):
+                        self._keep(j, j.compute(loaded))
+            finally:
+                release(loaded)
+
+    def _keep(self, job: Job, result: object) -> None:
+        if job.section == "judge":
+            self.results["judge"].setdefault("answers", {})[job.model] = result  # type: ignore[index]
+        else:
+            self.results[job.section].setdefault(job.task, {})[job.model] = result
+
+    def jobs(self, model: str, context: int) -> list[Job]:
+        out = [self.mc_job(model, t, context) for t in self.cfg.mc]
+        out += [self.generate_job(model, g) for g in self.cfg.generate]
+        out += [self.perplexity_job(model, p, context) for p in self.cfg.perplexity]
+        j = self.cfg.judge
+        if j.prompts and model in (j.models or [m.name for m in self.cfg.models]):
+            out.append(self.judge_job(model, j))
+        return out
+
+    def mc_job(self, model: str, t: MCTaskConfig, context: int) -> Job:
+        bench = self.inputs.mc[t.name]
+        max_length = t.max_length or context
+        store = self.store(model, t.name, _settings(t), self.inputs.digests[t.name], max_length)
+        ids = [q.id for q in bench.questions]
+
+        def compute(loaded: Loaded) -> list[dict]:
+            engine, name = loaded.engine, loaded.names[model]
+            prepared = mc.prepare(bench, t, engine.format(name).tokenizer, max_length)
+            with bar(f"{t.name} · {model}", len(ids), sum(i in store for i in ids)) as b, selected(engine, name) as net:
+                return mc.score_questions(net, prepared, t.style, batch_size=self.cfg.batch_size, store=store,
+                                          advance=b.advance)
+
+        return Job("mc", t.name, model, store, ids, compute, lambda: [store.get(i) for i in ids])
+
+    def _answers_job(self, section: str, task: str, model: str, items: list[TextItem], chat: bool,
+                     params: SamplingParams, store: ResultStore) -> Job:
+        ids = [it.id for it in items]
+
+        def compute(loaded: Loaded) -> dict[str, dict]:
+            with bar(f"{task} · {model}", len(ids), sum(i in store for i in ids)) as b:
+                return generate.generate_answers(loaded.engine, loaded.names[model], items, chat=chat, params=params,
+                                                 batch_size=self.cfg.batch_size, store=store, advance=b.advance)
+
+        return Job(section, task, model, store, ids, compute, lambda: {i: store.get(i) for i in ids})
+
+    def generate_job(self, model: str, g: GenerateTaskConfig) -> Job:
+        params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                seed=g.seed, stop=tuple(g.stop)).validate()
+        sampled = {"batch_size": self.cfg.batch_size} if g.temperature > 0 else {}  # a batch draws together
+        settings = {k: v for k, v in _settings(g).items() if k not in ("metrics", "rouge_stemmer")}
+        store = self.store(model, g.name, settings, self.inputs.digests[g.name], sampled)
+        return self._answers_job("generate", g.name, model, self.inputs.generate[g.name], g.chat, params, store)
+
+    def judge_job(self, model: str, j: JudgeConfig) -> Job:
+        params = SamplingParams(max_new_tokens=j.answer_max_new_tokens, temperature=j.answer_temperature,
+                                seed=j.answer_seed).validate()
+        sampled = {"batch_size": self.cfg.batch_size} if j.answer_temperature > 0 else {}
+        store = self.store(model, "judge-answers", params.max_new_tokens, params.temperature, params.seed,
+                           self.inputs.digests["judge"], sampled)
+        job = self._answers_job("judge", "judge answers", model, self.inputs.judge, True, params, store)
+        compute, result = job.compute, job.result
+        job.compute = lambda loaded: {k: v["answer"] for k, v in compute(loaded).items()}  # type: ignore[union-attr]
+        job.result = lambda: {k: v["answer"] for k, v in result().items()}  # type: ignore[union-attr]
+        return job
+
+    def perplexity_job(self, model: str, p: PerplexityTaskConfig, context: int) -> Job:
+        docs = self.inputs.perplexity[p.name]
+        max_length = p.max_length or min(context, 4096)
+        stride = p.stride or max_length
+        self.windows.setdefault(p.name, (max_length, stride))
+        store = self.store(model, p.name, _settings(p), self.inputs.digests[p.name], max_length, stride)
+        ids = [d.id for d in docs]
+
+        def compute(loaded: Loaded) -> list[dict]:
+            engine, name = loaded.engine, loaded.names[model]
+            with bar(f"{p.name} · {model}", len(ids), sum(i in store for i in ids)) as b, selected(engine, name) as net:
+                return perplexity.score_documents(net, engine.format(name).tokenizer, docs, max_length=max_length,
+                                                  stride=stride, batch_size=self.cfg.batch_size, store=store,
+                                                  advance=b.advance)
+
+        return Job("perplexity", p.name, model, store, ids, compute, lambda: [store.get(i) for i in ids])
+
+
+def _judge(cfg: EvalConfig, runner: Runner) -> dict:
+    j = cfg.judge
+    players = j.models or [m.name for m in cfg.models]
+    client = judge.JudgeClient(j.base_url, j.model or "", os.environ.get(j.api_key_env) or None, j.system,
+                               j.temperature, j.max_tokens, j.timeout, j.retries)
+    template = judge.load_template(j.template)
+    items = runner.inputs.judge
+    total = len(items) * len(players) * (len(players) - 1)
+    with bar("judge", total) as b:
+        judgments = judge.judge(client, template, items, runner.answers, players,
+                                ResultStore(Path(cfg.output.dir) / "cache" / "judge" / "judgments.jsonl"),
+                                concurrency=j.concurrency, advance=b.advance)
+    games = judge.games(judgments)
+    return {"players": players, "prompts": len(items), "judge_model": j.model, "base_url": j.base_url, "k": j.elo_k,
+            "initial": j.elo_initial, "orderings": j.orderings, "confidence": cfg.confidence, "games": len(games),
+            "elo": elo.tournament(games, players, orderings=j.orderings, k=j.elo_k, initial=j.elo_initial,
+                                  seed=cfg.seed, confidence=cfg.confidence),
+            "win_rates": elo.win_rates(games, players), "position": judge.position_stats(judgments),
+            "judgments": [dataclasses.asdict(x) for x in judgments]}
+
+
+def _mc_report(cfg: EvalConfig, runner: Runner, models: list[str]) -> dict:
+    kw = dict(resamples=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
+    out = {}
+    for t in cfg.mc:
+        records = runner.results["mc"][t.name]
+        bench = runner.inputs.mc[t.name]
+        per_model = {m: [mc.question_metrics(r, t.style) for r in records[m]] for m in models}
+        diffs = {m: {k: paired_difference([x[k] for x in per_model[models[0]]], [x[k] for x in per_model[m]], **kw).to_json()
+                     for k in mc.METRICS[t.style]} for m in models[1:]}
+        out[t.name] = {"path": t.path, "style": t.style, "shots": t.shots, "questions": len(bench.questions),
+                       "subjects": len({q.subject for q in bench.questions}),
+                       "models": {m: mc.summarize(records[m], t, **kw) for m in models}, "differences": diffs}
+    return out
+
+
+def build_report(cfg: EvalConfig, runner: Runner, judged: dict | None) -> dict:
+    models = [m.name for m in cfg.models]
+    kw = dict(resamples=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
+    src = {s.spec.name: s for s in runner.sources}
+    rep: dict = {
+        "loratune": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "confidence": cfg.confidence,
+        "config": dataclasses.asdict(cfg),
+        "models": [{"name": m, "path": src[m].spec.path, "kind": "adapter" if src[m].run else "model",
+                    "base": src[m].base, "bits": src[m].bits, "fingerprint": runner.fingerprints[m]} for m in models],
+        "mc": _mc_report(cfg, runner, models), "generate": {}, "perplexity": {}}
+    for g in cfg.generate:
+        items = runner.inputs.generate[g.name]
+        rep["generate"][g.name] = {"path": g.path, **generate.summarize(
+            items, {m: runner.results["generate"][g.name][m] for m in models}, g.metrics, stemmer=g.rouge_stemmer,
+            examples=cfg.output.examples, **kw)}
+    for p in cfg.perplexity:
+        recs = runner.results["perplexity"][p.name]
+        first = recs[models[0]]
+        max_length, stride = runner.windows[p.name]
+        rep["perplexity"][p.name] = {"path": p.path, "documents": len(first), "max_length": max_length, "stride": stride,
+                                     "models": {m: perplexity.summarize(recs[m], **kw) for m in models}}
+    if judged:
+        rep["judge"] = judged
+    return rep
+
+
+def _plots(cfg: EvalConfig, rep: dict, out: Path) -> list[str]:
+    made = []
+    models = [m.name for m in cfg.models]
+    for name, task in rep["mc"].items():
+        if task["models"][models[0]]["categories"] and plots.mc_plot(name, task, models, out / f"mc_{name}.png"):
+            made.append(f"mc_{name}.png")
+    if rep.get("judge") and plots.elo_plot(rep["judge"], out / "elo.png"):
+        made.append("elo.png")
+    return made
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Run every task of `cfg` on every model and write the report; returns the report as data."""
+    out = Path(cfg.output.dir)
+    inputs = read_inputs(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "eval.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
+    runner = Runner(cfg, inputs)
+    runner.run_models()
+    judged = _judge(cfg, runner) if cfg.judge.prompts else None
+    rep = build_report(cfg, runner, judged)
+    if cfg.output.plots:
+        rep["plots"] = _plots(cfg, rep, out)
+    js, md = report.write(out, rep)
+    log.info("report: %s (and %s)", md, js.name)
+    return rep
