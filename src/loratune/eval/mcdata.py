@@ -135,7 +135,7 @@ def _text(rec: Record, key: str, value: Any) -> str:
     return str(value)
 
 
-def _answer(rec: Record, key: str, value: Any, n: int) -> int:
+def _answer(rec: Record, where: str, value: Any, n: int) -> int:
     """A 0-based index (an int, or digits in a CSV cell) or a letter; checked against the n choices."""
     expected = f"a letter {LETTERS[0]}-{LETTERS[n - 1]} or a 0-based index 0-{n - 1} ({n} choices)"
     if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
@@ -145,7 +145,7 @@ def _answer(rec: Record, key: str, value: Any, n: int) -> int:
             return value
     elif isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS[:n]:
         return LETTERS.index(value.strip().upper())
-    raise _fail(rec, f"key '{key}': got {value!r}, expected {expected}")
+    raise _fail(rec, f"{where}: got {value!r}, expected {expected}")
 
 
 def _from_csv_row(rec: Record, subject: str) -> tuple[str, str, tuple[str, ...], Any]:
@@ -191,10 +191,10 @@ def _questions(records: Iterator[Record], kind: str, cols: MCColumnsConfig, defa
     for rec in records:
         if kind == "mmlu_csv":
             subject, question, choices, answer = _from_csv_row(rec, default_subject)
-            answer_key = f"column {len(rec.data['row'])}"
+            answer_key = f"column {len(rec.data['row'])} (the answer)"
         else:
             subject, question, choices, answer = _from_record(rec, cols, default_subject)
-            answer_key = cols.answer
+            answer_key = f"key '{cols.answer}'"
         if len(choices) < 2 or len(choices) > len(LETTERS):
             raise _fail(rec, f"{len(choices)} choices; expected between 2 and {len(LETTERS)}")
         if not question.strip():

@@ -43,7 +43,9 @@ def wilson(successes: float, n: int, confidence: float = 0.95) -> Estimate:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Estimate(p, n, max(0.0, centre - half), min(1.0, centre + half), "wilson")
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends (no rounding residue)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Estimate(p, n, low, high, "wilson")
 
 
 def _resample_indices(rng: np.random.Generator, n: int, times: int, groups: Sequence | None) -> np.ndarray:
