@@ -123,7 +123,8 @@ class JudgeClient:
                 detail = _error_detail(e)
                 if (e.code != 429 and e.code < 500) or attempt == self.retries:
                     raise JudgeError(f"judge at {url}: HTTP {e.code}: {detail}") from None
-                wait = _retry_after(e) or min(60.0, 2.0 ** attempt)
+                after = _retry_after(e)
+                wait = after if after is not None else min(60.0, 2.0 ** attempt)
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 if attempt == self.retries:
                     reason = getattr(e, "reason", e)
