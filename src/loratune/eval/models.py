@@ -59,17 +59,25 @@ def describe(spec: EvalModelConfig) -> Source:
 
 
 def plan(specs: list[EvalModelConfig]) -> list[list[Source]]:
-    """Groups of models loaded together (a group's plain base first), in the order of their first member."""
+    """Groups of models loaded together (a group's plain base first), in the order of their first member.
+
+    A plain model joins the adapters it is the base of: one whose `bits` names their precision first, else
+    one without `bits` (evaluated at their precision); any other plain model is loaded on its own.
+    """
     sources = [describe(s) for s in specs]
     adapter_keys = list(dict.fromkeys((s.base, s.bits) for s in sources if s.run is not None))
+    keys: dict[str, tuple] = {s.spec.name: (s.base, s.bits) for s in sources if s.run is not None}
+    taken: set[tuple] = set()
+    plain = [s for s in sources if s.run is None]
+    for s in sorted(plain, key=lambda p: p.spec.bits is None):  # explicit precisions choose first
+        key = next((k for k in adapter_keys if k[0] == s.path and s.spec.bits in (None, k[1]) and k not in taken), None)
+        if key is not None:
+            taken.add(key)
+        keys[s.spec.name] = key or ("plain", s.spec.name)
     groups: dict[tuple, list[Source]] = {}
     for s in sources:
-        key: tuple = (s.base, s.bits)
-        if s.run is None:  # the base of listed adapters joins them, at their precision unless `bits` says otherwise
-            key = next((k for k in adapter_keys if k[0] == s.path and s.spec.bits in (None, k[1])
-                        and not any(m.run is None for m in groups.get(k, []))), ("plain", s.spec.name))
-            s = replace(s, bits=key[1]) if key[0] != "plain" else s
-        groups.setdefault(key, []).append(s)
+        key = keys[s.spec.name]
+        groups.setdefault(key, []).append(replace(s, bits=key[1]) if s.run is None and key[0] != "plain" else s)
     return [sorted(g, key=lambda m: m.run is not None) for g in groups.values()]
 
 

@@ -4,7 +4,8 @@ The records go through training's own readers and format normalisation (`loratun
 `loratune.data.formats`), so a file that trains also evaluates, with the same row-level errors. A
 record becomes a prompt conversation and, for generate-and-score, a reference: the last assistant
 message is the reference and everything before it the prompt. For the judge, a record is the prompt up
-to its last user message (an answer after it, if any, is ignored).
+to its last user message (an answer after it, if any, is ignored); a record holding only a prompt
+(`prompt`, or `instruction` with an optional `input`) is a prompt too.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ def _fail(rec: Record, what: str) -> DataError:
     return DataError(f"{rec.source}: row {rec.row}: {what}")
 
 
+def _bare_prompt(rec: Record, columns: ColumnsConfig) -> str | None:
+    """The prompt of a record that holds only one (`prompt` without `completion`, `instruction` without `output`):
+    a judge's prompt file needs no answers."""
+    data = rec.data
+    if not isinstance(data, dict):
+        return None
+    prompt, completion = columns.prompt or "prompt", columns.completion or "completion"
+    instruction, output, extra = columns.instruction or "instruction", columns.output or "output", columns.input or "input"
+    if isinstance(data.get(prompt), str) and data[prompt].strip() and completion not in data:
+        return data[prompt]
+    if isinstance(data.get(instruction), str) and data[instruction].strip() and output not in data:
+        more = data.get(extra)
+        return data[instruction] + (f"\n\n{more}" if isinstance(more, str) and more.strip() else "")
+    return None
+
+
 def read_items(path: str, *, fmt: str, columns: ColumnsConfig, split: str = "test", system: str | None = None,
                limit: int = 0, with_reference: bool) -> tuple[list[TextItem], list[Path]]:
     """The items of a prompt file (the first `limit`), and the local files read."""
@@ -57,6 +74,12 @@ def read_items(path: str, *, fmt: str, columns: ColumnsConfig, split: str = "tes
     for rec in records:
         if limit and len(items) >= limit:
             break
+        bare = None if with_reference or fmt != "auto" else _bare_prompt(rec, columns)
+        if bare is not None:
+            user = [{"role": "user", "content": bare}]
+            items.append(TextItem(str(len(items)), tuple(([{"role": "system", "content": system}] if system else []) + user),
+                                  None, rec.source, rec.row))
+            continue
         ex = normalise(rec)
         if not ex.messages:
             raise _fail(rec, "plain text; expected a conversation or a prompt/answer pair (a reference answer for "
