@@ -7,8 +7,11 @@ Per question, every choice is scored by its log-likelihood as the continuation o
 - `acc_norm`: the same after dividing each log-likelihood by the length of the choice's text in characters
   (lm-evaluation-harness's `acc_norm`; in the `letters` style every choice is one letter, so it equals acc);
 - `acc_letter` (`letters` style): the answer letter with the highest next-token log-probability after
-  `Answer:`, the first token of ` A`, ` B`, ... (qlora.py's MMLU evaluation). It equals `acc` whenever each
-  ` X` is one token, and costs no forward beyond the question's own.
+  `Answer:`, the token of ` A`, ` B`, ... (qlora.py's MMLU evaluation, which reads the letters' logits at
+  the answer position). It is defined only where each ` X` is a single token of the tokenizer (true of
+  the Llama, Mistral and Qwen tokenizers); then it equals `acc`, and it costs no forward beyond the
+  question's own. A tokenizer that splits a letter (` D` as ` ` + `D`) has no such score: it is left out
+  of the report with a note.
 
 Results are kept per question (log-likelihoods, not just right/wrong), so the report can recompute
 any metric, and so that a stopped evaluation continues from the questions already scored.
@@ -66,6 +69,7 @@ def record(p: Prepared, scores: Sequence, style: str) -> dict:
     return {"id": q.id, "subject": q.subject, "answer": q.answer,
             "logprobs": [s.logprob for s in scores], "greedy": [s.greedy for s in scores],
             "first": [s.first for s in scores], "lengths": [len(a) for a in answer_texts(q, style)],
+            "single": all(len(r.continuation) == 1 for r in p.requests),
             "tokens": len(p.requests[0].context), "truncated": p.truncated}
 
 
@@ -94,9 +98,15 @@ def question_metrics(rec: dict, style: str) -> dict[str, float]:
     lls = np.asarray(rec["logprobs"], dtype=np.float64)
     out = {"acc": float(np.argmax(lls) == rec["answer"]),
            "acc_norm": float(np.argmax(lls / np.asarray(rec["lengths"], dtype=np.float64)) == rec["answer"])}
-    if style == "letters":
+    if style == "letters" and rec["single"]:
         out["acc_letter"] = float(np.argmax(rec["first"]) == rec["answer"])
     return out
+
+
+def metrics_of(records: list[dict], style: str) -> list[str]:
+    """The metrics every record has (acc_letter only where every answer letter is one token)."""
+    single = all(r["single"] for r in records)
+    return [m for m in METRICS[style] if m != "acc_letter" or single]
 
 
 def summarize(records: list[dict], task: MCTaskConfig, *, resamples: int, confidence: float, seed: int) -> dict:
@@ -105,9 +115,13 @@ def summarize(records: list[dict], task: MCTaskConfig, *, resamples: int, confid
     per_q = [question_metrics(r, task.style) for r in records]
     subjects = [r["subject"] for r in records]
     out: dict = {"n": len(records), "truncated": sum(bool(r["truncated"]) for r in records), "metrics": {},
-                 "macro": {}, "categories": {}, "subjects": {}}
+                 "macro": {}, "categories": {}, "subjects": {}, "notes": []}
     categories = [category_of(s, task.categories) for s in subjects]
-    for m in METRICS[task.style]:
+    metrics = metrics_of(records, task.style)
+    if task.style == "letters" and "acc_letter" not in metrics:
+        out["notes"].append("acc_letter is not defined: some answer letters (` X` after the prompt) are more than "
+                            "one token of this tokenizer")
+    for m in metrics:
         values = [x[m] for x in per_q]
         out["metrics"][m] = wilson(sum(values), len(values), confidence).to_json()
         out["macro"][m] = macro_mean_ci(values, subjects, resamples=resamples, confidence=confidence,
@@ -135,6 +149,6 @@ def evaluate_mc(model: torch.nn.Module, tokenizer, bench: Benchmark, task: MCTas
     finally:
         model.train(was_training)
     per_q = [question_metrics(r, task.style) for r in records]
-    out = {m: float(np.mean([x[m] for x in per_q])) if per_q else float("nan") for m in METRICS[task.style]}
+    out = {m: float(np.mean([x[m] for x in per_q])) if per_q else float("nan") for m in metrics_of(records, task.style)}
     out["n"] = len(per_q)
     return out

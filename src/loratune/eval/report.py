@@ -52,16 +52,18 @@ def _mc_section(name: str, task: dict, models: list[str]) -> list[str]:
              f"subjects from `{task['path']}`. Intervals: Wilson (accuracies), bootstrap (macro averages, differences).", ""]
     header = ["metric", *models, *(f"{m} − {first}" for m in others)]
     rows = []
-    metrics = list(task["models"][first]["metrics"])
+    metrics = list(dict.fromkeys(k for x in models for k in task["models"][x]["metrics"]))
     for m in metrics:
         for kind, label in (("metrics", MC_LABELS[m]), ("macro", MC_LABELS[m] + ", mean over subjects")):
-            row = [label, *(cell(task["models"][x][kind][m]) for x in models)]
+            row = [label, *(cell(task["models"][x][kind].get(m)) or "n/a" for x in models)]
             if kind == "metrics":
-                row += [cell(task["differences"][x][m], sign=True, count=False) for x in others]
+                row += [cell(task["differences"][x].get(m), sign=True, count=False) for x in others]
             else:
                 row += ["" for _ in others]
             rows.append(row)
     lines += _table(header, rows)
+    notes = dict.fromkeys(f"{x}: {n}" for x in models for n in task["models"][x]["notes"])
+    lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     truncated = {x: task["models"][x]["truncated"] for x in models if task["models"][x]["truncated"]}
     if truncated:
         lines += [f"Contexts cut from the left to fit: {', '.join(f'{x}: {n}' for x, n in truncated.items())}.", ""]
@@ -70,7 +72,7 @@ def _mc_section(name: str, task: dict, models: list[str]) -> list[str]:
         keys = list(task["models"][first][group])
         if not keys:
             continue
-        rows = [[k, *(cell(task["models"][x][group][k][main]) for x in models)] for k in keys]
+        rows = [[k, *(cell(task["models"][x][group].get(k, {}).get(main)) for x in models)] for k in keys]
         table = _table([group[:-1] if group == "subjects" else "category", *(f"{x} {main}" for x in models)], rows)
         if group == "subjects":
             lines += ["<details><summary>Per subject</summary>", "", *table, "</details>", ""]

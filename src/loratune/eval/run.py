@@ -39,7 +39,7 @@ from loratune.infer.sampling import SamplingParams
 
 log = logging.getLogger("loratune.eval")
 
-FORMAT = 1  # of the cached results; bump when their meaning changes
+FORMAT = 2  # of the cached results; bump when their meaning changes
 
 
 @dataclass
@@ -253,8 +253,9 @@ def _mc_report(cfg: EvalConfig, runner: Runner, models: list[str]) -> dict:
         records = runner.results["mc"][t.name]
         bench = runner.inputs.mc[t.name]
         per_model = {m: [mc.question_metrics(r, t.style) for r in records[m]] for m in models}
+        common = lambda m: [k for k in mc.metrics_of(records[models[0]], t.style) if k in mc.metrics_of(records[m], t.style)]  # noqa: E731
         diffs = {m: {k: paired_difference([x[k] for x in per_model[models[0]]], [x[k] for x in per_model[m]], **kw).to_json()
-                     for k in mc.METRICS[t.style]} for m in models[1:]}
+                     for k in common(m)} for m in models[1:]}
         out[t.name] = {"path": t.path, "style": t.style, "shots": t.shots, "questions": len(bench.questions),
                        "subjects": len({q.subject for q in bench.questions}),
                        "models": {m: mc.summarize(records[m], t, **kw) for m in models}, "differences": diffs}
