@@ -1,11 +1,11 @@
 """`loratune eval`: every task on every model, one loaded base at a time, then one report.
 
-    read every benchmark, test set and prompt file first     (a malformed row fails before any model loads)
+    read every benchmark, test set and prompt file first (inputs.py: a malformed row fails before any load)
     for each group of models sharing a base (models.plan):
         load it; for each model: mc, generate, perplexity, judge answers   (each cached per item)
         release it
-    judge every pair of answers (cached per judgment), Elo over random orderings
-    report.json + report.md (+ plots)
+    judge every pair of answers (cached per judgment), Elo over random orderings   (assemble.py)
+    report.json + report.md (+ plots)                                              (report.py, plots.py)
 
 Nothing is recomputed that the output folder's cache already holds for the same model files, task
 settings and data bytes: a stopped eval, run again, continues; an eval with one more model computes
@@ -17,24 +17,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from loratune import __version__
-from loratune.eval import elo, generate, judge, mc, perplexity, plots, report
+from loratune.eval import assemble, generate, mc, perplexity, report
 from loratune.eval.config import EvalConfig, GenerateTaskConfig, JudgeConfig, MCTaskConfig, PerplexityTaskConfig
-from loratune.eval.mcdata import Benchmark, load_benchmark
+from loratune.eval.inputs import Inputs, read_inputs
 from loratune.eval.models import Loaded, Source, fingerprint, load, plan, release, selected
 from loratune.eval.progress import bar
-from loratune.eval.stats import paired_difference
-from loratune.eval.store import ResultStore, file_digest, store_for, write_text_atomic
+from loratune.eval.store import ResultStore, store_for, write_text_atomic
 from loratune.eval.store import fingerprint as key_of
-from loratune.eval.textdata import TextItem, read_items
+from loratune.eval.textdata import TextItem
 from loratune.infer.sampling import SamplingParams
 
 log = logging.getLogger("loratune.eval")
@@ -42,42 +38,13 @@ log = logging.getLogger("loratune.eval")
 FORMAT = 2  # of the cached results; bump when their meaning changes
 
 
-@dataclass
-class Inputs:
-    """Everything read before a model loads: benchmarks, test sets, documents, judge prompts, their digests."""
-
-    mc: dict[str, Benchmark] = field(default_factory=dict)
-    generate: dict[str, list[TextItem]] = field(default_factory=dict)
-    perplexity: dict[str, list] = field(default_factory=dict)
-    judge: list[TextItem] = field(default_factory=list)
-    digests: dict[str, str] = field(default_factory=dict)
-
-
-def _digest(files: list[Path], fallback: str) -> str:
-    return file_digest(files) if files else fallback
-
-
-def read_inputs(cfg: EvalConfig) -> Inputs:
-    inp = Inputs()
-    for t in cfg.mc:
-        inp.mc[t.name] = load_benchmark(t)
-        inp.digests[t.name] = _digest(inp.mc[t.name].files, t.path)
-    for g in cfg.generate:
-        inp.generate[g.name], files = read_items(g.path, fmt=g.format, columns=g.columns, split=g.split,
-                                                 system=g.system, limit=g.limit, with_reference=True)
-        inp.digests[g.name] = _digest(files, g.path)
-    for p in cfg.perplexity:
-        inp.perplexity[p.name], files = perplexity.read_documents(p.path, text_key=p.text_key, split=p.split, limit=p.limit)
-        inp.digests[p.name] = _digest(files, p.path)
-    if cfg.judge.prompts:
-        j = cfg.judge
-        inp.judge, files = read_items(j.prompts, fmt=j.format, columns=j.columns, limit=j.limit, with_reference=False)
-        inp.digests["judge"] = _digest(files, j.prompts)
-    return inp
+# Settings that select items or only shape the report: a cached per-item result stays valid across them.
+NOT_IN_KEY = {"name", "limit", "subjects", "categories", "metrics", "rouge_stemmer"}
 
 
 def _settings(task) -> dict:
-    return {k: v for k, v in dataclasses.asdict(task).items() if k != "name"}
+    """The task settings a per-item result depends on (part of its cache key)."""
+    return {k: v for k, v in dataclasses.asdict(task).items() if k not in NOT_IN_KEY}
 
 
 def _context_length(folder: str) -> int | None:
@@ -191,8 +158,7 @@ class Runner:
         params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                 seed=g.seed, stop=tuple(g.stop)).validate()
         sampled = {"batch_size": self.cfg.batch_size} if g.temperature > 0 else {}  # a batch draws together
-        settings = {k: v for k, v in _settings(g).items() if k not in ("metrics", "rouge_stemmer")}
-        store = self.store(model, g.name, settings, self.inputs.digests[g.name], sampled)
+        store = self.store(model, g.name, _settings(g), self.inputs.digests[g.name], sampled)
         return self._answers_job("generate", g.name, model, self.inputs.generate[g.name], g.chat, params, store)
 
     def judge_job(self, model: str, j: JudgeConfig) -> Job:
@@ -225,80 +191,6 @@ class Runner:
         return Job("perplexity", p.name, model, store, ids, compute, lambda: [store.get(i) for i in ids])
 
 
-def _judge(cfg: EvalConfig, runner: Runner) -> dict:
-    j = cfg.judge
-    players = j.models or [m.name for m in cfg.models]
-    client = judge.JudgeClient(j.base_url, j.model or "", os.environ.get(j.api_key_env) or None, j.system,
-                               j.temperature, j.max_tokens, j.timeout, j.retries)
-    template = judge.load_template(j.template)
-    items = runner.inputs.judge
-    total = len(items) * len(players) * (len(players) - 1)
-    with bar("judge", total) as b:
-        judgments = judge.judge(client, template, items, runner.answers, players,
-                                ResultStore(Path(cfg.output.dir) / "cache" / "judge" / "judgments.jsonl"),
-                                concurrency=j.concurrency, advance=b.advance)
-    games = judge.games(judgments)
-    return {"players": players, "prompts": len(items), "judge_model": j.model, "base_url": j.base_url, "k": j.elo_k,
-            "initial": j.elo_initial, "orderings": j.orderings, "confidence": cfg.confidence, "games": len(games),
-            "elo": elo.tournament(games, players, orderings=j.orderings, k=j.elo_k, initial=j.elo_initial,
-                                  seed=cfg.seed, confidence=cfg.confidence),
-            "win_rates": elo.win_rates(games, players), "position": judge.position_stats(judgments),
-            "judgments": [dataclasses.asdict(x) for x in judgments]}
-
-
-def _mc_report(cfg: EvalConfig, runner: Runner, models: list[str]) -> dict:
-    kw = dict(resamples=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
-    out = {}
-    for t in cfg.mc:
-        records = runner.results["mc"][t.name]
-        bench = runner.inputs.mc[t.name]
-        per_model = {m: [mc.question_metrics(r, t.style) for r in records[m]] for m in models}
-        common = lambda m: [k for k in mc.metrics_of(records[models[0]], t.style) if k in mc.metrics_of(records[m], t.style)]  # noqa: E731
-        diffs = {m: {k: paired_difference([x[k] for x in per_model[models[0]]], [x[k] for x in per_model[m]], **kw).to_json()
-                     for k in common(m)} for m in models[1:]}
-        out[t.name] = {"path": t.path, "style": t.style, "shots": t.shots, "questions": len(bench.questions),
-                       "subjects": len({q.subject for q in bench.questions}),
-                       "models": {m: mc.summarize(records[m], t, **kw) for m in models}, "differences": diffs}
-    return out
-
-
-def build_report(cfg: EvalConfig, runner: Runner, judged: dict | None) -> dict:
-    models = [m.name for m in cfg.models]
-    kw = dict(resamples=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
-    src = {s.spec.name: s for s in runner.sources}
-    rep: dict = {
-        "loratune": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "confidence": cfg.confidence,
-        "config": dataclasses.asdict(cfg),
-        "models": [{"name": m, "path": src[m].spec.path, "kind": "adapter" if src[m].run else "model",
-                    "base": src[m].base, "bits": src[m].bits, "fingerprint": runner.fingerprints[m]} for m in models],
-        "mc": _mc_report(cfg, runner, models), "generate": {}, "perplexity": {}}
-    for g in cfg.generate:
-        items = runner.inputs.generate[g.name]
-        rep["generate"][g.name] = {"path": g.path, **generate.summarize(
-            items, {m: runner.results["generate"][g.name][m] for m in models}, g.metrics, stemmer=g.rouge_stemmer,
-            examples=cfg.output.examples, **kw)}
-    for p in cfg.perplexity:
-        recs = runner.results["perplexity"][p.name]
-        first = recs[models[0]]
-        max_length, stride = runner.windows[p.name]
-        rep["perplexity"][p.name] = {"path": p.path, "documents": len(first), "max_length": max_length, "stride": stride,
-                                     "models": {m: perplexity.summarize(recs[m], **kw) for m in models}}
-    if judged:
-        rep["judge"] = judged
-    return rep
-
-
-def _plots(cfg: EvalConfig, rep: dict, out: Path) -> list[str]:
-    made = []
-    models = [m.name for m in cfg.models]
-    for name, task in rep["mc"].items():
-        if task["models"][models[0]]["categories"] and plots.mc_plot(name, task, models, out / f"mc_{name}.png"):
-            made.append(f"mc_{name}.png")
-    if rep.get("judge") and plots.elo_plot(rep["judge"], out / "elo.png"):
-        made.append("elo.png")
-    return made
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     """Run every task of `cfg` on every model and write the report; returns the report as data."""
     out = Path(cfg.output.dir)
@@ -307,10 +199,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_text_atomic(out / "eval.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
     runner = Runner(cfg, inputs)
     runner.run_models()
-    judged = _judge(cfg, runner) if cfg.judge.prompts else None
-    rep = build_report(cfg, runner, judged)
+    judged = assemble.tournament(cfg, inputs.judge, runner.answers) if cfg.judge.prompts else None
+    rep = assemble.build_report(cfg, runner.sources, runner.fingerprints, inputs, runner.results, runner.windows, judged)
     if cfg.output.plots:
-        rep["plots"] = _plots(cfg, rep, out)
+        rep["plots"] = assemble.draw_plots(cfg, rep, out)
     js, md = report.write(out, rep)
     log.info("report: %s (and %s)", md, js.name)
     return rep
