@@ -150,3 +150,21 @@ def test_bad_inputs_fail_before_loading(setup: dict[str, Path], tmp_path: Path, 
     args = _parse(["eval", str(config)])
     with pytest.raises(DataError, match=r"bad.csv: row 1: column 6 \(the answer\): got 'Z'"):
         args.handler(args)
+
+
+def test_registered_in_the_cli(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture) -> None:
+    """Through `loratune.cli.main` once the subcommand is registered (one line in its COMMANDS list)."""
+    from loratune import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, add_eval])
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    assert "report.md and report.json" in capsys.readouterr().out
+    config = tmp_path / "e.yaml"
+    config.write_text(f"models: [{{name: base, path: '{setup['base']}'}}]\n"
+                      f"mc: [{{name: m, path: '{setup['root'] / 'mmlu'}'}}]\n")
+    assert cli.main(["eval", str(config), "mc.0.shot=2"]) == 2
+    assert capsys.readouterr().err == ("error: unknown config key 'mc.0.shot': did you mean 'mc.0.shots'? allowed here: "
+                                       "name, path, split, dev_path, dev_split, hub_config, format, columns, shots, "
+                                       "style, description, subjects, categories, limit, max_length\n")

@@ -42,7 +42,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _models_section(report: dict) -> list[str]:
     rows = [[m["name"], f"`{m['path']}`", m["kind"], str(m["bits"]), f"`{m['fingerprint']}`"] for m in report["models"]]
-    return ["## Models", "", *_table(["model", "path", "kind", "base precision (bits)", "fingerprint"], rows)]
+    return ["## Models", "", *_table(["model", "path", "kind", "quantization.bits", "fingerprint"], rows)]
 
 
 def _mc_section(name: str, task: dict, models: list[str]) -> list[str]:
@@ -160,10 +160,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _json_safe(value):
+    """NaN (a rate over no items) as null: report.json stays standard JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write(out_dir: Path, report: dict) -> tuple[Path, Path]:
     """Write report.json and report.md into `out_dir`; returns their paths."""
     js, md = out_dir / "report.json", out_dir / "report.md"
-    write_text_atomic(js, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    write_text_atomic(js, json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     write_text_atomic(md, markdown(report))
     return js, md
 
