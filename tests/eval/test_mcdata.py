@@ -106,3 +106,18 @@ def test_missing_paths_and_offline_hub(tmp_path: Path) -> None:
         load_benchmark(_task(tmp_path / "nope.csv"))
     with pytest.raises(DataError, match="the hub is offline"):  # conftest sets HF_HUB_OFFLINE
         load_benchmark(_task("cais/mmlu", hub_config="all"))
+
+
+def test_parquet_and_csv_with_a_header(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["2+2?", "Sky?"], "choices": [["3", "4"], ["blue", "red", "green"]],
+                             "answer": [1, 0], "subject": ["math", "nature"]}), tmp_path / "b.parquet")
+    b = load_benchmark(_task(tmp_path / "b.parquet"))
+    assert [(q.subject, q.choices, q.answer, q.row) for q in b.questions] == [
+        ("math", ("3", "4"), 1, 1), ("nature", ("blue", "red", "green"), 0, 2)]
+    csv_file = tmp_path / "h.csv"  # a header naming the question column: records, choices one column each
+    csv_file.write_text("question,A,B,answer\n2+2?,4,5,A\n")
+    b = load_benchmark(_task(csv_file, columns=MCColumnsConfig(choices=["A", "B"])))
+    assert [(q.question, q.choices, q.answer, q.row, q.subject) for q in b.questions] == [("2+2?", ("4", "5"), 0, 2, "h")]
