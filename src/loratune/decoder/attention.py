@@ -187,9 +187,10 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window:
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
+    """Compiled once; torch.compile's automatic dynamic shapes take over after the first new length."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    return torch.compile(flex_attention)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
@@ -200,8 +201,12 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: 
         raise ConfigError("attention dropout is not available with FlexAttention; use the sdpa or flash backend")
     score_mod = None
     if softcap is not None:
+        # the cap as a tensor: a Python float captured here becomes an unbacked scalar under dynamic shapes,
+        # which Inductor cannot lower in the score_mod (torch 2.11, seen on the H200)
+        cap = torch.tensor(float(softcap), device=q.device)
+
         def score_mod(score, bi, h, qi, ki):
-            return torch.tanh(score / softcap) * softcap
+            return torch.tanh(score / cap) * cap
     fn = _compiled_flex() if q.is_cuda else flex_attention  # unfused (and slow) off CUDA: for tests
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
     out = fn(qh, kh, vh, score_mod=score_mod, block_mask=b.block_mask(window), scale=scale,
