@@ -14,7 +14,14 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from decoder_families import LENGTHS, attach_random_lora, hf_logits, load_pair, run_config, sample_ids
+from decoder_families import (
+    LENGTHS,
+    attach_random_lora,
+    hf_logits,
+    load_pair,
+    run_config,
+    sample_ids,
+)
 
 from loratune.decoder import Boundaries
 from loratune.decoder.keys import hf_module_name

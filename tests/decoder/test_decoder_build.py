@@ -57,8 +57,8 @@ def test_full_fine_tuning_gradients_match_hf(checkpoint, quiet):
     dec(torch.cat(ids), Boundaries.from_lengths(LENGTHS)).square().mean().backward()
     got = {n: p.grad for n, p in hf.named_parameters()}  # the same tensors: our backward filled their .grad
     assert set(got) == set(want) and len(want) == 1 + 1 + 2 * (4 + 3 + 2)  # embed, norm, per block
-    for n in want:
-        assert (got[n] - want[n]).abs().max().item() <= 1e-5 * want[n].abs().max().item(), n
+    for n, w in want.items():
+        assert (got[n] - w).abs().max().item() <= 1e-5 * w.abs().max().item(), n
 
 
 def test_refusals_are_named_before_loading(checkpoint, tmp_path, quiet):

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_families import LENGTHS, NAMES, hf_logits, load_pair, run_config, sample_ids
+from decoder_families import (
+    LENGTHS,
+    NAMES,
+    hf_logits,
+    load_pair,
+    run_config,
+    sample_ids,
+)
 
 from loratune.decoder import Boundaries
 

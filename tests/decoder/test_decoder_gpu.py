@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_families import LENGTHS, attach_random_lora, hf_logits, load_pair, run_config, sample_ids
+from decoder_families import (
+    LENGTHS,
+    attach_random_lora,
+    hf_logits,
+    load_pair,
+    run_config,
+    sample_ids,
+)
 
 from loratune.decoder import Boundaries
 from loratune.decoder.attention import flash_available, resolve_backend
@@ -76,7 +83,7 @@ def test_4bit_fp32_on_cuda_matches_hf_peft(name, checkpoint, quiet):
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2"])
 def test_bf16_at_least_as_accurate_as_hf_peft(name, checkpoint, quiet):
     folder = checkpoint(name)
-    ref_peft, ref_dec = _adapted_pair(run_config(folder))  # fp32 everywhere: the reference
+    _, ref_dec = _adapted_pair(run_config(folder))  # fp32 everywhere: the reference
     peft16, dec16 = _adapted_pair(run_config(folder, "quantization.bits=16", "quantization.compute_dtype=bf16"))
     assert dec16.compute_dtype == torch.bfloat16
     with torch.no_grad():

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_families import LENGTHS, NAMES, attach_random_lora, hf_logits, load_pair, run_config, sample_ids
+from decoder_families import (
+    LENGTHS,
+    NAMES,
+    attach_random_lora,
+    hf_logits,
+    load_pair,
+    run_config,
+    sample_ids,
+)
 
 from loratune.decoder import Boundaries
 from loratune.decoder.keys import hf_module_name
@@ -61,7 +69,7 @@ def test_lora_logits_and_gradients_match_peft(name, checkpoint, quiet):
 
 def test_adapters_change_the_logits(checkpoint, quiet):
     """A non-zero B moves the logits away from the base's: the comparison above is not base == base."""
-    peft_model, dec = _pair_with_lora(checkpoint("qwen2"))
+    _, dec = _pair_with_lora(checkpoint("qwen2"))
     ids = torch.cat(sample_ids())
     with torch.no_grad():
         adapted = dec(ids, Boundaries.from_lengths(LENGTHS))
@@ -86,7 +94,7 @@ def test_targets_and_rslora_as_peft(overrides, checkpoint, quiet):
 
 def test_checkpointing_gives_the_same_gradients(checkpoint, quiet):
     """Recomputing each block in the backward pass changes no gradient."""
-    peft_model, dec = _pair_with_lora(checkpoint("gemma3"))
+    _, dec = _pair_with_lora(checkpoint("gemma3"))
     ids, b = torch.cat(sample_ids()), Boundaries.from_lengths(LENGTHS)
     dec(ids, b).square().mean().backward()
     plain = {n: m.lora_A.grad.clone() for n, m in dec.adapted_layers().items()}

@@ -156,7 +156,7 @@ def _rope(hf: Any, params: dict | None, head_dim: int, where: str = "rope_parame
     if rotary_dim % 2:
         raise ModelError(f"config.json {where}: the rotated dimension {rotary_dim} (head_dim {head_dim} x "
                          f"partial_rotary_factor {partial}) must be even")
-    base = dict(theta=theta, rotary_dim=rotary_dim)
+    base = {"theta": theta, "rotary_dim": rotary_dim}
     max_pos = _get(hf, "max_position_embeddings")
     # transformers gives a config-level original_max_position_embeddings priority (Phi-3 keeps it there)
     original = _get(hf, "original_max_position_embeddings") or p.get("original_max_position_embeddings") or max_pos
@@ -210,14 +210,15 @@ def _common(hf: Any, **overrides: Any) -> dict[str, Any]:
     """Fields every family reads the same way."""
     head_dim = overrides.pop("head_dim", None) or _head_dim(hf)
     heads = int(_require(hf, "num_attention_heads"))
-    fields = dict(
-        model_type=hf.model_type, vocab_size=int(_require(hf, "vocab_size")), hidden_size=int(_require(hf, "hidden_size")),
-        intermediate_size=int(_require(hf, "intermediate_size")), num_layers=int(_require(hf, "num_hidden_layers")),
-        num_heads=heads, num_kv_heads=int(_get(hf, "num_key_value_heads", heads)), head_dim=head_dim,
-        rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)), attn_scale=head_dim ** -0.5,
-        tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        attention_dropout=float(_get(hf, "attention_dropout", 0.0)),
-    )
+    fields = {
+        "model_type": hf.model_type, "vocab_size": int(_require(hf, "vocab_size")),
+        "hidden_size": int(_require(hf, "hidden_size")), "intermediate_size": int(_require(hf, "intermediate_size")),
+        "num_layers": int(_require(hf, "num_hidden_layers")), "num_heads": heads,
+        "num_kv_heads": int(_get(hf, "num_key_value_heads", heads)), "head_dim": head_dim,
+        "rms_norm_eps": float(_get(hf, "rms_norm_eps", 1e-6)), "attn_scale": head_dim ** -0.5,
+        "tie_embeddings": bool(_get(hf, "tie_word_embeddings", False)),
+        "attention_dropout": float(_get(hf, "attention_dropout", 0.0)),
+    }
     if "rope" not in overrides:
         fields["rope"] = (_rope(hf, _rope_params(hf), head_dim),) * fields["num_layers"]
     fields.update(overrides)

@@ -25,7 +25,12 @@ from torch import Tensor, nn
 
 from loratune.errors import ModelError
 from loratune.kernels.lora_group import _LoRAGroup
-from loratune.kernels.lora_linear import _UNCACHED, AdapterCasts, _weight_fn, lora_linear
+from loratune.kernels.lora_linear import (
+    _UNCACHED,
+    AdapterCasts,
+    _weight_fn,
+    lora_linear,
+)
 
 
 class _FrozenLinear(torch.autograd.Function):

@@ -30,7 +30,12 @@ from torch.utils.checkpoint import checkpoint
 from loratune.decoder.attention import Boundaries, attend, resolve_backend
 from loratune.decoder.cache import KVCache
 from loratune.decoder.config import DecoderConfig
-from loratune.decoder.keys import hf_module_name, linear_names, projection_names, weight_names
+from loratune.decoder.keys import (
+    hf_module_name,
+    linear_names,
+    projection_names,
+    weight_names,
+)
 from loratune.decoder.lora import QLoRALinear, project_group
 from loratune.decoder.norm import RMSNorm
 from loratune.decoder.rope import Rotary, apply_rope
