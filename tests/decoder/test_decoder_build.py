@@ -81,3 +81,18 @@ def test_a_tensor_the_decoder_would_ignore_is_an_error(checkpoint, quiet):
     hf.model.layers[0].mlp.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(ModelError, match=r"would not use: \['model.layers.0.mlp.extra'\]"):
         decoder_from_hf(hf)
+
+
+def test_a_deep_copy_computes_with_its_own_weights(checkpoint, quiet):
+    """copy.deepcopy gives an independent decoder: changing the copy's base weights leaves the original alone."""
+    import copy
+
+    _, dec = load_pair(run_config(checkpoint("llama"), "quantization.bits=4"))
+    twin = copy.deepcopy(dec)
+    ids = torch.cat(sample_ids())
+    with torch.no_grad():
+        before = dec(ids)
+        assert torch.equal(twin(ids), before)
+        twin.layers[0].attn.q_proj.weight.quant_state.absmax.zero_()  # the copy's q_proj now computes zeros
+        assert not torch.equal(twin(ids), before)
+        assert torch.equal(dec(ids), before)

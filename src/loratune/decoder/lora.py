@@ -16,6 +16,7 @@ dequantized weight for its backward pass.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,16 @@ class QLoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora, self.dropout = 0, 0.0, False, 0.0
         self.casts: AdapterCasts | None = None
         self.ends_block = False  # the last layer before a residual add: its fused backward may be split
-        self.weight_fn = _weight_fn(self)  # the base weight in a dtype: dequantized (4-bit) or cast
+        self._weight = (weakref.ref(self), _weight_fn(self))
+
+    def weight_fn(self, dtype: torch.dtype) -> Tensor:
+        """The base weight in `dtype`: dequantized (4-bit; on CUDA one Triton kernel, its arguments kept while the
+        packed weight stays put) or cast. Rebuilt for a copy of this layer (a deep copy shares no closure)."""
+        owner, fn = self._weight
+        if owner() is not self:
+            fn = _weight_fn(self)
+            self._weight = (weakref.ref(self), fn)
+        return fn(dtype)
 
     @property
     def scale(self) -> float:
