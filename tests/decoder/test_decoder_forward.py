@@ -86,3 +86,45 @@ def test_no_attention_across_samples(checkpoint, quiet):
     n0 = LENGTHS[0]
     assert not torch.allclose(x[:n0], y[:n0])
     assert torch.equal(x[n0:], y[n0:])
+
+
+def _fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                       window_size=(-1, -1), softcap=0.0):
+    """flash-attn's documented semantics, written out per sample: query i sees keys in
+    [i - window_size[0], i + window_size[1]] (causal: not past i), scores soft-capped after the scale."""
+    assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max()) and dropout_p == 0.0
+    outs = []
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
+        ks = ks.repeat_interleave(qs.shape[0] // ks.shape[0], 0)
+        vs = vs.repeat_interleave(qs.shape[0] // vs.shape[0], 0)
+        w = qs @ ks.transpose(1, 2) * softmax_scale
+        if softcap:
+            w = softcap * torch.tanh(w / softcap)
+        i = torch.arange(e - s)
+        ok = torch.ones(e - s, e - s, dtype=torch.bool)
+        if causal:
+            ok &= i[None, :] <= i[:, None]
+        if window_size[0] >= 0:
+            ok &= i[None, :] >= i[:, None] - window_size[0]
+        outs.append((w.masked_fill(~ok, float("-inf")).softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (4, None), (3, 5.0)])
+def test_flash_call_maps_windows_and_softcap_as_flash_attn_defines_them(window, softcap, monkeypatch):
+    """The flash backend's call (cu_seqlens, max_seqlen, window_size=(w-1, w-1), softcap) computes the reference's
+    attention under flash-attn's documented semantics (a stand-in module here: flash-attn needs a CUDA GPU)."""
+    import sys
+    import types
+
+    from loratune.decoder.attention import attend
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_fake_flash_varlen))
+    g = torch.Generator().manual_seed(0)
+    n = sum(LENGTHS)
+    q, k, v = torch.randn(n, 4, 16, generator=g), torch.randn(n, 2, 16, generator=g), torch.randn(n, 2, 16, generator=g)
+    b = Boundaries.from_lengths(LENGTHS)
+    kw = {"scale": 0.25, "window": window, "softcap": softcap}
+    ref = attend(q, k, v, b, backend="sdpa", **kw)
+    assert (attend(q, k, v, b, backend="flash", **kw) - ref).abs().max().item() < 1e-6
