@@ -30,7 +30,7 @@ from loratune.errors import DataError
 from loratune.eval.config import MCTaskConfig
 from loratune.eval.loglik import Request, Scorer, truncate
 from loratune.eval.mcdata import Benchmark, Question
-from loratune.eval.mcprompt import answer_texts, context, continuations, encode_pair, text_encoder
+from loratune.eval.mcprompt import answer_texts, context, continuations, encode_pairs
 from loratune.eval.mmlu_subjects import category_of
 from loratune.eval.stats import macro_mean_ci, wilson
 from loratune.eval.store import ResultStore
@@ -47,16 +47,16 @@ class Prepared:
 
 def prepare(bench: Benchmark, task: MCTaskConfig, tokenizer, max_length: int) -> list[Prepared]:
     """Prompt and continuations of every question as token ids, cut to `max_length` from the left."""
-    encode = text_encoder(tokenizer)
     out = []
     for q in bench.questions:
-        ctx = context(q, bench.shots.get(q.subject, []), task.style, task.description)
+        conts = continuations(q, task.style)
+        ctx_ids, cont_ids = encode_pairs(tokenizer, context(q, bench.shots.get(q.subject, []), task.style,
+                                                            task.description), conts)
         requests, cut = [], False
-        for cont in continuations(q, task.style):
-            ctx_ids, cont_ids = encode_pair(encode, ctx, cont)
-            if not cont_ids:
-                raise DataError(f"{q.source}: row {q.row}: the choice {cont!r} encodes to no tokens after the prompt")
-            req, was_cut = truncate(Request(tuple(ctx_ids), tuple(cont_ids)), max_length)
+        for text, ids in zip(conts, cont_ids):
+            if not ids:
+                raise DataError(f"{q.source}: row {q.row}: the choice {text!r} encodes to no tokens after the prompt")
+            req, was_cut = truncate(Request(tuple(ctx_ids), tuple(ids)), max_length)
             requests.append(req)
             cut = cut or was_cut
         out.append(Prepared(q, requests, cut))

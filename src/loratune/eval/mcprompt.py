@@ -8,15 +8,15 @@ published ones:
 - `cloze` (`mmlu_continuation`): `Question: ...\\nAnswer:` and each choice's own text as the continuation.
 
 A k-shot prompt is the subject's description, then k solved examples from the dev split (question, a
-space, the right answer, a blank line), then the question. `encode_pair` turns (context, continuation)
-into token ids exactly as lm-evaluation-harness's `_encode_pair` does: trailing spaces of the context move
-to the continuation, the whole string is encoded once and the continuation is what follows the context's
-own encoding.
+space, the right answer, a blank line), then the question. `encode_pairs` turns (context, continuation)
+pairs into token ids exactly as lm-evaluation-harness's `_encode_pair` does: trailing spaces of the context
+move to the continuation, the whole string is encoded once and the continuation is what follows the
+context's own encoding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from loratune.eval.mcdata import LETTERS, Question
 
@@ -52,23 +52,15 @@ def continuations(q: Question, style: str) -> list[str]:
     return [TARGET_DELIMITER + a for a in answer_texts(q, style)]
 
 
-def encode_pair(encode: Callable[[str], list[int]], ctx: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-evaluation-harness tokenizes a pair for a causal model."""
+def encode_pairs(tokenizer, ctx: str, conts: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each continuation's ids) as lm-evaluation-harness's `_encode_pair` tokenizes each
+    (context, continuation) pair for a causal model: trailing spaces of the context move to the continuation,
+    the whole string is encoded, and the continuation is what follows the context's own encoding. The
+    tokenizer adds its special tokens (BOS) unless the text starts with BOS already. One batched call."""
     spaces = len(ctx) - len(ctx.rstrip())
-    if spaces:
-        continuation = ctx[-spaces:] + continuation
-        ctx = ctx[:-spaces]
-    whole = encode(ctx + continuation)
-    ctx_ids = encode(ctx)
-    return ctx_ids, whole[len(ctx_ids):]
-
-
-def text_encoder(tokenizer) -> Callable[[str], list[int]]:
-    """Token ids of a text with the tokenizer's own special tokens (BOS), unless the text starts with BOS already."""
-    bos = tokenizer.bos_token
-
-    def encode(text: str) -> list[int]:
-        special = not (bos and text.startswith(bos))
-        return list(tokenizer(text, add_special_tokens=special).input_ids)
-
-    return encode
+    moved = ctx[len(ctx) - spaces:]
+    ctx = ctx[:len(ctx) - spaces]
+    special = not (tokenizer.bos_token and ctx.startswith(tokenizer.bos_token))
+    ids = tokenizer([ctx, *(ctx + moved + c for c in conts)], add_special_tokens=special).input_ids
+    ctx_ids = list(ids[0])
+    return ctx_ids, [list(whole[len(ctx_ids):]) for whole in ids[1:]]
