@@ -26,12 +26,17 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from loratune.errors import LoratuneError
+from loratune.infer.extras import missing_extra
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ModuleNotFoundError as e:  # `pip install loratune` without the [serve] extra
+    raise missing_extra("serve", e) from None
+
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
@@ -373,7 +378,10 @@ def _check_bindable(host: str, port: int) -> None:
 def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           bits: int | None = None, max_pending: int = 8, limits: dict | None = None) -> None:
     """Load the models and run the server until interrupted."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise missing_extra("serve", e) from None
 
     from loratune.infer.load import load_engine, quiet_library_noise
 
