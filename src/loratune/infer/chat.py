@@ -181,18 +181,16 @@ def command(cmd: str, rest: str, params: SamplingParams, convo: Conversation, ou
 def run_chat(sources: list[str], *, name: str | None = None, bits: int | None = None, system: str | None = None,
              prompt: str | None = None, params: SamplingParams = SamplingParams()) -> int:
     """`loratune chat`: interactive on a terminal, else answer `prompt` (or stdin) once."""
-    from transformers.utils import logging as hf_logging
-
-    from loratune.infer.load import load_engine, quiet_library_noise
+    from loratune.infer.load import load_engine, quiet_library_noise, quiet_loading
 
     params.validate()
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise LoratuneError("no prompt: stdin was empty")
-    hf_logging.disable_progress_bar()
     quiet_library_noise()
-    engine = load_engine(sources, bits=bits)
+    with quiet_loading():
+        engine = load_engine(sources, bits=bits)
     if name is not None and name not in engine.adapters:
         raise LoratuneError(f"--model {name!r} is not loaded; loaded: {', '.join(engine.names)}")
     if prompt is None:

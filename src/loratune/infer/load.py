@@ -210,6 +210,24 @@ def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text
     return Engine(model, {name: make_format(tokenizer, info, model, stop_text)}, {name: inner}, context, name)
 
 
+def _no_bar(factory, args: tuple, kwargs: dict) -> object:
+    return factory(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", one per model and adapter) off while the block runs,
+    through its public tqdm hook, restored after. The hub's download bars are a different tqdm and stay: a
+    download of gigabytes needs its progress shown."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.set_tqdm_hook(_no_bar)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
 def quiet_library_noise() -> None:
     """For chat and serve, whose output a person reads: bitsandbytes warns on every 8-bit matmul with fp32
     inputs (once per token), and transformers' deprecation notices about its own internals say nothing to

@@ -8,7 +8,8 @@ disconnects (stream closed, or a non-streaming request abandoned) sets it, and i
 step. Events cross from the worker thread to the event loop through `call_soon_threadsafe`.
 
 Every route, /health included, sits behind the API key when one is set; the server binds 127.0.0.1
-unless told otherwise.
+unless told otherwise. Every request leaves one access-log line through Python logging (`infer/asgi.py`),
+and model loading shows no progress bars.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import json
 import logging
 import os
@@ -37,6 +37,7 @@ try:
 except ModuleNotFoundError as e:  # `pip install loratune` without the [serve] extra
     raise missing_extra("serve", e) from None
 
+from loratune.infer.asgi import AccessLog, ApiKeyMiddleware, read_json
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
@@ -152,38 +153,6 @@ class Worker:
 # ------------------------------------------------------------------------------------------------ app
 
 
-class ApiKeyMiddleware:
-    """Rejects every HTTP request without `Authorization: Bearer KEY` (plain ASGI: covers all routes)."""
-
-    def __init__(self, app: Callable, key: str) -> None:
-        self.app, self.expected = app, f"Bearer {key}".encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
-                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-async def read_json(request: Request, limit: int) -> object:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-
-
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -205,6 +174,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
     app.state.worker = worker
     if api_key:
         app.add_middleware(ApiKeyMiddleware, key=api_key)
+    app.add_middleware(AccessLog)  # added last, so outermost: rejected requests are logged too
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -383,16 +353,18 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     except ModuleNotFoundError as e:
         raise missing_extra("serve", e) from None
 
-    from loratune.infer.load import load_engine, quiet_library_noise
+    from loratune.infer.load import load_engine, quiet_library_noise, quiet_loading
 
     quiet_library_noise()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     _check_bindable(host, port)  # before minutes of model loading, not after
-    engine = load_engine(sources, bits=bits)
+    with quiet_loading():
+        engine = load_engine(sources, bits=bits)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
                      limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     print(f"loratune serve: models {', '.join(engine.names)} on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # log_config=None: uvicorn's own records (warnings and up) go through the CLI's logging like ours
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
