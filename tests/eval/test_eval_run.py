@@ -107,7 +107,7 @@ def test_base_vs_tuned_report_and_rerun(setup: dict[str, Path], monkeypatch: pyt
         assert judge["elo"]["base"]["mean"] + judge["elo"]["tuned"]["mean"] == pytest.approx(2000)
         md = (out / "report.md").read_text()
         for heading in ("## Multiple choice: mmlu", "## Generation: summaries", "## Perplexity: held",
-                        "## Judge tournament", "| tuned − base |", "(n=9)", "Note: base: acc_letter is not defined"):
+                        "## Judge tournament", "| tuned − base |", "(n=9)", "Note (base, tuned): acc_letter is not defined"):
             assert heading in md
         assert (out / "mc_mmlu.png").is_file() and (out / "elo.png").is_file()
         printed = capsys.readouterr().out

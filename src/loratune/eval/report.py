@@ -62,8 +62,11 @@ def _mc_section(name: str, task: dict, models: list[str]) -> list[str]:
                 row += ["" for _ in others]
             rows.append(row)
     lines += _table(header, rows)
-    notes = dict.fromkeys(f"{x}: {n}" for x in models for n in task["models"][x]["notes"])
-    lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])
+    notes: dict[str, list[str]] = {}
+    for x in models:
+        for n in task["models"][x]["notes"]:
+            notes.setdefault(n, []).append(x)
+    lines += [f"Note ({', '.join(who)}): {n}." for n, who in notes.items()] + ([""] if notes else [])
     truncated = {x: task["models"][x]["truncated"] for x in models if task["models"][x]["truncated"]}
     if truncated:
         lines += [f"Contexts cut from the left to fit: {', '.join(f'{x}: {n}' for x, n in truncated.items())}.", ""]
@@ -135,8 +138,10 @@ def _judge_section(judge: dict) -> list[str]:
     lines += ["Win rate of the row model against the column model (ties count half; games):", "",
               *_table(["", *ranked], rows)]
     pos = judge["position"]
-    lines += [f"Judgments: {pos['judgments']} ({pos['asked']} asked, the rest identical answers scored as ties), "
-              f"{pos['invalid']} without a verdict (left out). The judge preferred the first answer in "
+    same = pos["judgments"] - pos["asked"]
+    lines += [f"Judgments: {pos['judgments']}" + (f" ({same} of identical answers, scored as ties without asking)" if same
+                                                  else "") + f"; {pos['invalid']} without a verdict (left out). "
+              f"The judge preferred the first answer in "
               f"{_num(pos['first_position_wins'], 2)} and the second in {_num(pos['second_position_wins'], 2)} of its "
               f"verdicts; both orders of a pair agreed in {_num(pos['orders_agree'], 2)} of {pos['pairs']} pairs.", ""]
     return lines
