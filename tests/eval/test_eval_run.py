@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "infer"))
 from fake_openai import FakeJudge  # noqa: E402
+from mmlu_files import write_mmlu  # noqa: E402
 from run_folder import make_adapter_dir  # noqa: E402
 
 from loratune.eval import run as eval_run  # noqa: E402
@@ -31,8 +32,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from conftest import write_mmlu
-
     root = tmp_path_factory.mktemp("eval-e2e")
     tuned = make_adapter_dir(tiny_llama, root / "tuned", seed=5)
     other = make_adapter_dir(tiny_llama, root / "other", seed=6)
