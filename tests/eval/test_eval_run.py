@@ -138,7 +138,7 @@ def test_base_vs_tuned_report_and_rerun(setup: dict[str, Path], monkeypatch: pyt
 
 
 def test_bad_inputs_fail_before_loading(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loratune.errors import DataError
+    from loratune.errors import ConfigError, DataError
 
     bad = tmp_path / "bad.csv"
     bad.write_text('"Q?",a,b,c,d,Z\n')
@@ -148,6 +148,13 @@ def test_bad_inputs_fail_before_loading(setup: dict[str, Path], tmp_path: Path, 
     monkeypatch.setattr(eval_run, "load", lambda g: pytest.fail("loaded a model before reading the data"))
     args = _parse(["eval", str(config)])
     with pytest.raises(DataError, match=r"bad.csv: row 1: column 6 \(the answer\): got 'Z'"):
+        args.handler(args)
+    template = tmp_path / "judge.txt"
+    template.write_text("Which is better, {answer_a} or {answer_b}?")
+    config.write_text(f"models: [{{name: a, path: '{setup['base']}'}}, {{name: b, path: '{setup['tuned']}'}}]\n"
+                      f"judge: {{prompts: '{setup['root'] / 'prompts.jsonl'}', model: m, template: '{template}'}}\n"
+                      f"output: {{dir: '{tmp_path / 'out'}'}}\n")
+    with pytest.raises(ConfigError, match=r"judge.template .*judge.txt: missing \{question\}"):
         args.handler(args)
 
 

@@ -23,13 +23,12 @@ from loratune.eval.store import ResultStore
 from loratune.eval.textdata import TextItem
 
 
-def tournament(cfg: EvalConfig, items: list[TextItem], answers: dict[str, dict[str, str]]) -> dict:
+def tournament(cfg: EvalConfig, items: list[TextItem], template: str, answers: dict[str, dict[str, str]]) -> dict:
     """Judge every pair of the players' answers (cached per judgment) and rate the players."""
     j = cfg.judge
     players = j.models or [m.name for m in cfg.models]
     client = judge.JudgeClient(j.base_url, j.model or "", os.environ.get(j.api_key_env) or None, j.system,
                                j.temperature, j.max_tokens, j.timeout, j.retries)
-    template = judge.load_template(j.template)
     total = len(items) * len(players) * (len(players) - 1)
     with bar("judge", total) as b:
         judgments = judge.judge(client, template, items, answers, players,

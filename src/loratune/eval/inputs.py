@@ -1,7 +1,7 @@
 """Everything an eval reads before a model loads: benchmarks, test sets, documents and judge prompts.
 
-Reading all of it first means a malformed row anywhere fails in seconds, naming its file and row, rather
-than after an hour of scoring. The digest of each task's files is part of its cache key, so an edited
+Reading all of it first means a malformed row anywhere (or a judge template without its placeholders)
+fails in seconds, naming its file and row, rather than after an hour of scoring. The digest of each task's files is part of its cache key, so an edited
 benchmark is scored again.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loratune.eval import perplexity
 from loratune.eval.config import EvalConfig
+from loratune.eval.judge import load_template
 from loratune.eval.mcdata import Benchmark, load_benchmark
 from loratune.eval.store import file_digest
 from loratune.eval.textdata import TextItem, read_items
@@ -25,6 +26,7 @@ class Inputs:
     generate: dict[str, list[TextItem]] = field(default_factory=dict)
     perplexity: dict[str, list] = field(default_factory=dict)
     judge: list[TextItem] = field(default_factory=list)
+    judge_template: str = ""
     digests: dict[str, str] = field(default_factory=dict)
 
 
@@ -48,4 +50,5 @@ def read_inputs(cfg: EvalConfig) -> Inputs:
         j = cfg.judge
         inp.judge, files = read_items(j.prompts, fmt=j.format, columns=j.columns, limit=j.limit, with_reference=False)
         inp.digests["judge"] = _digest(files, j.prompts)
+        inp.judge_template = load_template(j.template)
     return inp

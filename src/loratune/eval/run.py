@@ -199,7 +199,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_text_atomic(out / "eval.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
     runner = Runner(cfg, inputs)
     runner.run_models()
-    judged = assemble.tournament(cfg, inputs.judge, runner.answers) if cfg.judge.prompts else None
+    judged = assemble.tournament(cfg, inputs.judge, inputs.judge_template, runner.answers) if cfg.judge.prompts else None
     rep = assemble.build_report(cfg, runner.sources, runner.fingerprints, inputs, runner.results, runner.windows, judged)
     if cfg.output.plots:
         rep["plots"] = assemble.draw_plots(cfg, rep, out)
