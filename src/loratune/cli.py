@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from loratune.errors import LoratuneError
+from loratune.eval.cli import add_eval
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -207,7 +208,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; a new command is one function here and one line in this list.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data, add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
