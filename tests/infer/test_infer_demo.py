@@ -41,7 +41,7 @@ def test_serve_accepts_a_demo_name(demo_answer: str, monkeypatch, capsys) -> Non
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))
     assert main(["serve", "demo://llama-test", "--port", "0"]) in (0, None)
     assert "models base on http://127.0.0.1:0/v1" in capsys.readouterr().out
-    (app, kw), = apps
+    (app, _), = apps
     with TestClient(app) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base"]
         r = client.post("/v1/chat/completions", json={"model": "base", "max_tokens": 6, "temperature": 0,

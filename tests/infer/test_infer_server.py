@@ -67,6 +67,8 @@ def client(live: LiveServer) -> openai.OpenAI:
 
 def raw(live: LiveServer, method: str, path: str, body: object = None, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     content = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
     return httpx.request(method, live.url + path, content=content, headers=headers, timeout=60)
 

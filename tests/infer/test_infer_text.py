@@ -85,3 +85,35 @@ def test_sampling_frequencies_follow_the_tempered_softmax() -> None:
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     expected = (logits[0] / 0.7).softmax(-1)
     assert torch.allclose(freq, expected, atol=0.015)  # ~4 standard errors at n=20000
+
+
+@settings(max_examples=200, deadline=None)
+@given(temperature=st.floats(0.0, 2.0), top_p=st.floats(0.0, 1.0, exclude_min=True),
+       top_k=st.integers(0, 10), penalty=st.floats(0.0, 10.0, exclude_min=True),
+       scale=st.sampled_from([1e-30, 1.0, 30.0, 1e30]), seed=st.integers(0, 2**32))
+def test_every_valid_setting_draws_a_token(temperature: float, top_p: float, top_k: int, penalty: float,
+                                           scale: float, seed: int) -> None:
+    """Settings in range but at the edge of floating point (temperature 1e-300, top_p 1e-320, a penalty of
+    1e-300 dividing large logits) still give a token, never a NaN distribution (torch.multinomial's error)."""
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty).validate()
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed)) * scale
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[:, ::2] = True
+    draws = next_tokens(logits, seen, params, make_generator(seed))
+    assert draws.shape == (3,) and bool(((draws >= 0) & (draws < 8)).all())
+
+
+@pytest.mark.parametrize("temperature, top_p, penalty", [(1e-300, 1.0, 1.0), (5e-324, 1.0, 1.0), (1.0, 1e-320, 1.0),
+                                                         (1.0, 1.0, 1e-300), (1e-300, 1e-320, 1e-300)])
+def test_vanishing_temperature_top_p_or_penalty_is_the_greedy_choice(temperature: float, top_p: float,
+                                                                     penalty: float) -> None:
+    """Their limits are greedy: a temperature or top_p near 0 keeps only the likeliest token, and a penalty
+    near 0 makes the likeliest seen token (positive logit / penalty) win."""
+    logits = torch.tensor([[0.5, 2.0, 1.0, -3.0], [3.0, -1.0, 2.5, 0.0]])
+    seen = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=penalty)
+    expected = apply_repetition_penalty(logits.double(), seen, penalty).argmax(-1)  # (1e-300 is 0 in float32)
+    for seed in range(5):
+        assert next_tokens(logits, seen, params, make_generator(seed)).tolist() == expected.tolist()
+    if penalty < 1e-100:
+        assert expected.tolist() == [2, 2]  # the largest seen positive logit now dominates

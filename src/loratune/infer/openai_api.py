@@ -2,7 +2,9 @@
 
 Requests are validated here, before anything reaches the engine, and every rejection is an `APIError`
 that renders as OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`), so clients
-raise their usual exceptions. Unknown fields are ignored (clients send many); fields we cannot honour
+raise their usual exceptions. (What holds for every value of a body, whatever its field, is checked
+before these schemas, in `asgi.check_tree`.) Types are strict: a string or a boolean is not converted
+into a number. Unknown fields are ignored (clients send many); fields we cannot honour
 (tools, logprobs, presence/frequency penalties) are rejected rather than silently ignored.
 Extensions beyond the OpenAI API (as vLLM names them): `top_k`, `repetition_penalty`, `ignore_eos`.
 """
@@ -14,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loratune.infer.sampling import SamplingParams
 
@@ -45,7 +47,8 @@ class Limits:
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a value of the wrong JSON type is an error, not converted ("10" or true is no max_tokens)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Base):
@@ -80,6 +83,12 @@ class Message(_Base):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
+    @model_validator(mode="after")
+    def _content_present(self) -> "Message":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
+
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
@@ -110,8 +119,16 @@ def parse(model: type[_Base], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str")))
-        raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param or None) from None
+        param = ".".join(str(p) for p in err["loc"] if not _type_tag(p))
+        message = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param or 'body'}: {message}", param=param or None) from None
+
+
+def _type_tag(part: str | int) -> bool:
+    """pydantic's locations name the union member tried (`str`, `list[int]`, `StreamOptions`, `function-after[..]`)
+    between field names; fields are snake_case."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
+                                      or part[:1].isupper())
 
 
 def check_unsupported(req: _Common) -> None:

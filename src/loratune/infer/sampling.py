@@ -4,6 +4,13 @@ Written out in plain PyTorch rather than through transformers' logits processors
 operations is visible and the generation loop owns its random generator (a seed reproduces a request).
 The order is the usual one: repetition penalty on the raw logits, then temperature, then top-k, then
 top-p, then a draw. Temperature 0 means greedy (argmax), as in the OpenAI API.
+
+Every setting in its valid range gives a valid distribution, extreme ones included. The arithmetic runs
+in float64, where every valid setting is a non-zero number (1e-300 is 0 in float32, and x / 0 is NaN);
+the logits are shifted so that the largest is 0 before dividing by the temperature (a temperature of
+1e-300 then sends the others to -inf, i.e. greedy, instead of every logit to +-inf and the softmax to
+NaN); a tiny repetition penalty's division is capped at the largest finite float. Shifting changes no
+probability.
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL-style penalty (Keskar et al. 2019) on tokens marked in the boolean `seen` (B, V)."""
     if penalty == 1.0:
         return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    largest = torch.finfo(logits.dtype).max  # a tiny penalty must not turn a logit into inf (inf - inf = NaN)
+    penalised = torch.where(logits > 0, (logits / penalty).clamp(max=largest), logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
@@ -91,9 +99,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator) -> torch.Tensor:
     """The next token of each row: (B, V) logits -> (B,) ids."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    logits = apply_repetition_penalty(logits.double(), seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # <= 0: dividing by any temperature stays finite or -inf
+    logits = top_p_filter(top_k_filter(shifted / params.temperature, params.top_k), params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -23,7 +23,7 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from loratune.errors import LoratuneError
@@ -37,7 +37,7 @@ try:
 except ModuleNotFoundError as e:  # `pip install loratune` without the [serve] extra
     raise missing_extra("serve", e) from None
 
-from loratune.infer.asgi import AccessLog, ApiKeyMiddleware, read_json
+from loratune.infer.asgi import AccessLog, ApiKeyMiddleware, ErrorResponse, read_json
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
@@ -177,17 +177,24 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
     app.add_middleware(AccessLog)  # added last, so outermost: rejected requests are logged too
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def _api_error(request: Request, exc: APIError) -> ErrorResponse:
+        return ErrorResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> ErrorResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+        return ErrorResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(APIError(400, str(exc.errors()[0].get("msg"))).body(), status_code=400)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> ErrorResponse:
+        return ErrorResponse(APIError(400, str(exc.errors()[0].get("msg"))).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _server_fault(request: Request, exc: Exception) -> ErrorResponse:
+        """A bug: the client still gets OpenAI's error JSON (a 500), the log gets the traceback."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        err = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
+        return ErrorResponse(err.body(), status_code=500)
 
     def resolve_model(name: str) -> str:
         if name not in engine.adapters:
