@@ -52,6 +52,15 @@ class ModelConfig:
                 "graph and replay it (no Python per launch): `auto` (or true) does so where it is exact (no padding "
                 "in the batch, not packed, no adapter dropout, bf16/fp32 compute, not deterministic) and measured "
                 "faster than eager, false never. See loratune.kernels.graphs.")
+    implementation: Literal["auto", "loratune", "transformers"] = _f(
+        "auto", "Which model code trains: `loratune` is loratune's own decoder (loratune.decoder: Llama, Mistral, "
+                "Qwen2/2.5/3, Gemma 1-3, Phi-3; LoRA adapters on a 4-, 16- or 32-bit base), `transformers` the "
+                "transformers model with peft's adapters. `auto` takes loratune's decoder where it covers the "
+                "architecture and the settings, and transformers + peft otherwise (8-bit bases, DoRA, "
+                "modules_to_save, full fine-tuning, other architectures); the start of a run says which, in one "
+                "line. The adapter written is the same PEFT adapter either way. The environment variable "
+                "LORATUNE_IMPLEMENTATION (loratune or transformers), when set, replaces `auto` (to run a test suite "
+                "on either path).")
 
 
 @dataclass
@@ -147,6 +156,17 @@ class TrainConfig:
            "under 90% of the available RAM, at most 8 (larger CPU batches give no more tokens/s). A resumed run keeps "
            "its checkpoint's batch size.")
     grad_accum: int = _f(16, "Micro-batches accumulated per optimizer step (paper: effective batch 16).")
+    batching: Literal["padding_free", "padded"] = _f(
+        "padding_free", "How a step's samples reach the model. Either way an optimizer step trains on batch_size x "
+                        "grad_accum samples (the effective batch), in the same order, with the loss normalised per "
+                        "supervised token over the whole step. `padding_free`: the step's samples are laid end to end "
+                        "with their boundaries (attention and labels never cross samples) in micro-batches of at most "
+                        "train.tokens_per_batch tokens, so no compute goes to padding. `padded`: micro-batches of "
+                        "batch_size samples, each padded to the longest.")
+    tokens_per_batch: Union[Literal["auto"], int] = _f(
+        "auto", "Padding-free batching: the token budget of one micro-batch (its memory is planned for this many "
+                "tokens). `auto`: batch_size x data.max_length, the size of the padded micro-batch it replaces. At "
+                "least data.max_length.")
     lr: float = _f(2e-4, "Peak learning rate (paper: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B).")
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"] = _f(
         "paged_adamw_32bit", "Optimizer; paged variants spill state to host memory under memory pressure (paper: paged AdamW 32-bit).")
@@ -359,6 +379,9 @@ def validate(cfg: Config) -> None:
         (t.loraplus_ratio > 0 and a.type == "none", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
         (t.max_nonfinite < 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}"),
         (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.tokens_per_batch != "auto" and t.tokens_per_batch < d.max_length,
+         f"train.tokens_per_batch must be auto or at least data.max_length ({d.max_length}, the longest sample), "
+         f"got {t.tokens_per_batch}"),
         *_train_checks(cfg),
         (d.max_length < 8, f"data.max_length must be >= 8, got {d.max_length}"),
         *_data_checks(d),

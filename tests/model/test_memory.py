@@ -188,7 +188,7 @@ def test_a_run_that_would_not_fit_stops_before_loading_anything(tmp_path: Path, 
     def never(*a, **k):
         raise AssertionError("loaded something before the memory check")
 
-    for name in ("load_tokenizer", "prepare_data", "build_model"):
+    for name in ("load_tokenizer", "prepare_data", "build_trainable"):
         monkeypatch.setattr(run, name, never)
     monkeypatch.setattr(memory, "device_budget", lambda device: 64 * 2**20)  # 64 MiB free
     code = main(["train", QUICKSTART, f"model.path={tiny_llama}", f"output.dir={tmp_path / 'out'}"])
@@ -196,7 +196,7 @@ def test_a_run_that_would_not_fit_stops_before_loading_anything(tmp_path: Path, 
     captured = capsys.readouterr()
     assert "estimated peak" in captured.out  # the plan is shown, then the error
     assert "this run would not fit: estimated peak 1.0" in captured.err
-    assert "GiB > 64.0 MiB free in host memory (micro-batch 4 x 256 tokens)" in captured.err
+    assert "GiB > 64.0 MiB free in host memory (micro-batch 4 x 256 tokens, padding-free)" in captured.err
     assert "lower train.batch_size (now 4" in captured.err and "data.max_length (now 256)" in captured.err
 
 

@@ -29,7 +29,7 @@ def _no_loading(monkeypatch) -> None:
     def never(*a, **k):
         raise AssertionError("loaded something for a run with nothing to do")
 
-    for name in ("load_tokenizer", "prepare_data", "build_model", "check_memory"):
+    for name in ("load_tokenizer", "prepare_data", "build_trainable", "check_memory"):
         monkeypatch.setattr(run_module, name, never)
 
 

@@ -9,14 +9,15 @@ import torch
 from train_helpers import config, write_run_yaml
 
 from loratune.config import load_config
+from loratune.data.collate import Batching
 from loratune.data.sample import Sample
-from loratune.model.adapters import attach_adapters
-from loratune.model.load import load_base
+from loratune.model.build import build_trainable
+from loratune.model.memory import load_model_config
+from loratune.model.resolve import decide
 from loratune.train.loop import Loop, LoopState, TrainingError
-from loratune.train.loss import lm_loss_sum
 from loratune.train.metrics import read_rows
 from loratune.train.optim import build_optimizer
-from loratune.train.run import make_accelerator, train
+from loratune.train.run import make_accelerator, make_runner, train
 
 
 def _samples(n: int = 8) -> list[Sample]:
@@ -31,30 +32,42 @@ def _samples(n: int = 8) -> list[Sample]:
     return out
 
 
-def _loop(tiny_llama: Path, batch_size: int, grad_accum: int, loss_fn=lm_loss_sum, **train) -> Loop:
+def _loop(tiny_llama: Path, batch_size: int, grad_accum: int, impl: str = "loratune", batching: str = "padded",
+          **train) -> Loop:
     cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=4", "adapter.dropout=0",
+                             f"model.implementation={impl}", f"train.batching={batching}", "data.max_length=64",
                              f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_steps=4",
                              "train.optimizer=adamw", "train.max_grad_norm=0", *(f"train.{k}={v}" for k, v in train.items())])
+    resolved = decide(cfg, model_config=load_model_config(cfg))
     torch.manual_seed(0)
-    model = attach_adapters(load_base(cfg), cfg.adapter)
+    model = build_trainable(cfg, resolved)
     with torch.no_grad():  # B starts at zero, which would make A's gradient zero: give it values
-        for name, p in model.named_parameters():
+        for name, p in model.module.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    acc = make_accelerator(cfg)
-    return Loop(model, _samples(), cfg.train, build_optimizer(model, cfg.train), pad_id=1, accelerator=acc,
-                loss_fn=loss_fn)
+    acc = make_accelerator(resolved)
+    runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, acc)
+    batching_ = Batching(resolved.padding_free, resolved.batch_size, resolved.tokens_per_batch, pad_id=1)
+    return Loop(runner, _samples(), cfg.train, optimizer, acc, batching_)
 
 
 def _grads(loop: Loop) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in loop.model.named_parameters() if p.requires_grad}
+    return {n: p.grad.clone() for n, p in loop.runner.module.named_parameters() if p.requires_grad}
 
 
-def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_llama: Path) -> None:
-    big = _loop(tiny_llama, 8, 1)
-    loss_big, n_big = big.forward_backward(big.batches([list(range(8))]))
-    small = _loop(tiny_llama, 1, 8)
-    loss_small, n_small = small.forward_backward(small.batches([[i] for i in range(8)]))
+@pytest.mark.parametrize("impl", ["loratune", "transformers"])
+@pytest.mark.parametrize("batching", ["padded", "padding_free"])
+def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_llama: Path, impl: str, batching: str) -> None:
+    """The same 8 samples in one micro-batch or in eight (padding-free: a token budget that holds one sample at
+    a time): the same token-normalised loss and gradients."""
+    big = _loop(tiny_llama, 8, 1, impl, batching)
+    batches = big.batches([list(range(8))])
+    loss_big, n_big = big.forward_backward(batches)
+    small = _loop(tiny_llama, 1, 8, impl, batching, tokens_per_batch=64)
+    small_batches = small.batches([[i] for i in range(8)])
+    # padding-free: lengths 5, 9, .., 33 best-fit into 64 tokens: [33, 29], [25, 21, 17], [13, 9, 5]
+    assert len(batches) == 1 and len(small_batches) == (8 if batching == "padded" else 3)
+    loss_small, n_small = small.forward_backward(small_batches)
     assert n_big == n_small == sum(sum(t != -100 for t in s.labels[1:]) for s in _samples())
     assert loss_big == pytest.approx(loss_small, rel=1e-5)
     gb, gs = _grads(big), _grads(small)
@@ -62,35 +75,39 @@ def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_llama: Path) -> None:
         assert torch.allclose(gb[name], gs[name], rtol=1e-4, atol=1e-7), name
 
     # the test can tell: averaging per-micro-batch means (the common mistake) gives other gradients
-    naive = _loop(tiny_llama, 1, 1)
+    naive = _loop(tiny_llama, 1, 1, impl, "padded")
     for i in range(8):
-        loss_sum, n = lm_loss_sum(naive.model, naive.batches([[i]])[0])
+        loss_sum, n = naive.runner.loss_sum(naive.batches([[i]])[0])
         (loss_sum / n / 8).backward()
-    worst = max(float((naive.model.get_parameter(n).grad - gb[n]).abs().max() / gb[n].abs().max()) for n in gb)
+    worst = max(float((naive.runner.module.get_parameter(n).grad - gb[n]).abs().max() / gb[n].abs().max())
+                for n in gb)
     assert worst > 1e-2
 
 
-def _poisoned(calls: set[int]):
+def _poisoned(loop: Loop, calls: set[int]) -> Loop:
+    """Make the micro-batches numbered in `calls` (from 1) return an infinite loss."""
     count = {"n": 0}
+    real = loop.runner.loss_sum
 
-    def loss_fn(model, batch):
+    def loss_sum(batch):
         count["n"] += 1
-        loss, n = lm_loss_sum(model, batch)
+        loss, n = real(batch)
         return (loss * float("inf"), n) if count["n"] in calls else (loss, n)
 
-    return loss_fn
+    loop.runner.loss_sum = loss_sum
+    return loop
 
 
 def test_non_finite_loss_skips_exactly_that_step(tiny_llama: Path) -> None:
-    loop = _loop(tiny_llama, 2, 2, loss_fn=_poisoned({3}))  # micro-batch 3 is in step 2
+    loop = _poisoned(_loop(tiny_llama, 2, 2), {3})  # micro-batch 3 is in step 2
     state = LoopState()
     steps = list(loop.windows(state))
     r1 = loop.step(state, steps[0][2])
-    before = {n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in loop.runner.module.named_parameters() if p.requires_grad}
     opt_state = {k: v["step"].clone() for k, v in loop.optimizer.state.items()}
     r2 = loop.step(state, steps[1][2])
     assert not r1.skipped and r2.skipped and state.skipped_steps == 1 and state.nonfinite_in_row == 1
-    assert all(torch.equal(p, before[n]) for n, p in loop.model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(p, before[n]) for n, p in loop.runner.module.named_parameters() if p.requires_grad)
     assert all(torch.equal(v["step"], opt_state[k]) for k, v in loop.optimizer.state.items())
     assert all(p.grad is None for p in loop.params)  # nothing of the bad step leaks into the next
     r3 = loop.step(state, steps[2][2])
@@ -98,7 +115,7 @@ def test_non_finite_loss_skips_exactly_that_step(tiny_llama: Path) -> None:
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_with_advice(tiny_llama: Path) -> None:
-    loop = _loop(tiny_llama, 2, 1, loss_fn=_poisoned(set(range(1, 100))), max_nonfinite=3)
+    loop = _poisoned(_loop(tiny_llama, 2, 1, max_nonfinite=3), set(range(1, 100)))
     state = LoopState()
     with pytest.raises(TrainingError, match="3 steps in a row.*bf16.*lower train.lr"):
         for _, _, window in loop.windows(state):
@@ -122,7 +139,7 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run(tiny_llama: Path,
 
 def test_injected_inf_is_caught_within_one_step_and_nothing_non_finite_is_saved(
         tmp_path: Path, tiny_llama: Path, monkeypatch, caplog) -> None:
-    monkeypatch.setenv("LORATUNE_FAULT", "nan@loss#3")  # the 3rd micro-batch: step 2
+    monkeypatch.setenv("LORATUNE_FAULT", "nan@loss#2")  # one padding-free micro-batch a step: the 2nd is step 2
     from safetensors.torch import load_file
 
     result = train(config(write_run_yaml(tmp_path, tiny_llama)))
@@ -142,7 +159,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, tiny_llama: Path) ->
 
     run = Run(config(write_run_yaml(tmp_path, tiny_llama)), GracefulStop())
     with torch.no_grad():
-        next(p for p in run.parts.model.parameters() if p.requires_grad)[0, 0] = float("nan")
+        next(p for p in run.parts.model.module.parameters() if p.requires_grad)[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeights, match="NaN or inf"):
         run.save_checkpoint()
     root = tmp_path / "out" / "checkpoints"
@@ -163,7 +180,7 @@ def test_loss_decreases(tmp_path: Path, tiny_llama: Path) -> None:
 def test_a_skipped_first_step_neither_warns_nor_moves_the_schedule(tiny_llama: Path) -> None:
     import warnings
 
-    loop = _loop(tiny_llama, 2, 1, loss_fn=_poisoned({1}), warmup_steps=2)  # the very first step is bad
+    loop = _poisoned(_loop(tiny_llama, 2, 1, warmup_steps=2), {1})  # the very first step is bad
     state = LoopState()
     windows = [w for _, _, w in loop.windows(state)]
     with warnings.catch_warnings():

@@ -24,9 +24,10 @@ from loratune.train.run import train
 
 KILLED = -signal.SIGKILL
 
-# max_steps 8, save_every 3, grad_accum 2: backward #k is in step ceil(k/2); saves at steps 3, 6, and 8 (final)
+# max_steps 8, save_every 3, 4 samples a step: padding-free, they make one micro-batch, so backward #k is in
+# step k; saves at steps 3, 6, and 8 (final)
 ADAMW_CHAIN = [
-    "kill@step.backward#3",  # mid-step 2, before any checkpoint: restarts from step 0
+    "kill@step.backward#3",  # mid-step 3, before any checkpoint: restarts from step 0
     "kill@save.manifest#1",  # step 3's files and manifest written, folder not renamed: still nothing to resume
     "kill@save.renamed#1",  # step 3 in place, rotation not done
     "kill@save.files#1",  # step 6's files written, no manifest: resumes from 3
@@ -36,6 +37,8 @@ ADAMW_CHAIN = [
     "kill@save.renamed#1",  # the final checkpoint (8) is in place, the output folder not yet written
 ]
 PAGED_CHAIN = ["kill@step.backward#5", "int@step.end#2", "kill@save.manifest#1"]  # int: Ctrl-C after step 5
+# padded: 2 micro-batches a step, backward #k in step ceil(k/2); #3 is mid-step 2, then from 3 #3 is mid-step 5
+PADDED_CHAIN = ["kill@step.backward#3", "kill@save.renamed#1", "kill@step.backward#3", "kill@save.files#1"]
 
 
 def _reference(tmp_path: Path, model: Path, sections: dict) -> bytes:
@@ -47,6 +50,7 @@ def _reference(tmp_path: Path, model: Path, sections: dict) -> bytes:
 
 
 def _chain(tmp_path: Path, model: Path, sections: dict, chain: list[str]) -> Path:
+    """Run the chain of faults, each killing (or stopping) one subprocess, then one to the end."""
     path = write_run_yaml(tmp_path, model, **sections)
     for fault in chain:
         p = run_cli(path, fault=fault)
@@ -63,6 +67,11 @@ CASES = {
     "paged_adamw_32bit": ({"train": {"optimizer": "paged_adamw_32bit"}}, PAGED_CHAIN),
     # rank 64: lora_A has 64 x 64 = 4096 values, enough for bitsandbytes to keep 8-bit state
     "paged_adamw_8bit": ({"train": {"optimizer": "paged_adamw_8bit"}, "adapter": {"rank": 64}}, PAGED_CHAIN),
+    "padded": ({"train": {"optimizer": "adamw", "batching": "padded"}}, PADDED_CHAIN),
+    # the fallback model code, padding-free and padded
+    "transformers": ({"model": {"implementation": "transformers"}, "train": {"optimizer": "adamw"}}, PAGED_CHAIN),
+    "transformers-padded": ({"model": {"implementation": "transformers"},
+                             "train": {"optimizer": "adamw", "batching": "padded"}}, PADDED_CHAIN),
 }
 
 

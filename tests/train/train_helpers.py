@@ -35,9 +35,9 @@ def base_config(model: Path, out: Path) -> dict:
     }
 
 
-def write_run_yaml(tmp_path: Path, model: Path, **sections: dict) -> Path:
-    """The base run (with `sections` merged in) as a YAML file writing to tmp_path/out."""
-    data = base_config(model, tmp_path / "out")
+def write_run_yaml(tmp_path: Path, model_path: Path, /, **sections: dict) -> Path:
+    """The base run (with `sections` merged in, `model` among them) as a YAML file writing to tmp_path/out."""
+    data = base_config(model_path, tmp_path / "out")
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     path = tmp_path / "run.yaml"

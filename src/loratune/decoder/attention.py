@@ -7,7 +7,10 @@ inside its sample; no token ever attends to a token of another sample. Three imp
 - `sdpa` (the reference, and the CPU path): PyTorch's scaled_dot_product_attention over the whole stream
   with a block-diagonal causal mask [N, N] (plus the sliding window). With a logit soft-cap (Gemma 2),
   which SDPA cannot apply, the same mask on the plain product/softmax path, as transformers' eager path
-  computes it. Memory grows with N^2: meant for CPU and tests, and as the fallback.
+  computes it. Memory grows with N^2: meant for CPU and tests, and as the fallback. When the stream holds
+  several samples and S x L^2 < N^2 (S samples, the longest of L tokens), the samples are gathered into S
+  rows of L (`Boundaries.padded_layout`) and attend there instead, under a causal mask that also hides
+  each row's padding: the same result for a fraction of the work (a micro-batch of many short samples).
 - `flash`: `flash_attn.flash_attn_varlen_func` with `cu_seqlens` (window and soft-cap native), when the
   flash-attn package is installed, on CUDA in 16-bit.
 - `flex`: PyTorch's FlexAttention with a block mask built from the sample ids (blocks that cross samples
@@ -96,6 +99,30 @@ class Boundaries:
             self._derived[key] = mask
         return self._derived[key]
 
+    def padded_layout(self) -> tuple[Tensor, Tensor]:
+        """([S, L] stream index of each sample's tokens, 0 past its end; [S, L] True where a token is), L the
+        longest sample: the samples as padded rows (`_sdpa_rows`)."""
+        if "rows" not in self._derived:
+            device = self.positions.device
+            lengths = torch.tensor(self.lengths, device=device)
+            cols = torch.arange(self.max_seqlen, device=device)
+            valid = cols[None, :] < lengths[:, None]
+            starts = torch.tensor([0, *self.lengths[:-1]], device=device).cumsum(0)
+            self._derived["rows"] = ((starts[:, None] + cols[None, :]).masked_fill(~valid, 0), valid)
+        return self._derived["rows"]
+
+    def padded_mask(self, window: int | None) -> Tensor:
+        """[S, 1, L, L] bool of `padded_layout`'s rows: causal, within the window, keys that exist."""
+        key = ("rows", window)
+        if key not in self._derived:
+            _, valid = self.padded_layout()
+            i = torch.arange(self.max_seqlen, device=valid.device)
+            mask = i[None, :] <= i[:, None]
+            if window is not None:
+                mask = mask & ((i[:, None] - i[None, :]) < window)
+            self._derived[key] = (mask[None] & valid[:, None, :])[:, None]
+        return self._derived[key]
+
     def block_mask(self, window: int | None):
         """FlexAttention's block mask of `dense_mask` (built once per batch and window)."""
         key = ("flex", window)
@@ -147,8 +174,21 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
     return torch.matmul(w, v)
 
 
+def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
+               softcap: float | None, dropout: float) -> Tensor:
+    """The samples gathered into padded rows [S, heads, L, D], attended there, and taken back to the stream.
+    Padding rows and columns are masked (every query keeps its own first key), so they add exact zeros to the
+    gradients of the tokens they were gathered from."""
+    index, valid = b.padded_layout()
+    qr, kr, vr = (t[index].transpose(1, 2) for t in (q, k, v))  # [S, heads, L, D]
+    out = dense_attention(qr, kr, vr, b.padded_mask(window), scale, softcap, dropout)
+    return out.transpose(1, 2)[valid]
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
           softcap: float | None, dropout: float) -> Tensor:
+    if len(b.lengths) > 1 and len(b.lengths) * b.max_seqlen ** 2 < b.n_tokens ** 2:
+        return _sdpa_rows(q, k, v, b, scale, window, softcap, dropout)
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, N, D]
     out = dense_attention(qh, kh, vh, b.dense_mask(window)[None, None], scale, softcap, dropout)
     return out[0].transpose(0, 1)

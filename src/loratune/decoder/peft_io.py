@@ -34,7 +34,7 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _target_modules(decoder: Decoder, hf_names: list[str]) -> list[str] | str:
+def target_modules(decoder: Decoder, hf_names: list[str]) -> list[str] | str:
     """Leaf names when they pick exactly the adapted modules (a readable config, as loratune's adapters.py
     writes it), else the full module names. Beside a vision tower (whose modules share the leaf names) the
     leaves are scoped to the text decoder by a regular expression, which peft matches in full."""
@@ -72,7 +72,7 @@ def save_adapter(decoder: Decoder, folder: str | Path, base_model_name_or_path: 
     first = next(iter(adapted.values()))
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
-        target_modules=_target_modules(decoder, hf_names), bias="none", task_type="CAUSAL_LM",
+        target_modules=target_modules(decoder, hf_names), bias="none", task_type="CAUSAL_LM",
         rank_pattern={decoder.hf_name(n): m.rank for n, m in adapted.items() if m.rank != rank},
         alpha_pattern={decoder.hf_name(n): m.alpha for n, m in adapted.items() if m.alpha != alpha},
         base_model_name_or_path=base_model_name_or_path,
@@ -149,3 +149,30 @@ def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
         layer.set_adapter_weights(ab["A"], ab["B"])
     decoder.track_adapters()
     return [ours for ours, *_ in plan]
+
+
+def copy_adapter_weights(decoder: Decoder, folder: str | Path) -> None:
+    """Copy the LoRA weights of the PEFT adapter in `folder` into the decoder's own adapter tensors, in place.
+
+    For resuming: the parameters stay the same objects (an optimizer holds them), so the file must hold
+    exactly the adapters the decoder has, of the same shapes; anything else is a `ModelError` naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist (loratune reads adapters saved as safetensors)")
+    saved = load_file(str(path))
+    adapted = decoder.adapted_layers()
+    want = {f"{PEFT_PREFIX}{decoder.hf_name(n)}.lora_{x}.weight": (n, x) for n in adapted for x in "AB"}
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    if missing or extra:
+        raise ModelError(f"{path} does not hold this run's adapters: " + "; ".join(
+            part for part in (f"missing {missing[:2]}" if missing else "", f"unexpected {extra[:2]}" if extra else "")
+            if part) + " (was adapter.* changed?)")
+    for key, (name, x) in want.items():
+        target = getattr(adapted[name], f"lora_{x}")
+        if tuple(saved[key].shape) != tuple(target.shape):
+            raise ModelError(f"{path}: {key} has shape {tuple(saved[key].shape)}, this run's adapter "
+                             f"{tuple(target.shape)} (was adapter.rank changed?)")
+        with torch.no_grad():
+            target.copy_(saved[key])

@@ -1,32 +1,149 @@
-"""The trainable model exactly as `loratune train` runs it, in one function the benchmark calls too.
+"""The trainable model exactly as `loratune train` runs it, built from the run's decisions (`Resolved`).
 
-load the base in the configured precision (4-bit layers kept in bitsandbytes' standard layout) ->
-activation checkpointing -> adapters (or full fine-tuning) -> the fast paths of `loratune.kernels` (CUDA only,
-`model.kernels: auto`). Keeping this sequence in one place is what lets benchmarks/bench_train.py
-measure the path users get rather than a hand-assembled copy of it.
+    loratune's decoder (resolved.implementation "loratune"):
+        load the base in the configured precision -> take its tensors into `loratune.decoder.Decoder`
+        (Params4bit included, no copy; the transformers module tree is dropped) -> LoRA adapters
+    transformers + peft (the fallback, and `build_model`, which benchmarks/bench_train.py calls):
+        load the base -> activation checkpointing -> peft adapters (or full fine-tuning) -> the fast paths
+        of `loratune.kernels` (CUDA only, `model.kernels: auto`)
+
+Either way the result is a `TrainModel`: the module whose parameters train, and the few facts the run needs
+beside them (how to write and read back its adapter, which modules carry adapters, the base's end-of-sequence
+ids for sample answers). Nothing is attached to the model instance itself.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from loratune import kernels
 from loratune.config import Config
-from loratune.model.adapters import attach_adapters, count_parameters, weight_precision
+from loratune.errors import LoratuneError
+from loratune.model.adapters import attach_adapters, count_parameters, is_peft, weight_precision
 from loratune.model.load import enable_checkpointing, load_base
+from loratune.model.resolve import Resolved
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainModel:
+    """The model a run trains. `module`: loratune's `Decoder`, or the peft (or plain, full fine-tuning)
+    transformers model; `base_name`: what the adapter config records as its base (`base_model_name_or_path`);
+    `generation_config`: the base's generation config (its end-of-sequence ids), None if it has none;
+    `context_length`: the longest sequence generation may reach (as `loratune.infer.load.engine_for` reads it)."""
+
+    module: nn.Module
+    resolved: Resolved
+    base_name: str | None
+    generation_config: Any | None
+    context_length: int = 4096
+
+    @property
+    def decoder(self) -> bool:
+        return self.resolved.decoder
+
+    def save(self, folder: Path) -> None:
+        """The adapter in PEFT format (a full fine-tune: the whole model, safetensors) into `folder`."""
+        if self.decoder:
+            from loratune.decoder.peft_io import save_adapter
+
+            save_adapter(self.module, folder, base_model_name_or_path=self.base_name)
+        else:
+            self.module.save_pretrained(folder, safe_serialization=True)
+
+    def load_weights(self, folder: Path) -> None:
+        """The trainable weights saved in `folder` back into this model's own tensors, exactly (resume)."""
+        if self.decoder:
+            from loratune.decoder.peft_io import copy_adapter_weights
+
+            copy_adapter_weights(self.module, folder)
+            return
+        load_hf_weights(self.module, folder)
+
+    def adapted_modules(self) -> list[str]:
+        """The adapter config's target_modules: leaf names where they pick exactly the adapted modules, else full
+        names (empty for a full fine-tune)."""
+        if self.decoder:
+            from loratune.decoder.peft_io import target_modules
+
+            targets = target_modules(self.module, [self.module.hf_name(n) for n in self.module.adapted_layers()])
+            return [targets] if isinstance(targets, str) else sorted(targets)
+        configs = getattr(self.module, "peft_config", None) or {}
+        targets = next(iter(configs.values())).target_modules if configs else []
+        return [targets] if isinstance(targets, str) else sorted(targets or [])
+
+
+def load_hf_weights(model: nn.Module, folder: Path) -> None:
+    """Load the trainable weights saved in `folder` into a peft (or full) transformers model, exactly."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if is_peft(model):
+        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise LoratuneError(f"{folder}: the adapter does not fit this model (unexpected weights such as "
+                                f"{result.unexpected_keys[0]}); was adapter.* changed?")
+        return
+    state = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or any(k in trainable for k in missing if k not in _tied(model)):
+        raise LoratuneError(f"{folder}: the saved weights do not fit this model")
+
+
+def _tied(model: nn.Module) -> set[str]:
+    """Names of weights saved once under another name (e.g. a tied output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and emb is not None and head.weight is emb.weight:
+        return {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+    return set()
+
+
 def build_model(cfg: Config) -> nn.Module:
-    """The model to train: base + checkpointing + adapters + fast paths, on the GPU when there is one."""
+    """The transformers + peft model: base + checkpointing + adapters + fast paths, on the GPU when there is one."""
     model = load_base(cfg)
     enable_checkpointing(model, cfg)
     model = attach_adapters(model, cfg.adapter)
     kernels.apply(model, cfg)
+    _log_model(cfg, model)
+    return model
+
+
+def build_trainable(cfg: Config, resolved: Resolved) -> TrainModel:
+    """The model `resolved` says trains (loratune's decoder or transformers + peft), with its adapters."""
+    if not resolved.decoder:
+        model = build_model(cfg)
+        return TrainModel(model, resolved, None, getattr(model, "generation_config", None), _context(model))
+    from loratune.decoder.load import decoder_from_hf
+
+    hf = load_base(cfg)
+    base_name = getattr(hf, "name_or_path", None) or cfg.model.path
+    generation, context = getattr(hf, "generation_config", None), _context(hf)
+    decoder = decoder_from_hf(hf, checkpointing=resolved.checkpointing)
+    del hf  # the module tree goes; its tensors live on in the decoder
+    a = cfg.adapter
+    decoder.add_adapters(a.rank, a.alpha, a.dropout, a.rslora, a.target_modules, tuple(a.exclude_modules))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    _log_model(cfg, decoder)
+    return TrainModel(decoder, resolved, base_name, generation, context)
+
+
+def _context(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
+
+
+def _log_model(cfg: Config, model: nn.Module) -> None:
     trainable, total = count_parameters(model)
     log.info("model: %s, %s base, %s trainable of %s parameters (%.3f%%)", cfg.model.path,
              weight_precision(model), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-    return model

@@ -9,7 +9,8 @@ with a message saying what to change. `estimate()` is a pure function (the bench
 "planned" beside "measured"); `plan_run()` is the part that looks at the machine.
 
 The estimate is of `torch.cuda.max_memory_allocated` (what the benchmark measures), in bytes, with
-T = batch_size x max_length tokens (the worst case: padding to the longest row, or packed rows),
+T the tokens of the largest micro-batch: train.tokens_per_batch for padding-free batches (auto: batch_size x
+max_length), batch_size x max_length for padded ones (the worst case: padding to the longest row),
 n = the parameters of the decoder's linear layers, H hidden, I intermediate, q/kv the query and
 key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of the 16/32-bit weights:
 
@@ -33,6 +34,9 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
                the previous chunk's (still referenced while the next is computed) and logsumexp's
                temporary, 3 x rows x V x 4 (2x with one chunk); plus 4 hidden-sized tensors (the final
                norm's input and output, the rows kept for the head, d(hidden)): 4 T H a.
+  attention    loratune's decoder on CPU attends through SDPA over the whole stream with a dense [T, T]
+               sample mask (loratune.decoder.attention): the mask (T^2 bytes) and one layer's scores
+               (heads x T^2 x a). On CUDA its flash/FlexAttention paths hold no T^2 tensor.
   overhead     cuBLAS workspaces and small buffers on CUDA; the Python process itself on CPU.
 
   graph pool   when micro-batches are replayed as CUDA graphs: the trainable parameters' gradients (held
@@ -65,6 +69,7 @@ from loratune.config import Config
 from loratune.errors import ConfigError, LoratuneError, ModelError
 from loratune.kernels.graphs import graphs_wanted
 from loratune.kernels.loss import CHUNK_ELEMENTS
+from loratune.model.resolve import Resolved, checkpointing_on, decide
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,19 @@ class MemoryPlan:
     batch_size: int
     seq_len: int
     device: str
+    tokens: int = 0  # the micro-batch's tokens (0: batch_size x seq_len)
+    padding_free: bool = False
+
+    @property
+    def shape_text(self) -> str:
+        """'4 x 256 tokens' (padded), '4 x 256 tokens, padding-free' (the same budget laid end to end) or
+        '3,000 tokens, padding-free' (an explicit train.tokens_per_batch)."""
+        tokens = self.tokens or self.batch_size * self.seq_len
+        if not self.padding_free:
+            return f"{self.batch_size} x {self.seq_len:,} tokens"
+        if tokens == self.batch_size * self.seq_len:
+            return f"{self.batch_size} x {self.seq_len:,} tokens, padding-free"
+        return f"{tokens:,} tokens, padding-free"
 
     @property
     def total(self) -> int:
@@ -286,16 +304,9 @@ def _loss(shape: Shape, tokens: int, a: int, head_trained: bool, chunk_elements:
                      + (", fp32 head gradient" if grad_w else ""))
 
 
-def checkpointing_on(cfg: Config) -> bool:
-    mode = cfg.train.gradient_checkpointing
-    return mode is True or (mode == "auto" and cfg.quantization.bits in (4, 8))
-
-
-def embed_on_host_default(cfg: Config, shape: Shape, device: str) -> bool:
-    """Whether `loratune train` keeps the input embedding in host memory (loratune.kernels.offload)."""
-    kernels_on = cfg.model.kernels in ("auto", True)
-    trained = cfg.adapter.type == "none" or any("embed" in m for m in cfg.adapter.modules_to_save)
-    return device == "cuda" and kernels_on and not shape.tied and not trained
+def _dense_attention(shape: Shape, tokens: int, a: int) -> Component:
+    return Component("attention mask + scores", tokens * tokens * (1 + shape.heads * a),
+                     f"SDPA over the stream: a [{tokens:,}, {tokens:,}] sample mask and one layer's scores")
 
 
 def fused_mlp_default(cfg: Config, device: str) -> bool:
@@ -314,22 +325,28 @@ def _graph_pool(shape: Shape, tokens: int, a: int, grad_bytes: int) -> Component
 
 def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool,
              fused_mlp: bool | None = None, graphs: bool | None = None,
-             chunk_elements: int = CHUNK_ELEMENTS) -> MemoryPlan:
+             chunk_elements: int = CHUNK_ELEMENTS, *, tokens: int | None = None, padding_free: bool = False,
+             dense_attention: bool = False) -> MemoryPlan:
     """The estimated peak memory of training `cfg` on `device` ("cuda" or "cpu") at batch_size x seq_len.
 
     `model_config`: a transformers config (or a `Shape`). `fused_mlp`: the fused SwiGLU is in use; `graphs`:
     micro-batches are replayed as CUDA graphs (defaults: as `loratune train` would decide on this device);
     `chunk_elements`: the loss's logit chunk (loratune.kernels.loss; other values to replay older runs).
-    Pure: reads no weights, touches no device.
+    `tokens`: the micro-batch's tokens when it is not batch_size x seq_len (a padding-free token budget);
+    `dense_attention`: attention materialises a [tokens, tokens] mask and scores (loratune's decoder on CPU).
+    Pure: reads no weights, touches no device. `plan_for` gives the plan of a run's `Resolved` decisions.
     """
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
     fused = fused_mlp_default(cfg, device) if fused_mlp is None else fused_mlp
     a = _dtype_bytes(cfg.quantization.compute_dtype, device)
     full = cfg.adapter.type == "none"
     e = 4 if (full or cfg.quantization.bits == 32) else a  # 16/32-bit weights: as loratune.model.load
-    tokens = batch_size * seq_len
+    tokens = batch_size * seq_len if tokens is None else tokens
     trainable, _, _ = _trainable(cfg, shape)
     saved, layer = _activations(cfg, shape, tokens, a, e, fused, checkpointing_on(cfg))
+    if dense_attention:
+        attn = _dense_attention(shape, tokens, a)
+        layer = dataclasses.replace(layer, bytes=layer.bytes + attn.bytes, detail=f"{layer.detail}; {attn.detail}")
     head_trained = full or any("lm_head" in m for m in cfg.adapter.modules_to_save)
     loss = _loss(shape, tokens, a, head_trained, chunk_elements)
     loss_peak = loss.bytes >= layer.bytes
@@ -343,7 +360,14 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
              dataclasses.replace(layer, counted=not loss_peak), dataclasses.replace(loss, counted=loss_peak),
              pool, overhead]
     return MemoryPlan(tuple(c for c in comps if c.bytes or c.name in ("embedding", "output head")),
-                      batch_size, seq_len, device)
+                      batch_size, seq_len, device, tokens, padding_free)
+
+
+def plan_for(cfg: Config, shape: Any, r: Resolved) -> MemoryPlan:
+    """The plan of the decisions `r` (its batch size resolved): the model code, kernels, graphs and micro-batch
+    `loratune train` will use."""
+    return estimate(cfg, shape, r.batch_size, r.max_length, r.device, r.embed_on_host, r.fused_mlp, r.graphs,
+                    tokens=r.tokens, padding_free=r.padding_free, dense_attention=r.decoder and r.device == "cpu")
 
 
 def _size(n: int) -> str:
@@ -359,7 +383,7 @@ def render(plan: MemoryPlan, title: str = "") -> str:
     """The plan as a plain-text table, one component a line, the total last (MiB for plans under 4 GiB)."""
     unit, scale = ("GiB", GiB) if plan.total >= 4 * GiB else ("MiB", 2**20)
     width = max(len(c.name) for c in plan.components) + 2
-    lines = [title or f"memory plan: micro-batch {plan.batch_size} x {plan.seq_len:,} tokens on {plan.device}",
+    lines = [title or f"memory plan: micro-batch {plan.shape_text} on {plan.device}",
              f"  {'component':<{width}}{unit:>9}  detail"]
     for c in plan.components:
         value = f"{c.bytes / scale:.2f}" if unit == "GiB" else f"{c.bytes / scale:.1f}"
@@ -428,9 +452,11 @@ def device_budget(device: str) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _advice(cfg: Config, plan_for: Callable[[int], MemoryPlan], batch: int) -> str:
+def _advice(cfg: Config, plan_for: Callable[[int], MemoryPlan], batch: int, r: Resolved) -> str:
     tips = []
-    if batch > 1:
+    if r.padding_free and cfg.train.tokens_per_batch != "auto":
+        tips.append(f"lower train.tokens_per_batch (now {r.tokens_per_batch}; at least data.max_length)")
+    elif batch > 1:
         tips.append(f"lower train.batch_size (now {batch}; 1 would need {_size(plan_for(1).total)}, "
                     "or use auto)")
     tips.append(f"lower data.max_length (now {cfg.data.max_length})")
@@ -447,54 +473,62 @@ class RunPlan:
     plan: MemoryPlan
     budget: int | None
     note: str  # how the batch size was chosen
+    resolved: Resolved | None = None  # every decision of the run, the batch size included
 
 
 def plan_run(cfg: Config, device: str | None = None, budget: int | None = None,
              saved_batch_size: int | None = None) -> RunPlan:
-    """Resolve `train.batch_size` and estimate the run; raise `WouldNotFit` when it exceeds `budget`.
+    """Resolve the run's decisions (`loratune.model.resolve.decide`) and its batch size, and estimate it; raise
+    `WouldNotFit` when it exceeds `budget`.
 
     `budget` (bytes) defaults to the free memory of `device` (`device_budget`). `saved_batch_size`: a
-    resumed run keeps its checkpoint's batch size when the config says auto (same data order).
+    resumed run keeps its checkpoint's batch size when the config says auto (same data order). Padding-free
+    batches with an explicit train.tokens_per_batch plan that many tokens whatever the batch size; batch_size
+    auto is then tokens_per_batch // max_length samples, the padded micro-batch of the same size.
     """
-    device = device or default_device()
-    shape = Shape.from_config(load_model_config(cfg))
-    host = embed_on_host_default(cfg, shape, device)
-    fused = fused_mlp_default(cfg, device)
-    seq = cfg.data.max_length
+    model_config = load_model_config(cfg)
+    shape = Shape.from_config(model_config)
+    decided = decide(cfg, device or default_device(), model_config)
+    device, seq, tokens = decided.device, cfg.data.max_length, cfg.train.tokens_per_batch
 
-    def plan_for(b: int) -> MemoryPlan:
-        return estimate(cfg, shape, b, seq, device, host, fused)
+    def plan_for_batch(b: int) -> MemoryPlan:
+        return plan_for(cfg, shape, decided.with_batch(b, tokens))
 
     budget = device_budget(device) if budget is None else budget
     batch, note = cfg.train.batch_size, "set in the config"
     if batch == "auto":
         if saved_batch_size is not None:
             batch, note = saved_batch_size, "auto: the batch size of the checkpoint this run resumes"
+        elif decided.padding_free and tokens != "auto":
+            batch = max(1, tokens // seq)
+            note = f"auto: {batch}, the samples of max_length that fill train.tokens_per_batch ({tokens:,})"
         elif budget is None:
             raise ConfigError("train.batch_size auto needs to know the free memory; give a budget")
         else:
             cap = MAX_AUTO_BATCH.get(device, 8)
-            batch, fit = fit_batch_size(plan_for, int(SAFETY * budget), cap)
-            more = f"; {batch + 1} would need {_size(plan_for(batch + 1).total)}" if batch < cap else \
+            batch, fit = fit_batch_size(plan_for_batch, int(SAFETY * budget), cap)
+            more = f"; {batch + 1} would need {_size(plan_for_batch(batch + 1).total)}" if batch < cap else \
                 f" (the most auto picks on {device})"
             note = (f"auto: {batch}, the largest micro-batch whose estimate ({_size(fit.total)}) is within "
                     f"{SAFETY:.0%} of the {_size(budget)} free{more}")
-    plan = plan_for(batch)
+    resolved = decided.with_batch(batch, tokens)
+    plan = plan_for(cfg, shape, resolved)
     if budget is not None and plan.total > budget:
         where = "on the GPU" if device == "cuda" else "in host memory"
         raise WouldNotFit(f"this run would not fit: estimated peak {_size(plan.total)} > {_size(budget)} "
-                          f"free {where} (micro-batch {batch} x {seq} tokens). To fit: {_advice(cfg, plan_for, batch)}. "
-                          "The plan above shows where the memory goes", plan)
-    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
-    return RunPlan(resolved, plan, budget, note)
-
+                          f"free {where} (micro-batch {plan.shape_text}). To fit: "
+                          f"{_advice(cfg, plan_for_batch, batch, resolved)}. The plan above shows where the memory "
+                          "goes", plan)
+    resolved_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    return RunPlan(resolved_cfg, plan, budget, note, resolved)
 
 
 def describe(rp: RunPlan, cfg: Config) -> str:
     """The table plus the batch-size note and the free memory, as printed by `plan` and `train`."""
-    title = (f"memory plan: {cfg.model.path}, micro-batch {rp.plan.batch_size} x {rp.plan.seq_len:,} tokens, "
-             f"on {rp.plan.device}")
+    title = f"memory plan: {cfg.model.path}, micro-batch {rp.plan.shape_text}, on {rp.plan.device}"
     text = render(rp.plan, title) + f"\n  batch size: {rp.note}"
+    if rp.resolved is not None:
+        text += f"\n  {rp.resolved.describe()}"
     if rp.budget is not None:
         text += f"\n  free: {_size(rp.budget)} ({100 * rp.plan.total / max(rp.budget, 1):.0f}% of it planned)"
     return text

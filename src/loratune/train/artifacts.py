@@ -1,6 +1,7 @@
 """What a run leaves in its output folder, so chat, serve and export reproduce training exactly.
 
-    OUT/adapter_config.json, adapter_model.safetensors   standard PEFT adapter (safetensors only)
+    OUT/adapter_config.json, adapter_model.safetensors   standard PEFT adapter (safetensors only), written by
+                            peft or by loratune's decoder (`loratune.decoder.peft_io`): the same files
     OUT/tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer, with the template used
     OUT/loratune.yaml       the resolved config (every key, defaults included)
     OUT/loratune_run.json   template name and stop text, tokenizer facts, library versions, run summary
@@ -18,12 +19,11 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from torch import nn
-
 from loratune.config import Config, dump_yaml
 from loratune.data.templates import ChatTemplate
 from loratune.errors import LoratuneError
 from loratune.model.adapters import adapters_finite
+from loratune.model.build import TrainModel
 from loratune.model.load import TokenizerInfo
 from loratune.train.checkpoint import write_json_atomic
 
@@ -47,13 +47,13 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def save_run(out: Path, model: nn.Module, tokenizer, template: ChatTemplate, info: TokenizerInfo,
+def save_run(out: Path, model: TrainModel, tokenizer, template: ChatTemplate, info: TokenizerInfo,
              cfg: Config, extra: dict | None = None, card: str | None = None) -> None:
     """Write the adapter (or full model), tokenizer with template, model card, resolved config and run facts."""
-    if not adapters_finite(model):
+    if not adapters_finite(model.module):
         raise NonFiniteWeights("refusing to save: the trained weights contain NaN or inf")
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save(out)
     if card is not None:  # after peft's save, which writes its template card as README.md
         (out / CARD_FILE).write_text(card, encoding="utf-8")
     tokenizer.chat_template = template.jinja

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from torch import nn
 
 from loratune.config import Config
 from loratune.data.stats import DataStats
 from loratune.model.adapters import DTYPE_NAMES, count_parameters, weight_precision
+from loratune.model.build import TrainModel
 from loratune.model.load import DEMO_SCHEME
 from loratune.model.quant import resolve_compute_dtype
 from loratune.train.metrics import span_text
@@ -60,13 +60,10 @@ def is_hub_id(path: str) -> bool:
     return not path.startswith(DEMO_SCHEME) and _HUB_ID.match(path) is not None and not Path(path).exists()
 
 
-def model_facts(model: nn.Module) -> ModelFacts:
+def model_facts(model: TrainModel) -> ModelFacts:
     """Precision, adapted modules and parameter counts of the model being trained."""
-    trainable, total = count_parameters(model)
-    configs = getattr(model, "peft_config", None) or {}
-    targets = next(iter(configs.values())).target_modules if configs else []
-    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
-    return ModelFacts(weight_precision(model), targets, trainable, total)
+    trainable, total = count_parameters(model.module)
+    return ModelFacts(weight_precision(model.module), model.adapted_modules(), trainable, total)
 
 
 def render(cfg: Config, facts: CardFacts) -> str:

@@ -1,42 +1,44 @@
-"""The training loop, written out in full: no framework owns it; accelerate only places and scales.
+"""The training loop, written out in full: no framework owns it; accelerate only scales and clips.
 
-One optimizer step consumes a *window* of `grad_accum` micro-batches. The window's batches are fetched
-first, so the number of supervised tokens in the whole window is known before any backward pass: each
-micro-batch's summed loss is divided by that total, which makes the gradient identical whatever the
-split between batch size and accumulation.
+One optimizer step consumes a *window* of `grad_accum` index lists of `batch_size` samples each (the
+effective batch: batch_size x grad_accum samples). `Batching` turns the window into the micro-batches the
+model sees: one padded micro-batch per list, or the window's samples laid end to end in padding-free
+streams of at most `tokens_per_batch` tokens (fewer micro-batches when samples are short). The window's
+batches are made first, so the number of supervised tokens in the whole window is known before any
+backward pass: each micro-batch's summed loss is divided by that total, which makes the gradient
+identical whatever the split between batch size, accumulation and layout.
+
+The loop is given a runner (`loratune.train.runner`: loratune's decoder or the transformers model), which
+computes one micro-batch's summed loss; it never looks inside the model.
 
 accelerate's `Accelerator` provides the device, the autocast context (bf16, or fp16 with its loss
 scaler), `backward` (which scales under fp16), `clip_grad_norm_` (which unscales first) and the
 wrapped optimizer's `step` (which skips and backs the scale off on an fp16 overflow). The trainable
 weights stay fp32: autocast only lowers the precision of the matmuls.
 
-The data order of every epoch is a pure function of (seed, epoch), so the position in training is fully
-described by `LoopState` (step, epoch, micro-batch index): that is what a checkpoint stores to resume.
+The data order of every epoch is a pure function of (seed, epoch), and a window's micro-batches a pure
+function of its samples, so the position in training is fully described by `LoopState` (step, epoch,
+index list): that is what a checkpoint stores to resume.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from torch import nn
 
 from loratune.config import TrainConfig
-from loratune.data.collate import batch_order, collate
+from loratune.data.collate import Batching, batch_order
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
-from loratune.kernels import frozen_adapters
-from loratune.kernels.causal_mask import causal_mask_for
-from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.train.faults import fault
-from loratune.train.loss import lm_loss_sum, with_target_rows
 from loratune.train.optim import build_scheduler
+from loratune.train.runner import Runner
 
 log = logging.getLogger("loratune.train")
 
@@ -100,28 +102,24 @@ def _supervised(batch: dict[str, torch.Tensor]) -> int:
 class Loop:
     """Runs optimizer steps over `samples` from a `LoopState`; saving and logging are the caller's."""
 
-    def __init__(self, model: nn.Module, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                 pad_id: int, accelerator: Accelerator, group_by_length: bool = False,
-                 loss_fn: Callable = lm_loss_sum, graphs: GraphedMicroBatch | None = None) -> None:
-        if not isinstance(cfg.batch_size, int):  # `auto` is resolved by the memory plan (train.run.check_memory)
-            raise TypeError(f"Loop needs an integer train.batch_size, got {cfg.batch_size!r}")
-        self.model, self.samples, self.cfg = model, samples, cfg
-        self.optimizer, self.acc = optimizer, accelerator
-        self.pad_id, self.loss_fn, self.group_by_length = pad_id, loss_fn, group_by_length
-        self.graphs = graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
+    def __init__(self, runner: Runner, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                 accelerator: Accelerator, batching: Batching, group_by_length: bool = False) -> None:
+        self.runner, self.samples, self.cfg, self.batching = runner, samples, cfg, batching
+        self.optimizer, self.acc, self.group_by_length = optimizer, accelerator, group_by_length
+        self.graphs = runner.graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
         self.n_micro = len(self.order(0))
         self.steps_per_epoch = steps_per_epoch(self.n_micro, cfg.grad_accum)
         self.total = total_steps(cfg, self.steps_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in runner.module.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------ data
 
     def order(self, epoch: int) -> list[list[int]]:
-        return batch_order(self.samples, self.cfg.batch_size, self.cfg.seed, epoch, self.group_by_length)
+        return batch_order(self.samples, self.batching.batch_size, self.cfg.seed, epoch, self.group_by_length)
 
     def windows(self, state: LoopState) -> Iterator[tuple[int, int, list[list[int]]]]:
-        """(epoch, micro index after the window, micro-batches) for each remaining step from `state`."""
+        """(epoch, index list after the window, index lists) for each remaining step from `state`."""
         epoch, micro = state.epoch, state.micro
         order = self.order(epoch)
         for _ in range(state.step, self.total):
@@ -133,13 +131,14 @@ class Loop:
             yield epoch, micro, window
 
     def batches(self, window: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.samples[i] for i in idx], self.pad_id) for idx in window]
+        """The micro-batches of the step whose samples `window` lists."""
+        return self.batching.micro_batches(self.samples, window)
 
     def input_tokens(self, window: list[list[int]]) -> int:
         """Real tokens (padding excluded) the window feeds the model: the numerator of tokens/s.
 
-        Counted from the samples, not from the batch tensors: a packed batch has no attention mask, and its
-        padding (a segment of positions restarting at 0) looks like one more packed sample.
+        Counted from the samples, not from the batch tensors: a packed or padding-free batch has no attention
+        mask, and its padding (a segment of positions restarting at 0) looks like one more sample.
         """
         return sum(len(self.samples[i].input_ids) for idx in window for i in idx)
 
@@ -156,7 +155,6 @@ class Loop:
         n_window = sum(_supervised(b) for b in batches)
         if n_window == 0:
             return float("nan"), 0
-        cuda = self.acc.device.type == "cuda"
         total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         for i, b in enumerate(batches):
             replayed = self.graphs.run(b, 1.0 / n_window) if self.graphs is not None else None
@@ -167,15 +165,8 @@ class Loop:
             if timed:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-            # decided on the host: an unpadded batch keeps SDPA's causal kernels without a mask check on the GPU
-            skip = causal_mask_for(self.model, b)
-            b = {k: (v.pin_memory() if cuda else v).to(self.acc.device, non_blocking=cuda)
-                 for k, v in with_target_rows(b).items()}
-            last = i == len(batches) - 1
-            # gradients are all-reduced once per window, on its last backward (no-op on one process)
-            with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
-                with self.acc.autocast(), skip:
-                    loss_sum, _ = self.loss_fn(self.model, b)
+            with self.runner.accumulating(last=i == len(batches) - 1):
+                loss_sum, _ = self.runner.loss_sum(b)
                 if fault("loss"):
                     loss_sum = loss_sum + float("inf")
                 self.acc.backward(loss_sum / n_window)
@@ -191,10 +182,10 @@ class Loop:
     def step(self, state: LoopState, window: list[list[int]]) -> StepResult:
         """One optimizer step over the window; skipped (no update) if the loss or a gradient is non-finite."""
         t0 = time.perf_counter()
-        self.model.train()
+        self.runner.module.train()
         batches = self.batches(window)
         n_input = self.input_tokens(window)
-        with frozen_adapters(self.model):  # no adapter weight changes until optimizer.step below
+        with self.runner.frozen_adapters():  # no adapter weight changes until optimizer.step below
             loss_sum, n_window = self.forward_backward(batches)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (set by the schedule's last step)
         finite, grad_norm, overflow = math.isfinite(loss_sum), float("nan"), False
@@ -254,15 +245,12 @@ class Loop:
 
     def evaluate(self, samples: list[Sample]) -> float:
         """Mean token loss over `samples` (no gradient, no dropout), in fixed order."""
-        self.model.eval()
+        module = self.runner.module
+        module.eval()
         total, n = 0.0, 0
-        with torch.no_grad(), frozen_adapters(self.model):
-            for i in range(0, len(samples), self.cfg.batch_size):
-                b = collate(samples[i:i + self.cfg.batch_size], self.pad_id)
-                skip = causal_mask_for(self.model, b)
-                b = {k: v.to(self.acc.device) for k, v in b.items()}
-                with self.acc.autocast(), skip:
-                    s, k = self.loss_fn(self.model, b)
+        with torch.no_grad(), self.runner.frozen_adapters():
+            for b in self.batching.eval_batches(samples):
+                s, k = self.runner.loss_sum(b)
                 total, n = total + float(s), n + k
-        self.model.train()
+        module.train()
         return total / n if n else float("nan")

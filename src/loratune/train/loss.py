@@ -10,6 +10,11 @@ head, and the head + cross-entropy run through `loratune.kernels.loss.fused_line
 row chunks whose gradient is computed in the forward pass, so at most one chunk of logits exists and
 nothing is recomputed. This is the loss of every run, on every device. `full_logits_loss_sum` is the
 plain reference (the model's own forward to full logits) that tests compare against.
+
+Two model codes, one loss: `lm_loss_sum` for the transformers (+ peft) model, `decoder_loss_sum` for
+loratune's decoder, whose token stream carries its sample boundaries. The targets are the same: each
+position predicts the next label of its row (a stream is one row whose samples begin with label -100, so
+no position predicts the first token of the next sample).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.decoder.attention import Boundaries
+from loratune.decoder.model import Decoder
 from loratune.kernels.loss import fused_linear_cross_entropy_sum
 
 IGNORE = -100
@@ -112,4 +119,29 @@ def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tu
     targets = shift_labels(batch["labels"])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def decoder_loss_sum(decoder: Decoder, input_ids: torch.Tensor, boundaries: Boundaries, labels: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(summed token loss, supervised tokens) of loratune's decoder on a stream of samples.
+
+    `input_ids`/`labels`: [1, N] (or [B, T], each row one sample of T tokens, right-padded), laid out as
+    `boundaries` says; `rows`: the flat indices `supervised_rows(labels)` gives (computed here if None)."""
+    if rows is None:
+        rows = supervised_rows(labels)
+    hidden = decoder.hidden_states(input_ids.reshape(-1), boundaries)
+    targets = shift_labels(labels).reshape(-1)
+    if rows.numel() != targets.numel():  # rows with no target: dropped before the head
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+    loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap)
+    return loss, rows.numel()
+
+
+def decoder_full_logits_loss_sum(decoder: Decoder, input_ids: torch.Tensor, boundaries: Boundaries,
+                                 labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Reference: the decoder's full logits, then summed cross-entropy in fp32."""
+    logits = decoder(input_ids.reshape(-1), boundaries).float()
+    targets = shift_labels(labels).reshape(-1)
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     return loss, int((targets != IGNORE).sum())

@@ -30,13 +30,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from loratune.config import Config, to_dict
+from loratune.data.collate import Batching
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, ModelError
-from loratune.kernels.graphs import GraphedMicroBatch, graphs_wanted
-from loratune.model.build import build_model
+from loratune.kernels.graphs import GraphedMicroBatch
+from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
-from loratune.model.memory import WouldNotFit, describe, plan_run, render
-from loratune.model.quant import resolve_compute_dtype
+from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
+from loratune.model.resolve import Resolved, decide
 from loratune.train import card, faults
 from loratune.train.artifacts import RUN_FILE, library_versions, save_run
 from loratune.train.checkpoint import CHECKPOINTS, checkpoint_name, clean_leftovers, rotate, write_checkpoint
@@ -46,6 +47,7 @@ from loratune.train.loss import lm_loss_sum_all_rows
 from loratune.train.metrics import PLOT_FILE, MetricsLog, Window, plot_losses, span_text
 from loratune.train.optim import apply_schedule, build_optimizer
 from loratune.train.progress import Reporter, memory_gib
+from loratune.train.runner import DecoderRunner, HFRunner, Runner
 from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff,
                                    continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
                                    length_message, plan_start, resume_mode)
@@ -93,11 +95,11 @@ def deterministic_mode(on: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """bf16 autocast, fp16 autocast with a loss scaler, or none (fp32), as the compute dtype says."""
-    compute = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
-    cpu = not torch.cuda.is_available()
+def make_accelerator(resolved: Resolved) -> Accelerator:
+    """bf16 autocast, fp16 autocast with a loss scaler, or none (fp32), as the compute dtype says (loratune's
+    decoder computes in its dtype itself and uses only the scaler)."""
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolved.compute_dtype, "no")
+    cpu = resolved.device == "cpu"
     if cpu and mixed == "fp16":
         log.info("fp16 autocast needs a GPU: on CPU the adapters compute in fp32 (the base still runs in fp16)")
         mixed = "no"
@@ -111,15 +113,21 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
-def make_graphs(model: torch.nn.Module, cfg: Config, acc: Accelerator) -> GraphedMicroBatch | None:
-    """CUDA graph replay of repeated micro-batch shapes, where it is exact (see loratune.kernels.graphs)."""
-    if not graphs_wanted(cfg, acc.device.type):
-        if acc.device.type == "cuda" and cfg.model.cuda_graphs is not False:
-            log.info("CUDA graphs off: they need adapter.dropout 0, bf16 or fp32 compute and train.deterministic "
-                     "false")
-        return None
-    graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, resolve_compute_dtype(cfg.quantization.compute_dtype))
-    return graphs if graphs.enabled else None
+def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config,
+                acc: Accelerator) -> tuple[Runner, torch.optim.Optimizer]:
+    """The micro-batch runner of `model` and the optimizer as accelerate wraps it (its loss scaler, if any)."""
+    r = model.resolved
+    if r.decoder:
+        return DecoderRunner(model.module, acc.device), acc.prepare(optimizer)
+    prepared, optimizer = acc.prepare(model.module, optimizer)
+    graphs = None
+    if r.graphs:  # CUDA graph replay of repeated micro-batch shapes, where it is exact (loratune.kernels.graphs)
+        graphs = GraphedMicroBatch(model.module, lm_loss_sum_all_rows, r.compute_dtype)
+        graphs = graphs if graphs.enabled else None
+    elif r.device == "cuda" and cfg.model.cuda_graphs is not False:
+        log.info("CUDA graphs off: they need train.batching padded, adapter.dropout 0, bf16 or fp32 compute and "
+                 "train.deterministic false")
+    return HFRunner(prepared, acc, graphs), optimizer
 
 
 class Run:
@@ -132,7 +140,8 @@ class Run:
         meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
         # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
         saved_batch = (meta or {}).get("config", {}).get("train", {}).get("batch_size")
-        self.cfg = cfg = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
+        cfg, self.resolved = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
+        self.cfg = cfg
         if meta is not None:  # before the slow part, so a refused resume fails at once
             check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start.checkpoint)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -144,12 +153,14 @@ class Run:
             log.info("the tokenizer has no pad token of its own: batches are padded with eos (id %d), masked by "
                      "position, so the model still learns to end its answers with eos", self.info.eos_id)
         self.data = prepare_data(cfg.data, self.tokenizer, self.info, cfg.train.seed)
-        self.acc = make_accelerator(cfg)
-        model = build_model(cfg)
+        self.acc = make_accelerator(self.resolved)
+        model = build_trainable(cfg, self.resolved)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
-        prepared, optimizer = self.acc.prepare(model, build_optimizer(model, cfg.train))
-        self.loop = Loop(prepared, self.data.train, cfg.train, optimizer, self.info.pad_id, self.acc,
-                         group_by_length=cfg.data.group_by_length, graphs=make_graphs(model, cfg, self.acc))
+        runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, self.acc)
+        r = self.resolved
+        batching = Batching(r.padding_free, r.batch_size, r.tokens_per_batch, self.info.pad_id)
+        self.loop = Loop(runner, self.data.train, cfg.train, optimizer, self.acc, batching,
+                         group_by_length=cfg.data.group_by_length)
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
         self.model_facts = card.model_facts(model)  # read once: the model's shape and storage do not change
@@ -435,8 +446,9 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-def check_memory(cfg: Config, saved_batch_size: int | None = None) -> Config:
-    """Print the memory plan; return `cfg` with its batch size resolved (raises `WouldNotFit`).
+def check_memory(cfg: Config, saved_batch_size: int | None = None) -> tuple[Config, Resolved]:
+    """Resolve the run's decisions and print them with the memory plan; return `cfg` with its batch size
+    resolved, and the decisions (raises `WouldNotFit`).
 
     A model the planner does not know (no Llama-style config fields) trains without a plan, batch auto as 1.
     """
@@ -448,9 +460,16 @@ def check_memory(cfg: Config, saved_batch_size: int | None = None) -> Config:
     except ModelError as e:
         log.warning("no memory plan: %s", e)
         batch = cfg.train.batch_size if cfg.train.batch_size != "auto" else saved_batch_size or 1
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+        try:
+            model_config = load_model_config(cfg)
+        except ModelError:
+            model_config = None
+        resolved = decide(cfg, model_config=model_config)
+        log.info("%s", resolved.describe())
+        return cfg, resolved
     print(describe(rp, cfg), flush=True)
-    return rp.cfg
+    return rp.cfg, rp.resolved
 
 
 def train(cfg: Config) -> TrainResult:

@@ -1,10 +1,12 @@
 """Sample answers before and after training: the plainest evidence of what the fine-tune changed.
 
 `output.sample_prompts` are answered greedily (`output.sample_max_new_tokens` new tokens) by the model
-being trained, through the project's one generation engine (`loratune.infer.load.engine_for`), rendered
-with the chat template the training data was rendered with and stopped at its end of turn, exactly as
-`loratune chat OUT` will render and stop. So the "after" answer of a finished run is the answer chat gives
-greedily.
+being trained, rendered with the chat template the training data was rendered with and stopped at its end
+of turn, exactly as `loratune chat OUT` will render and stop. So the "after" answer of a finished run is the
+answer chat gives greedily. The transformers model answers through the project's generation engine
+(`loratune.infer.load.engine_for`); loratune's decoder through its own KV cache
+(`loratune.decoder.generate.greedy`), with the engine's prompt format, stop tokens, stop strings and
+incremental detokenisation (`_text` follows `loratune.infer.engine.generate_text` for one greedy row).
 
 Generating must leave training untouched, which is why `answer` is careful:
 - eval mode (no dropout) and `torch.inference_mode` (no autograd state); the previous mode comes back;
@@ -28,9 +30,11 @@ import torch
 from torch import nn
 
 from loratune.data.templates import ChatTemplate
+from loratune.infer.detok import IncrementalDetokenizer, StopStrings
 from loratune.infer.engine import Delta
-from loratune.infer.load import engine_for
+from loratune.infer.load import PromptFormat, engine_for, make_format
 from loratune.infer.sampling import SamplingParams
+from loratune.model.build import TrainModel
 from loratune.model.load import TokenizerInfo
 from loratune.train.checkpoint import write_json_atomic
 from loratune.train.state import load_rng_state, rng_state
@@ -48,25 +52,49 @@ def preserved_rng() -> Iterator[None]:
         load_rng_state(tensors, meta)
 
 
-def answer(model: nn.Module, tokenizer, info: TokenizerInfo, template: ChatTemplate, prompts: Sequence[str],
+def answer(model: TrainModel, tokenizer, info: TokenizerInfo, template: ChatTemplate, prompts: Sequence[str],
            max_new_tokens: int) -> list[str]:
     """Greedy answers of `model` to each prompt (one user turn each), as `loratune chat` would give them."""
     # the output folder's tokenizer carries the training template (artifacts.save_run sets the same);
-    # chat reads it from there, so the engine here renders with it too
+    # chat reads it from there, so the answers here are rendered with it too
     tokenizer.chat_template = template.jinja
-    engine = engine_for(model, tokenizer, info, template.stop)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    was_training = model.training
-    model.eval()
-    answers = []
+    module = model.module
+    was_training = module.training
+    module.eval()
     try:
         with preserved_rng(), torch.inference_mode():
-            for prompt in prompts:
-                events = engine.chat([{"role": "user", "content": prompt}], params)
-                answers.append("".join(e.text for e in events if isinstance(e, Delta)))
+            if model.decoder:
+                fmt = make_format(tokenizer, info, model, template.stop)
+                return [_decoder_answer(model, fmt, prompt, max_new_tokens) for prompt in prompts]
+            engine = engine_for(module, tokenizer, info, template.stop)
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+            return ["".join(e.text for e in engine.chat([{"role": "user", "content": p}], params)
+                            if isinstance(e, Delta)) for p in prompts]
     finally:
-        model.train(was_training)
-    return answers
+        module.train(was_training)
+
+
+def _decoder_answer(model: TrainModel, fmt: PromptFormat, prompt: str, max_new_tokens: int) -> str:
+    from loratune.decoder.generate import greedy
+
+    ids = fmt.render([{"role": "user", "content": prompt}])
+    tokens = greedy(model.module, ids, max_new_tokens, fmt.stop_ids, max_total=model.context_length)
+    return _text(tokens, fmt, max_new_tokens)
+
+
+def _text(tokens: list[int], fmt: PromptFormat, max_new_tokens: int) -> str:
+    """The text `generate_text` streams for these greedy tokens: stop tokens never shown, stop strings cut."""
+    detok, stops, text = IncrementalDetokenizer(fmt.decode), StopStrings(fmt.stop_strings), []
+    for count, token in enumerate(tokens, start=1):
+        if token in fmt.stop_ids:
+            break
+        text.append(stops.feed(detok.push(token)))
+        if stops.hit is not None:
+            return "".join(text)  # a stop string ended it: nothing held back is released
+        if count >= max_new_tokens:
+            break
+    text.append(stops.feed(detok.flush()) + stops.flush())
+    return "".join(text)
 
 
 def read_samples(out: Path) -> dict:

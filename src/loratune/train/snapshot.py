@@ -1,9 +1,10 @@
 """What goes into a checkpoint folder and how it comes back: the glue between the run and the formats.
 
 `fill` writes a complete folder (checkpoint.py makes it atomic); `load_weights` and `restore_training`
-read one back. The adapter is written by peft (`save_pretrained`, safetensors), so every checkpoint is a
-standard PEFT adapter too; the rest is `trainer_state.safetensors` (optimizer and RNG tensors) and
-`trainer_state.json` (everything else). See state.py for why nothing is pickled.
+read one back. The adapter is written in PEFT format (by peft, or by loratune's decoder through
+`loratune.decoder.peft_io`), so every checkpoint is a standard PEFT adapter too; the rest is
+`trainer_state.safetensors` (optimizer and RNG tensors) and `trainer_state.json` (everything else, with the
+model code that trained: a checkpoint resumes only on the same one). See state.py for why nothing is pickled.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from loratune.config import Config, to_dict
 from loratune.errors import LoratuneError
-from loratune.model.adapters import is_peft
+from loratune.model.build import TrainModel
 from loratune.train.artifacts import NonFiniteWeights, library_versions, save_run
 from loratune.train.loop import LoopState
 from loratune.train.resume import config_hash
@@ -36,7 +35,7 @@ STATE_FORMAT = 1
 class Parts:
     """The live objects a checkpoint captures."""
 
-    model: nn.Module  # the PeftModel (or the full model), not accelerate's wrapper
+    model: TrainModel  # the model being trained (its module is not accelerate's wrapper)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
@@ -59,7 +58,7 @@ def fill(folder: Path, parts: Parts, state: LoopState, cfg: Config, fingerprints
         "loop": dataclasses.asdict(state),
         "optimizer": opt_meta, "scheduler": scheduler_state(parts.scheduler), "scaler": scaler_state(parts.scaler),
         "rng": rng_meta, "config": to_dict(cfg), "config_hash": config_hash(cfg), "data": fingerprints,
-        "versions": library_versions(),
+        "implementation": parts.model.resolved.implementation, "versions": library_versions(),
     }
     (folder / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
@@ -71,30 +70,9 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def load_weights(model: nn.Module, folder: Path) -> None:
+def load_weights(model: TrainModel, folder: Path) -> None:
     """Load the trainable weights saved in `folder` into `model`, exactly."""
-    if is_peft(model):
-        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        if result.unexpected_keys:
-            raise LoratuneError(f"{folder}: the adapter does not fit this model (unexpected weights such as "
-                                f"{result.unexpected_keys[0]}); was adapter.* changed?")
-        return
-    state = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if unexpected or any(k in trainable for k in missing if k not in _tied(model)):
-        raise LoratuneError(f"{folder}: the saved weights do not fit this model")
-
-
-def _tied(model: nn.Module) -> set[str]:
-    """Names of weights saved once under another name (e.g. a tied output head)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is not None and emb is not None and head.weight is emb.weight:
-        return {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
-    return set()
+    model.load_weights(folder)
 
 
 def restore_training(folder: Path, meta: dict, parts: Parts) -> LoopState:
@@ -102,6 +80,11 @@ def restore_training(folder: Path, meta: dict, parts: Parts) -> LoopState:
 
     The RNG is restored last, so nothing done afterwards before the next step can consume it.
     """
+    saved = meta.get("implementation", "transformers")  # (checkpoints from before loratune's decoder)
+    if saved != parts.model.resolved.implementation:
+        raise LoratuneError(f"{folder} was trained by the {saved} model code, this run resolved "
+                            f"{parts.model.resolved.implementation}: its optimizer state does not transfer; set "
+                            f"model.implementation={saved} to resume it")
     tensors = load_file(str(folder / STATE_TENSORS))
     load_weights(parts.model, folder)
     load_optimizer_state(parts.optimizer, tensors, meta["optimizer"])

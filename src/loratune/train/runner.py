@@ -1,0 +1,105 @@
+"""One micro-batch's summed loss on the model being trained: one interface, whatever the model code.
+
+The loop (`loratune.train.loop`) and the benchmarks call a runner and never look inside the model:
+
+    runner.module               the nn.Module that trains (train()/eval())
+    runner.loss_sum(batch)      (summed token loss on the device, supervised tokens) of a host-side batch
+                                as `loratune.data.collate` makes it (a padding-free stream or padded rows)
+    runner.frozen_adapters()    one optimizer step's passes: the adapters' compute-dtype casts made once
+    runner.accumulating(last)   the context of one micro-batch's backward (gradient sync on the last only)
+    runner.graphs               CUDA graph replay of repeated micro-batch shapes, or None (eager)
+
+`DecoderRunner` runs loratune's decoder: the batch's `position_ids` give the sample boundaries of a stream
+(padded rows are samples of the row's length, their padding after each sample's end seen by none of its
+tokens); the decoder computes in its own compute dtype, so there is no autocast. `HFRunner` runs the
+transformers (+ peft) model as accelerate prepared it: autocast, SDPA's causal fast path for unpadded
+batches (`loratune.kernels.causal_mask`), and `loratune.kernels.graphs` where the run resolved graphs on.
+Both move the batch to the device from pinned memory without blocking, with the supervised rows counted
+on the host (`with_target_rows`), so the host does not wait for the GPU inside a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from loratune.data.collate import segment_lengths
+from loratune.decoder.attention import Boundaries
+from loratune.decoder.model import Decoder
+from loratune.kernels import frozen_adapters
+from loratune.kernels.causal_mask import causal_mask_for
+from loratune.kernels.graphs import GraphedMicroBatch
+from loratune.train.loss import TARGET_ROWS, decoder_loss_sum, lm_loss_sum, with_target_rows
+
+Batch = dict[str, Tensor]
+
+
+class Runner(Protocol):
+    module: nn.Module
+    graphs: GraphedMicroBatch | None
+
+    def loss_sum(self, batch: Batch) -> tuple[Tensor, int]: ...
+
+    def frozen_adapters(self) -> contextlib.AbstractContextManager: ...
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager: ...
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Host tensors to `device`: through pinned memory without blocking on CUDA, as they are on CPU."""
+    cuda = device.type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in batch.items()}
+
+
+class DecoderRunner:
+    """loratune's decoder on padding-free streams or padded rows."""
+
+    graphs = None  # (CUDA graphs of the decoder's micro-batches: not yet)
+
+    def __init__(self, decoder: Decoder, device: torch.device) -> None:
+        self.module, self.device = decoder, torch.device(device)
+
+    def boundaries(self, batch: Batch) -> Boundaries:
+        """The samples of a host-side batch: a stream's segments, or one sample per padded row."""
+        ids = batch["input_ids"]
+        if "position_ids" in batch:
+            return Boundaries.from_lengths(segment_lengths(batch["position_ids"]), self.device)
+        return Boundaries.from_lengths([ids.shape[-1]] * (ids.shape[0] if ids.dim() == 2 else 1), self.device)
+
+    def loss_sum(self, batch: Batch) -> tuple[Tensor, int]:
+        b = self.boundaries(batch)
+        moved = to_device(batch if TARGET_ROWS in batch else with_target_rows(batch), self.device)
+        return decoder_loss_sum(self.module, moved["input_ids"], b, moved["labels"], moved[TARGET_ROWS])
+
+    def frozen_adapters(self) -> contextlib.AbstractContextManager:
+        return self.module.frozen_adapters()
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # one process: nothing to synchronise
+
+
+class HFRunner:
+    """The transformers (+ peft) model as accelerate prepared it."""
+
+    def __init__(self, model: nn.Module, accelerator: Accelerator, graphs: GraphedMicroBatch | None = None,
+                 loss_fn: Callable[[nn.Module, Batch], tuple[Tensor, int]] = lm_loss_sum) -> None:
+        self.module, self.acc, self.graphs, self.loss_fn = model, accelerator, graphs, loss_fn
+
+    def loss_sum(self, batch: Batch) -> tuple[Tensor, int]:
+        # decided on the host: an unpadded batch keeps SDPA's causal kernels without a mask check on the GPU
+        skip = causal_mask_for(self.module, batch)
+        moved = to_device(batch if TARGET_ROWS in batch else with_target_rows(batch), self.acc.device)
+        with self.acc.autocast(), skip:
+            return self.loss_fn(self.module, moved)
+
+    def frozen_adapters(self) -> contextlib.AbstractContextManager:
+        return frozen_adapters(self.module)
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        # gradients are all-reduced once per window, on its last backward (no-op on one process)
+        return contextlib.nullcontext() if last else self.acc.no_sync(self.module)
