@@ -1,4 +1,5 @@
-"""Training with CUDA graphs (loratune.kernels.graphs) on the GPU: used where it applies, same training as eager.
+"""Training with CUDA graphs (loratune.kernels.graphs) on the GPU: used where it applies (the transformers path,
+padded batches), same training as eager.
 
 Run on the GPU machine: `python -m pytest tests/train/test_graphs_gpu.py -q`. Skipped without CUDA.
 """
@@ -33,7 +34,9 @@ def _text_run(tmp_path: Path, tiny_llama: Path, name: str, *overrides: str):
                 "data": {"datasets": [{"path": str(data), "format": "text"}], "max_length": 64, "eval_split": 0},
                 "train": {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "deterministic": False,
                           "save_every": 0, "optimizer": "adamw"}}
-    return train(config(write_run_yaml(folder, tiny_llama, **sections), "quantization.compute_dtype=bf16", *overrides))
+    # graphs replay the transformers path's padded-layout micro-batches (loratune's decoder: not captured yet)
+    return train(config(write_run_yaml(folder, tiny_llama, **sections), "quantization.compute_dtype=bf16",
+                        "model.implementation=transformers", "train.batching=padded", *overrides))
 
 
 def test_graphs_are_used_and_train_like_eager(tmp_path: Path, tiny_llama: Path, caplog, capsys) -> None:

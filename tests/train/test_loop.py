@@ -6,18 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import config, write_run_yaml
+from train_helpers import build_loop, config, write_run_yaml
 
-from loratune.config import load_config
-from loratune.data.collate import Batching
 from loratune.data.sample import Sample
-from loratune.model.build import build_trainable
-from loratune.model.memory import load_model_config
-from loratune.model.resolve import decide
 from loratune.train.loop import Loop, LoopState, TrainingError
 from loratune.train.metrics import read_rows
-from loratune.train.optim import build_optimizer
-from loratune.train.run import make_accelerator, make_runner, train
+from loratune.train.run import train
 
 
 def _samples(n: int = 8) -> list[Sample]:
@@ -34,21 +28,10 @@ def _samples(n: int = 8) -> list[Sample]:
 
 def _loop(tiny_llama: Path, batch_size: int, grad_accum: int, impl: str = "loratune", batching: str = "padded",
           **train) -> Loop:
-    cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=4", "adapter.dropout=0",
-                             f"model.implementation={impl}", f"train.batching={batching}", "data.max_length=64",
-                             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_steps=4",
-                             "train.optimizer=adamw", "train.max_grad_norm=0", *(f"train.{k}={v}" for k, v in train.items())])
-    resolved = decide(cfg, model_config=load_model_config(cfg))
-    torch.manual_seed(0)
-    model = build_trainable(cfg, resolved)
-    with torch.no_grad():  # B starts at zero, which would make A's gradient zero: give it values
-        for name, p in model.module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    acc = make_accelerator(resolved)
-    runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, acc)
-    batching_ = Batching(resolved.padding_free, resolved.batch_size, resolved.tokens_per_batch, pad_id=1)
-    return Loop(runner, _samples(), cfg.train, optimizer, acc, batching_)
+    return build_loop(tiny_llama, _samples(), "adapter.rank=4", "adapter.dropout=0", f"model.implementation={impl}",
+                      f"train.batching={batching}", "data.max_length=64", f"train.batch_size={batch_size}",
+                      f"train.grad_accum={grad_accum}", "train.max_steps=4", "train.optimizer=adamw",
+                      "train.max_grad_norm=0", *(f"train.{k}={v}" for k, v in train.items()))
 
 
 def _grads(loop: Loop) -> dict[str, torch.Tensor]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import zlib
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +49,42 @@ def write_run_yaml(tmp_path: Path, model_path: Path, /, **sections: dict) -> Pat
 
 def config(path: Path, *overrides: str) -> Config:
     return load_config(path, list(overrides))
+
+
+def _seed_of(name: str, x: str) -> int:
+    """`layers.0.attn.q_proj.lora_B` for peft's `base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight`
+    and the decoder's `layers.0.attn.q_proj.lora_B`, as a number."""
+    layer = re.sub(r"^(base_model\.model\.)?(model\.)?", "", name.split(f".lora_{x}")[0]).replace("self_attn", "attn")
+    return zlib.crc32(f"{layer}.lora_{x}".encode())
+
+
+def build_loop(model_path: Path, samples: list, *overrides: str, random_adapters: bool = True):
+    """A `Loop` over `samples` exactly as `loratune train` sets one up (resolved decisions, model, runner,
+    optimizer, batching), for a config of `overrides` on the model at `model_path` (pad id 1).
+    `random_adapters`: A and B get random values seeded by the layer (the same on both model codes; peft's
+    zero B would make A's gradient zero)."""
+    from loratune.data.collate import Batching
+    from loratune.model.build import build_trainable
+    from loratune.model.memory import load_model_config
+    from loratune.model.resolve import decide
+    from loratune.train.loop import Loop
+    from loratune.train.optim import build_optimizer
+    from loratune.train.run import make_accelerator, make_runner
+
+    cfg = load_config(None, [f"model.path={model_path}", *overrides])
+    resolved = decide(cfg, model_config=load_model_config(cfg))
+    torch.manual_seed(0)
+    model = build_trainable(cfg, resolved)
+    if random_adapters:
+        with torch.no_grad():
+            for name, p in model.module.named_parameters():
+                for x, std in (("A", 0.1), ("B", 0.05)):  # seeded by the layer's name: the same on both codes
+                    if f"lora_{x}" in name:
+                        p.normal_(0, std, generator=torch.Generator().manual_seed(_seed_of(name, x)))
+    acc = make_accelerator(resolved)
+    runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, acc)
+    batching = Batching(resolved.padding_free, resolved.batch_size, resolved.tokens_per_batch, pad_id=1)
+    return Loop(runner, samples, cfg.train, optimizer, acc, batching)
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as the in-process tests (conftest.py)

@@ -8,7 +8,7 @@ inside its sample; no token ever attends to a token of another sample. Three imp
   with a block-diagonal causal mask [N, N] (plus the sliding window). With a logit soft-cap (Gemma 2),
   which SDPA cannot apply, the same mask on the plain product/softmax path, as transformers' eager path
   computes it. Memory grows with N^2: meant for CPU and tests, and as the fallback. When the stream holds
-  several samples and S x L^2 < N^2 (S samples, the longest of L tokens), the samples are gathered into S
+  several samples and 2 S L^2 <= N^2 (S samples, the longest of L tokens), the samples are gathered into S
   rows of L (`Boundaries.padded_layout`) and attend there instead, under a causal mask that also hides
   each row's padding: the same result for a fraction of the work (a micro-batch of many short samples).
 - `flash`: `flash_attn.flash_attn_varlen_func` with `cu_seqlens` (window and soft-cap native), when the
@@ -112,7 +112,8 @@ class Boundaries:
         return self._derived["rows"]
 
     def padded_mask(self, window: int | None) -> Tensor:
-        """[S, 1, L, L] bool of `padded_layout`'s rows: causal, within the window, keys that exist."""
+        """[S, 1, L, L] bool of `padded_layout`'s rows: causal, within the window, keys that exist (a padding
+        query: the row's first key only)."""
         key = ("rows", window)
         if key not in self._derived:
             _, valid = self.padded_layout()
@@ -120,7 +121,11 @@ class Boundaries:
             mask = i[None, :] <= i[:, None]
             if window is not None:
                 mask = mask & ((i[:, None] - i[None, :]) < window)
-            self._derived[key] = (mask[None] & valid[:, None, :])[:, None]
+            mask = mask[None] & valid[:, None, :]
+            # a padding query keeps its row's first key: no row is fully masked (NaN in some kernels); its
+            # output is dropped, so it passes no gradient
+            mask = mask | ((~valid)[:, :, None] & (i == 0)[None, None, :])
+            self._derived[key] = mask[:, None]
         return self._derived[key]
 
     def block_mask(self, window: int | None):
@@ -187,7 +192,7 @@ def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, win
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
           softcap: float | None, dropout: float) -> Tensor:
-    if len(b.lengths) > 1 and len(b.lengths) * b.max_seqlen ** 2 < b.n_tokens ** 2:
+    if 2 * len(b.lengths) * b.max_seqlen ** 2 <= b.n_tokens ** 2:  # at least half the work saved: rows
         return _sdpa_rows(q, k, v, b, scale, window, softcap, dropout)
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, N, D]
     out = dense_attention(qh, kh, vh, b.dense_mask(window)[None, None], scale, softcap, dropout)
