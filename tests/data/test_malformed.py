@@ -249,6 +249,8 @@ def test_unknown_template_name(write, toks) -> None:
     tok, info = toks["qwen2"]
     with pytest.raises(ConfigError, match="expected 'auto', one of llama3, chatml"):
         prepare_data(data_cfg(write("m.jsonl", [OK]), template="chatmll"), tok, info, seed=0)
+    with pytest.raises(ConfigError, match=r"^config key 'data.template': got 'llama-3'; did you mean 'llama3'\? "):
+        prepare_data(data_cfg(write("m.jsonl", [OK]), template="llama-3"), tok, info, seed=0)
 
 
 def test_double_bos(write, toks) -> None:

@@ -37,10 +37,36 @@ def test_auto_uses_own_template_with_inferred_stop(qwen) -> None:
     assert sup == "Hello.<|im_end|>Bye.<|im_end|>"
 
 
-def test_auto_without_template_is_chatml(qwen) -> None:
+def test_auto_without_template_is_chatml_when_its_markers_are_tokens(qwen, caplog) -> None:
     tok, _ = qwen
     tok.chat_template = None
-    assert resolve_template("auto", tok) == TEMPLATES["chatml"]
+    with caplog.at_level("INFO", logger="loratune.data.templates"):
+        assert resolve_template("auto", tok) == TEMPLATES["chatml"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the tokenizer has no chat template: using the built-in 'chatml' template (its <|im_start|>/<|im_end|> markers "
+        "are tokens of this vocabulary); set data.template to choose another"]
+
+
+def test_auto_without_template_never_splits_markers(toks: dict, caplog) -> None:
+    """A base whose vocabulary lacks chatml's markers gets plain-text markers, never <|im_start|> in pieces."""
+    tok, info = toks["llama"]
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    assert len(tok.encode("<|im_start|>", add_special_tokens=False)) > 1  # chatml would be cut into pieces here
+    with caplog.at_level("INFO", logger="loratune.data.templates"):
+        t = resolve_template("auto", tok)
+    assert t == TEMPLATES["guanaco"]
+    assert "plain-text '### Human:'/'### Assistant:' markers" in caplog.records[0].getMessage()
+    ids, labels = render_conversation(CONV, t, tok, info)
+    sup = tok.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+    assert sup == " Hello.<|eot_id|> Bye.<|eot_id|>"  # each answer and the eos that closes it
+
+
+def test_explicit_template_with_split_markers_is_allowed_with_a_warning(toks: dict, caplog) -> None:
+    tok, _ = toks["llama"]
+    with caplog.at_level("WARNING", logger="loratune.data.templates"):
+        assert resolve_template("chatml", tok) == TEMPLATES["chatml"]
+    assert "cuts its markers <|im_start|>, <|im_end|> into several tokens" in caplog.records[0].getMessage()
 
 
 def test_template_file(tmp_path, qwen) -> None:
