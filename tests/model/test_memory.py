@@ -213,3 +213,38 @@ def test_train_with_batch_size_auto_runs_with_the_resolved_size(tmp_path: Path, 
     assert "batch size: auto: " in out
     saved = load_config(tmp_path / "out" / "loratune.yaml")
     assert isinstance(saved.train.batch_size, int) and saved.train.batch_size >= 1
+
+
+def test_the_plan_follows_the_micro_batches_the_run_makes(tiny_llama: Path, monkeypatch) -> None:
+    """Padding-free micro-batches are planned at their token budget (auto: batch_size x max_length, the padded
+    micro-batch they replace); the model code's own choices (loratune's decoder: SDPA over the stream on CPU,
+    embedding on the GPU, no CUDA graphs yet) are the plan's."""
+    from loratune.model.resolve import ENV
+
+    monkeypatch.delenv(ENV, raising=False)
+    base = [f"model.path={tiny_llama}", "train.batch_size=4", "data.max_length=256"]
+    budget = 80 * GiB
+    free = plan_run(load_config(None, base), device="cpu", budget=budget)
+    padded = plan_run(load_config(None, [*base, "train.batching=padded"]), device="cpu", budget=budget)
+    assert free.resolved.decoder and free.plan.tokens == padded.plan.tokens == 1024
+    assert free.plan.shape_text == "4 x 256 tokens, padding-free" and padded.plan.shape_text == "4 x 256 tokens"
+    shape = Shape.from_config(AutoConfig.from_pretrained(tiny_llama))
+    attention = free.plan.get("layer recompute + backward").bytes - padded.plan.get("layer recompute + backward").bytes
+    assert attention == 0  # the same stream length, both on the decoder: the same [1024, 1024] mask and scores
+    hf = plan_run(load_config(None, [*base, "model.implementation=transformers"]), device="cpu", budget=budget)
+    assert hf.plan.total == free.plan.total - 1024 * 1024 * (1 + shape.heads * 4)  # no dense mask there
+
+    budgeted = plan_run(load_config(None, [f"model.path={tiny_llama}", "train.batch_size=auto", "data.max_length=256",
+                                          "train.tokens_per_batch=3000"]), device="cpu", budget=budget)
+    assert (budgeted.plan.tokens, budgeted.cfg.train.batch_size) == (3000, 11)  # 3000 // 256 samples a step
+    assert budgeted.plan.shape_text == "3,000 tokens, padding-free" and "fill train.tokens_per_batch" in budgeted.note
+    assert budgeted.plan.get("saved activations").bytes == shape.layers * 3000 * shape.hidden * 4
+
+    def cuda(*extra: str):
+        return plan_run(load_config(None, [*base, "quantization.compute_dtype=bf16", "adapter.dropout=0", *extra]),
+                        device="cuda", budget=budget).plan
+
+    ours, theirs = cuda(), cuda("model.implementation=transformers", "train.batching=padded")
+    assert ours.get("embedding").bytes == shape.vocab * shape.hidden * 2 and _pool(ours) == 0
+    assert theirs.get("embedding").bytes == 0 and _pool(theirs) > 0  # host memory, and CUDA graphs
+    assert _pool(cuda("model.implementation=transformers")) == 0  # padding-free batches are not captured

@@ -306,7 +306,7 @@ def _loss(shape: Shape, tokens: int, a: int, head_trained: bool, chunk_elements:
 
 def _dense_attention(shape: Shape, tokens: int, a: int) -> Component:
     return Component("attention mask + scores", tokens * tokens * (1 + shape.heads * a),
-                     f"SDPA over the stream: a [{tokens:,}, {tokens:,}] sample mask and one layer's scores")
+                     f"SDPA over the stream: at most a [{tokens:,}, {tokens:,}] sample mask and one layer's scores")
 
 
 def fused_mlp_default(cfg: Config, device: str) -> bool:
