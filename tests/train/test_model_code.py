@@ -81,7 +81,7 @@ def test_the_decoders_adapter_loads_in_peft_with_the_same_logits(tmp_path: Path,
     loads it and computes the logits our decoder computes with it; its config is the one the transformers path
     writes for the same settings."""
     path = write_run_yaml(tmp_path, tiny_llama)
-    cfg = config(path, "train.max_steps=4")
+    cfg = config(path, "train.max_steps=4", "model.implementation=loratune")
     out = train(cfg).out_dir
     ids = torch.tensor([[1, 17, 93, 5, 260, 41, 8, 77]])
     with torch.no_grad():
