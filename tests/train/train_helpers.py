@@ -10,9 +10,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import zlib
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 

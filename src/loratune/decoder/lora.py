@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loratune.errors import ModelError
-from loratune.kernels.lora_group import _LoRAGroup
+from loratune.kernels.lora_group import LoRAGroup
 from loratune.kernels.lora_linear import (
-    _UNCACHED,
+    UNCACHED,
     AdapterCasts,
-    _weight_fn,
     lora_linear,
+    weight_fn_of,
 )
 
 
@@ -73,14 +73,14 @@ class QLoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora, self.dropout = 0, 0.0, False, 0.0
         self.casts: AdapterCasts | None = None
         self.ends_block = False  # the last layer before a residual add: its fused backward may be split
-        self._weight = (weakref.ref(self), _weight_fn(self))
+        self._weight = (weakref.ref(self), weight_fn_of(self))
 
     def weight_fn(self, dtype: torch.dtype) -> Tensor:
         """The base weight in `dtype`: dequantized (4-bit; on CUDA one Triton kernel, its arguments kept while the
         packed weight stays put) or cast. Rebuilt for a copy of this layer (a deep copy shares no closure)."""
         owner, fn = self._weight
         if owner() is not self:
-            fn = _weight_fn(self)
+            fn = weight_fn_of(self)
             self._weight = (weakref.ref(self), fn)
         return fn(dtype)
 
@@ -137,7 +137,7 @@ class QLoRALinear(nn.Module):
 
 @dataclass(frozen=True)
 class _GroupPlan:
-    """What `kernels.lora_group._LoRAGroup` reads of each layer: its weight function, bias holder and scale."""
+    """What `kernels.lora_group.LoRAGroup` reads of each layer: its weight function, bias holder and scale."""
 
     weight_fn: Callable[[torch.dtype], Tensor]
     base: QLoRALinear
@@ -151,7 +151,7 @@ def project_group(layers: Sequence[QLoRALinear], x: Tensor) -> list[Tensor]:
     if (len(layers) < 2 or any(m.lora_A is None or m.dropout_active() for m in layers)
             or len({m.compute_dtype for m in layers}) != 1 or len({id(m.casts) for m in layers}) != 1):
         return [m(x) for m in layers]
-    casts = first.casts or _UNCACHED
+    casts = first.casts or UNCACHED
     dt, shape = first.compute_dtype, x.shape
     xc = x.to(dt).reshape(-1, shape[-1])
     plans = tuple(_GroupPlan(m.weight_fn, m, m.scale) for m in layers)
@@ -159,5 +159,5 @@ def project_group(layers: Sequence[QLoRALinear], x: Tensor) -> list[Tensor]:
     lora_bs = [m.lora_B for m in layers]
     a_cat = casts.get_cat(lora_as, dt)
     bs = [casts.get(m.lora_B, dt, m.scale) for m in layers]
-    ys = _LoRAGroup.apply(xc, a_cat, plans, *lora_as, *lora_bs, *bs)
+    ys = LoRAGroup.apply(xc, a_cat, plans, *lora_as, *lora_bs, *bs)
     return [y.reshape(*shape[:-1], y.shape[-1]) for y in ys]

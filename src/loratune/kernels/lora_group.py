@@ -23,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from loratune.kernels.lora_linear import _UNCACHED, FusedPlan, _mm_to, _update_then_base
+from loratune.kernels.lora_linear import UNCACHED, FusedPlan, _mm_to, _update_then_base
 
 
-class _LoRAGroup(torch.autograd.Function):
+class LoRAGroup(torch.autograd.Function):
     """Outputs y_1..y_n of n LoRA layers on one input (module docstring). Saves x and xa."""
 
     @staticmethod
@@ -75,6 +75,9 @@ class _LoRAGroup(torch.autograd.Function):
         return (dx, None, None, *d_as, *d_bs, *([None] * n))
 
 
+_LoRAGroup = LoRAGroup  # its former name, which tests/kernels/test_lora_group.py still imports
+
+
 def project_shared(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
     """`[layer(x) for layer in layers]`, computed as one node when every layer is a swapped LoRA layer whose
     fused path applies now, with one compute dtype, one adapter dtype, and no adapter dropout."""
@@ -83,12 +86,12 @@ def project_shared(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
             or len({p.compute for p in plans}) != 1 or len({p.lora_a.dtype for p in plans}) != 1
             or len({id(p.casts) for p in plans}) != 1):
         return [layer(x) for layer in layers]
-    casts = plans[0].casts or _UNCACHED
+    casts = plans[0].casts or UNCACHED
     dt, shape = plans[0].compute, x.shape
     xc = x.to(dt).reshape(-1, shape[-1])
     lora_as = [p.lora_a for p in plans]
     lora_bs = [p.lora_b for p in plans]
     a_cat = casts.get_cat(lora_as, dt)
     bs = [casts.get(p.lora_b, dt, p.scale) for p in plans]  # s B: the scale folded into the cast
-    ys = _LoRAGroup.apply(xc, a_cat, tuple(plans), *lora_as, *lora_bs, *bs)
+    ys = LoRAGroup.apply(xc, a_cat, tuple(plans), *lora_as, *lora_bs, *bs)
     return [y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype) for y in ys]

@@ -233,7 +233,7 @@ class AdapterCasts:
             self.active, self.copies, self.batched, self.stacked = outer
 
 
-_UNCACHED = AdapterCasts()
+UNCACHED = AdapterCasts()
 
 
 def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Tensor | None, lora_a: Tensor,
@@ -251,7 +251,7 @@ def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Ten
     bumping their versions, so it served stale weights; tests/gpu keeps a check.)
     """
     dt, shape = x.dtype, x.shape
-    casts = casts or _UNCACHED
+    casts = casts or UNCACHED
     a, b = casts.get(lora_a, dt), casts.get(lora_b, dt, float(scale))  # b: s B, the scale folded in once
     x2 = x.reshape(-1, shape[-1])
     xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
@@ -266,7 +266,7 @@ def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Ten
 # ------------------------------------------------------------------------------------ peft layer swap
 
 
-def _weight_fn(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
+def weight_fn_of(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
     """The frozen weight of a bitsandbytes Linear4bit (dequantized on demand) or of an nn.Linear.
 
     For a 4-bit weight on CUDA the kernel's arguments are built once and reused while the packed
@@ -366,7 +366,7 @@ def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor],
     also under autocast, which would pick the same dtype for them; the output has the input's dtype.
     """
     base = layer.get_base_layer()
-    plan = FusedPlan(layer, base, _weight_fn(base), _compute_dtype(base), next(iter(layer.lora_A)), casts)
+    plan = FusedPlan(layer, base, weight_fn_of(base), _compute_dtype(base), next(iter(layer.lora_A)), casts)
     layer._loratune_plan = plan
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:

@@ -47,10 +47,10 @@ from loratune.train.loss import lm_loss_sum_all_rows
 from loratune.train.metrics import PLOT_FILE, MetricsLog, Window, plot_losses, span_text
 from loratune.train.optim import apply_schedule, build_optimizer
 from loratune.train.progress import Reporter, memory_gib
-from loratune.train.runner import DecoderRunner, HFRunner, Runner
 from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff,
                                    continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
                                    length_message, plan_start, resume_mode)
+from loratune.train.runner import DecoderRunner, HFRunner, Runner
 from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
 from loratune.train.snapshot import Parts, fill, load_weights, read_meta, restore_training
 

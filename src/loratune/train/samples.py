@@ -27,7 +27,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from loratune.data.templates import ChatTemplate
 from loratune.infer.detok import IncrementalDetokenizer, StopStrings
