@@ -294,7 +294,7 @@ def finished_message(cfg: Config, done: FinishedRun) -> str:
 
 def continue_message(cfg: Config, done: FinishedRun, total: int, lr_saved: float, lr: float) -> str:
     """The one line a continued finished run prints: from where to where, exactly, and the learning rate."""
-    early = (f"; it had stopped early: it stops again at its next evaluation unless the eval loss improves"
+    early = ("; it had stopped early: it stops again at its next evaluation unless the eval loss improves"
              if done.total > done.steps else "")
     return (f"continuing the finished run in {done.out} from its final checkpoint (step {done.steps}) to step {total} "
             f"({total - done.steps} more), exactly where it stopped (weights, optimizer state, data order, random "
