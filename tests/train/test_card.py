@@ -4,6 +4,7 @@ the base weights' precision read from the weights (a full fine-tune is fp32, not
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from loratune.data.pipeline import prepare_data
 from loratune.data.stats import DataStats
 from loratune.model.adapters import attach_adapters, weight_precision
 from loratune.model.load import load_base, load_tokenizer
+from loratune.model.resolve import ENV
 from loratune.train.card import CardFacts, ModelFacts, is_hub_id, render
 from loratune.train.checkpoint import checkpoint_name
 from loratune.train.metrics import read_rows
@@ -78,7 +80,10 @@ def test_the_output_folder_has_a_model_card_of_the_run(tmp_path: Path, tiny_llam
     assert f"- Chat template: `{stats.template}`; loss on: assistant tokens; max length 128 tokens\n" in text
 
     # training settings and results: the run's record
-    for row in ("| length | 8 steps |", "| sequences per optimizer step | 4 |", "| learning rate | 0.003 |",
+    code = "transformers + peft" if os.environ.get(ENV) == "transformers" else "loratune's decoder"
+    for row in ("| length | 8 steps |", f"| model code | {code} |",
+                "| micro-batches | padding-free, up to 256 tokens each |", "| sequences per optimizer step | 4 |",
+                "| learning rate | 0.003 |",
                 "| schedule | cosine, warmup 2 steps |", "| optimizer | adamw |", "| seed | 42 |"):
         assert row + "\n" in text
     facts = json.loads((out / "loratune_run.json").read_text())

@@ -69,7 +69,7 @@ def model_facts(model: TrainModel) -> ModelFacts:
 def render(cfg: Config, facts: CardFacts) -> str:
     """The whole README.md."""
     sections = [_front_matter(cfg), _title(cfg, facts), _method(cfg, facts), _data(cfg, facts.data),
-                _training(cfg), _results(cfg, facts), _samples(facts.samples), _usage(cfg),
+                _training(cfg, facts.run), _results(cfg, facts), _samples(facts.samples), _usage(cfg),
                 _versions(facts.versions)]
     return "\n".join(s for s in sections if s)
 
@@ -152,12 +152,20 @@ def _data(cfg: Config, stats: DataStats) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _training(cfg: Config) -> str:
+CODES = {"loratune": "loratune's decoder", "transformers": "transformers + peft"}
+
+
+def _training(cfg: Config, run: dict) -> str:
     t = cfg.train
     length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
     warmup = f"{t.warmup_steps} steps" if t.warmup_steps > 0 else f"{t.warmup_ratio:g} of the steps"
     batch = t.batch_size if isinstance(t.batch_size, int) else 0
-    rows = [("length", length), ("micro-batch size", t.batch_size), ("gradient accumulation", t.grad_accum),
+    code = [("model code", CODES[run["implementation"]])] if run.get("implementation") in CODES else []
+    if run.get("batching") == "padding_free":
+        layout = f"padding-free, up to {run.get('tokens_per_batch', 0):,} tokens each"
+    else:
+        layout = f"padded, {t.batch_size} sequences each"
+    rows = [("length", length), *code, ("micro-batches", layout), ("gradient accumulation", t.grad_accum),
             ("sequences per optimizer step", batch * t.grad_accum), ("optimizer", t.optimizer),
             ("learning rate", f"{t.lr:g}"), ("schedule", f"{t.scheduler}, warmup {warmup}"),
             ("weight decay", f"{t.weight_decay:g}"), ("max grad norm", f"{t.max_grad_norm:g}"),

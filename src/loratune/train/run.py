@@ -333,7 +333,10 @@ class Run:
         """The run's record (loratune_run.json): what a finished run is continued from and its card reports."""
         s = self.state
         s.seconds = self.base_seconds + time.perf_counter() - self.t_start
-        return {"steps": s.step, "total_steps": self.loop.total, "steps_per_epoch": self.loop.steps_per_epoch,
+        r = self.resolved
+        return {"implementation": r.implementation, "batching": "padding_free" if r.padding_free else "padded",
+                "tokens_per_batch": r.tokens_per_batch,
+                "steps": s.step, "total_steps": self.loop.total, "steps_per_epoch": self.loop.steps_per_epoch,
                 "epochs": round(self._epochs(), 4), "tokens": s.tokens, "seconds": round(s.seconds, 2),
                 "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
                 "train_loss": s.last_loss, "train_loss_steps": self.window.span(s.step) if s.last_loss is not None
