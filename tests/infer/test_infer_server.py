@@ -225,7 +225,7 @@ def test_context_overflow_names_both_numbers(client: openai.OpenAI, engine) -> N
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n"), ({"n": 5}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stop": "x" * 300}, "stop"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"tools": [{"type": "function"}]}, "tools.0.function"),
     ({"model": None}, "model"),
 ])
 def test_chat_validation_400(live: LiveServer, patch: dict, param: str) -> None:

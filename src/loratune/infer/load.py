@@ -14,6 +14,7 @@ one `PromptFormat` per served name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -25,11 +26,12 @@ from pathlib import Path
 import torch
 
 from loratune.config import Config, ModelConfig, QuantizationConfig, load_config
-from loratune.data.render import encode_prompt
+from loratune.data.render import RenderError, encode_prompt
 from loratune.data.templates import EOS, TEMPLATES, ChatTemplate, resolve_template
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
 from loratune.infer.sampling import SamplingParams
+from loratune.infer.tools import CallSyntax, call_syntax
 from loratune.model.adapters import is_peft
 from loratune.model.load import TokenizerInfo, load_base, load_tokenizer, resolve_model_path
 
@@ -88,9 +90,25 @@ class PromptFormat:
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
 
-    def render(self, messages: Sequence[dict]) -> list[int]:
-        """The prompt for the next assistant turn (raises `RenderError` if the template rejects it)."""
-        return encode_prompt(list(messages), self.template, self.tokenizer, self.info)
+    def render(self, messages: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt for the next assistant turn (raises `RenderError` if the template rejects it, or leaves out
+        the tools or the tool calls it was given: the model would answer without knowing them)."""
+        ids = encode_prompt(list(messages), self.template, self.tokenizer, self.info, tools=tools or None)
+        wanted = {"tools": [t["function"]["name"] for t in tools or []],
+                  "messages": [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]}
+        if any(wanted.values()):
+            text = self.tokenizer.decode(ids)
+            for what, names in wanted.items():
+                if any(n not in text for n in names):
+                    raise ToolsNotRendered(what, f"{self.template.label} leaves out the "
+                                           + ("tool schemas" if what == "tools" else "tool calls of the messages")
+                                           + "; serve a model whose template renders tools (every built-in one does)")
+        return ids
+
+    @functools.cached_property
+    def tool_syntax(self) -> CallSyntax | None:
+        """How the template writes a tool call, to parse answers by (None: not a convention we recognise)."""
+        return call_syntax(self.tokenizer, self.template)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of raw text; `special` adds BOS as the tokenizer does for plain text."""
@@ -102,6 +120,14 @@ class PromptFormat:
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+
+class ToolsNotRendered(RenderError):
+    """The chat template drops tool schemas or tool calls; `what` is the request field they came in."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(message)
+        self.what = what
 
 
 def _eos_ids(model: torch.nn.Module) -> set[int]:
@@ -193,10 +219,10 @@ class Engine:
                                      pad_id=fmt.pad_id, cancel=cancel, max_total=self.context_length)
 
     def chat(self, messages: Sequence[dict], params: SamplingParams, name: str | None = None,
-             cancel: Cancel = _never) -> Iterator[Delta | Finish]:
+             cancel: Cancel = _never, tools: list[dict] | None = None) -> Iterator[Delta | Finish]:
         fmt = self.format(name)
         params = params.with_updates(stop=tuple(dict.fromkeys(params.stop + fmt.stop_strings)))
-        return self.generate([fmt.render(messages)], params, name, cancel)
+        return self.generate([fmt.render(messages, tools)], params, name, cancel)
 
 
 def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text: str | None,

@@ -5,18 +5,21 @@ that renders as OpenAI's error JSON (`{"error": {"message", "type", "param", "co
 raise their usual exceptions. (What holds for every value of a body, whatever its field, is checked
 before these schemas, in `asgi.check_tree`.) Types are strict: a string or a boolean is not converted
 into a number. Unknown fields are ignored (clients send many); fields we cannot honour
-(tools, logprobs, presence/frequency penalties) are rejected rather than silently ignored.
+(logprobs, presence/frequency penalties, a forced tool_choice) are rejected rather than silently ignored.
+Tools are served: schemas go to the chat template, and assistant `tool_calls` (arguments as JSON text,
+as OpenAI sends them) and `tool` messages become the message shape training records have.
 Extensions beyond the OpenAI API (as vLLM names them): `top_k`, `repetition_penalty`, `ignore_eos`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loratune.infer.sampling import SamplingParams
 
@@ -79,28 +82,109 @@ class TextPart(_Base):
     text: str
 
 
+class FunctionCall(_Base):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object written as a string, e.g. '{\"city\": \"Paris\"}'")
+        return value
+
+
+class ToolCall(_Base):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_dict(self) -> dict:
+        """The shape data.formats gives training records: arguments as an object."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": json.loads(self.function.arguments)}}
+
+
 class Message(_Base):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1)
+    tool_call_id: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _content_present(self) -> "Message":
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+    def _shape(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)"
+                             + (" or tool_calls" if self.role == "assistant" else ""))
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not to a {self.role} message")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionDef(_Base):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema, passed to the chat template as given
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     response_format: dict | None = None
+
+    @property
+    def wants_tool_calls(self) -> bool:
+        """Parse tool calls out of the answers: tools were given and tool_choice is not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_schemas(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template takes them; a tool message gets the name of the call it answers,
+        and must answer a call made before it."""
+        names: dict[str, str] = {}
+        out = []
+        for i, m in enumerate(self.messages):
+            d = m.as_dict()
+            for call in m.tool_calls or []:
+                names[call.id] = call.function.name
+            if m.role == "tool":
+                if m.tool_call_id not in names:
+                    raise APIError(400, f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no tool call of an "
+                                        "earlier assistant message", param=f"messages.{i}.tool_call_id")
+                d.setdefault("name", names[m.tool_call_id])
+            out.append(d)
+        return out
 
 
 class CompletionRequest(_Common):
@@ -138,7 +222,9 @@ def check_unsupported(req: _Common) -> None:
     ]
     if isinstance(req, ChatRequest):
         fmt = (req.response_format or {}).get("type", "text")
-        unsupported += [(req.logprobs, "logprobs", ""), (req.tools, "tools", ""), (req.functions, "functions", ""),
+        forced = req.tool_choice not in (None, "auto", "none")
+        unsupported += [(req.logprobs, "logprobs", ""), (req.functions, "functions", "use tools"),
+                        (forced, "tool_choice", "a call cannot be forced; use 'auto' (or 'none')"),
                         (fmt != "text", "response_format", "only type 'text' is served")]
     else:
         unsupported += [(req.echo, "echo", ""), (req.suffix, "suffix", ""), (req.logprobs is not None, "logprobs", ""),

@@ -10,6 +10,11 @@ step. Events cross from the worker thread to the event loop through `call_soon_t
 Every route, /health included, sits behind the API key when one is set; the server binds 127.0.0.1
 unless told otherwise. Every request leaves one access-log line through Python logging (`infer/asgi.py`),
 and model loading shows no progress bars.
+
+Tools: a chat request's `tools` go to the chat template; when it has them (and tool_choice is not "none"),
+each answer passes through a `ToolCallStream` in the convention the model's template writes calls in
+(`infer/tools.py`), so calls come back as OpenAI `tool_calls` with finish_reason "tool_calls", streamed or
+not. A template whose convention is not recognised answers text, and the log says so once per model.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ except ModuleNotFoundError as e:  # `pip install loratune` without the [serve] e
 
 from loratune.infer.asgi import AccessLog, ApiKeyMiddleware, ErrorResponse, read_json
 from loratune.infer.engine import Delta, Finish
-from loratune.infer.load import Engine
+from loratune.infer.load import Engine, ToolsNotRendered
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
                                        model_card, new_id, now, parse, rows, sampling_params, usage)
 from loratune.infer.sampling import SamplingParams
+from loratune.infer.tools import CallSyntax, ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +228,30 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
         check_unsupported(req)
         name = resolve_model(req.model)
         fmt = engine.format(name)
+        messages = req.conversation()
         try:
-            prompt = fmt.render([m.as_dict() for m in req.messages])
+            prompt = fmt.render(messages, req.tool_schemas())
+        except ToolsNotRendered as e:
+            raise APIError(400, f"{e.what}: {e}", param=e.what) from None
         except Exception as e:  # the chat template itself rejects the conversation (e.g. role order)
             raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
         params = sampling_params(req, req.max_completion_tokens or req.max_tokens, len(prompt),
                                  engine.context_length, limits)
         params = params.with_updates(stop=tuple(dict.fromkeys(params.stop + fmt.stop_strings)))
         n = rows(req, 1, limits)
-        return await _respond(request, req, name, [prompt] * n, [len(prompt)], params, chat=True)
+        syntax = tool_syntax(name) if req.wants_tool_calls else None
+        return await _respond(request, req, name, [prompt] * n, [len(prompt)], params, chat=True, syntax=syntax)
+
+    unrecognised: set[str] = set()
+
+    def tool_syntax(name: str) -> CallSyntax | None:
+        """The model's tool-call convention; one log line per model when there is none we can parse."""
+        syntax = engine.format(name).tool_syntax
+        if syntax is None and name not in unrecognised:
+            unrecognised.add(name)
+            log.warning("model %r: its chat template writes tool calls in no form loratune recognises; "
+                        "answers to requests with tools come back as text content", name)
+        return syntax
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -262,26 +283,30 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
         worker.cancel(job)
 
     async def _respond(request: Request, req, name: str, batch: list[list[int]], prompt_lens: list[int],
-                       params: SamplingParams, chat: bool):
+                       params: SamplingParams, chat: bool, syntax: CallSyntax | None = None):
         job = Job(batch, params, name, req.ignore_eos, asyncio.get_running_loop())
         worker.submit(job)
         ident = new_id("chatcmpl" if chat else "cmpl")
+        answers = Answers(len(batch), syntax)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             # The watcher also covers a client that leaves before the stream starts (e.g. while queued).
             watcher = asyncio.create_task(_watch(request, job))
-            return StreamingResponse(_stream(job, watcher, ident, name, chat, sum(prompt_lens), include_usage),
+            return StreamingResponse(_stream(job, watcher, ident, name, chat, sum(prompt_lens), include_usage, answers),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await _collect(request, job, ident, name, chat, sum(prompt_lens)))
+        return JSONResponse(await _collect(request, job, ident, name, chat, sum(prompt_lens), answers))
 
-    async def _collect(request: Request, job: Job, ident: str, name: str, chat: bool, prompt_tokens: int) -> dict:
+    async def _collect(request: Request, job: Job, ident: str, name: str, chat: bool, prompt_tokens: int,
+                       answers: Answers) -> dict:
         watcher = asyncio.create_task(_watch(request, job))
-        texts, finishes = [""] * len(job.prompts), {}
+        texts, calls, finishes = [""] * len(job.prompts), [[] for _ in job.prompts], {}
         try:
             async for ev in job.stream():
                 if isinstance(ev, Delta):
-                    texts[ev.row] += ev.text
+                    texts[ev.row] += answers.feed(ev.row, ev.text)
                 else:
+                    tail, calls[ev.row] = answers.finish(ev.row)
+                    texts[ev.row] += tail
                     finishes[ev.row] = ev
         finally:
             watcher.cancel()
@@ -289,8 +314,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
             raise APIError(499, "the request was cancelled: the client closed the connection")
         completion = sum(f.completion_tokens for f in finishes.values())
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": finishes[i].reason} for i, t in enumerate(texts)]
+            choices = [{"index": i, "message": _message(t, calls[i]), "logprobs": None,
+                        "finish_reason": "tool_calls" if calls[i] else finishes[i].reason} for i, t in enumerate(texts)]
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": finishes[i].reason}
                        for i, t in enumerate(texts)]
@@ -298,7 +323,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
                 "model": name, "choices": choices, "usage": usage(prompt_tokens, completion)}
 
     async def _stream(job: Job, watcher: asyncio.Task, ident: str, name: str, chat: bool, prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, answers: Answers) -> AsyncIterator[str]:
         created, obj = now(), "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict], **extra) -> str:
@@ -317,11 +342,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
                 yield chunk([choice(i, None, None, first=True) for i in range(len(job.prompts))])
             async for ev in job.stream():
                 if isinstance(ev, Delta):
-                    if ev.text:
-                        yield chunk([choice(ev.row, ev.text, None)])
+                    if text := answers.feed(ev.row, ev.text):
+                        yield chunk([choice(ev.row, text, None)])
                 else:
                     completion += ev.completion_tokens
-                    yield chunk([choice(ev.row, None, ev.reason)])
+                    tail, calls = answers.finish(ev.row)
+                    if tail:
+                        yield chunk([choice(ev.row, tail, None)])
+                    if calls:  # each call whole, in one chunk (clients accumulate deltas by index either way)
+                        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                        yield chunk([{"index": ev.row, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    yield chunk([choice(ev.row, None, "tool_calls" if calls else ev.reason)])
             if include_usage:
                 yield chunk([], usage=usage(prompt_tokens, completion))
             yield "data: [DONE]\n\n"
@@ -335,6 +366,29 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
                 worker.cancel(job)
 
     return app
+
+
+class Answers:
+    """Each row's generated text on its way to the client: unchanged, or through a `ToolCallStream` when the
+    request has tools and the template's call syntax is known (calls held back, then parsed)."""
+
+    def __init__(self, rows: int, syntax: CallSyntax | None) -> None:
+        self.streams = [ToolCallStream(syntax) if syntax else None for _ in range(rows)]
+
+    def feed(self, row: int, text: str) -> str:
+        stream = self.streams[row]
+        return stream.feed(text) if stream else text
+
+    def finish(self, row: int) -> tuple[str, list[dict]]:
+        stream = self.streams[row]
+        return stream.finish() if stream else ("", [])
+
+
+def _message(content: str, calls: list[dict]) -> dict:
+    """An assistant message: content null when it is only tool calls, as OpenAI answers."""
+    if not calls:
+        return {"role": "assistant", "content": content}
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}
 
 
 def _check_bindable(host: str, port: int) -> None:
