@@ -110,11 +110,13 @@ def swap_attention_rope(model: nn.Module) -> int:
         home = sys.modules[type(m).__module__]  # the modeling file's own attention registry and eager path
         original = m.forward
 
-        def forward(hidden_states: Tensor, position_embeddings=None, attention_mask=None, past_key_values=None,
+        def forward(hidden_states: Tensor, position_embeddings=None, attention_mask=None,
                     m: nn.Module = m, original=original, home=home, extra_fn=extra_fn, **kwargs):
-            if past_key_values is not None or position_embeddings is None:
+            # a KV cache (`cache` from transformers 5.24, `past_key_values` before): the original forward
+            if any(kwargs.get(k) is not None for k in ("cache", "past_key_values")) or position_embeddings is None:
                 return original(hidden_states, position_embeddings=position_embeddings,
-                                attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                                attention_mask=attention_mask, **kwargs)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
             input_shape = hidden_states.shape[:-1]
             hidden_shape = (*input_shape, -1, m.head_dim)
             q, k, v = (t.view(hidden_shape).transpose(1, 2)  # one node when all three are fused LoRA layers
