@@ -1,6 +1,9 @@
-"""`loratune train`: config -> tokenizer -> data -> model -> loop -> checkpoints -> adapter.
+"""`loratune train`: config -> decisions -> tokenizer -> data -> model -> loop -> checkpoints -> adapter.
 
-The recipe in the torchtune sense. `Run.__init__` sets everything up, fresh or from a checkpoint;
+The recipe in the torchtune sense. The run's decisions (which model code trains, dtype, checkpointing,
+kernels, graphs, padded or padding-free micro-batches, batch size) are made once, with the memory plan,
+before anything loads (`check_memory`: `loratune.model.resolve` and `loratune.model.memory.plan_run`), and
+handed to model building (`loratune.model.build.build_trainable`), the runner and the loop. `Run.__init__` sets everything up, fresh or from a checkpoint;
 `Run.fit` is the loop over optimizer steps with evaluation, checkpoints and the stop checks written
 out; `Run.finish` evaluates a last time, saves the final checkpoint, writes the adapter and its model card
 to the output folder and prints the summary. Where a run starts (step 0, a checkpoint, a finished run
