@@ -89,7 +89,7 @@ def test_no_attention_across_samples(checkpoint, quiet):
 
 
 def _fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
-                       window_size=(-1, -1), softcap=0.0):
+                       window_size=(-1, -1), softcap=0.0, deterministic=False):
     """flash-attn's documented semantics, written out per sample: query i sees keys in
     [i - window_size[0], i + window_size[1]] (causal: not past i), scores soft-capped after the scale."""
     assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max()) and dropout_p == 0.0

@@ -227,7 +227,9 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window:
     return flash_attn_varlen_func(q, k, v, b.cu_seqlens, b.cu_seqlens, b.max_seqlen, b.max_seqlen,
                                   dropout_p=dropout, softmax_scale=scale, causal=True,
                                   window_size=(-1, -1) if window is None else (window - 1, window - 1),
-                                  softcap=softcap or 0.0)
+                                  softcap=softcap or 0.0,
+                                  # train.deterministic: flash-attn's deterministic backward (no atomic adds)
+                                  deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 @functools.lru_cache(maxsize=1)
