@@ -90,7 +90,7 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, tiny_
 
 def test_sigkill_at_random_moments(tmp_path: Path, tiny_llama: Path) -> None:
     """SIGKILL from outside after random delays (seeded), whatever the process is doing, then resume."""
-    sections = {"train": {"max_steps": 60, "save_every": 3, "eval_every": 6}}
+    sections = {"train": {"max_steps": 120, "save_every": 3, "eval_every": 12}}
     want = _reference(tmp_path, tiny_llama, sections)
     path = write_run_yaml(tmp_path, tiny_llama, **sections)
     rng = random.Random(0)
