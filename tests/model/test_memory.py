@@ -107,13 +107,14 @@ def test_totals_within_5_percent_above_the_measured_peaks(fields: dict, batch: i
     assert measured <= plan.total_gib <= ACCURACY * measured  # 1.01-1.03x today
 
 
-# The default path of `loratune train` on the H100 (docs/benchmarks.md, run 19, this code): every fast path,
-# the input embedding in host memory; eagerly, and with micro-batches replayed as CUDA graphs.
-MEASURED_DEFAULT = [(2, 2048, False, 6.77), (2, 2048, True, 7.05), (1, 8192, True, 8.76), (1, 16384, True, 12.12)]
+# The transformers path of `loratune train` with every loratune.kernels fast path on the H100 (docs/benchmarks.md,
+# run 19; the default before loratune's decoder, whose peaks are not measured yet): the input embedding in host
+# memory; eagerly, and with micro-batches replayed as CUDA graphs.
+MEASURED_KERNELS = [(2, 2048, False, 6.77), (2, 2048, True, 7.05), (1, 8192, True, 8.76), (1, 16384, True, 12.12)]
 
 
-@pytest.mark.parametrize(("batch", "seq", "graphs", "measured"), MEASURED_DEFAULT)
-def test_the_default_path_within_5_percent_above(batch: int, seq: int, graphs: bool, measured: float) -> None:
+@pytest.mark.parametrize(("batch", "seq", "graphs", "measured"), MEASURED_KERNELS)
+def test_the_kernels_path_within_5_percent_above(batch: int, seq: int, graphs: bool, measured: float) -> None:
     plan = estimate(bench_cfg(), llama(**LLAMA3_8B), batch, seq, "cuda", embed_on_host=True, fused_mlp=True,
                     graphs=graphs)
     assert measured <= plan.total_gib <= ACCURACY * measured  # 1.01-1.04x today (1x16384 graphed: 1.045x)

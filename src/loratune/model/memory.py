@@ -48,9 +48,11 @@ peak = weights + adapters + saved activations + max(loss, layer working set) + g
 Calibrated on the H100 (docs/benchmarks.md; LoRA r=16 on 7 modules, NF4 double quant, bf16, checkpointing).
 Run 2 (embedding on the GPU, no graphs, logit chunks of 2^26), measured / estimated GiB at 2x2048, 1x8192,
 1x16384: Llama-3-8B 7.84 / 7.90, 9.40 / 9.50, 12.69 / 12.86; Llama-3.2-1B 2.24 / 2.28, 2.53 / 2.59,
-3.64 / 3.74. Run 19 (the default path: embedding in host memory, CUDA graphs, chunks of 2^25, the SwiGLU
-gradients over gate/up), Llama-3-8B: eager 2x2048 6.77 / 6.84; graphed 7.05 / 7.15, 8.76 / 8.99,
-12.12 / 12.66 (all within +5%, none under). Not modelled: the paged optimizers' states live in
+3.64 / 3.74. Run 19 (the transformers path with every loratune.kernels fast path: embedding in host memory,
+CUDA graphs, chunks of 2^25, the SwiGLU gradients over gate/up), Llama-3-8B: eager 2x2048 6.77 / 6.84;
+graphed 7.05 / 7.15, 8.76 / 8.99, 12.12 / 12.66 (all within +5%, none under). loratune's decoder (the
+default model code) is planned with the same formulas, its embedding on the GPU and no graphs; its peaks
+are not measured yet. Not modelled: the paged optimizers' states live in
 managed memory and can spill to the host (counted as if on the GPU); architectures without
 Llama-style fields (hidden_size, intermediate_size, ...) are refused.
 """
