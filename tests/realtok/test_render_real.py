@@ -92,3 +92,34 @@ def test_labels_equal_the_marked_reference(tokenizer_dir, family: str, rec: Reco
         assert ids == want_ids  # one rendering, one tokenization, the template's own BOS
         assert labels[0] == IGNORE
         assert labels[1:] == want_labels[1:], (t.name, tok.decode([i for i, x in zip(ids, labels) if x != IGNORE]))
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama3_1", "qwen3", "gemma3", "deepseek_v3", "mistral_nemo"])
+def test_inference_stops_at_the_end_of_turn_training_supervises(tokenizer_dir, family: str) -> None:
+    """The end-of-turn token a trained turn ends with is a stop token of chat and serve (Llama 3's original
+    release: <|eot_id|> is not its eos, nor a named special token, and decoding skips it as text)."""
+    import torch
+
+    from loratune.infer.load import make_format
+
+    tok, info = _loaded(str(tokenizer_dir(family)))
+    template = resolve_template("auto", tok)
+    ids, labels = render_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                      template, tok, info)
+    last_supervised = [i for i, x in zip(ids, labels, strict=True) if x != IGNORE][-1]
+    model = torch.nn.Module()  # no generation config: stops come from the tokenizer and the template alone
+    fmt = make_format(tok, info, model, template.stop)
+    assert last_supervised in fmt.stop_ids and fmt.stop_strings == ()
+
+
+def test_a_tokenizer_without_template_is_served_as_it_is_trained(tokenizer_dir) -> None:
+    """gpt-oss's tokenizer ships no chat template: chat and serve fall back exactly as training does."""
+    import torch
+
+    from loratune.infer.load import make_format
+
+    tok, info = _loaded(str(tokenizer_dir("gptoss")))
+    assert not tok.chat_template
+    fmt = make_format(tok, info, torch.nn.Module(), None)
+    assert fmt.template == resolve_template("auto", tok) and fmt.template.name == "guanaco"
+    assert fmt.stop_ids == {tok.eos_token_id}

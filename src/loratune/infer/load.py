@@ -27,7 +27,7 @@ import torch
 
 from loratune.config import Config, ModelConfig, QuantizationConfig, load_config
 from loratune.data.render import RenderError, encode_prompt
-from loratune.data.templates import EOS, TEMPLATES, ChatTemplate, resolve_template
+from loratune.data.templates import EOS, ChatTemplate, marker_tokens, resolve_template
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
 from loratune.infer.sampling import SamplingParams
@@ -135,40 +135,45 @@ def _eos_ids(model: torch.nn.Module) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-def chat_template(tokenizer, stop_text: str | None) -> ChatTemplate:
+def chat_template(tokenizer, stop_text: str | None, variables: dict | None = None) -> ChatTemplate:
     """The template to render with and its end-of-turn text.
 
-    A run folder's tokenizer holds the template training used, and the run records its end of turn. A plain
-    model's end of turn is found as training finds it (`data.template=auto`): a known template's, else
-    inferred from what the template writes after an assistant message. No template at all: chatml, as
-    `data.template=auto` does.
+    A run folder's tokenizer holds the template training used, and the run records its end of turn and the
+    template's variables (`data.template_variables`). A plain model's template is resolved as training
+    resolves `data.template=auto`: its own (a known template's end of turn, else the one inferred from what it
+    writes after an assistant message), or, without one, the same fallback training takes (chatml when its
+    markers are tokens of the vocabulary, else plain-text markers).
     """
     own = tokenizer.chat_template
     own = own.get("default") if isinstance(own, dict) else own
-    if not own:
-        return TEMPLATES["chatml"] if stop_text is None else ChatTemplate("chatml", TEMPLATES["chatml"].jinja, stop_text)
-    if stop_text is not None:
-        return ChatTemplate("saved", own, stop_text)
+    if own and stop_text is not None:
+        return ChatTemplate("saved", own, stop_text, dict(variables or {}))
     try:
-        return resolve_template("auto", tokenizer)
+        return resolve_template("auto", tokenizer, variables)
     except ConfigError as e:  # a template we cannot probe: stop at eos only, and say so
         log.warning("%s; answers stop at eos only", e)
-        return ChatTemplate("tokenizer", own, EOS)
+        return ChatTemplate("tokenizer", own, EOS, dict(variables or {}))
 
 
-def make_format(tokenizer, info: TokenizerInfo, model: torch.nn.Module, stop_text: str | None) -> PromptFormat:
+def make_format(tokenizer, info: TokenizerInfo, model: torch.nn.Module, stop_text: str | None,
+                template: ChatTemplate | None = None, variables: dict | None = None) -> PromptFormat:
     """Stop at eos, at the model's generation-config eos ids, and at the template's end of turn.
 
-    The end-of-turn text is a stop token when it is one token (`<|eot_id|>`, `<end_of_turn>`), else a stop
-    string.
+    `template` is the one to render with when the caller has it (training's own, for its sample answers);
+    else it comes from the tokenizer (`chat_template`). The end-of-turn text is a stop token when it is one
+    token (`<|eot_id|>`, `<end_of_turn>`), or when it ends with a marker token the tokenizer knows as one
+    (decoding skips special tokens, so a stop string holding one would never match); else a stop string.
     """
-    template = chat_template(tokenizer, stop_text)
+    template = template or chat_template(tokenizer, stop_text, variables)
     ids = {int(tokenizer.eos_token_id)} | _eos_ids(model)
     strings: tuple[str, ...] = ()
     eot = template.stop_text(tokenizer.eos_token)
     pieces = tokenizer(eot, add_special_tokens=False).input_ids
+    last = next((t for t in marker_tokens(tokenizer) if eot.endswith(t)), None)
     if len(pieces) == 1:
         ids.add(int(pieces[0]))
+    elif last is not None:
+        ids.add(int(tokenizer.convert_tokens_to_ids(last)))
     else:
         strings = (eot,)
     return PromptFormat(tokenizer, info, template, frozenset(ids), strings)
@@ -226,14 +231,15 @@ class Engine:
 
 
 def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text: str | None,
-               name: str = BASE_NAME) -> Engine:
-    """Wrap a model already in memory (e.g. the trainer's, for sample answers) in an `Engine`.
+               name: str = BASE_NAME, template: ChatTemplate | None = None) -> Engine:
+    """Wrap a model already in memory (e.g. the trainer's, for sample answers) in an `Engine`; `template`, when
+    given, is the one to render with (training's own).
 
     A peft model answers with its active adapter (the one being trained), not with the base alone.
     """
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     inner = model.active_adapter if is_peft(model) else None
-    return Engine(model, {name: make_format(tokenizer, info, model, stop_text)}, {name: inner}, context, name)
+    return Engine(model, {name: make_format(tokenizer, info, model, stop_text, template)}, {name: inner}, context, name)
 
 
 def _no_bar(factory, args: tuple, kwargs: dict) -> object:
@@ -313,7 +319,7 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
                 model.load_adapter(str(run.path), adapter_name=inner)
             tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
             _check_vocab(tok, model, run.path)
-            formats[name] = make_format(tok, info, model, run.stop)
+            formats[name] = make_format(tok, info, model, run.stop, variables=run.cfg.data.template_variables)
             adapters[name] = inner
     model.eval()
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
