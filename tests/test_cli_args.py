@@ -47,5 +47,5 @@ def test_plan_applies_overrides_given_after_the_options(tiny_llama: Path, capsys
     assert code == 0
     out = capsys.readouterr().out
     title = out.splitlines()[0]
-    assert title.startswith(f"memory plan: {tiny_llama}, micro-batch ") and title.endswith(" x 128 tokens, on cuda")
+    assert title.startswith(f"memory plan: {tiny_llama}, micro-batch ") and title.endswith(" x 128 tokens, padding-free, on cuda")
     assert "batch size: auto: " in out and "free: 8.00 GiB" in out
