@@ -12,6 +12,8 @@ module tree (the tensors live on in the decoder).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,12 +23,7 @@ from loratune.decoder.config import decoder_config
 from loratune.decoder.keys import hf_module_name, linear_names, weight_names
 from loratune.decoder.model import Decoder
 from loratune.errors import ModelError
-
-
-def _checkpointing(cfg: Config) -> bool:
-    """Decided as `loratune.model.load.enable_checkpointing` decides it for the HF model."""
-    mode = cfg.train.gradient_checkpointing
-    return mode is True or (mode == "auto" and cfg.quantization.bits in (4, 8))
+from loratune.model.resolve import checkpointing_on
 
 
 def decoder_from_hf(model: nn.Module, *, attention: str = "auto", checkpointing: bool = False,
@@ -72,9 +69,21 @@ def check_supported(cfg: Config) -> None:
         raise ModelError("adapter.modules_to_save trains through the HF + peft path, not loratune's decoder")
 
 
-def build_decoder(cfg: Config, path: str | None = None, *, attention: str = "auto", seed: int | None = None) -> Decoder:
+@dataclass(frozen=True)
+class BaseFacts:
+    """What the loaded transformers model knew beside its tensors, kept when its module tree goes: the name the
+    adapter config records as its base, its generation config (end-of-sequence ids) and its context length."""
+
+    name_or_path: str
+    generation_config: Any | None
+    context_length: int
+
+
+def load_decoder(cfg: Config, path: str | None = None, *, attention: str = "auto", seed: int | None = None,
+                 checkpointing: bool | None = None) -> tuple[Decoder, BaseFacts]:
     """The decoder `loratune train` would train for `cfg` (base precision, checkpointing, adapters), from the
-    checkpoint at `path` (default `cfg.model.path`: a folder, a hub id or `demo://...`)."""
+    checkpoint at `path` (default `cfg.model.path`: a folder, a hub id or `demo://...`), and the base's facts.
+    `checkpointing`: activation checkpointing (default: as train.gradient_checkpointing decides)."""
     from transformers import AutoConfig
 
     from loratune.model.hub import locate
@@ -92,7 +101,10 @@ def build_decoder(cfg: Config, path: str | None = None, *, attention: str = "aut
         raise ModelError(f"cannot read the model config from {cfg.model.path!r}: {e}".splitlines()[0]) from None
     decoder_config(hf_config)
     model = load_base(cfg)
-    decoder = decoder_from_hf(model, attention=attention, checkpointing=_checkpointing(cfg),
+    facts = BaseFacts(getattr(model, "name_or_path", None) or cfg.model.path, getattr(model, "generation_config", None),
+                      int(getattr(model.config, "max_position_embeddings", 0) or 4096))
+    decoder = decoder_from_hf(model, attention=attention,
+                              checkpointing=checkpointing_on(cfg) if checkpointing is None else checkpointing,
                               train_base=cfg.adapter.type == "none")
     del model  # the HF module tree goes; its tensors live on in the decoder
     if cfg.adapter.type == "lora":
@@ -101,4 +113,9 @@ def build_decoder(cfg: Config, path: str | None = None, *, attention: str = "aut
                              seed=seed)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return decoder
+    return decoder, facts
+
+
+def build_decoder(cfg: Config, path: str | None = None, *, attention: str = "auto", seed: int | None = None) -> Decoder:
+    """`load_decoder` without the base's facts."""
+    return load_decoder(cfg, path, attention=attention, seed=seed)[0]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from loratune import kernels
@@ -124,19 +123,11 @@ def build_trainable(cfg: Config, resolved: Resolved) -> TrainModel:
     if not resolved.decoder:
         model = build_model(cfg)
         return TrainModel(model, resolved, None, getattr(model, "generation_config", None), _context(model))
-    from loratune.decoder.load import decoder_from_hf
+    from loratune.decoder.load import load_decoder
 
-    hf = load_base(cfg)
-    base_name = getattr(hf, "name_or_path", None) or cfg.model.path
-    generation, context = getattr(hf, "generation_config", None), _context(hf)
-    decoder = decoder_from_hf(hf, checkpointing=resolved.checkpointing)
-    del hf  # the module tree goes; its tensors live on in the decoder
-    a = cfg.adapter
-    decoder.add_adapters(a.rank, a.alpha, a.dropout, a.rslora, a.target_modules, tuple(a.exclude_modules))
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    decoder, base = load_decoder(cfg, checkpointing=resolved.checkpointing)
     _log_model(cfg, decoder)
-    return TrainModel(decoder, resolved, base_name, generation, context)
+    return TrainModel(decoder, resolved, base.name_or_path, base.generation_config, base.context_length)
 
 
 def _context(model: nn.Module) -> int:
