@@ -16,15 +16,17 @@ uses `cache.KVCache`. Other architectures keep the HF + peft path.
     cache = decoder.new_cache(batch=2, capacity=512)
     logits = decoder(torch.cat(prompts), cache.boundaries([len(p) for p in prompts]), cache=cache)
     logits = decoder(next_tokens[:, None], cache=cache)                     # one token per row
+    tokens = greedy(decoder, prompt_ids, max_new_tokens=48, stop_ids={eos})  # greedy decoding on the cache
 """
 
 from loratune.decoder.attention import Boundaries
 from loratune.decoder.cache import KVCache
 from loratune.decoder.config import DecoderConfig, RopeConfig, decoder_config
-from loratune.decoder.load import build_decoder, decoder_from_hf
+from loratune.decoder.generate import greedy
+from loratune.decoder.load import build_decoder, decoder_from_hf, load_decoder
 from loratune.decoder.lora import QLoRALinear
 from loratune.decoder.model import Decoder
 from loratune.decoder.peft_io import load_adapter, save_adapter
 
 __all__ = ["Boundaries", "Decoder", "DecoderConfig", "KVCache", "QLoRALinear", "RopeConfig", "build_decoder",
-           "decoder_config", "decoder_from_hf", "load_adapter", "save_adapter"]
+           "decoder_config", "decoder_from_hf", "greedy", "load_adapter", "load_decoder", "save_adapter"]
