@@ -11,13 +11,13 @@ identical whatever the split between batch size, accumulation and layout.
 The loop is given a runner (`loratune.train.runner`: loratune's decoder or the transformers model), which
 computes one micro-batch's summed loss; it never looks inside the model.
 
-accelerate's `Accelerator` provides the device, the autocast context (bf16, or fp16 with its loss
-scaler), `backward` (which scales under fp16), `clip_grad_norm_` (which unscales first) and the
+accelerate's `Accelerator` provides the device, the autocast context of the transformers runner (bf16, or
+fp16 with its loss scaler; loratune's decoder computes in its own dtype), `backward` (which scales under fp16), `clip_grad_norm_` (which unscales first) and the
 wrapped optimizer's `step` (which skips and backs the scale off on an fp16 overflow). The trainable
 weights stay fp32: autocast only lowers the precision of the matmuls.
 
 The data order of every epoch is a pure function of (seed, epoch), and a window's micro-batches a pure
-function of its samples, so the position in training is fully described by `LoopState` (step, epoch,
+function of the window, so the position in training is fully described by `LoopState` (step, epoch,
 index list): that is what a checkpoint stores to resume.
 """
 
@@ -53,7 +53,7 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch
-    micro: int = 0  # micro-batches of the current epoch already consumed
+    micro: int = 0  # index lists of the current epoch already consumed (batch_order's padded micro-batches)
     tokens: int = 0  # supervised tokens trained on
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
