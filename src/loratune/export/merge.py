@@ -29,7 +29,7 @@ import torch
 
 from loratune.config import Config, ModelConfig
 from loratune.errors import LoratuneError
-from loratune.infer.load import RunFolder, make_format, read_run_folder
+from loratune.infer.load import RunFolder, make_format, quiet_loading, read_run_folder
 from loratune.model.load import load_base, load_tokenizer
 from loratune.model.quant import DTYPES
 
@@ -156,10 +156,14 @@ def _load_quantized_with_adapter(cfg: Config, run: RunFolder):
 def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantize_4bit: str | Path | None = None,
            shard_size: str = "5GB", overwrite: bool = False, min_agreement: float = 0.9) -> ExportReport:
     """Merge `adapter` into its dequantized base, save to `out`, verify, print and return the report."""
+    with quiet_loading():  # transformers' loading bars, for this export only
+        return _export(adapter, out, dtype, quantize_4bit, shard_size, overwrite, min_agreement)
+
+
+def _export(adapter: str | Path, out: str | Path, dtype: str, quantize_4bit: str | Path | None, shard_size: str,
+            overwrite: bool, min_agreement: float) -> ExportReport:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from transformers.utils import logging as hf_logging
 
     run = read_run_folder(adapter)
     out = Path(out)
@@ -168,7 +172,6 @@ def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantiz
             _check_destination(folder, overwrite)
     if quantize_4bit and Path(quantize_4bit).resolve() == out.resolve():
         raise ExportError("--quantize-4bit needs a folder of its own, not --out")
-    hf_logging.disable_progress_bar()
     torch_dtype = DTYPES[dtype]
     cfg = Config(model=run.cfg.model, quantization=run.cfg.quantization)
     tok, info = load_tokenizer(ModelConfig(path=str(run.path)))

@@ -36,6 +36,7 @@ from loratune.config import Config, to_dict
 from loratune.data.collate import Batching
 from loratune.data.pipeline import prepare_data
 from loratune.errors import ConfigError, ModelError
+from loratune.infer.load import quiet_loading
 from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
@@ -481,11 +482,9 @@ def check_memory(cfg: Config, saved_batch_size: int | None = None) -> tuple[Conf
 def train(cfg: Config) -> TrainResult:
     """Fine-tune as `cfg` says, with checkpoints and resume, and write the adapter to `cfg.output.dir`."""
     faults.reset()
-    if not sys.stderr.isatty():  # transformers' weight-loading bar is a smear of carriage returns in a log file
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    with deterministic_mode(cfg.train.deterministic), GracefulStop() as stop:
+    # transformers' weight-loading bar is a smear of carriage returns in a log file: off for this run only
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else quiet_loading()
+    with quiet, deterministic_mode(cfg.train.deterministic), GracefulStop() as stop:
         try:
             run = Run(cfg, stop)
         except AlreadyFinished as e:
