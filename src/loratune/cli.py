@@ -112,7 +112,8 @@ def _chat(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop))
-    return run_chat([args.model], bits=args.bits, system=args.system, prompt=args.prompt, params=params)
+    return run_chat([args.model], bits=args.bits, system=args.system, prompt=args.prompt, params=params,
+                    tools_file=args.tools)
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -124,6 +125,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                                                               "hub id or demo://llama")
     p.add_argument("--prompt", help="answer this prompt and exit (stdin is read when it is not a terminal)")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--tools", metavar="FILE.json", help="a JSON list of OpenAI tool schemas the model may call; "
+                                                        "calls are printed, `/tool RESULT` answers them")
     p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], help="override the base precision the adapter "
                                                                      "was trained with")
     _sampling_args(p, temperature=0.7)

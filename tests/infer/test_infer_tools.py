@@ -392,3 +392,14 @@ def test_bad_tools_files_are_one_line_errors(tmp_path, content: str | None, word
     with pytest.raises(LoratuneError, match="--tools") as e:
         read_tools(path)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_chat_cli_takes_tools(tmp_path, capsys) -> None:
+    """`loratune chat --tools FILE` reaches run_chat: a malformed file is a one-line error, exit 2, before loading."""
+    from loratune.cli import main
+
+    path = tmp_path / "tools.json"
+    path.write_text("[]")
+    assert main(["chat", "demo://llama-test", "--tools", str(path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--tools" in err and "non-empty JSON list" in err and err.count("\n") == 1
