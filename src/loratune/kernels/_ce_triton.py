@@ -1,8 +1,8 @@
 """Triton kernel behind `loratune.kernels.loss` on CUDA: one chunk's cross-entropy and its gradient, in place.
 
 Why: in PyTorch, each chunk of 16-bit logits is copied to fp32 and then goes through logsumexp, exp,
-scatter and a cast back, five passes over 2^25 elements and three more copies; on the H100 that was
-~11 ms of a 363 ms Llama-3-8B step at 2 x 2048 (run 14, docs/benchmarks.md). Here one program per row
+scatter and a cast back, five passes over 2^25 elements and three more copies (their cost on a GPU:
+docs/benchmarks.md, "Figures behind the source's design notes"). Here one program per row
 reads the row twice (online max and sum of exponentials, then the gradient) and writes the gradient over
 the logits, still in their 16-bit dtype, ready for the `dz @ W` product; all arithmetic is fp32.
 

@@ -1,8 +1,8 @@
 """Launch a Triton kernel through its compiled form after the first call (CUDA only).
 
 Why: a `kernel[grid](...)` call through the JIT binds the arguments, computes the specialisation key
-and looks the compiled kernel up on every call: about 30-40 us of host time on the GPU machine (see
-docs/benchmarks.md), against ~10 us for the launch itself. A training step of an 8B model launches our
+and looks the compiled kernel up on every call, several times the host time of the launch itself
+(docs/benchmarks.md, "Figures behind the source's design notes"). A training step of an 8B model launches our
 kernels thousands of times and is bound by host time, so after the first (JIT) launch for a given key
 we keep the compiled kernel's runner and call it directly.
 

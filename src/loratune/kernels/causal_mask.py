@@ -5,9 +5,8 @@ Why: for an unpadded batch transformers skips building the causal mask and calls
 it inspects tensors: an all-ones attention mask, or, without one, the position ids (to rule out packed
 sequences). Each inspection is a host/GPU synchronisation in an eager step, and inside a CUDA graph
 capture, where reading a tensor is impossible, transformers (5.17 among others) gives up the skip and
-materialises a (batch, 1, seq, seq) mask: a captured micro-batch then runs SDPA's masked kernels. Measured
-on the H100 (runs 10 and 13, Llama-3-8B shape, 2 x 2048, checkpointed): cuDNN attention took ~68 ms per
-step in the graph against ~22 ms eagerly.
+materialises a (batch, 1, seq, seq) mask: a captured micro-batch then runs SDPA's masked kernels, which are
+several times slower (docs/benchmarks.md, "Figures behind the source's design notes").
 
 The caller knows on the host whether a batch is padded or packed. Through transformers' public extension
 points, for one model instance and only inside `causal_mask_skip(model, unpadded=...)`, the model's SDPA

@@ -1,7 +1,7 @@
 """One CUDA graph per micro-batch shape: the forward and backward pass replayed, not re-launched from Python.
 
-Why: with the fused kernels the GPU work of a QLoRA step on an 8B model is ~380 ms at 2 x 2048 tokens,
-but the host needs longer than that to issue it: thousands of launches, each behind Python (HF's
+Why: with the fused kernels the GPU work of a QLoRA step on an 8B model is short enough that the host
+needs longer than that to issue it: thousands of launches, each behind Python (HF's
 modules, peft, checkpointing, autograd). Captured once into a CUDA graph, the whole micro-batch (input
 embedding, decoder with checkpointing, head and loss, backward into the adapters' `.grad`) is one
 `replay()`; the host is then idle and the step runs at the GPU's speed.
@@ -193,7 +193,7 @@ class GraphedMicroBatch:
         return True
 
     def _zero_flat(self) -> None:
-        for buf in self.flat:  # one kernel per buffer (a foreach zero of 448 tensors costs ~3 ms of host time)
+        for buf in self.flat:  # one kernel per buffer (a foreach zero of hundreds of tensors costs more host time)
             buf.zero_()
 
     def _bind_grads(self) -> None:

@@ -172,7 +172,7 @@ class AdapterCasts:
         """The adapter weights of the whole model: inside `frozen()` the first request for a dtype casts them all
         with a few multi-tensor kernels (`torch._foreach_copy_`, then `_foreach_mul_` for the B matrices' scales,
         `scales`: id(weight) -> s) instead of one or two kernels per weight (448 weights for a Llama-3-8B with
-        7 targets: ~2 ms of GPU time and as many launches per step)."""
+        7 targets: as many launches per step)."""
         self.params, self.scales = list(params), dict(scales or {})
 
     def get(self, p: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
@@ -241,7 +241,7 @@ def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Ten
                 split: bool = False) -> Tensor:
     """y = x W^T + b + scale * (x_lora A^T) B^T (x_lora defaults to x): one autograd node, or with `split`
     the projection and main nodes above (for a block's last layer: its recompute is then skipped).
-    One node is cheaper on the host (each autograd node costs ~0.1 ms of Python per pass on the H100).
+    One node is cheaper on the host (each autograd node costs Python time in every pass).
 
     The adapter weights are cast to x's dtype by `casts` (an `AdapterCasts`): once per call, or, inside
     `AdapterCasts.frozen()`, once per window in which the optimizer does not step (the training loop's

@@ -3,7 +3,7 @@
 Why our own kernel: bitsandbytes dequantizes a double-quantized weight in two launches (the absmax
 constants first, into a temporary, then the weight). The Triton kernel reads the packed weight, the
 8-bit absmax and the second-level constants once and writes the bf16/fp16 weight in one pass: per
-value, 0.5 byte read + 2 bytes written, so a 7B decoder dequantizes in about 6 ms on an H100.
+value, 0.5 byte read + 2 bytes written.
 
 Layout (bitsandbytes 0.4x-0.50, `Params4bit` + `QuantState`), n = out * in values, row-major:
     packed   uint8 [n/2]        byte i holds value 2i in its high nibble and value 2i+1 in its low one

@@ -45,16 +45,12 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
 peak = weights + adapters + saved activations + max(loss, layer working set) + graph pool + overhead: the loss
 (end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
 
-Calibrated on the H100 (docs/benchmarks.md; LoRA r=16 on 7 modules, NF4 double quant, bf16, checkpointing).
-Run 2 (embedding on the GPU, no graphs, logit chunks of 2^26), measured / estimated GiB at 2x2048, 1x8192,
-1x16384: Llama-3-8B 7.84 / 7.90, 9.40 / 9.50, 12.69 / 12.86; Llama-3.2-1B 2.24 / 2.28, 2.53 / 2.59,
-3.64 / 3.74. Run 19 (the transformers path with every loratune.kernels fast path: embedding in host memory,
-CUDA graphs, chunks of 2^25, the SwiGLU gradients over gate/up), Llama-3-8B: eager 2x2048 6.77 / 6.84;
-graphed 7.05 / 7.15, 8.76 / 8.99, 12.12 / 12.66 (all within +5%, none under). loratune's decoder (the
-default model code) is planned with the same formulas, its embedding on the GPU and no graphs; its peaks
-are not measured yet. Not modelled: the paged optimizers' states live in
-managed memory and can spill to the host (counted as if on the GPU); architectures without
-Llama-style fields (hidden_size, intermediate_size, ...) are refused.
+Calibrated on peaks measured on a GPU with the transformers path and its loratune.kernels fast paths
+(docs/benchmarks.md, "Figures behind the source's design notes"; tests/model/test_memory.py replays them):
+the estimate errs on the safe side, within +5%. loratune's decoder (the default model code) is planned with
+the same formulas, its embedding on the GPU and no graphs; its peaks are not measured yet. Not modelled: the
+paged optimizers' states live in managed memory and can spill to the host (counted as if on the GPU);
+architectures without Llama-style fields (hidden_size, intermediate_size, ...) are refused.
 """
 
 from __future__ import annotations
@@ -79,11 +75,11 @@ GiB = 2**30
 NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit blocksize)
 DQ_BLOCK = 256  # absmax values per second-level absmax (double quantization)
 # A micro-batch replayed as a CUDA graph (loratune.kernels.graphs) peaks higher than the same micro-batch
-# run eagerly. What is alive at the two peaks (benchmarks/memory_peak.py, docs/benchmarks.md run 14): during
+# run eagerly. What is alive at the two peaks (benchmarks/memory_peak.py): during
 # the capture every trainable parameter's gradient exists from the start (the graph accumulates into fixed
 # tensors; eagerly they appear layer by layer in the backward pass), plus a few activation-sized buffers the
-# capture keeps. Fitted on the H100 (run 19, Llama-3-8B shape): the peaks 7.05, 8.76, 12.12 GiB at 2x2048,
-# 1x8192, 1x16384 leave 5.2, 4.9, 4.2 x tokens x hidden x 2 bytes beyond the gradients; 5 is used.
+# capture keeps: fitted on measured graphed peaks (docs/benchmarks.md), between 4.2 and 5.2 x tokens x hidden x
+# 2 bytes beyond the gradients; 5 is used.
 GRAPH_POOL = 5
 CUDA_OVERHEAD = 96 * 2**20  # cuBLAS/cuBLASLt workspaces, rotary tables, small buffers (calibrated)
 CPU_OVERHEAD = 1 * GiB  # the Python process with torch and transformers imported
