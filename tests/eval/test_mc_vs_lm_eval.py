@@ -3,8 +3,9 @@
 lm-evaluation-harness (`lm_eval`) runs in-process: its `HFLM` loads the tiny model's folder and its own MMLU
 prompt templates (`mmlu` for the letters style, `mmlu_continuation` for cloze) read the JSON Lines copy of
 the benchmark. loratune reads the original release's CSV layout of the same questions and scores them with
-its batched, prefix-sharing path. Every choice's log-likelihood must agree within 1e-4, and every
-question's acc and acc_norm must be identical.
+its batched, prefix-sharing paths: on the transformers model (padded rows) and on loratune's decoder over the
+same tensors (padding-free streams). Every choice's log-likelihood must agree within 1e-4, and every question's
+acc and acc_norm must be identical.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from loratune.decoder.model import Decoder  # noqa: E402
 from loratune.eval.config import MCTaskConfig  # noqa: E402
+from loratune.eval.decoder_view import decoder_over  # noqa: E402
 from loratune.eval.mc import prepare, question_metrics, score_questions  # noqa: E402
 from loratune.eval.mcdata import load_benchmark  # noqa: E402
 from loratune.infer.load import load_engine  # noqa: E402
@@ -60,11 +63,13 @@ def test_loglikelihoods_and_accuracies_match_lm_eval(family: str, tiny_models: d
     reference = _lm_eval_samples(tiny_models[family], mmlu_jsonl)
     engine = load_engine([str(tiny_models[family])])
     tokenizer = engine.format().tokenizer
+    decoder = decoder_over(engine.model)
+    assert isinstance(decoder, Decoder)
     compared = 0
-    for style in TEMPLATES:
+    for style, net in ((s, n) for s in TEMPLATES for n in (engine.model, decoder)):
         task = MCTaskConfig(name="mmlu", path=str(mmlu_dir), shots=SHOTS[style], style=style)
         bench = load_benchmark(task)
-        records = score_questions(engine.model, prepare(bench, task, tokenizer, 2048), style, batch_size=3)
+        records = score_questions(net, prepare(bench, task, tokenizer, 2048), style, batch_size=3)
         for subject in mmlu_jsonl:
             ours = [r for r in records if r["subject"] == subject]
             theirs = reference[(style, subject)]
@@ -76,4 +81,4 @@ def test_loglikelihoods_and_accuracies_match_lm_eval(family: str, tiny_models: d
                 metrics = question_metrics(mine, style)
                 assert (metrics["acc"], metrics["acc_norm"]) == (ref["acc"], ref["acc_norm"])
                 compared += 1
-    assert compared == 2 * 9
+    assert compared == 2 * 2 * 9

@@ -64,7 +64,7 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _common_prefix(rows: Sequence[tuple[int, ...]]) -> int:
+def common_prefix(rows: Sequence[tuple[int, ...]]) -> int:
     first, n = rows[0], min(len(r) for r in rows)
     for r in rows[1:]:
         i = 0
@@ -179,7 +179,7 @@ class Scorer:
                requests: Sequence[Request]) -> dict[int, Score]:
         shared = 0
         if self.share_prefix and len(chunk) > 1:
-            shared = min(_common_prefix(chunk), min(len(c) for c in chunk) - 1)
+            shared = min(common_prefix(chunk), min(len(c) for c in chunk) - 1)
         multi = [(row, i) for row, c in enumerate(chunk) for i in by_context[c] if len(requests[i].continuation) > 1]
         prefix_cache = self.prefix.get(chunk[0][:shared]) if shared else None
         cache, attention, last = _contexts_forward(self.model, self.keyword, chunk, shared, prefix_cache, bool(multi))

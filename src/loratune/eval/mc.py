@@ -28,6 +28,8 @@ import torch
 
 from loratune.errors import DataError
 from loratune.eval.config import MCTaskConfig
+from loratune.decoder.model import Decoder
+from loratune.eval.decoder_loglik import DecoderScorer
 from loratune.eval.loglik import Request, Scorer, truncate
 from loratune.eval.mcdata import Benchmark, Question
 from loratune.eval.mcprompt import answer_texts, context, continuations, encode_pairs
@@ -73,11 +75,18 @@ def record(p: Prepared, scores: Sequence, style: str) -> dict:
             "tokens": len(p.requests[0].context), "truncated": p.truncated}
 
 
+def scorer_for(model: torch.nn.Module, batch_size: int) -> Scorer | DecoderScorer:
+    """loratune's decoder scores padding-free streams (`decoder_loglik`); a transformers model padded rows."""
+    if isinstance(model, Decoder):
+        return DecoderScorer(model, batch_size=batch_size)
+    return Scorer(model, batch_size=batch_size)
+
+
 def score_questions(model: torch.nn.Module, prepared: list[Prepared], style: str, *, batch_size: int,
                     store: ResultStore | None = None, advance: Callable[[int], None] | None = None) -> list[dict]:
     """Per-question records, from `store` where cached, else scored (and appended to `store` a block at a time)."""
     todo = [p for p in prepared if store is None or p.question.id not in store]
-    scorer = Scorer(model, batch_size=batch_size)
+    scorer = scorer_for(model, batch_size)
     computed: dict[str, dict] = {}
     block = max(1, batch_size * 4)
     for start in range(0, len(todo), block):

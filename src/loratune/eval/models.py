@@ -19,14 +19,20 @@ import gc
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from loratune.decoder.model import Decoder
+from loratune.errors import LoratuneError
+from loratune.eval import decoder_view
 from loratune.eval.config import EvalModelConfig
 from loratune.infer.load import Engine, RunFolder, is_run_folder, load_engine, read_run_folder
 from loratune.model.load import resolve_model_path
+
+log = logging.getLogger("loratune.eval")
 
 SMALL = 64 << 20  # files hashed by content; larger ones by name, size and modification time
 
@@ -83,10 +89,19 @@ def plan(specs: list[EvalModelConfig]) -> list[list[Source]]:
 
 @dataclass
 class Loaded:
-    """An engine and the engine name under which each eval model of its group is served."""
+    """An engine, the engine name under which each eval model of its group is served, and each one's adapter
+    folder (None: a plain model)."""
 
     engine: Engine
     names: dict[str, str]  # eval model name -> engine name
+    folders: dict[str, str | None] = field(default_factory=dict)
+    _decoder: Decoder | None | bool = False  # loratune's decoder over the engine's base; False: not built yet
+
+    def decoder(self) -> Decoder | None:
+        """loratune's decoder over the engine's base tensors (built once), or None where it does not cover it."""
+        if self._decoder is False:
+            self._decoder = decoder_view.decoder_over(self.engine.model)
+        return self._decoder  # type: ignore[return-value]
 
 
 def load(group: list[Source]) -> Loaded:
@@ -99,12 +114,14 @@ def load(group: list[Source]) -> Loaded:
         engine = load_engine([f"{s.spec.name}={s.path}" for s in adapters], bits=adapters[0].bits, base_name=base_name)
     else:
         engine = load_engine([plain[0].path], bits=plain[0].spec.bits, base_name=base_name)
-    return Loaded(engine, {s.spec.name: s.spec.name for s in group})
+    return Loaded(engine, {s.spec.name: s.spec.name for s in group},
+                  {s.spec.name: s.path if s.run is not None else None for s in group})
 
 
 def release(loaded: Loaded) -> None:
     """Drop the engine's model so the next group's base has the memory."""
     loaded.engine.model = None  # type: ignore[assignment]
+    loaded._decoder = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -116,6 +133,24 @@ def selected(engine: Engine, name: str) -> Iterator[torch.nn.Module]:
     outside `Engine.generate`; holds the engine's lock, as generation does."""
     with engine._lock, engine._use(name):  # the engine's own adapter switch (see the eval report's notes)
         yield engine.model
+
+
+@contextlib.contextmanager
+def scoring(loaded: Loaded, model: str) -> Iterator[torch.nn.Module]:
+    """The network that scores log-likelihoods as eval model `model`: loratune's decoder over the engine's base
+    with the model's adapter, where the decoder covers it (`decoder_view`), else the engine's own model."""
+    decoder = loaded.decoder()
+    if decoder is not None:
+        try:
+            decoder_view.use_adapter(decoder, loaded.folders.get(model))
+        except LoratuneError as e:
+            log.info("%s is scored by transformers, not loratune's decoder: %s", model, e)
+        else:
+            with loaded.engine._lock:  # the base's tensors are the engine's: no generation meanwhile
+                yield decoder
+            return
+    with selected(loaded.engine, loaded.names[model]) as net:
+        yield net
 
 
 def fingerprint(src: Source) -> str:

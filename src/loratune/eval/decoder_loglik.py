@@ -1,0 +1,161 @@
+"""Log-likelihoods of continuations on loratune's decoder: padding-free streams, shared prefixes prefilled once.
+
+The same workload as `loratune.eval.loglik` (many (context, continuation) pairs, contexts repeated once per
+choice and sharing the few-shot examples of their subject), on `loratune.decoder.Decoder`, whose batches are
+token streams with sample boundaries instead of padded rows:
+
+    sorted unique contexts, in chunks of at most `batch_size` that share a token prefix (the shots)
+      ├─ prefix  : one forward over the chunk's common prefix into a one-row KV cache     (once per prefix,
+      │            kept while consecutive chunks share it)
+      ├─ contexts: the cache's row copied to one row per context (a copy, no compute); each context's own
+      │            tokens after the prefix laid end to end in one stream, no padding; the head runs only on
+      │            each context's last token, whose log-probs give every continuation's first token
+      └─ continuations longer than one token: their tokens after the context, one stream, on a cache whose
+                   rows are the contexts' rows selected per continuation
+
+Exact: a token's keys and values depend only on the tokens before it, and positions continue each row's
+cache, so every log-probability is the one of a full forward over context + continuation. Log-probs are
+taken in float32. `loratune.eval.loglik.score_reference` is the plain path the tests compare with.
+A chunk closes where adding a context would cut its shared prefix below half (a new subject's shots begin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from loratune.decoder.attention import Boundaries
+from loratune.decoder.cache import KVCache
+from loratune.decoder.model import Decoder
+from loratune.eval.loglik import Request, Score, common_prefix
+
+
+def _rows_of(decoder: Decoder, source: KVCache, rows: Sequence[int], length: int | Sequence[int],
+             capacity: int) -> KVCache:
+    """A new cache of `len(rows)` rows of `capacity`, row i holding the first `length` tokens of `source`'s row
+    `rows[i]` (a copy of those keys and values, nothing recomputed)."""
+    lengths = [length] * len(rows) if isinstance(length, int) else list(length)
+    out = decoder.new_cache(len(rows), capacity)
+    index = torch.tensor(list(rows), dtype=torch.long, device=source.keys[0].device)
+    width = max(lengths)
+    for mine, theirs in ((out.keys, source.keys), (out.values, source.values)):
+        for dst, src in zip(mine, theirs):
+            dst[:, :, :width] = src.index_select(0, index)[:, :, :width]
+    out.lengths = lengths  # tokens past a row's length are never attended to
+    return out
+
+
+class DecoderScorer:
+    """Scores batches of requests on a decoder, keeping the last shared prefix's cache between calls (the next
+    block of questions of the same subject reuses its shots). Same interface as `loglik.Scorer`."""
+
+    def __init__(self, decoder: Decoder, *, batch_size: int = 8, share_prefix: bool = True) -> None:
+        self.decoder, self.batch_size, self.share_prefix = decoder, max(1, batch_size), share_prefix
+        self.device = decoder.embed.weight.device
+        self._prefix: tuple[tuple[int, ...], KVCache | None] = ((), None)
+
+    def _tensor(self, tokens: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+
+    def _prefix_cache(self, tokens: tuple[int, ...]) -> KVCache:
+        if self._prefix[0] != tokens or self._prefix[1] is None:
+            cache = self.decoder.new_cache(1, len(tokens))
+            self.decoder.hidden_states(self._tensor(tokens), cache.boundaries([len(tokens)]), cache=cache)
+            self._prefix = (tokens, cache)
+        return self._prefix[1]  # type: ignore[return-value]
+
+    def chunks(self, contexts: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+        """Consecutive sorted contexts, at most `batch_size` a chunk, a chunk closed where its shared prefix would
+        fall below half of what it is."""
+        out: list[list[tuple[int, ...]]] = []
+        shared = 0
+        for k, c in enumerate(contexts):
+            if out and len(out[-1]) < self.batch_size:
+                now = min(shared, common_prefix([out[-1][0], c]))
+                # a chunk of one has no shared prefix yet: c joins it unless c shares much more with the next
+                ahead = common_prefix([c, contexts[k + 1]]) if k + 1 < len(contexts) else 0
+                if not self.share_prefix or 2 * now >= (shared if len(out[-1]) > 1 else ahead):
+                    out[-1].append(c)
+                    shared = now
+                    continue
+            out.append([c])
+            shared = len(c) - 1
+        return out
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Score]:
+        """Score every request; `progress(n)` is told of each n requests finished."""
+        if any(not r.context or not r.continuation for r in requests):
+            raise ValueError("every request needs a non-empty context and continuation")
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            by_context.setdefault(r.context, []).append(i)
+        results: dict[int, Score] = {}
+        was_training = self.decoder.training
+        self.decoder.eval()
+        try:
+            for chunk in self.chunks(sorted(by_context)):
+                done = self._chunk(chunk, by_context, requests)
+                results.update(done)
+                if progress is not None:
+                    progress(len(done))
+        finally:
+            self.decoder.train(was_training)
+        return [results[i] for i in range(len(requests))]
+
+    def _chunk(self, chunk: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
+               requests: Sequence[Request]) -> dict[int, Score]:
+        dec = self.decoder
+        shared = 0
+        if self.share_prefix:
+            shared = min(common_prefix(chunk), min(len(c) for c in chunk) - 1)
+        multi = [(row, i) for row, c in enumerate(chunk) for i in by_context[c] if len(requests[i].continuation) > 1]
+        rest = [c[shared:] for c in chunk]
+        lengths = [len(r) for r in rest]
+        ids = self._tensor([t for r in rest for t in r])
+        cache = None
+        if shared or multi:
+            capacity = max(len(c) for c in chunk)
+            cache = (_rows_of(dec, self._prefix_cache(chunk[0][:shared]), [0] * len(chunk), shared, capacity)
+                     if shared else dec.new_cache(len(chunk), capacity))
+            hidden = dec.hidden_states(ids, cache.boundaries(lengths), cache=cache)
+        else:  # nothing to keep: one padding-free stream through the decoder's own attention
+            hidden = dec.hidden_states(ids, Boundaries.from_lengths(lengths, self.device))
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        last = F.log_softmax(dec.logits(hidden[ends]).float(), dim=-1)
+        best = last.argmax(dim=-1).tolist()
+        out: dict[int, Score] = {}
+        for row, c in enumerate(chunk):
+            for i in by_context[c]:
+                token = requests[i].continuation[0]
+                out[i] = Score(float(last[row, token]), best[row] == token, float(last[row, token]))
+        for s in range(0, len(multi), self.batch_size):
+            part = multi[s:s + self.batch_size]
+            for (_, i), (lp, greedy) in zip(part, self._continuations(cache, chunk, part, requests)):
+                first = out[i]
+                out[i] = Score(first.logprob + lp, first.greedy and greedy, first.first)
+        return out
+
+    def _continuations(self, cache: KVCache | None, chunk: list[tuple[int, ...]], part: list[tuple[int, int]],
+                       requests: Sequence[Request]) -> list[tuple[float, bool]]:
+        """(sum of log-probs, greedy) of tokens 2.. of each continuation, after its context's cached row."""
+        assert cache is not None
+        dec = self.decoder
+        conts = [requests[i].continuation for _, i in part]
+        starts = [len(chunk[row]) for row, _ in part]
+        capacity = max(s + len(c) - 1 for s, c in zip(starts, conts))
+        rows = _rows_of(dec, cache, [row for row, _ in part], starts, capacity)
+        inputs = [c[:-1] for c in conts]
+        hidden = dec.hidden_states(self._tensor([t for x in inputs for t in x]),
+                                   rows.boundaries([len(x) for x in inputs]), cache=rows)
+        logprobs = F.log_softmax(dec.logits(hidden).float(), dim=-1)
+        out, start = [], 0
+        for c in conts:
+            n = len(c) - 1
+            targets = self._tensor(c[1:])
+            lp = logprobs[start:start + n]
+            out.append((float(lp.gather(1, targets.unsqueeze(1)).sum()), bool((lp.argmax(dim=-1) == targets).all())))
+            start += n
+        return out
