@@ -43,20 +43,20 @@ from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
 from loratune.model.resolve import Resolved, decide
 from loratune.train import card, faults
-from loratune.train.artifacts import RUN_FILE, library_versions, save_run
-from loratune.train.checkpoint import CHECKPOINTS, checkpoint_name, clean_leftovers, rotate, write_checkpoint
+from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clean_leftovers, fill, load_weights,
+                                       read_meta, restore_training, rotate, write_checkpoint)
 from loratune.train.interrupt import GracefulStop
 from loratune.train.loop import Loop, LoopState, StepResult
 from loratune.train.loss import lm_loss_sum_all_rows
 from loratune.train.metrics import PLOT_FILE, MetricsLog, Window, plot_losses, span_text
 from loratune.train.optim import apply_schedule, build_optimizer
 from loratune.train.progress import Reporter, memory_gib
-from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff,
+from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff, config_hash,
                                    continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
                                    length_message, plan_start, resume_mode)
+from loratune.train.run_folder import RUN_FILE, library_versions, save_run
 from loratune.train.runner import DecoderRunner, HFRunner, Runner
 from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
-from loratune.train.snapshot import Parts, fill, load_weights, read_meta, restore_training
 
 log = logging.getLogger("loratune.train")
 
@@ -281,7 +281,8 @@ class Run:
                 state.first_loss, state.first_loss_steps = loss, self.window.span(step)
             self.metrics.write({
                 "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                "tokens": state.tokens, "tokens_per_s": round(rate, 1), "memory_gib": round(mem, 3),
+                "tokens": state.tokens, "step_input_tokens": r.input_tokens, "tokens_per_s": round(rate, 1),
+                "memory_gib": round(mem, 3),
                 "skipped": state.skipped_steps})
         self.reporter.step(step, epoch, loss, r.lr, rate, mem, due)
 
@@ -356,7 +357,8 @@ class Run:
 
     def _fill(self, folder: Path) -> None:
         facts = self._facts()
-        fill(folder, self.parts, self.state, self.cfg, self.fingerprints, facts, card=self._card(facts, final=False))
+        fill(folder, self.parts, self.state, self.cfg, self.fingerprints, facts, config_hash=config_hash(self.cfg),
+             card=self._card(facts, final=False))
 
     def save_checkpoint(self) -> Path:
         """Atomically write the checkpoint of the current step; then rotate older ones."""
