@@ -23,7 +23,7 @@ def make_adapter_dir(base: Path, out: Path, *, bits: int = 16, seed: int = 1, sc
     """Write OUT/ like `loratune train` does, for the tiny `base` model; returns `out`.
 
     `template` names a registry template trained with instead of the model's own (`data.template=NAME`):
-    the folder's tokenizer then carries that template, as `train.artifacts.save_run` writes it.
+    the folder's tokenizer then carries that template, as `train.run_folder.save_run` writes it.
     """
     cfg = Config(model=ModelConfig(path=str(base)), quantization=QuantizationConfig(bits=bits),
                  data=DataConfig(template=template or "auto"))

@@ -12,7 +12,7 @@ import torch
 
 from loratune.train.checkpoint import (MANIFEST, checkpoint_name, clean_leftovers, complete_checkpoints,
                                        list_checkpoints, rotate, step_of, verify, write_checkpoint)
-from loratune.train.state import load_rng_state, rng_state
+from loratune.train.trainer_state import load_rng_state, rng_state
 
 
 def _fill(text: str):

@@ -12,7 +12,7 @@ from train_helpers import adapter_bytes, config, write_run_yaml
 
 from loratune.errors import ConfigError
 from loratune.train import run as run_module
-from loratune.train.artifacts import RUN_FILE
+from loratune.train.run_folder import RUN_FILE
 from loratune.train.checkpoint import checkpoint_name
 from loratune.train.metrics import read_rows
 from loratune.train.run import train

@@ -136,7 +136,7 @@ def test_injected_inf_is_caught_within_one_step_and_nothing_non_finite_is_saved(
 
 
 def test_non_finite_weights_are_never_saved(tmp_path: Path, tiny_llama: Path) -> None:
-    from loratune.train.artifacts import NonFiniteWeights
+    from loratune.train.run_folder import NonFiniteWeights
     from loratune.train.interrupt import GracefulStop
     from loratune.train.run import Run
 

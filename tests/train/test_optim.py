@@ -13,7 +13,7 @@ from torch import nn
 
 from loratune.config import TrainConfig
 from loratune.train.optim import build_optimizer, build_scheduler, lr_lambda, param_groups
-from loratune.train.state import (load_optimizer_state, load_scheduler_state, optimizer_state,
+from loratune.train.trainer_state import (load_optimizer_state, load_scheduler_state, optimizer_state,
                                   scheduler_state)
 
 OPTIMIZERS = ["adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"]

@@ -46,7 +46,7 @@ def test_mixed_precision_trains_and_resumes_exactly(tmp_path: Path, tiny_llama: 
 
 def test_paged_state_stays_paged_after_a_reload() -> None:
     from loratune.train.optim import build_optimizer
-    from loratune.train.state import load_optimizer_state, optimizer_state
+    from loratune.train.trainer_state import load_optimizer_state, optimizer_state
 
     torch.manual_seed(0)
     model = torch.nn.Linear(512, 512, device="cuda")  # >= 1e5 values: bitsandbytes pages its state

@@ -1,7 +1,7 @@
 """The model card (`README.md`) of a run folder: what was trained, on what, how, with what result, how to load it.
 
 peft's `save_pretrained` writes a template card ("[More Information Needed]", `base_model` pointing into
-the local model cache). `artifacts.save_run` writes this one after it, in its place. Every figure comes
+the local model cache). `run_folder.save_run` writes this one after it, in its place. Every figure comes
 from the run itself: the config as the user wrote it (`model.path` as given, so a `demo://` name stays
 one and a hub id stays a hub id), the adapter peft built (its real target modules), the base's real
 weight precision, the data pipeline's counts, the run's own record (steps, tokens, time, the reported

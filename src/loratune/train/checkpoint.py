@@ -1,17 +1,23 @@
-"""Atomic checkpoint folders: a checkpoint either exists complete and verified, or is not a checkpoint.
+"""A checkpoint folder: what it holds, how it is written atomically and verified, and how it is read back.
 
     OUT/checkpoints/step-00000200/
         adapter_config.json, adapter_model.safetensors   standard PEFT adapter
-        tokenizer files, chat_template.jinja, loratune.yaml, loratune_run.json   (a usable run folder)
-        trainer_state.safetensors   optimizer tensors, RNG states
-        trainer_state.json          loop position, scheduler, scaler, RNG, config hash, eval history
+        tokenizer files, chat_template.jinja, loratune.yaml, loratune_run.json, README.md   (a usable run
+                                    folder: run_folder.py writes them, so `loratune chat` works on a checkpoint)
+        trainer_state.safetensors   optimizer tensors, RNG states (trainer_state.py: nothing is pickled)
+        trainer_state.json          loop position, scheduler, scaler, RNG, config hash, data fingerprints, the
+                                    model code that trained (a checkpoint resumes only on the same one), eval history
         manifest.json               size and SHA-256 of every file above; written last
 
-Writing: everything goes into a hidden `.tmp-*` folder; each file is fsynced; the manifest is written
-and fsynced last; the folder is renamed into place (atomic on POSIX) and the parent fsynced. Older
-checkpoints are rotated only after that, by renaming them to `.trash-*` first, so a half-deleted
-folder never looks like a checkpoint. A process killed at any instant therefore leaves either the
-previous set of checkpoints or the new one, plus hidden leftovers that `clean_leftovers` removes.
+`fill` writes a folder's contents; `read_meta` and `restore_training` read them back (weights, optimizer,
+scheduler, scaler, loop position, RNG: exactly). Whether and from which checkpoint a run resumes is
+resume.py's decision.
+
+Writing (`write_checkpoint`): everything goes into a hidden `.tmp-*` folder; each file is fsynced; the
+manifest is written and fsynced last; the folder is renamed into place (atomic on POSIX) and the parent
+fsynced. Older checkpoints are rotated only after that, by renaming them to `.trash-*` first, so a
+half-deleted folder never looks like a checkpoint. A process killed at any instant therefore leaves either
+the previous set of checkpoints or the new one, plus hidden leftovers that `clean_leftovers` removes.
 
 Reading: a checkpoint counts only if its manifest parses and every file matches its size and hash;
 `complete_checkpoints` says why it skips each one that does not.
@@ -19,6 +25,7 @@ Reading: a checkpoint counts only if its manifest parses and every file matches 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,13 +33,29 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loratune.config import Config, to_dict
+from loratune.errors import LoratuneError
+from loratune.model.build import TrainModel
+from loratune.train.loop import LoopState
+from loratune.train.run_folder import NonFiniteWeights, library_versions, save_run, write_json_atomic
+from loratune.train.trainer_state import (all_finite, load_optimizer_state, load_rng_state, load_scaler_state,
+                                          load_scheduler_state, optimizer_state, rng_state, scaler_state,
+                                          scheduler_state)
 
 log = logging.getLogger("loratune.train")
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -66,16 +89,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write a JSON file so that readers see the old content or the new, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -182,3 +195,72 @@ def clean_leftovers(root: Path) -> None:
         for p in root.iterdir():
             if p.name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+# What a checkpoint holds, and reading it back.
+@dataclass
+class Parts:
+    """The live objects a checkpoint captures."""
+
+    model: TrainModel  # the model being trained (its module is not accelerate's wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    tokenizer: object
+    template: object
+    info: object
+
+
+def fill(folder: Path, parts: Parts, state: LoopState, cfg: Config, fingerprints: dict[str, str],
+         run_facts: dict, *, config_hash: str, card: str | None = None) -> None:
+    """Write the adapter, tokenizer, model card, config and full training state into `folder`.
+
+    `config_hash` and `fingerprints` (of the data splits) identify the run (resume.config_hash,
+    resume.data_fingerprint)."""
+    save_run(folder, parts.model, parts.tokenizer, parts.template, parts.info, cfg, extra=run_facts, card=card)
+    opt_tensors, opt_meta = optimizer_state(parts.optimizer)
+    if not all_finite(opt_tensors):
+        raise NonFiniteWeights("refusing to save: the optimizer state contains NaN or inf")
+    rng_tensors, rng_meta = rng_state()
+    save_file({**opt_tensors, **rng_tensors}, str(folder / STATE_TENSORS), metadata={"format": "loratune"})
+    meta = {
+        "format": STATE_FORMAT, "step": state.step, "total_steps": run_facts.get("total_steps"),
+        "loop": dataclasses.asdict(state),
+        "optimizer": opt_meta, "scheduler": scheduler_state(parts.scheduler), "scaler": scaler_state(parts.scaler),
+        "rng": rng_meta, "config": to_dict(cfg), "config_hash": config_hash, "data": fingerprints,
+        "implementation": parts.model.resolved.implementation, "versions": library_versions(),
+    }
+    (folder / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def read_meta(folder: Path) -> dict:
+    meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    if meta.get("format") != STATE_FORMAT:
+        raise LoratuneError(f"{folder}: training state format {meta.get('format')!r}, expected {STATE_FORMAT}")
+    return meta
+
+
+def load_weights(model: TrainModel, folder: Path) -> None:
+    """Load the trainable weights saved in `folder` into `model`, exactly."""
+    model.load_weights(folder)
+
+
+def restore_training(folder: Path, meta: dict, parts: Parts) -> LoopState:
+    """Weights, optimizer, scheduler, scaler and RNG back from `folder`; returns where training stood.
+
+    The RNG is restored last, so nothing done afterwards before the next step can consume it.
+    """
+    saved = meta.get("implementation", "transformers")  # (checkpoints from before loratune's decoder)
+    if saved != parts.model.resolved.implementation:
+        raise LoratuneError(f"{folder} was trained by the {saved} model code, this run resolved "
+                            f"{parts.model.resolved.implementation}: its optimizer state does not transfer; set "
+                            f"model.implementation={saved} to resume it")
+    tensors = load_file(str(folder / STATE_TENSORS))
+    load_weights(parts.model, folder)
+    load_optimizer_state(parts.optimizer, tensors, meta["optimizer"])
+    load_scheduler_state(parts.scheduler, meta["scheduler"])
+    load_scaler_state(parts.scaler, meta["scaler"])
+    known = {f.name for f in dataclasses.fields(LoopState)}
+    state = LoopState(**{k: v for k, v in meta["loop"].items() if k in known})
+    load_rng_state(tensors, meta["rng"])
+    return state

@@ -45,10 +45,10 @@ import yaml
 
 from loratune.config import Config, to_dict
 from loratune.errors import ConfigError, LoratuneError
-from loratune.train.artifacts import CONFIG_FILE, RUN_FILE
 from loratune.train.checkpoint import (CHECKPOINTS, checkpoint_name, complete_checkpoints, list_checkpoints, step_of,
                                        trash, verify)
 from loratune.train.loop import total_steps
+from loratune.train.run_folder import CONFIG_FILE, RUN_FILE
 
 log = logging.getLogger("loratune.train")
 

@@ -35,8 +35,8 @@ from loratune.infer.load import PromptFormat, engine_for, make_format
 from loratune.infer.sampling import SamplingParams
 from loratune.model.build import TrainModel
 from loratune.model.load import TokenizerInfo
-from loratune.train.checkpoint import write_json_atomic
-from loratune.train.state import load_rng_state, rng_state
+from loratune.train.run_folder import write_json_atomic
+from loratune.train.trainer_state import load_rng_state, rng_state
 
 SAMPLES_FILE = "samples.json"
 
@@ -54,7 +54,7 @@ def preserved_rng() -> Iterator[None]:
 def answer(model: TrainModel, tokenizer, info: TokenizerInfo, template: ChatTemplate, prompts: Sequence[str],
            max_new_tokens: int) -> list[str]:
     """Greedy answers of `model` to each prompt (one user turn each), as `loratune chat` would give them."""
-    # the output folder's tokenizer carries the training template (artifacts.save_run sets the same);
+    # the output folder's tokenizer carries the training template (run_folder.save_run sets the same);
     # chat reads it from there, so the answers here are rendered with it too
     tokenizer.chat_template = template.jinja
     module = model.module

@@ -1,4 +1,4 @@
-"""The training state (optimizer, scheduler, loss scaler, every RNG) as tensors plus JSON, and back, exactly.
+"""A checkpoint's trainer state (optimizer, scheduler, loss scaler, every RNG) as tensors plus JSON, and back.
 
 Nothing is pickled: tensors go to a safetensors file and everything else to JSON, so loading a
 checkpoint can never run code. Each `*_state` function returns `(tensors, meta)`; the matching `load_*`

@@ -15,6 +15,8 @@ without it is not a finished run.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +27,6 @@ from loratune.errors import LoratuneError
 from loratune.model.adapters import adapters_finite
 from loratune.model.build import TrainModel
 from loratune.model.load import TokenizerInfo
-from loratune.train.checkpoint import write_json_atomic
 
 CONFIG_FILE = "loratune.yaml"
 RUN_FILE = "loratune_run.json"
@@ -35,6 +36,16 @@ VERSIONED = ("loratune", "torch", "transformers", "peft", "bitsandbytes", "accel
 
 class NonFiniteWeights(LoratuneError):
     """Weights with NaN or inf were about to be saved."""
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write a JSON file so that readers see the old content or the new, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def library_versions() -> dict[str, str]:
