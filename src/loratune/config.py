@@ -42,7 +42,9 @@ class ModelConfig:
         "auto", "Attention kernel passed to transformers; `auto` lets transformers pick the best one the architecture "
                 "supports (PyTorch SDPA for most, eager for Gemma 2, whose soft-capped attention has no SDPA path).")
     kernels: Union[Literal["auto"], bool] = _f(
-        "auto", "Fast training paths on a CUDA GPU (loratune.kernels): each LoRA linear as one fused computation "
+        "auto", "The transformers path's fast training paths on a CUDA GPU (loratune.kernels; loratune's decoder, "
+                "the default model code, always runs its own fused layers and ignores this key): each LoRA linear as "
+                "one fused computation "
                 "over the base weight (4-bit weights dequantized by loratune's Triton kernel), loratune's own Triton "
                 "RMSNorm and SwiGLU kernels, the frozen input embedding in host memory, and liger-kernel's fused RoPE "
                 "if liger-kernel is installed (otherwise RoPE keeps its plain forward). `auto` (or true) uses them on "
@@ -151,11 +153,16 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")
     batch_size: Union[Literal["auto"], int] = _f(
-        1, "Micro-batch size (sequences per forward pass), or `auto`: the largest that fits, from the memory plan "
-           "printed at the start (`loratune plan`): on a GPU the estimate stays under 90% of its free memory; on CPU "
-           "under 90% of the available RAM, at most 8 (larger CPU batches give no more tokens/s). A resumed run keeps "
-           "its checkpoint's batch size.")
-    grad_accum: int = _f(16, "Micro-batches accumulated per optimizer step (paper: effective batch 16).")
+        1, "Samples per micro-batch with train.batching padded. With padding_free batching (the default) it sets "
+           "how many samples an optimizer step trains on (batch_size x grad_accum) and, with "
+           "train.tokens_per_batch auto, the token budget of a micro-batch (batch_size x data.max_length). `auto`: "
+           "the largest that fits, from the memory plan printed at the start (`loratune plan`): on a GPU the "
+           "estimate stays under 90% of its free memory; on CPU under 90% of the available RAM, at most 8 (larger "
+           "CPU batches give no more tokens/s). A resumed run keeps its checkpoint's batch size.")
+    grad_accum: int = _f(16, "An optimizer step trains on batch_size x grad_accum samples (paper: effective batch 16). "
+                             "Padded batching: micro-batches accumulated per step. Padding-free: the step's samples "
+                             "are cut into micro-batches of at most train.tokens_per_batch tokens, so a step runs as "
+                             "many micro-batches as their tokens need (often fewer than grad_accum).")
     batching: Literal["padding_free", "padded"] = _f(
         "padding_free", "How a step's samples reach the model. Either way an optimizer step trains on batch_size x "
                         "grad_accum samples (the effective batch), in the same order, with the loss normalised per "
@@ -164,9 +171,11 @@ class TrainConfig:
                         "train.tokens_per_batch tokens, so no compute goes to padding. `padded`: micro-batches of "
                         "batch_size samples, each padded to the longest.")
     tokens_per_batch: Union[Literal["auto"], int] = _f(
-        "auto", "Padding-free batching: the token budget of one micro-batch (its memory is planned for this many "
-                "tokens). `auto`: batch_size x data.max_length, the size of the padded micro-batch it replaces. At "
-                "least data.max_length.")
+        "auto", "Padding-free batching only: the token budget of one micro-batch (its memory is planned for this "
+                "many tokens). `auto`: batch_size x data.max_length, the size of the padded micro-batch it replaces. "
+                "At least data.max_length. It decides how a step's samples are cut into micro-batches (memory and "
+                "speed), not which samples a step trains on (batch_size x grad_accum). Ignored with train.batching "
+                "padded.")
     lr: float = _f(2e-4, "Peak learning rate (paper: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B).")
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"] = _f(
         "paged_adamw_32bit", "Optimizer; paged variants spill state to host memory under memory pressure (paper: paged AdamW 32-bit).")
