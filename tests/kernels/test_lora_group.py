@@ -9,7 +9,7 @@ import torch
 
 from loratune.config import load_config
 from loratune.kernels.fused_ops import swap_swiglu_mlps
-from loratune.kernels.lora_group import _LoRAGroup, project_shared
+from loratune.kernels.lora_group import LoRAGroup, project_shared
 from loratune.kernels.lora_linear import AdapterCasts, swap_lora_layers
 from loratune.model.adapters import attach_adapters
 from loratune.model.load import load_base
@@ -58,9 +58,9 @@ def test_group_equals_layers_one_by_one(tiny_llama: Path, bits: int) -> None:
     x = torch.randn(2, 5, model.config.hidden_size, generator=g).to(dev).requires_grad_(True)
     upstream = [torch.randn(2, 5, layer.out_features, generator=g).to(dev) for layer in layers]
     calls = []
-    original = _LoRAGroup.apply
+    original = LoRAGroup.apply
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_LoRAGroup, "apply", lambda *a: calls.append(1) or original(*a))
+        mp.setattr(LoRAGroup, "apply", lambda *a: calls.append(1) or original(*a))
         got_y, got_g = _outputs_and_grads(layers, x, project_shared, upstream)
     assert calls == [1]  # really one node
     want_y, want_g = _outputs_and_grads(layers, x, lambda ls, x: [layer(x) for layer in ls], upstream)
@@ -77,7 +77,7 @@ def test_group_node_fp64_with_bias_and_unused_output() -> None:
     t, d = 7, 24
     specs = [(16, 4, 0.5, True), (8, 2, 2.0, False), (8, 4, 1.0, False)]  # out, rank, scale, bias
 
-    class Plan:  # what _LoRAGroup reads from a FusedPlan
+    class Plan:  # what LoRAGroup reads from a FusedPlan
         def __init__(self, w, bias, scale):
             self.weight_fn, self.scale = (lambda dt, w=w: w.to(dt)), scale
             self.base = type("Base", (), {"bias": bias})()
@@ -89,7 +89,7 @@ def test_group_node_fp64_with_bias_and_unused_output() -> None:
     Bs = [torch.randn(o, r, generator=g, dtype=torch.float64, requires_grad=True) for o, r, _, _ in specs]
     plans = tuple(Plan(w, b, s) for w, b, (_, _, s, _) in zip(ws, biases, specs))
     scaled_bs = [b.detach() * s for b, (_, _, s, _) in zip(Bs, specs)]  # the casts carry the scales
-    ys = _LoRAGroup.apply(x, torch.cat([a.detach() for a in As]), plans, *As, *Bs, *scaled_bs)
+    ys = LoRAGroup.apply(x, torch.cat([a.detach() for a in As]), plans, *As, *Bs, *scaled_bs)
     refs = [reference_lora_linear(x, w, b, a, bb, s) for w, b, a, bb, (_, _, s, _) in zip(ws, biases, As, Bs, specs)]
     up = [torch.randn(y.shape, generator=g, dtype=torch.float64) for y in ys]
     got = torch.autograd.grad((ys[0] * up[0]).sum() + (ys[1] * up[1]).sum(), [x, *As, *Bs], allow_unused=True)
@@ -110,7 +110,7 @@ def test_group_falls_back_with_dropout_and_when_not_fused(tiny_llama: Path) -> N
     x = torch.randn(1, 3, model.config.hidden_size).to(next(model.parameters()).device)
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_LoRAGroup, "apply", lambda *a: calls.append(1))
+        mp.setattr(LoRAGroup, "apply", lambda *a: calls.append(1))
         torch.manual_seed(0)
         got = project_shared((mlp.gate_proj, mlp.up_proj), x)  # dropout active in train mode: one by one
         model.eval()

@@ -75,9 +75,6 @@ class LoRAGroup(torch.autograd.Function):
         return (dx, None, None, *d_as, *d_bs, *([None] * n))
 
 
-_LoRAGroup = LoRAGroup  # its former name, which tests/kernels/test_lora_group.py still imports
-
-
 def project_shared(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
     """`[layer(x) for layer in layers]`, computed as one node when every layer is a swapped LoRA layer whose
     fused path applies now, with one compute dtype, one adapter dtype, and no adapter dropout."""

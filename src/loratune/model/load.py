@@ -20,6 +20,7 @@ from loratune.config import Config, ModelConfig
 from loratune.errors import ModelError
 from loratune.model.hub import locate
 from loratune.model.quant import bnb_config, keep_standard_4bit_layout, resolve_compute_dtype
+from loratune.model.resolve import checkpointing_on
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,9 @@ def load_base(cfg: Config) -> PreTrainedModel:
 
 
 def enable_checkpointing(model: PreTrainedModel, cfg: Config) -> bool:
-    """Non-reentrant activation checkpointing, on by default for quantized bases; returns whether on."""
-    mode = cfg.train.gradient_checkpointing
-    on = mode is True or (mode == "auto" and cfg.quantization.bits in (4, 8))
+    """Non-reentrant activation checkpointing where `checkpointing_on` decides it (the run's one rule: on by
+    default for quantized bases); returns whether on."""
+    on = checkpointing_on(cfg)
     if on:
         # Non-reentrant checkpointing propagates gradients to adapters even though the embedding
         # output does not require grad, so no `enable_input_require_grads` hook is needed.
