@@ -10,6 +10,7 @@ Usage (GPU machine): python benchmarks/bench_kernels.py  -> prints a table.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -61,7 +62,7 @@ def main() -> None:
     rows.append(("bnb dequantize_4bit 14336x4096", device_ms(lambda: bnbf.dequantize_4bit(packed, qs)),
                  host_us(lambda: bnbf.dequantize_4bit(packed, qs))))
     for direct in (False, True):
-        fn = (lambda d=direct: nt.dequantize_nf4_triton(packed, qs, torch.bfloat16, args=args, direct=d))
+        fn = functools.partial(nt.dequantize_nf4_triton, packed, qs, torch.bfloat16, args=args, direct=direct)
         rows.append((f"triton dequant 14336x4096 ({'direct' if direct else 'JIT'} launch)", device_ms(fn), host_us(fn)))
     ref = bnbf.dequantize_4bit(packed, qs)
     for direct in (False, True):
@@ -73,7 +74,7 @@ def main() -> None:
                                  quant_storage=torch.uint8)
     sargs = nt.kernel_args(sp, sqs)
     for direct in (False, True):
-        fn = (lambda d=direct: nt.dequantize_nf4_triton(sp, sqs, torch.bfloat16, args=sargs, direct=d))
+        fn = functools.partial(nt.dequantize_nf4_triton, sp, sqs, torch.bfloat16, args=sargs, direct=direct)
         rows.append((f"triton dequant 64x64 ({'direct' if direct else 'JIT'} launch)", device_ms(fn), host_us(fn)))
     rows.append(("bnb dequantize_4bit 64x64", device_ms(lambda: bnbf.dequantize_4bit(sp, sqs)),
                  host_us(lambda: bnbf.dequantize_4bit(sp, sqs))))

@@ -90,7 +90,7 @@ def test_packed_equals_unpacked_training_step(models: dict, toks: dict) -> None:
         (total / n).backward()
         return float(total.detach() / n), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    loss_u, grads_u = loss_and_grads([Sample(i, l) for i, l in pairs])
+    loss_u, grads_u = loss_and_grads([Sample(ids, labels) for ids, labels in pairs])
     loss_p, grads_p = loss_and_grads(pack(pairs, 96))
     model.zero_grad(set_to_none=True)
     assert abs(loss_u - loss_p) < 1e-4
