@@ -149,6 +149,37 @@ class DataConfig:
 
 
 @dataclass
+class BenchmarkEvalConfig:
+    """A multiple-choice benchmark scored during training (train.eval_benchmark), as `loratune eval` scores it."""
+
+    path: Union[str, None] = _f(None, "The questions: the MMLU release folder (`test/`, `dev/` with "
+                                      "`SUBJECT_test.csv`), a folder of such CSVs, a .csv/.json/.jsonl/.parquet file, "
+                                      "or a hub dataset (as `loratune eval`'s `mc[].path`); null: no benchmark.")
+    name: str = _f("benchmark", "Name of the benchmark in metrics.jsonl, the summary and the model card.")
+    split: str = _f("test", "Split scored: the folder `SPLIT/` and files `*_SPLIT.csv` of the MMLU layout, or the hub "
+                            "split.")
+    dev_split: str = _f("dev", "Split the few-shot examples come from (next to `path`).")
+    hub_config: Union[str, None] = _f(None, "Hub dataset configuration (e.g. `all` for cais/mmlu).")
+    format: Literal["auto", "mmlu_csv", "records"] = _f(
+        "auto", "`mmlu_csv`: headerless CSV rows (question, choices, answer letter); `records`: one record per "
+                "question with the keys of `columns`; `auto`: as `loratune eval` decides.")
+    columns: dict[str, Union[str, list[str]]] = _f(
+        {}, "Key names of a record where they differ from question, choices, answer, subject, id (as "
+            "`loratune eval`'s `mc[].columns`).")
+    shots: int = _f(5, "Few-shot examples before each question: the first N of its subject's dev split (paper: MMLU "
+                       "5-shot).")
+    style: Literal["letters", "cloze"] = _f(
+        "letters", "`letters`: choices listed as `A. ...`, scored as ` A`, ` B`, ...; `cloze`: each choice's own "
+                   "text (lm-evaluation-harness's `mmlu` and `mmlu_continuation`).")
+    limit: int = _f(0, "Score at most the first N questions of each subject; 0: all.")
+    every: int = _f(0, "Score every N optimizer steps; 0: whenever the eval loss is evaluated (train.eval_every, "
+                       "else at each checkpoint). Always at the start of a fresh run and at the end.")
+    batch_size: int = _f(8, "Contexts scored together.")
+    max_length: int = _f(0, "Longest context + answer in tokens (contexts cut from the left beyond it); 0: the "
+                            "model's context length.")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")
@@ -207,6 +238,10 @@ class TrainConfig:
                                     "resumed runs give bit-identical adapters on CPU; slower on GPU.")
     tensorboard: bool = _f(False, "Also write TensorBoard logs to output.dir/tensorboard (needs the tensorboard package).")
     plot: bool = _f(True, "Draw output.dir/loss.png (train and eval loss) at each evaluation and at the end (needs matplotlib).")
+    eval_benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig, metadata={
+        "help": "A multiple-choice benchmark scored during training, as the QLoRA paper did with MMLU (5-shot): its "
+                "accuracies go to metrics.jsonl, loss.png, the summary and the model card. Off unless "
+                "train.eval_benchmark.path is set; its keys are below."})
 
 
 @dataclass
@@ -411,6 +446,21 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.output.adapter == "best" and not has_eval,
          "output.adapter 'best' needs an eval split: set data.eval_split or data.eval_datasets"),
         (isinstance(t.resume, str) and not t.resume.strip(), "train.resume must be auto, off, or a path"),
+        *_benchmark_checks(t.eval_benchmark),
+    ]
+
+
+def _benchmark_checks(b: BenchmarkEvalConfig) -> list[tuple[bool, str]]:
+    """Impossible values in train.eval_benchmark."""
+    if b.path is None:
+        return []
+    keys = {"question", "choices", "answer", "subject", "id"}
+    return [
+        *[(getattr(b, k) < 0, f"train.eval_benchmark.{k} must be >= 0, got {getattr(b, k)}")
+          for k in ("shots", "limit", "every", "max_length")],
+        (b.batch_size < 1, f"train.eval_benchmark.batch_size must be >= 1, got {b.batch_size}"),
+        *[(k not in keys, f"train.eval_benchmark.columns: unknown key {k!r}; expected some of {', '.join(sorted(keys))}")
+          for k in b.columns],
     ]
 
 
@@ -462,7 +512,7 @@ def reference_markdown() -> str:
             if dataclasses.is_dataclass(inner):
                 nested.append((inner, f"{prefix}.{f.name}" + ("[]" if inner is not tp else "")))
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            shown = "required" if default == REQUIRED else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            shown = "(below)" if dataclasses.is_dataclass(default) else "required" if default == REQUIRED else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
             lines.append(f"| `{f.name}` | {_type_name(tp)} | {shown} | {f.metadata.get('help', '')} |")
         lines.append("")
         for cls_, pre in nested:

@@ -144,20 +144,32 @@ def summarize(records: list[dict], task: MCTaskConfig, *, resamples: int, confid
     return out
 
 
-def evaluate_mc(model: torch.nn.Module, tokenizer, bench: Benchmark, task: MCTaskConfig, *, batch_size: int = 8,
-                max_length: int | None = None) -> dict[str, float]:
-    """Accuracies of a model in memory on a loaded benchmark (`mcdata.load_benchmark`): {metric: value, "n": count}.
+def accuracies(records: list[dict], style: str) -> dict[str, float]:
+    """{metric: mean over the questions, "answer_logprob": mean log-likelihood of the right answers (smoother than
+    accuracy: it moves before any argmax does), "n": count} of scored records."""
+    per_q = [question_metrics(r, style) for r in records]
+    out = {m: float(np.mean([x[m] for x in per_q])) if per_q else float("nan") for m in metrics_of(records, style)}
+    out["answer_logprob"] = float(np.mean([r["logprobs"][r["answer"]] for r in records])) if records else float("nan")
+    out["n"] = len(per_q)
+    return out
 
-    For the training loop: the model is put in eval mode for the evaluation and back in its previous mode after.
-    """
-    limit = max_length or task.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+
+def evaluate_prepared(model: torch.nn.Module, prepared: list[Prepared], style: str, *,
+                      batch_size: int = 8) -> dict[str, float]:
+    """`accuracies` of a model in memory on prepared questions; the model is put in eval mode for the evaluation
+    and back in its previous mode after."""
     was_training = model.training
     model.eval()
     try:
-        records = score_questions(model, prepare(bench, task, tokenizer, limit), task.style, batch_size=batch_size)
+        records = score_questions(model, prepared, style, batch_size=batch_size)
     finally:
         model.train(was_training)
-    per_q = [question_metrics(r, task.style) for r in records]
-    out = {m: float(np.mean([x[m] for x in per_q])) if per_q else float("nan") for m in metrics_of(records, task.style)}
-    out["n"] = len(per_q)
-    return out
+    return accuracies(records, style)
+
+
+def evaluate_mc(model: torch.nn.Module, tokenizer, bench: Benchmark, task: MCTaskConfig, *, batch_size: int = 8,
+                max_length: int | None = None) -> dict[str, float]:
+    """Accuracies of a model in memory (loratune's decoder or a transformers model) on a loaded benchmark
+    (`mcdata.load_benchmark`): {metric: value, "n": count}."""
+    limit = max_length or task.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    return evaluate_prepared(model, prepare(bench, task, tokenizer, limit), task.style, batch_size=batch_size)

@@ -190,12 +190,29 @@ def _results(cfg: Config, f: CardFacts) -> str:
         lines.append(f"- Eval loss: best {r['best_eval_loss']:.4f} at step {r.get('best_step')}"
                      + (f", last {r['eval_loss']:.4f} at step {r.get('steps')}"
                         if isinstance(r.get("eval_loss"), (int, float)) else ""))
+    bench = r.get("benchmark")
+    if isinstance(bench, dict) and bench.get("last"):
+        b = cfg.train.eval_benchmark
+        lines.append(f"- {bench_line(bench)}, {b.shots}-shot multiple choice ({b.style}), scored during training as "
+                     "`loratune eval` scores it")
     if r.get("adapter") and not _full(cfg):
         lines.append(f"- Weights in this folder: {r['adapter']}")
     if f.plot:
         lines += ["", "![train and eval loss](loss.png)"]
     lines += ["", "Every logged value is in `metrics.jsonl`."]
     return "\n".join(lines) + "\n"
+
+
+def bench_line(summary: dict) -> str:
+    """'mmlu accuracy (n=570): 0.2456 at step 0 -> 0.2632 at step 100' (train.eval_benchmark, for the run's
+    summary and the card)."""
+    first, last = summary["first"], summary["last"]
+
+    def value(s: dict) -> str:
+        return "n/a" if not isinstance(s.get("acc"), (int, float)) else f"{s['acc']:.4f}"
+
+    change = f"{value(first)} at step {first['step']} -> " if first["step"] != last["step"] else ""
+    return f"{summary['name']} accuracy (n={summary['n']}): {change}{value(last)} at step {last['step']}"
 
 
 def _cell(text: str | None) -> str:

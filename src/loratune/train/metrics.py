@@ -10,7 +10,9 @@ resumed run reports exactly what the uninterrupted run would have.
 `metrics.jsonl` holds one JSON object per line: training rows (`step`, `epoch`, `loss`, `lr`,
 `grad_norm`, `tokens` (supervised tokens trained on so far), `tokens_per_s`, `memory_gib`, `skipped`)
 every `log_every` steps and at the last step, and
-evaluation rows (`step`, `eval_loss`) at each evaluation. A resumed run first cuts the file back to the
+evaluation rows (`step`, `eval_loss`) at each evaluation, and benchmark rows (`step`, `benchmark` (its
+name), `benchmark_acc`, `benchmark_acc_norm`, `benchmark_acc_letter`, `benchmark_answer_logprob`, `benchmark_n`) where train.eval_benchmark
+scores one (`loss.png` shows its accuracy on a second axis). A resumed run first cuts the file back to the
 checkpoint's step, so the steps replayed after the checkpoint are not recorded twice; TensorBoard is
 told the same through `purge_step`.
 
@@ -116,7 +118,8 @@ class MetricsLog:
             step = row["step"]
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(("eval/" if key.startswith("eval") else "train/") + key, value, step)
+                    group = "eval/" if key.startswith(("eval", "benchmark")) else "train/"
+                    self.writer.add_scalar(group + key, value, step)
             self.writer.flush()
 
     def rows(self) -> list[dict]:
@@ -128,7 +131,8 @@ class MetricsLog:
 
 
 def plot_losses(rows: list[dict], path: Path) -> str | None:
-    """Draw train and eval loss against the step into `path`; returns a note instead if it cannot."""
+    """Draw train and eval loss (and a benchmark's accuracy) against the step into `path`; returns a note instead
+    if it cannot."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -136,7 +140,8 @@ def plot_losses(rows: list[dict], path: Path) -> str | None:
         return "loss.png skipped: matplotlib is not installed (pip install matplotlib)"
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    if not train and not evals:
+    bench = [(r["step"], r["benchmark_acc"]) for r in rows if r.get("benchmark_acc") is not None]
+    if not train and not evals and not bench:
         return None
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -148,7 +153,16 @@ def plot_losses(rows: list[dict], path: Path) -> str | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per supervised token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if bench:  # train.eval_benchmark's accuracy, on its own axis
+        right = ax.twinx()
+        name = next(r.get("benchmark") for r in reversed(rows) if r.get("benchmark_acc") is not None)
+        right.plot(*zip(*bench), "s--", color="tab:green", label=f"{name} accuracy", linewidth=1.2, markersize=4)
+        right.set_ylabel("benchmark accuracy")
+        right.set_ylim(0.0, 1.0)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -179,6 +179,15 @@ class Run:
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
         self.metrics = MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
         self.has_eval = bool(self.data.eval)
+        self.benchmark, self.benchmark_step = None, -1  # train.eval_benchmark (read and tokenized now: a bad
+        # file fails before training) and the last step it was scored at
+        if cfg.train.eval_benchmark.path is not None:
+            from loratune.eval.during_training import TrainingBenchmark, rows_of
+
+            self.benchmark = TrainingBenchmark(cfg.train.eval_benchmark, self.tokenizer, model.context_length)
+            log.info("benchmark scored during training: %s", self.benchmark.describe())
+            scored = rows_of(self.metrics.rows())
+            self.benchmark_step = scored[-1]["step"] if scored else -1
         if cfg.train.eval_every and not self.has_eval:
             log.warning("train.eval_every is set but there is no eval split (data.eval_split / data.eval_datasets)")
 
@@ -224,6 +233,8 @@ class Run:
         state = self.state
         if self.fresh and self.cfg.output.sample_prompts and not self.finished:
             self._samples_before()
+        if self.benchmark is not None and self.fresh and state.step == 0 and not self.finished:
+            self._score_benchmark()  # the base's accuracy, before any training
         with self.reporter:
             if not self.finished:
                 for epoch, micro, batch_ids in self.loop.windows(state):
@@ -292,6 +303,7 @@ class Run:
         if state.step >= self.loop.total:
             return True  # finish() evaluates and saves the last step
         save = cfg.save_every > 0 and state.step % cfg.save_every == 0
+        bench = self.benchmark is not None and self.benchmark.due(state.step, eval_every=cfg.eval_every, saving=save)
         if self.has_eval and (state.step % cfg.eval_every == 0 if cfg.eval_every else save):
             better = self._evaluate()
             save = save or (better and self.cfg.output.adapter == "best")
@@ -301,6 +313,8 @@ class Run:
                 self.reporter.print(f"early stopping at step {state.step}: no eval improvement in {patience} "
                                     f"evaluations (best {state.best_eval:.4f} at step {state.best_step})")
                 return True
+        if bench:
+            self._score_benchmark()
         if save or self.stop.requested:
             self.save_checkpoint()
         return self.stop.requested
@@ -321,6 +335,20 @@ class Run:
         self.reporter.print(f"step {state.step}: eval loss {loss:.4f}" + ("  (best so far)" if better else ""))
         self._plot()
         return better
+
+    def _score_benchmark(self) -> None:
+        """train.eval_benchmark's accuracies now, into metrics.jsonl and loss.png; not counted as training time."""
+        assert self.benchmark is not None
+        t0 = time.perf_counter()
+        row = self.benchmark.run(self.parts.model.module)
+        self.metrics.write({"step": self.state.step, **row})
+        self.benchmark_step = self.state.step
+        acc = row.get("benchmark_acc")
+        self.reporter.print(f"step {self.state.step}: {row['benchmark']} accuracy "
+                            f"{'n/a' if acc is None else format(acc, '.4f')} ({row['benchmark_n']} questions, "
+                            f"{time.perf_counter() - t0:.1f}s)")
+        self._plot()
+        self.t_start += time.perf_counter() - t0
 
     def _plot(self) -> None:
         if self.cfg.train.plot:
@@ -346,7 +374,16 @@ class Run:
                 "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
                 "train_loss": s.last_loss, "train_loss_steps": self.window.span(s.step) if s.last_loss is not None
                 else None, "eval_loss": s.last_eval if s.last_eval_step == s.step else None,
-                "best_eval_loss": s.best_eval, "best_step": s.best_step if s.best_step >= 0 else None}
+                "best_eval_loss": s.best_eval, "best_step": s.best_step if s.best_step >= 0 else None,
+                "benchmark": self._benchmark_summary()}
+
+    def _benchmark_summary(self) -> dict | None:
+        """The benchmark's first and last accuracies, from metrics.jsonl (None without train.eval_benchmark)."""
+        if self.benchmark is None:
+            return None
+        from loratune.eval.during_training import summary_of
+
+        return summary_of(self.metrics.rows())
 
     def _card(self, facts: dict, final: bool) -> str:
         """The model card: of the finished run (`final`), or of a checkpoint."""
@@ -390,6 +427,8 @@ class Run:
         state = self.state
         if self.has_eval and state.last_eval_step != state.step:
             self._evaluate()
+        if self.benchmark is not None and self.benchmark_step != state.step:
+            self._score_benchmark()
         path = self.save_checkpoint()
         self._rotate()  # again: a run killed between its last save and the rotation resumes here
         which = f"last step, {state.step}"
@@ -425,12 +464,17 @@ class Run:
             f"{_duration(r.seconds)}, {mem} memory {r.peak_memory_gib:.2f} GiB"
             + (f", {self.state.skipped_steps} steps skipped (non-finite)" if self.state.skipped_steps else ""),
             self._loss_line(r),
+            *self._benchmark_lines(),
             *([f"CUDA graphs: {self.loop.graphs.replays:,} micro-batches replayed"]
               if self.loop.graphs is not None and self.loop.graphs.replays else []),
             f"adapter ({which}): {self.out}/   checkpoints: {self.root}/",
             f"chat with it:  loratune chat {self.out}",
         ]
         return "\n".join(lines)
+
+    def _benchmark_lines(self) -> list[str]:
+        summary = self._benchmark_summary()
+        return [card.bench_line(summary)] if summary else []
 
     def _loss_line(self, r: TrainResult) -> str:
         """'train loss A (steps 1-10) -> B (steps 241-250), mean per supervised token; best eval loss ...'."""
