@@ -210,9 +210,30 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     pv.set_defaults(handler=_data_preview)
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from loratune.ui.server import serve_ui
+
+    serve_ui(host=args.host, port=args.port, workspace=args.workspace, token=args.token, lang=args.lang)
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="Start the web UI (train, data, chat, evaluate, export, runs) in a browser.",
+                       description="Serve a local web app over one workspace folder: a training form generated from "
+                                   "the config schema, data preview, chat side by side, eval, export and a run browser "
+                                   "(needs the `ui` extra: pip install 'loratune[ui]'). Files are read and written only "
+                                   "inside the workspace. See docs/ui.md.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only); "
+                                                       "any other address needs --token")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--workspace", default=".", help="the folder the UI may read and write (default: the current one)")
+    p.add_argument("--token", help="password the page asks for (default: the LORATUNE_UI_TOKEN environment variable)")
+    p.add_argument("--lang", choices=["en", "zh", "ru"], default="en", help="language the page opens in")
+    p.set_defaults(handler=_ui)
+
+
 # Each entry adds one subcommand; a new command is one function here and one line in this list.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data, add_eval]
+    _add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data, add_eval, _add_ui]
 
 
 def build_parser() -> argparse.ArgumentParser:
