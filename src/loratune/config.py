@@ -102,6 +102,11 @@ class ColumnsConfig:
     prompt: str | None = _f(None, "Key of the prompt (prompt_completion); default `prompt`.")
     completion: str | None = _f(None, "Key of the completion (prompt_completion); default `completion`.")
     text: str | None = _f(None, "Key of the text (text and oasst formats); default `text`.")
+    chosen: str | None = _f(None, "Key of the preferred answer (preference methods: a text, a message list, or the whole "
+                                  "conversation as in Anthropic HH); default `chosen`.")
+    rejected: str | None = _f(None, "Key of the dispreferred answer (preference methods); default `rejected`.")
+    label: str | None = _f(None, "Key of a completion's desirable (true) / undesirable (false) label (train.method kto); "
+                                 "default `label`.")
 
 
 @dataclass
@@ -112,7 +117,8 @@ class DatasetConfig:
                 "`### Human: ... ### Assistant: ...` text into turns.")
     columns: ColumnsConfig | None = _f(None, "Key names of this dataset's records where they differ from the defaults, "
                                              "e.g. `{instruction: question, output: answer}`; keys: messages, role, content, "
-                                             "system, tools, instruction, input, output, history, prompt, completion, text.")
+                                             "system, tools, instruction, input, output, history, prompt, completion, text; "
+                                             "for preference data also chosen, rejected, label.")
     split: str = _f("train", "Split to load from a hub dataset (ignored for local files).")
     max_samples: int = _f(0, "Read at most this many records (the first ones in file order); 0 reads all.")
     weight: float = _f(1.0, "Mixing weight: the dataset contributes round(weight x its size) samples per epoch "
@@ -181,6 +187,12 @@ class BenchmarkEvalConfig:
 
 @dataclass
 class TrainConfig:
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = _f(
+        "sft", "Training objective: `sft` (supervised: next-token loss on the trained turns), or a preference method on "
+               "pairs of a prompt with a chosen and a rejected answer, `dpo` (with its variants, preference.loss), `orpo`, "
+               "`simpo`; or `kto` on completions labelled desirable or not. Options in the `preference` section. The "
+               "reference policy of dpo and kto is the base model with the adapter disabled (no second copy). The loss "
+               "is normalised per pair (per completion for kto) over each optimizer step.")
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")
     batch_size: Union[Literal["auto"], int] = _f(
@@ -245,6 +257,26 @@ class TrainConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Options of the preference methods (train.method dpo, orpo, simpo, kto); sources in loratune/pref/losses.py."""
+
+    beta: Union[Literal["auto"], float] = _f(
+        "auto", "The method's temperature: `auto` takes the paper default, DPO/IPO 0.1 (Rafailov et al. 2023; Azar et al. "
+                "2023, their tau), KTO 0.1 (Ethayarajh et al. 2024), ORPO 0.1 (Hong et al. 2024, their lambda), SimPO 2.0 "
+                "(Meng et al. 2024).")
+    loss: Literal["sigmoid", "ipo", "robust"] = _f(
+        "sigmoid", "DPO's loss (train.method dpo): `sigmoid` is DPO (conservative DPO with label_smoothing > 0), `ipo` "
+                   "IPO (log-ratios averaged per token), `robust` robust DPO (Chowdhury et al. 2024; label_smoothing is the "
+                   "assumed rate of flipped labels).")
+    label_smoothing: float = _f(0.0, "Assumed probability that a pair's preference is flipped, in [0, 0.5): cDPO/robust DPO "
+                                     "and SimPO; 0 for none.")
+    simpo_gamma: float = _f(1.0, "SimPO's target reward margin gamma (the paper tunes gamma/beta near 0.5).")
+    desirable_weight: float = _f(1.0, "KTO: weight of the desirable completions' losses (paper: 1.0; raise it when "
+                                      "desirable examples are rarer, keeping weight x count ratios within 1 to 4/3).")
+    undesirable_weight: float = _f(1.0, "KTO: weight of the undesirable completions' losses (paper: 1.0).")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("outputs/run", "Output folder: adapter, tokenizer, resolved config, metrics.")
     overwrite: bool = _f(False, "Allow writing into a non-empty output folder.")
@@ -262,6 +294,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -427,6 +460,7 @@ def validate(cfg: Config) -> None:
          f"train.tokens_per_batch must be auto or at least data.max_length ({d.max_length}, the longest sample), "
          f"got {t.tokens_per_batch}"),
         *_train_checks(cfg),
+        *_preference_checks(cfg),
         (d.max_length < 8, f"data.max_length must be >= 8, got {d.max_length}"),
         *_data_checks(d),
     ]
@@ -461,6 +495,26 @@ def _benchmark_checks(b: BenchmarkEvalConfig) -> list[tuple[bool, str]]:
         (b.batch_size < 1, f"train.eval_benchmark.batch_size must be >= 1, got {b.batch_size}"),
         *[(k not in keys, f"train.eval_benchmark.columns: unknown key {k!r}; expected some of {', '.join(sorted(keys))}")
           for k in b.columns],
+    ]
+
+
+def _preference_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Impossible values for the preference methods."""
+    p, m = cfg.preference, cfg.train.method
+    if m == "sft":
+        return []
+    return [
+        (p.beta != "auto" and p.beta <= 0, f"preference.beta must be > 0 or auto, got {p.beta}"),
+        (not 0 <= p.label_smoothing < 0.5, f"preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing}"),
+        (p.desirable_weight <= 0 or p.undesirable_weight <= 0, "preference.desirable_weight and undesirable_weight "
+                                                                "must be > 0"),
+        (cfg.data.pack, f"data.pack does not apply to train.method {m}: each pair (or completion) is laid out with "
+                        "its own boundaries already; set data.pack false"),
+        (m in ("dpo", "kto") and cfg.adapter.type == "none",
+         f"train.method {m} needs a reference policy, the base with the adapter disabled: use adapter.type lora"),
+        *[(ds.format != "auto", f"data.{g}.{i}.format is {ds.format!r}: preference data is read by its keys "
+                                "(prompt/chosen/rejected, or prompt/completion/label for kto); leave format auto")
+          for g in ("datasets", "eval_datasets") for i, ds in enumerate(getattr(cfg.data, g))],
     ]
 
 

@@ -15,9 +15,10 @@ dequantized weight for its backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ class QLoRALinear(nn.Module):
         self.lora_B: nn.Parameter | None = None
         self.rank, self.alpha, self.rslora, self.dropout = 0, 0.0, False, 0.0
         self.casts: AdapterCasts | None = None
+        self.adapter_enabled = True  # False inside `adapters_disabled`: the base layer alone (a reference policy)
         self.ends_block = False  # the last layer before a residual add: its fused backward may be split
         self._weight = (weakref.ref(self), weight_fn_of(self))
 
@@ -121,7 +123,7 @@ class QLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xc = x.to(self.compute_dtype)
-        if self.lora_A is None:
+        if self.lora_A is None or not self.adapter_enabled:
             if self.weight.requires_grad:  # a trained dense base (full fine-tuning): plain autograd
                 return F.linear(xc, self.weight.to(xc.dtype), None if self.bias is None else self.bias.to(xc.dtype))
             return _FrozenLinear.apply(xc, self.weight_fn, self.bias)
@@ -148,7 +150,7 @@ def project_group(layers: Sequence[QLoRALinear], x: Tensor) -> list[Tensor]:
     """`[layer(x) for layer in layers]`, as one autograd node when every layer has an adapter without active
     dropout and they share a compute dtype and adapter casts (one read of x for all rank-r projections)."""
     first = layers[0]
-    if (len(layers) < 2 or any(m.lora_A is None or m.dropout_active() for m in layers)
+    if (len(layers) < 2 or any(m.lora_A is None or not m.adapter_enabled or m.dropout_active() for m in layers)
             or len({m.compute_dtype for m in layers}) != 1 or len({id(m.casts) for m in layers}) != 1):
         return [m(x) for m in layers]
     casts = first.casts or UNCACHED
@@ -161,3 +163,18 @@ def project_group(layers: Sequence[QLoRALinear], x: Tensor) -> list[Tensor]:
     bs = [casts.get(m.lora_B, dt, m.scale) for m in layers]
     ys = LoRAGroup.apply(xc, a_cat, plans, *lora_as, *lora_bs, *bs)
     return [y.reshape(*shape[:-1], y.shape[-1]) for y in ys]
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Every `QLoRALinear` under `module` computes its base layer alone while inside: the frozen base model, e.g.
+    the reference policy of preference training, without a second copy of the weights. Re-entrant."""
+    layers = [m for m in module.modules() if isinstance(m, QLoRALinear)]
+    before = [m.adapter_enabled for m in layers]
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.adapter_enabled = b

@@ -9,7 +9,12 @@ backward pass: each micro-batch's summed loss is divided by that total, which ma
 identical whatever the split between batch size, accumulation and layout.
 
 The loop is given a runner (`loratune.train.runner`: loratune's decoder or the transformers model), which
-computes one micro-batch's summed loss; it never looks inside the model.
+computes one micro-batch's summed loss; it never looks inside the model. It is also given an objective
+(`loratune.pref.objective`): what a micro-batch's loss is and how many units it counts, the normaliser above.
+SFT (the default) is the runner's token loss over supervised tokens; a preference method (DPO, ORPO, SimPO,
+KTO) sums per-pair (per-completion) losses and counts pairs, so the same arithmetic holds for it. The
+objective's metrics (rewards, margins, accuracy, log-probabilities) are averaged over the step into
+`StepResult.extra`, and over the evaluation samples into `Loop.eval_stats`.
 
 accelerate's `Accelerator` provides the device, the autocast context of the transformers runner (bf16, or
 fp16 with its loss scaler; loratune's decoder computes in its own dtype), `backward` (which scales under fp16), `clip_grad_norm_` (which unscales first) and the
@@ -36,6 +41,7 @@ from loratune.config import TrainConfig
 from loratune.data.collate import Batching, batch_order
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
+from loratune.pref.objective import SFT, Objective
 from loratune.train.faults import fault
 from loratune.train.optim import build_scheduler
 from loratune.train.runner import Runner
@@ -95,16 +101,16 @@ def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
-def _supervised(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 class Loop:
     """Runs optimizer steps over `samples` from a `LoopState`; saving and logging are the caller's."""
 
     def __init__(self, runner: Runner, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                 accelerator: Accelerator, batching: Batching, group_by_length: bool = False) -> None:
+                 accelerator: Accelerator, batching: Batching, group_by_length: bool = False,
+                 objective: Objective | None = None) -> None:
         self.runner, self.samples, self.cfg, self.batching = runner, samples, cfg, batching
+        self.objective = objective or SFT()
+        self.stats: dict[str, float] = {}  # the objective's metrics of the latest step
+        self.eval_stats: dict[str, float] = {}  # ... of the latest evaluation
         self.optimizer, self.acc, self.group_by_length = optimizer, accelerator, group_by_length
         self.graphs = runner.graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
         self.n_micro = len(self.order(0))
@@ -152,10 +158,12 @@ class Loop:
         and read once at the end. A non-finite micro-batch therefore makes the whole window's loss
         non-finite and the step is skipped (its gradients are dropped with it).
         """
-        n_window = sum(_supervised(b) for b in batches)
+        n_window = sum(self.objective.units(b) for b in batches)
+        self.stats = {}
         if n_window == 0:
             return float("nan"), 0
         total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        stats: dict[str, list] = {}
         for i, b in enumerate(batches):
             replayed = self.graphs.run(b, 1.0 / n_window) if self.graphs is not None else None
             if replayed is not None:  # forward and backward done by one graph replay
@@ -166,7 +174,8 @@ class Loop:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
             with self.runner.accumulating(last=i == len(batches) - 1):
-                loss_sum, _ = self.runner.loss_sum(b)
+                loss_sum, metrics = self.objective.loss_sum(self.runner, b)
+                _add_stats(stats, metrics)
                 if fault("loss"):
                     loss_sum = loss_sum + float("inf")
                 self.acc.backward(loss_sum / n_window)
@@ -177,6 +186,7 @@ class Loop:
             total += loss_sum.detach()
             del loss_sum  # drop this micro-batch's autograd graph now: a CUDA graph capture must not meet it
         value = float(total)
+        self.stats = _mean_stats(stats)
         return (value if math.isfinite(value) else float("nan")), n_window
 
     def step(self, state: LoopState, window: list[list[int]]) -> StepResult:
@@ -213,7 +223,7 @@ class Loop:
         fault("step.end")
         mean = loss_sum / n_window if finite else float("nan")
         return StepResult(mean, loss_sum if finite else float("nan"), n_window, n_input, grad_norm, lr, not finite,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, dict(self.stats) if finite else {})
 
     def _account(self, state: LoopState, finite: bool, overflow: bool) -> None:
         """Count skipped steps; too many non-finite ones in a row end the run with advice."""
@@ -244,13 +254,30 @@ class Loop:
     # ------------------------------------------------------------------------------------------ eval
 
     def evaluate(self, samples: list[Sample]) -> float:
-        """Mean token loss over `samples` (no gradient, no dropout), in fixed order."""
+        """Mean loss per unit (supervised token for SFT) over `samples` (no gradient, no dropout), in fixed order;
+        the objective's metrics go to `eval_stats`."""
         module = self.runner.module
         module.eval()
         total, n = 0.0, 0
+        stats: dict[str, list] = {}
         with torch.no_grad(), self.runner.frozen_adapters():
             for b in self.batching.eval_batches(samples):
-                s, k = self.runner.loss_sum(b)
+                k = self.objective.units(b)
+                s, metrics = self.objective.loss_sum(self.runner, b)
+                _add_stats(stats, metrics)
                 total, n = total + float(s), n + k
         module.train()
+        self.eval_stats = _mean_stats(stats)
         return total / n if n else float("nan")
+
+
+def _add_stats(into: dict[str, list], metrics: dict) -> None:
+    """Add a micro-batch's {name: (sum, count)} to the running sums (kept on the device until `_mean_stats`)."""
+    for name, (value, count) in metrics.items():
+        entry = into.setdefault(name, [0.0, 0.0])
+        entry[0] = entry[0] + (value.detach() if isinstance(value, torch.Tensor) else value)
+        entry[1] += count
+
+
+def _mean_stats(stats: dict[str, list]) -> dict[str, float]:
+    return {name: float(total) / count for name, (total, count) in stats.items() if count > 0}

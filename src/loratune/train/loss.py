@@ -39,7 +39,7 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((shift_labels(labels) != IGNORE).sum())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model under peft / accelerate wrappers."""
     while True:
         if hasattr(model, "get_base_model"):
@@ -48,6 +48,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+_unwrap = unwrap_model
 
 
 TARGET_ROWS = "target_rows"  # batch key: flat indices of the positions that predict a supervised token

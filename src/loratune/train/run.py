@@ -35,6 +35,7 @@ from accelerate.state import AcceleratorState
 from loratune.config import Config, to_dict
 from loratune.data.collate import Batching
 from loratune.data.pipeline import prepare_data
+from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
 from loratune.kernels.graphs import GraphedMicroBatch
@@ -42,6 +43,8 @@ from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
 from loratune.model.resolve import Resolved, decide
+from loratune.pref.batching import PreferenceBatching
+from loratune.pref.objective import make_objective
 from loratune.train import card, faults
 from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clean_leftovers, fill, load_weights,
                                        read_meta, restore_training, rotate, write_checkpoint)
@@ -125,13 +128,22 @@ def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config
         return DecoderRunner(model.module, acc.device), acc.prepare(optimizer)
     prepared, optimizer = acc.prepare(model.module, optimizer)
     graphs = None
-    if r.graphs:  # CUDA graph replay of repeated micro-batch shapes, where it is exact (loratune.kernels.graphs)
+    if r.graphs and cfg.train.method == "sft":  # CUDA graph replay of repeated micro-batch shapes, where it is exact
+        # (loratune.kernels.graphs); the preference objectives are not graphed
         graphs = GraphedMicroBatch(model.module, lm_loss_sum_all_rows, r.compute_dtype)
         graphs = graphs if graphs.enabled else None
     elif r.device == "cuda" and cfg.model.cuda_graphs is not False:
         log.info("CUDA graphs off: they need train.batching padded, adapter.dropout 0, bf16 or fp32 compute and "
                  "train.deterministic false")
     return HFRunner(prepared, acc, graphs), optimizer
+
+
+def make_batching(cfg: Config, r: Resolved, pad_id: int) -> Batching:
+    """How samples become micro-batches. A preference sample holds two sequences (chosen and rejected, or a KTO
+    completion and its mismatched one), each up to data.max_length, so its padding-free budget is twice SFT's."""
+    if cfg.train.method == "sft":
+        return Batching(r.padding_free, r.batch_size, r.tokens_per_batch, pad_id)
+    return PreferenceBatching(r.padding_free, r.batch_size, 2 * r.tokens_per_batch, pad_id)
 
 
 class Run:
@@ -156,15 +168,19 @@ class Run:
         if self.info.pad_is_eos:
             log.info("the tokenizer has no pad token of its own: batches are padded with eos (id %d), masked by "
                      "position, so the model still learns to end its answers with eos", self.info.eos_id)
-        self.data = prepare_data(cfg.data, self.tokenizer, self.info, cfg.train.seed)
+        if cfg.train.method == "sft":
+            self.data = prepare_data(cfg.data, self.tokenizer, self.info, cfg.train.seed)
+        else:  # pairs (or KTO's labelled completions), labels on the completions (loratune.data.preference)
+            self.data = prepare_preference_data(cfg.data, self.tokenizer, self.info, cfg.train.seed, cfg.train.method)
         self.acc = make_accelerator(self.resolved)
         model = build_trainable(cfg, self.resolved)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
         runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, self.acc)
         r = self.resolved
-        batching = Batching(r.padding_free, r.batch_size, r.tokens_per_batch, self.info.pad_id)
+        batching = make_batching(cfg, r, self.info.pad_id)
         self.loop = Loop(runner, self.data.train, cfg.train, optimizer, self.acc, batching,
-                         group_by_length=cfg.data.group_by_length)
+                         group_by_length=cfg.data.group_by_length,
+                         objective=make_objective(cfg.train.method, cfg.preference))
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
         self.model_facts = card.model_facts(model)  # read once: the model's shape and storage do not change
@@ -294,7 +310,7 @@ class Run:
                 "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": r.lr, "grad_norm": r.grad_norm,
                 "tokens": state.tokens, "step_input_tokens": r.input_tokens, "tokens_per_s": round(rate, 1),
                 "memory_gib": round(mem, 3),
-                "skipped": state.skipped_steps})
+                "skipped": state.skipped_steps, **r.extra})  # extra: a preference objective's rewards, margin, ...
         self.reporter.step(step, epoch, loss, r.lr, rate, mem, due)
 
     def _after_step(self) -> bool:
@@ -331,8 +347,11 @@ class Run:
         if better:
             state.best_eval, state.best_step = loss, state.step
         state.last_eval_step, state.last_eval = state.step, loss
-        self.metrics.write({"step": state.step, "eval_loss": loss, "best_eval_loss": state.best_eval})
-        self.reporter.print(f"step {state.step}: eval loss {loss:.4f}" + ("  (best so far)" if better else ""))
+        extra = self.loop.eval_stats  # a preference objective's metrics on the eval pairs
+        self.metrics.write({"step": state.step, "eval_loss": loss, "best_eval_loss": state.best_eval,
+                            **{f"eval_{k}": v for k, v in extra.items()}})
+        shown = "".join(f", {k} {extra[k]:.4f}" for k in ("accuracy", "margin") if k in extra)
+        self.reporter.print(f"step {state.step}: eval loss {loss:.4f}{shown}" + ("  (best so far)" if better else ""))
         self._plot()
         return better
 
@@ -460,7 +479,7 @@ class Run:
     def _summary(self, r: TrainResult, which: str) -> str:
         mem = "GPU peak allocated" if self.acc.device.type == "cuda" else "CPU peak resident"
         lines = [
-            f"training done: {r.steps} steps ({self._epochs():.2f} epochs), {r.tokens:,} supervised tokens, "
+            f"training done: {r.steps} steps ({self._epochs():.2f} epochs), {r.tokens:,} {self.loop.objective.unit}, "
             f"{_duration(r.seconds)}, {mem} memory {r.peak_memory_gib:.2f} GiB"
             + (f", {self.state.skipped_steps} steps skipped (non-finite)" if self.state.skipped_steps else ""),
             self._loss_line(r),
@@ -485,7 +504,8 @@ class Run:
         else:
             first = (f"{s.first_loss:.4f} ({span_text(s.first_loss_steps)}) -> "
                      if s.first_loss is not None and s.first_loss_steps != last else "")
-            parts.append(f"train loss {first}{s.last_loss:.4f} ({span_text(last)}), mean per supervised token")
+            per = self.loop.objective.unit.removesuffix("s")
+            parts.append(f"train loss {first}{s.last_loss:.4f} ({span_text(last)}), mean per {per}")
         if r.best_eval_loss is not None:
             parts.append(f"best eval loss {r.best_eval_loss:.4f} at step {r.best_step}")
         if r.stopped_early:

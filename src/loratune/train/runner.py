@@ -8,6 +8,9 @@ The loop (`loratune.train.loop`) and the benchmarks call a runner and never look
     runner.frozen_adapters()    one optimizer step's passes: the adapters' compute-dtype casts made once
     runner.accumulating(last)   the context of one micro-batch's backward (gradient sync on the last only)
     runner.graphs               CUDA graph replay of repeated micro-batch shapes, or None (eager)
+    runner.head_inputs(batch)   (final hidden states [N, H] of every position, head weight, logit softcap): for
+                                objectives that need more than the token loss sum (`loratune.pref`)
+    runner.adapters_disabled()  the base model alone while inside (the reference policy of preference training)
 
 `DecoderRunner` runs loratune's decoder: the batch's `position_ids` give the sample boundaries of a stream
 (padded rows are samples of the row's length, their padding after each sample's end seen by none of its
@@ -30,11 +33,19 @@ from torch import Tensor, nn
 
 from loratune.data.collate import segment_lengths
 from loratune.decoder.attention import Boundaries
+from loratune.decoder.lora import adapters_disabled
 from loratune.decoder.model import Decoder
 from loratune.kernels import frozen_adapters
 from loratune.kernels.causal_mask import causal_mask_for
 from loratune.kernels.graphs import GraphedMicroBatch
-from loratune.train.loss import TARGET_ROWS, decoder_loss_sum, lm_loss_sum, with_target_rows
+from loratune.train.loss import (
+    TARGET_ROWS,
+    decoder_loss_sum,
+    hidden_states,
+    lm_loss_sum,
+    unwrap_model,
+    with_target_rows,
+)
 
 Batch = dict[str, Tensor]
 
@@ -79,6 +90,14 @@ class DecoderRunner:
     def frozen_adapters(self) -> contextlib.AbstractContextManager:
         return self.module.frozen_adapters()
 
+    def head_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, float | None]:
+        ids = batch["input_ids"].to(self.device, non_blocking=self.device.type == "cuda")
+        hidden = self.module.hidden_states(ids.reshape(-1), self.boundaries(batch))
+        return hidden, self.module.head.weight, self.module.head.softcap
+
+    def adapters_disabled(self) -> contextlib.AbstractContextManager:
+        return adapters_disabled(self.module)
+
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # one process: nothing to synchronise
 
@@ -99,6 +118,23 @@ class HFRunner:
 
     def frozen_adapters(self) -> contextlib.AbstractContextManager:
         return frozen_adapters(self.module)
+
+    def head_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, float | None]:
+        skip = causal_mask_for(self.module, batch)
+        moved = to_device({k: v for k, v in batch.items() if k != "labels"}, self.acc.device)
+        with self.acc.autocast(), skip:
+            hidden = hidden_states(self.module, moved)
+        base = unwrap_model(self.module)
+        return (hidden.reshape(-1, hidden.shape[-1]), base.get_output_embeddings().weight,
+                getattr(base.config, "final_logit_softcapping", None))
+
+    def adapters_disabled(self) -> contextlib.AbstractContextManager:
+        model = self.module
+        while not hasattr(model, "disable_adapter") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module  # accelerate's wrappers
+        if not hasattr(model, "disable_adapter"):
+            raise TypeError("the model has no adapters to disable (adapter.type none): no reference policy")
+        return model.disable_adapter()  # peft's context: the base model alone
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         # gradients are all-reduced once per window, on its last backward (no-op on one process)
