@@ -17,6 +17,8 @@ Paths (each in its own process, so that peaks and compile caches do not mix):
               batch_size 1 x max_length tokens, grad_accum 16)
     padded    the same with train.batching=padded, batch_size 8, grad_accum 2 (the same 16 conversations per
               step, in the same order)
+    NAME:K=V;K=V  another loratune path: the default one (padded's settings if NAME is padded) plus these
+              overrides, e.g. `tpb4096:train.tokens_per_batch=4096`
     trl       transformers + peft + bitsandbytes + TRL's SFTTrainer (NF4 double quant, bf16, checkpointing,
               batch 8, accumulation 2, loss on the completion only, the same schedule, optimizer and clipping
               as loratune's defaults)
@@ -144,8 +146,10 @@ def loratune_overrides(args: argparse.Namespace, model_dir: Path, data: Path, ou
          f"data.max_length={args.max_length}", "data.cache=false", "adapter.rank=16", "adapter.alpha=32",
          "adapter.dropout=0", f"adapter.target_modules=[{','.join(TARGETS)}]", "train.lr=2e-4", "train.epochs=1",
          "train.log_every=1", f"output.dir={out}", "output.overwrite=true", "train.resume=off"]
-    if path == "padded":
+    name, _, extra = path.partition(":")
+    if name == "padded":
         o += ["train.batching=padded", "train.batch_size=8", "train.grad_accum=2"]
+    o += [x for x in extra.split(";") if x]
     return o + (["model.implementation=loratune"] if args.device == "cpu" else []) + args.loratune_args
 
 
@@ -156,7 +160,7 @@ def last_line(text: str) -> str:
 
 def run_loratune(args: argparse.Namespace, model_dir: Path, data: Path, work: Path, path: str) -> dict:
     """`loratune train` in a process of its own; the numbers from its metrics.jsonl and run record."""
-    out = work / f"run-{path}"
+    out = work / f"run-{path.partition(':')[0]}"
     shutil.rmtree(out, ignore_errors=True)
     cfg_file = work / "empty.yaml"
     cfg_file.write_text("{}\n")
@@ -167,7 +171,7 @@ def run_loratune(args: argparse.Namespace, model_dir: Path, data: Path, work: Pa
     t = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.path_timeout)
     wall = time.time() - t
-    (Path(args.out_dir) / f"sft_{path}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+    (Path(args.out_dir) / f"sft_{path.partition(':')[0]}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"loratune train ({path}) exited {proc.returncode}: {last_line(proc.stderr)}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -176,7 +180,8 @@ def run_loratune(args: argparse.Namespace, model_dir: Path, data: Path, work: Pa
     facts = record.get("extra", record)
     seconds = float(facts["seconds"])
     real = sum(int(r["step_input_tokens"]) for r in rows)
-    return {"path": path, "seconds": seconds, "process_seconds": wall, "real_tokens": real,
+    return {"path": path.partition(":")[0], "overrides": path.partition(":")[2], "seconds": seconds,
+            "process_seconds": wall, "real_tokens": real,
             "supervised_tokens": int(facts["tokens"]), "steps": len(rows), "tokens_per_s": real / seconds,
             "peak_gib": max(float(r["memory_gib"]) for r in rows), "losses": [float(r["loss"]) for r in rows],
             "implementation": facts.get("implementation"), "batching": facts.get("batching"),

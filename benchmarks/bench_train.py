@@ -5,14 +5,16 @@ through `from_pretrained`, as users load real checkpoints):
 1. reference: what qlora.py does. `from_pretrained(BitsAndBytesConfig(nf4, double quant, bf16
    compute))`, `prepare_model_for_kbit_training` (non-reentrant checkpointing), `get_peft_model`, a
    plain loop with torch AdamW and the model's own (HF) loss.
-2. loratune variants on one load: `loratune.model.build.build_model` from a validated `Config` with
-   `model.kernels=false` (what `loratune train` builds, before its fast paths), then the fast paths
-   added one group at a time (`--variants`, see VARIANTS), so each row says what one optimisation gave;
-   `loratune` is every fast path plus CUDA graphs, the default of `loratune train` on a GPU, and
-   `loratune-eager` the same without graphs. Each step does what `loratune.train.loop.Loop.step` does.
-Every run of a case starts from the same LoRA initialisation (same seed, same modules, restored before
-each run) and sees the same random batches, so the first losses of all paths are comparable: the table
-reports the largest relative difference to the reference over the first `--steps` losses.
+2. loratune variants, each built as `loratune train` builds it (`loratune.model.resolve.decide` ->
+   `loratune.model.build.build_trainable` -> `loratune.train.run.make_runner`) and stepped by the training
+   loop itself (`loratune.train.loop.Loop.step`, one micro-batch per step), so the benchmark runs the same
+   micro-batch runner interface (eager or graphed) as training and copies none of it (see VARIANTS):
+   `decoder` is loratune's own decoder on padding-free streams (the default of `loratune train`), `hf` the
+   transformers + peft model with loratune.kernels and CUDA graphs (the fallback's fastest form), `hf-eager`
+   the same without graphs, `hf-plain` without kernels.
+Every run of a case sees the same random batches and starts from LoRA B = 0 (the first loss of every path is the
+base model's), and each variant's LoRA weights are restored before each case: the table reports the largest
+relative difference to the reference over the first `--steps` losses (A is drawn by each path's own seed).
 
 Timing: each step is synchronised; tokens/s is batch tokens over the median step time after
 `--warmup` steps. Peak memory is `torch.cuda.max_memory_allocated` during the case (weights included).
@@ -62,19 +64,13 @@ SHAPES: dict[str, dict] = {
                        rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False),
 }
 
-# name -> kernels passed to loratune.kernels.apply (None: all of them, what `loratune train` runs by
-# default) and the loss impl of loratune.train.loss.lm_loss_sum ("chunked", ours; "liger" for comparison).
-# Kernels are applied cumulatively in the order given on one loaded model. A "+gc" name also turns
-# Python's automatic garbage collection off during the timed steps (after gc.freeze()).
-VARIANTS: dict[str, tuple[tuple[str, ...] | None, str, bool]] = {
-    "plain": ((), "chunked", False),  # model.kernels=off: transformers/peft forwards, our loss
-    "+lora": (("lora",), "chunked", False),
-    "+lora+norm+swiglu": (("lora", "rmsnorm", "swiglu"), "chunked", False),
-    "+lora+norm+swiglu+rope": (("lora", "rmsnorm", "swiglu", "rope"), "chunked", False),
-    "loratune-eager": (None, "chunked", False),  # all kernels, model.cuda_graphs=false
-    "loratune": (None, "chunked", True),  # the default of `loratune train` on a GPU: kernels + CUDA graphs
-    "loratune+gc": (None, "chunked", True),
-    "loratune+ligerce": (None, "liger", False),
+# name -> config overrides of the variant (on top of loratune_config's); each is built the way `loratune train`
+# builds it and stepped by its loop (loratune.train.loop.Loop).
+VARIANTS: dict[str, list[str]] = {
+    "decoder": ["model.implementation=loratune"],  # the default of `loratune train`: our decoder, padding-free
+    "hf": ["model.implementation=transformers", "train.batching=padded"],  # + loratune.kernels + CUDA graphs
+    "hf-eager": ["model.implementation=transformers", "train.batching=padded", "model.cuda_graphs=false"],
+    "hf-plain": ["model.implementation=transformers", "train.batching=padded", "model.kernels=false"],
 }
 
 
@@ -160,18 +156,6 @@ def loratune_config(path: Path):
     return load_config(None, [f"model.path={path}"] + CFG_OVERRIDES)
 
 
-def load_loratune(path: Path):
-    """`loratune.model.build.build_model` (what `loratune train` runs) with model.kernels=off; the variants
-    then apply the fast paths one group at a time (`apply(model, cfg)` with everything is the default)."""
-    from loratune.config import load_config
-    from loratune.model.build import build_model
-
-    cfg = loratune_config(path)
-    torch.manual_seed(SEED)
-    model = build_model(load_config(None, [f"model.path={path}", "model.kernels=off"] + CFG_OVERRIDES))
-    return model, cfg
-
-
 # ------------------------------------------------------------------------------------------- loop
 
 
@@ -188,39 +172,93 @@ def reference_step(model, ids, opt, autocast: bool = False) -> torch.Tensor:
     return loss.detach()
 
 
-def loratune_step(loss_sum_fn, params: list, clip: float, graphs=None):
-    """What `loratune.train.loop.Loop.step` does for a one-micro-batch window: adapter casts once per step,
-    bf16 autocast, token-summed loss divided by the window's supervised tokens, backward (by CUDA graph
-    replay when `graphs` applies), grad-norm clip (always computed), optimizer step."""
-    from loratune.kernels import frozen_adapters
-    from loratune.kernels.causal_mask import causal_mask_skip
-    from loratune.train.loss import with_target_rows
+@dataclass
+class Variant:
+    """One loratune variant as `loratune train` builds it: the trained model, its runner and the run's decisions."""
 
-    def step(model, ids, opt) -> torch.Tensor:
-        n = ids.shape[0] * (ids.shape[1] - 1)  # every token supervised but each row's last
-        replayed = graphs.run({"input_ids": ids, "labels": ids}, 1.0 / n) if graphs is not None else None
-        if replayed is not None:
-            loss = replayed / n
-        else:
+    name: str
+    cfg: object
+    resolved: object
+    model: object  # loratune.model.build.TrainModel
+    accelerator: object
+
+
+def load_variant(path: Path, name: str, case: tuple[int, int]) -> Variant:
+    """decide -> build_trainable, as `loratune.train.run.Run` does, for micro-batches of `case`'s tokens."""
+    from loratune.config import load_config
+    from loratune.model.build import build_trainable
+    from loratune.model.memory import load_model_config
+    from loratune.model.resolve import decide
+    from loratune.train.run import make_accelerator
+
+    b, s = case
+    loratune_config(path)  # fills CFG_OVERRIDES
+    cfg = load_config(None, [f"model.path={path}", *CFG_OVERRIDES, *VARIANTS[name], f"train.batch_size={b}",
+                             "train.grad_accum=1", f"data.max_length={s}"])
+    resolved = decide(cfg, ARGS.device, load_model_config(cfg))
+    torch.manual_seed(SEED)
+    model = build_trainable(cfg, resolved)
+    return Variant(name, cfg, resolved, model, make_accelerator(resolved))
+
+
+def variant_loop(v: Variant, case: tuple[int, int], ids: list[torch.Tensor]):
+    """The training loop over `ids` (one micro-batch per optimizer step), with a fresh optimizer: (loop, windows)."""
+    from loratune.data.collate import Batching
+    from loratune.data.sample import Sample
+    from loratune.train.loop import Loop
+    from loratune.train.optim import build_optimizer
+    from loratune.train.run import make_runner
+
+    b, s = case
+    runner, optimizer = make_runner(v.model, build_optimizer(v.model.module, v.cfg.train), v.cfg, v.accelerator)
+    samples = [Sample(row.tolist(), row.tolist()) for batch in ids for row in batch]
+    padding_free = v.resolved.padding_free
+    loop = Loop(runner, samples, v.cfg.train, optimizer, v.accelerator, Batching(padding_free, b, b * s, pad_id=0))
+    return loop, [[list(range(i * b, (i + 1) * b))] for i in range(len(ids))]
+
+
+def run_variant_case(v: Variant, case: tuple[int, int], steps: int, warmup: int, vocab: int,
+                     init: dict[str, torch.Tensor]) -> CaseResult:
+    """`steps` optimizer steps of the loop on `case`'s random batches; times, losses and the peak."""
+    from loratune.train.loop import LoopState
+
+    b, s = case
+    res = CaseResult(v.name, f"{b}x{s}", b * s)
+    module = v.model.module
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                p.copy_(init[n])
+    free()
+    if on_cuda():
+        torch.cuda.reset_peak_memory_stats()
+    loop = None
+    try:
+        loop, windows = variant_loop(v, case, batches(case, steps, vocab))
+        state = LoopState()
+        for w in windows:
             sync()
             t = time.perf_counter()
-            rows = with_target_rows({"labels": ids.cpu()})["target_rows"].to(ids.device)  # as Loop: from the host
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "target_rows": rows}
-            with frozen_adapters(model), causal_mask_skip(model, unpadded=True):  # as Loop: no padding, known on host
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda()):
-                    loss_sum, n = loss_sum_fn(model, batch)
-                loss = loss_sum / n
-                loss.backward()
+            r = loop.step(state, w)
             sync()
-            if graphs is not None:
-                graphs.eager_took(time.perf_counter() - t)
-        torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        opt.step()
-        if graphs is None or not graphs.zero_grads():  # as Loop.step
-            opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
+            res.step_times.append(time.perf_counter() - t)
+            res.losses.append(r.loss)
+    except torch.OutOfMemoryError as e:
+        res.error = "OOM: " + str(e).splitlines()[0][:120]
+    if on_cuda():
+        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        res.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+    timed = res.step_times[warmup:]
+    if timed:
+        res.step_s = statistics.median(timed)
+        res.tokens_per_s = res.tokens / res.step_s
+    replays = loop.graphs.replays if loop is not None and loop.graphs is not None else 0
+    del loop
+    for p in module.parameters():
+        p.grad = None
+    log(f"{v.name:18s} {res.case:8s} {res.tokens_per_s:9.0f} tok/s  peak {res.peak_gib:6.2f} GiB  "
+        f"graph replays {replays}  losses {[round(x, 4) for x in res.losses[:3]]}...{res.error or ''}")
+    return res
 
 
 @dataclass
@@ -334,22 +372,43 @@ def profile_step(model, step_fn, make_opt, name: str, case: tuple[int, int], voc
         log(f"{name}: GPU kernel time in the profiled step {busy / 1e3:.1f} ms over {len(kernels)} kernels")
 
 
-def planned_gib(cfg, folder: Path, case: tuple[int, int], model, graphs: bool = False) -> float:
-    """`loratune plan`'s estimate of this case's peak, for the fast paths this model runs now (nan on error)."""
+def planned_gib(v: Variant, folder: Path, case: tuple[int, int]) -> float:
+    """`loratune plan`'s estimate of this case's peak for the variant's decisions (nan on error)."""
     try:
         from transformers import AutoConfig
 
-        from loratune.kernels.offload import HostEmbedding
-        from loratune.model.memory import estimate
+        from loratune.model.memory import plan_for
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        host = isinstance(base.get_input_embeddings(), HostEmbedding)
-        fused = any(getattr(m, "_loratune_fused", False) and hasattr(m, "down_proj") for m in model.modules())
-        plan = estimate(cfg, AutoConfig.from_pretrained(folder), case[0], case[1], ARGS.device, host, fused, graphs)
-        return plan.total_gib
+        b, s = case
+        return plan_for(v.cfg, AutoConfig.from_pretrained(folder), v.resolved.with_batch(b, b * s)).total_gib
     except Exception as e:  # the planner must never cost a benchmark run
         log(f"memory plan failed: {e!r}")
         return math.nan
+
+
+def profile_variant(v: Variant, case: tuple[int, int], vocab: int) -> None:
+    """A torch profile of one loop step after four warm ones (a graphed variant captures at its third)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loratune.train.loop import LoopState
+
+    loop, windows = variant_loop(v, case, batches(case, 1, vocab) * 5)
+    state = LoopState()
+    for w in windows[:4]:
+        loop.step(state, w)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        loop.step(state, windows[4])
+        sync()
+    del loop
+    events = prof.key_averages()
+    for key in (["cuda_time_total", "self_cpu_time_total"] if on_cuda() else ["cpu_time_total"]):
+        table = events.table(sort_by=key, row_limit=30, max_name_column_width=80)
+        log(f"profile of one {case[0]}x{case[1]} step of {v.name} (sorted by {key}):\n{table}")
+    if on_cuda():
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels)
+        log(f"{v.name}: GPU kernel time in the profiled step {busy / 1e3:.1f} ms over {len(kernels)} kernels")
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -481,40 +540,20 @@ def main() -> None:
             results.append(run_case(model, step, ref_opt, "reference-autocast", standard, ARGS.steps,
                                     ARGS.warmup, vocab, init))
         free(model, init)
-    variants = [v for v in ARGS.variants.split(",") if v]
-    if variants:
-        from loratune.kernels import apply
-        from loratune.train.loss import lm_loss_sum
-        from loratune.train.optim import build_optimizer
-
+    for name in [v for v in ARGS.variants.split(",") if v]:
         t = time.time()
-        model, cfg = load_loratune(folder)
-        log(f"loratune loaded in {time.time() - t:.0f}s")
-        init = snapshot(model)
-        checksums["loratune"] = lora_checksum(init)
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def make_opt(model):
-            return build_optimizer(model, cfg.train)
-
-        last = variants[-1]
-        from loratune.kernels.graphs import GraphedMicroBatch
-        from loratune.train.loss import lm_loss_sum_all_rows
-
-        for v in variants:
-            kernels, loss, graphed = VARIANTS[v]
-            apply(model, cfg, only=kernels)
-            loss_fn = functools.partial(lm_loss_sum, impl=loss)
-            graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16) if graphed and on_cuda() else None
-            step = loratune_step(loss_fn, params, ARGS.clip, graphs)
-            for case in (cases if v == last else [standard]):
-                results.append(run_case(model, step, make_opt, v, case, steps_for(case), ARGS.warmup, vocab, init,
-                                        manual_gc=v.endswith("+gc")))
-                results[-1].planned_gib = planned_gib(cfg, folder, case, model, graphs is not None)
-                write_report()
-            if v in ARGS.profile.split(","):
-                profile_step(model, step, make_opt, v, standard, vocab, out_dir)
-        free(model, init)
+        v = load_variant(folder, name, standard)
+        log(f"{name} loaded in {time.time() - t:.0f}s: {v.resolved.describe()}")
+        init = snapshot(v.model.module)
+        checksums[name] = lora_checksum(init)
+        for case in cases:
+            results.append(run_variant_case(v, case, steps_for(case), ARGS.warmup, vocab, init))
+            results[-1].planned_gib = planned_gib(v, folder, case)
+            write_report()
+        if name in ARGS.profile.split(","):
+            profile_variant(v, standard, vocab)
+        del v, init
+        free()
     write_report()
     print(f"\n## {ARGS.shape}: r={ARGS.rank} alpha={ARGS.alpha} on {','.join(TARGETS)}, checkpointing, "
           f"median of {ARGS.steps}-{ARGS.warmup} (standard) / {ARGS.long_steps}-{ARGS.warmup} steps")
@@ -529,8 +568,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", default="reference,reference-autocast",
                    help="reference paths: 'reference' (plain loop as qlora.py), 'reference-autocast' (the same under "
                         "bf16 autocast, as qlora.py's Trainer runs it; standard case only); '' to skip")
-    p.add_argument("--variants", default="plain,+lora,+lora+norm+swiglu,+lora+norm+swiglu+rope,loratune-eager,loratune",
-                   help=f"loratune variants in order (cumulative): {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="decoder,hf", help=f"loratune variants in order: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="steps of the standard case (losses compared)")
     p.add_argument("--long-steps", type=int, default=5, help="steps of the other cases")
     p.add_argument("--warmup", type=int, default=2)

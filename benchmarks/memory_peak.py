@@ -2,7 +2,8 @@
 
 The graphed 2 x 2048 step of the Llama-3-8B shape peaks ~0.35 GiB above the eager one (runs 9 and 11,
 docs/benchmarks.md); the planner carries that as a fitted term. This script finds out what those bytes are.
-It builds the model as bench_train.py does, records the CUDA caching allocator's history
+It builds a variant as bench_train.py does (`load_variant`, default `hf`: the transformers path with its
+graphs; `decoder`: loratune's decoder), steps it with the training loop (`variant_loop`), records the CUDA caching allocator's history
 (`torch.cuda.memory._record_memory_history`, Python stacks), runs two eager steps, then the steps in which
 `GraphedMicroBatch` captures and replays, and replays the allocator's event trace on the host: for each
 phase it reports the moment of the highest allocated total, and the allocations alive then (made after
@@ -10,7 +11,7 @@ recording started: weights and other long-lived tensors are the baseline), group
 in loratune, peft or transformers code. Prints text only (nothing pickled leaves the machine).
 
 Usage (GPU machine, wheels installed as in benchmarks/gpu_run.sh):
-    python benchmarks/memory_peak.py --shape llama3-8b --case 2x2048
+    python benchmarks/memory_peak.py --shape llama3-8b --case 2x2048 [--variant decoder]
 """
 
 from __future__ import annotations
@@ -73,35 +74,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
     p.add_argument("--case", default="2x2048")
     p.add_argument("--model-dir", default="/tmp/loratune-bench")
+    p.add_argument("--variant", default="hf", choices=sorted(bench.VARIANTS))
     args = p.parse_args(argv)
     bench.ARGS = bench.parse_args(["--shape", args.shape, "--device", "cuda", "--model-dir", args.model_dir])
     folder = Path(bench.ARGS.model_dir) / args.shape
     bench.build_and_save(args.shape, folder)
-    model, cfg = bench.load_loratune(folder)
-    from loratune.kernels import apply
-    from loratune.kernels.graphs import GraphedMicroBatch
-    from loratune.train.loss import lm_loss_sum, lm_loss_sum_all_rows
-    from loratune.train.optim import build_optimizer
+    from loratune.train.loop import LoopState
 
-    apply(model, cfg)
-    model.train()
-    params = [q for q in model.parameters() if q.requires_grad]
     case = bench.parse_case(args.case)
-    ids = [b.cuda() for b in bench.batches(case, 6, bench.SHAPES[args.shape]["vocab_size"])]
-    graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16)
-    opt = build_optimizer(model, cfg.train)
-    step = bench.loratune_step(lm_loss_sum, params, 0.0, graphs)
-    step(model, ids[0], opt)  # optimizer state exists before recording: it is baseline, not step memory
+    v = bench.load_variant(folder, args.variant, case)
+    loop, windows = bench.variant_loop(v, case, bench.batches(case, 6, bench.SHAPES[args.shape]["vocab_size"]))
+    state = LoopState()
+    loop.step(state, windows[0])  # optimizer state exists before recording: it is baseline, not step memory
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
     torch.cuda.reset_peak_memory_stats()
     marks = []
-    for i, b in enumerate(ids[1:]):  # graphs: step 2 eager (timed), step 3 capture + timed replay, then replays
-        step(model, b, opt)
+    for i, w in enumerate(windows[1:]):  # graphs: step 2 eager (timed), step 3 capture + timed replay, then replays
+        loop.step(state, w)
         torch.cuda.synchronize()
-        title = (f"step {i + 2} ({'captured' if graphs.key is not None else 'eager'}, "
-                 f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB)")
+        graphs = loop.graphs
+        how = "captured" if graphs is not None and graphs.key is not None else "eager"
+        title = f"step {i + 2} ({how}, max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB)"
         marks.append((title, len(torch.cuda.memory._snapshot()["device_traces"][0])))
         torch.cuda.reset_peak_memory_stats()
     events = torch.cuda.memory._snapshot()["device_traces"][0]

@@ -1,14 +1,17 @@
 """Where does the GPU wait? A timeline of one training step, eager and replayed as a CUDA graph.
 
 Run 9 (docs/benchmarks.md) measured a graphed 2 x 2048 step of the Llama-3-8B shape at 420 ms; run 10 traced it
-(but with the model left in eval mode, so without activation checkpointing: fixed since). This script builds the model as bench_train.py does
-(`build_model` with every fast path), runs a few steps of `loratune.benchmarks.bench_train.loratune_step`
-with and without CUDA graphs, then records one step of each with the PyTorch profiler and reports, from
+(but with the model left in eval mode, so without activation checkpointing: fixed since). This script builds each
+variant as bench_train.py does (`bench_train.load_variant`: the way `loratune train` builds it), runs a few steps
+of the training loop on it (`bench_train.variant_loop`: `loratune.train.loop.Loop.step`), then records one step
+of each with the PyTorch profiler and reports, from
 the GPU timeline: the step's wall time, the sum of kernel times, and the largest idle gaps between
 consecutive GPU activities with what ran before and after each. The chrome traces go to $OUT (gzip).
 
 Usage (GPU machine, wheels installed as in benchmarks/gpu_run.sh):
     python benchmarks/trace_step.py --shape llama3-8b --case 2x2048 --out-dir $OUT
+Variants (--variants, bench_train.VARIANTS): decoder (loratune's decoder, the default), eager (the transformers
+path with loratune.kernels, no graphs: bench_train's hf-eager), graphed (the same with CUDA graphs: hf).
 """
 
 from __future__ import annotations
@@ -83,48 +86,44 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
     p.add_argument("--case", default="2x2048")
+    p.add_argument("--variants", default="decoder,eager,graphed", help="comma list of decoder, eager, graphed")
     p.add_argument("--steps", type=int, default=5, help="steps before the traced one (capture happens in these)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "trace-out"))
     p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (shape tiny)")
     p.add_argument("--model-dir", default="/tmp/loratune-bench")
     args = p.parse_args(argv)
     bench.ARGS = bench.parse_args(["--shape", args.shape, "--device", args.device, "--model-dir", args.model_dir])
-    dev = torch.device(args.device)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(bench.ARGS.model_dir) / args.shape
     bench.build_and_save(args.shape, folder)
-    model, cfg = bench.load_loratune(folder)
-    from loratune.kernels import apply
-    from loratune.kernels.graphs import GraphedMicroBatch
-    from loratune.train.loss import lm_loss_sum, lm_loss_sum_all_rows
-    from loratune.train.optim import build_optimizer
+    from loratune.train.loop import LoopState
 
-    apply(model, cfg)
-    model.train()  # as bench_train.run_case: in eval mode transformers skips activation checkpointing
-    params = [q for q in model.parameters() if q.requires_grad]
     case = bench.parse_case(args.case)
     ids = bench.batches(case, args.steps + 1, bench.SHAPES[args.shape]["vocab_size"])
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda"
-                                                          else [])
-    for name, graphs in (("eager", None), ("graphed", GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16))):
-        opt = build_optimizer(model, cfg.train)
-        step = bench.loratune_step(lm_loss_sum, params, 0.0, graphs)
-        for b in ids[:-1]:
-            step(model, b.to(dev), opt)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if args.device == "cuda" else [])
+    for name in args.variants.split(","):
+        v = bench.load_variant(folder, VARIANTS[name], case)
+        loop, windows = bench.variant_loop(v, case, ids)
+        state = LoopState()
+        for w in windows[:-1]:
+            loop.step(state, w)
         bench.sync()
-        last = ids[-1].to(dev)
         with torch.profiler.profile(activities=activities) as prof:
             t = time.perf_counter()
-            step(model, last, opt)
+            loop.step(state, windows[-1])
             bench.sync()
             wall = time.perf_counter() - t
         report(name, prof, wall, out)
-        if graphs is not None:
-            print(f"   graph replays: {graphs.replays}, captured: {graphs.key is not None}")
-        del opt
-        for q in params:
-            q.grad = None
+        graphs = loop.graphs
+        print(f"   graph replays: {graphs.replays if graphs is not None else 0}, "
+              f"captured: {graphs is not None and graphs.key is not None}")
+        del loop, v
+        bench.free()
+
+
+VARIANTS = {"decoder": "decoder", "eager": "hf-eager", "graphed": "hf"}  # trace name -> bench_train variant
 
 
 if __name__ == "__main__":
