@@ -169,9 +169,14 @@ def run_loratune(args: argparse.Namespace, model_dir: Path, data: Path, work: Pa
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")) \
         if args.device == "cuda" else dict(os.environ, CUDA_VISIBLE_DEVICES="")
     t = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.path_timeout)
+    name = path.partition(":")[0]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.path_timeout)
+    finally:  # a run cut short still leaves the steps it made
+        if (out / "metrics.jsonl").is_file():
+            shutil.copy(out / "metrics.jsonl", Path(args.out_dir) / f"sft_{name}_metrics.jsonl")
     wall = time.time() - t
-    (Path(args.out_dir) / f"sft_{path.partition(':')[0]}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
+    (Path(args.out_dir) / f"sft_{name}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"loratune train ({path}) exited {proc.returncode}: {last_line(proc.stderr)}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
