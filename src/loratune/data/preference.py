@@ -12,7 +12,8 @@ role, content, system, tools):
 - unpaired (train.method kto): `prompt` (text or messages), `completion` (text or messages), `label` (true:
   desirable, false: undesirable).
 
-After the prompt, each side must be exactly one assistant message (what the model is trained to prefer), and the
+Message lists are read as a `messages` record's list (role/content keys, or sharegpt's from/value, validated the
+same way). After the prompt, each side must be exactly one assistant message (what the model is trained to prefer), and the
 two sides must differ. Every problem raises `DataError` naming the file, the row and the key.
 
 Each side is rendered as prompt + answer with `train_on=last` (`loratune.data.render`: the labels of the final
@@ -104,7 +105,10 @@ def _messages(row: _Row, name: str, role_of_text: str) -> list[dict]:
             return _hh(row, key, value)
         return [{"role": role_of_text, "content": value}]
     view = _Row(row.rec, dataclasses.replace(row.cols, messages=key, system="\0no system key"))
-    return _conversation(view, key, row.cols.role or "role", row.cols.content or "content").messages
+    first = value[0] if isinstance(value, list) and value and isinstance(value[0], dict) else {}
+    sharegpt = "from" in first and "role" not in first  # sharegpt's keys (from/value), unless columns say otherwise
+    role, content = ("from", "value") if sharegpt else ("role", "content")
+    return _conversation(view, key, row.cols.role or role, row.cols.content or content).messages
 
 
 def _shared(a: list[dict], b: list[dict]) -> int:

@@ -55,11 +55,17 @@ def render_sample(sample: Sample, tokenizer, color: bool) -> str:
 
 
 def format_preview(data: PreparedData, tokenizer, n: int, color: bool) -> str:
+    from loratune.pref.preview import PreferenceSample, side_by_side
+
     legend = (f"{GREEN}supervised (carries loss){RESET}, {DIM}masked{RESET}" if color
               else f"supervised text is between {OPEN} and {CLOSE}; the rest is masked")
     lines = [f"template: {data.template.name}   legend: {legend}", ""]
     for i, s in enumerate(data.train[:n]):
         sup = sum(1 for x in s.labels if x != IGNORE)
+        if isinstance(s, PreferenceSample):  # preference data: its two sequences side by side
+            lines += [f"── {'pair' if s.desirable is None else 'completion'} {i + 1} of {len(data.train)}: {len(s)} "
+                      f"tokens, {sup} supervised ──", side_by_side(s, tokenizer, color), ""]
+            continue
         kind = "packed row" if s.position_ids is not None else "sample"
         lines += [f"── {kind} {i + 1} of {len(data.train)}: {len(s)} tokens, {sup} supervised ──",
                   render_sample(s, tokenizer, color), ""]
@@ -73,6 +79,11 @@ def preview(cfg: Config, n: int = 3, color: str = "auto", stream: TextIO | None 
 
     stream = stream or sys.stdout
     tokenizer, info = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, info, cfg.train.seed, log_stats=False)
+    if cfg.train.method == "sft":
+        data = prepare_data(cfg.data, tokenizer, info, cfg.train.seed, log_stats=False)
+    else:  # pairs or KTO completions, shown side by side (loratune.pref.preview)
+        from loratune.data.preference import prepare_preference_data
+
+        data = prepare_preference_data(cfg.data, tokenizer, info, cfg.train.seed, cfg.train.method, log_stats=False)
     stream.write(format_preview(data, tokenizer, n, use_color(color, stream)))
     return data
