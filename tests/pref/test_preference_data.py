@@ -77,7 +77,7 @@ def test_multi_turn_prompt_trains_only_the_last_answer(tmp_path: Path, tiny_llam
                       {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": Q}],
            "chosen": GOOD, "rejected": BAD}
     data, _ = _prepare(tmp_path, tiny_llama, tok, [rec])
-    (c_ids, c_labels), (r_ids, r_labels) = _sides(data.train[0])
+    (c_ids, c_labels), (r_ids, _) = _sides(data.train[0])
     assert _supervised_text(tok[0], c_ids, c_labels) == GOOD + "<|eot_id|>"
     assert "Hello there" in tok[0].decode(c_ids) and "Be brief." in tok[0].decode(r_ids)
 
