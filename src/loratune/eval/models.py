@@ -131,7 +131,12 @@ def release(loaded: Loaded) -> None:
 def selected(engine: Engine, name: str) -> Iterator[torch.nn.Module]:
     """The engine's model answering as `name` (its adapter active, or all disabled for the base), for scoring
     outside `Engine.generate`; holds the engine's lock, as generation does."""
-    with engine._lock, engine._use(name):  # the engine's own adapter switch (see the eval report's notes)
+    use = getattr(engine, "use", None)
+    if use is not None:  # the engine's public switch (infer/load.py, being added)
+        with use(name) as model:
+            yield model
+        return
+    with engine._lock, engine._use(name):  # the engine's own adapter switch, until `Engine.use` exists
         yield engine.model
 
 
@@ -139,7 +144,8 @@ def selected(engine: Engine, name: str) -> Iterator[torch.nn.Module]:
 def scoring(loaded: Loaded, model: str) -> Iterator[torch.nn.Module]:
     """The network that scores log-likelihoods as eval model `model`: loratune's decoder over the engine's base
     with the model's adapter, where the decoder covers it (`decoder_view`), else the engine's own model."""
-    decoder = loaded.decoder()
+    decoder = None if isinstance(loaded.engine.model, Decoder) else loaded.decoder()  # (an engine on the decoder
+    # answers as any of its models through `selected`)
     if decoder is not None:
         try:
             decoder_view.use_adapter(decoder, loaded.folders.get(model))
