@@ -121,3 +121,17 @@ def test_dpo_moves_held_out_preferences(tmp_path: Path, tiny_llama: Path) -> Non
     assert accuracy[-1] >= 0.875 and accuracy[-1] >= accuracy[0], accuracy
     assert losses[-1] < losses[0] < math.log(2), losses  # log 2: the loss of the untrained adapter
     json.dumps(evals)
+
+
+def test_the_plot_has_a_preference_panel(tmp_path: Path) -> None:
+    from loratune.train.metrics import _preference_series, plot_losses
+
+    rows = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards_chosen": 0.1 * s, "rewards_rejected": -0.2 * s,
+             "margin": 0.3 * s, "accuracy": min(1.0, 0.25 * s)} for s in range(1, 5)]
+    rows.append({"step": 4, "eval_loss": 0.5, "eval_margin": 1.0, "eval_accuracy": 0.75})
+    series = _preference_series(rows)
+    assert series["margin"] == [(s, pytest.approx(0.3 * s)) for s in range(1, 5)]
+    assert series["eval_accuracy"] == [(4, 0.75)] and "eval_rewards_chosen" not in series
+    assert plot_losses(rows, tmp_path / "loss.png") is None
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _preference_series([{"step": 1, "loss": 1.0}]) == {}  # an SFT run: one panel, as before

@@ -9,15 +9,17 @@ resumed run reports exactly what the uninterrupted run would have.
 
 `metrics.jsonl` holds one JSON object per line: training rows (`step`, `epoch`, `loss`, `lr`,
 `grad_norm`, `tokens` (supervised tokens trained on so far), `tokens_per_s`, `memory_gib`, `skipped`)
-every `log_every` steps and at the last step, and
-evaluation rows (`step`, `eval_loss`) at each evaluation, and benchmark rows (`step`, `benchmark` (its
+every `log_every` steps and at the last step (a preference method adds its step's `rewards_chosen`,
+`rewards_rejected`, `margin`, `accuracy`, `logps_chosen`, `logps_rejected`; `loratune.pref.objective`), and
+evaluation rows (`step`, `eval_loss`, a preference method's metrics prefixed `eval_`) at each evaluation,
+and benchmark rows (`step`, `benchmark` (its
 name), `benchmark_acc`, `benchmark_acc_norm`, `benchmark_acc_letter`, `benchmark_answer_logprob`, `benchmark_n`) where train.eval_benchmark
 scores one (`loss.png` shows its accuracy on a second axis). A resumed run first cuts the file back to the
 checkpoint's step, so the steps replayed after the checkpoint are not recorded twice; TensorBoard is
 told the same through `purge_step`.
 
 `loss.png` is drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend
-switch, no display needed). Without matplotlib the plot is skipped with one note.
+switch, no display needed); a preference run's gets a second panel: rewards, margin and pairwise accuracy. Without matplotlib the plot is skipped with one note.
 """
 
 from __future__ import annotations
@@ -143,15 +145,16 @@ def plot_losses(rows: list[dict], path: Path) -> str | None:
     bench = [(r["step"], r["benchmark_acc"]) for r in rows if r.get("benchmark_acc") is not None]
     if not train and not evals and not bench:
         return None
-    fig = Figure(figsize=(7, 4), dpi=100)
+    rewards = _preference_series(rows)
+    fig = Figure(figsize=(7, 6.5 if rewards else 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if rewards else fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5, markersize=4)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per supervised token)")
+    ax.set_ylabel("loss (mean per pair)" if rewards else "loss (mean per supervised token)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if bench:  # train.eval_benchmark's accuracy, on its own axis
@@ -163,8 +166,48 @@ def plot_losses(rows: list[dict], path: Path) -> str | None:
         more = right.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels)
+    if rewards:
+        _plot_preference(fig.add_subplot(2, 1, 2), rewards)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     tmp.replace(path)
     return None
+
+
+PREFERENCE_SERIES = (("rewards_chosen", "reward chosen"), ("rewards_rejected", "reward rejected"),
+                     ("margin", "margin"), ("accuracy", "accuracy"))
+
+
+def _preference_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """A preference run's rewards, margin and accuracy (train and eval_), by metric; empty for other runs."""
+    out = {}
+    for key, _ in PREFERENCE_SERIES:
+        for name in (key, f"eval_{key}"):
+            points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+            if points:
+                out[name] = points
+    return out
+
+
+def _plot_preference(ax, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Rewards and margin (left axis) and pairwise accuracy (right axis, 0 to 1) against the step."""
+    for key, label in PREFERENCE_SERIES[:3]:
+        for name, style, what in ((key, "-", "train"), (f"eval_{key}", "o--", "eval")):
+            if name in series:
+                ax.plot(*zip(*series[name]), style, label=f"{what} {label}", linewidth=1.2, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward (beta x log-ratio)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if "accuracy" in series or "eval_accuracy" in series:
+        right = ax.twinx()
+        for name, style, what in (("accuracy", ":", "train"), ("eval_accuracy", "s:", "eval")):
+            if name in series:
+                right.plot(*zip(*series[name]), style, color="tab:gray", label=f"{what} accuracy", markersize=4)
+        right.set_ylabel("pairwise accuracy")
+        right.set_ylim(0.0, 1.0)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        ax.legend(handles, labels, fontsize="small")

@@ -52,10 +52,11 @@ class Reporter:
         self.progress.stop()
 
     def step(self, step: int, epoch: float, loss: float | None, lr: float, tokens_per_s: float, mem_gib: float,
-             log_line: bool) -> None:
-        """Show step `step`; `loss` and `tokens_per_s` are the window's (None: no finite loss in it yet)."""
+             log_line: bool, extra: str = "") -> None:
+        """Show step `step`; `loss` and `tokens_per_s` are the window's (None: no finite loss in it yet); `extra`:
+        the objective's figures after the loss (preference methods: accuracy and margin)."""
         shown = f"{loss:.4f}" if loss is not None else "-"
-        info = f"ep {epoch:.2f} loss {shown} lr {lr:.1e} {tokens_per_s:,.0f} tok/s {mem_gib:.1f}GiB"
+        info = f"ep {epoch:.2f} loss {shown}{extra} lr {lr:.1e} {tokens_per_s:,.0f} tok/s {mem_gib:.1f}GiB"
         self.progress.update(self.task, completed=step, info=info)
         if log_line and not self.tty:
             log.info("step %d/%d  %s  eta %s", step, self.total, info, self.eta(step))

@@ -311,7 +311,9 @@ class Run:
                 "tokens": state.tokens, "step_input_tokens": r.input_tokens, "tokens_per_s": round(rate, 1),
                 "memory_gib": round(mem, 3),
                 "skipped": state.skipped_steps, **r.extra})  # extra: a preference objective's rewards, margin, ...
-        self.reporter.step(step, epoch, loss, r.lr, rate, mem, due)
+        shown = "".join(f" {name} {r.extra[k]:.2f}" for k, name in (("accuracy", "acc"), ("margin", "margin"))
+                        if k in r.extra)  # a preference objective's figures of this step
+        self.reporter.step(step, epoch, loss, r.lr, rate, mem, due, shown)
 
     def _after_step(self) -> bool:
         """Evaluate and checkpoint as due; True to leave the loop (end, early stop or a stop request)."""
