@@ -69,7 +69,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _config_docs(args: argparse.Namespace) -> None:
-    from loratune.config import reference_markdown
+    if args.eval:
+        from loratune.eval.config import reference_markdown
+    else:
+        from loratune.config import reference_markdown
 
     text = reference_markdown() + "\n"
     if args.out:
@@ -90,6 +93,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_config_docs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config-docs", help="Print the reference of every config key (Markdown).")
     p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--eval", action="store_true", help="the keys of `loratune eval`'s file (docs/eval-config.md) "
+                                                       "instead of training's (docs/config.md)")
     p.set_defaults(handler=_config_docs)
 
 

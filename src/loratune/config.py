@@ -415,8 +415,9 @@ def apply_override(data: dict, override: str) -> None:
         node[last] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply overrides, validate, and return the typed `Config`."""
+def read_yaml(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The raw mapping of a YAML config file (empty without one) with `dotted.key=value` overrides applied; shared
+    by every config loaded the same way (`load_config`, `loratune.eval.config.load_eval_config`)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -430,7 +431,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
     for o in overrides:
         apply_override(data, o)
-    cfg = _build(Config, data)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate, and return the typed `Config`."""
+    cfg = _build(Config, read_yaml(path, overrides))
     validate(cfg)
     return cfg
 
@@ -552,19 +558,26 @@ def dump_yaml(cfg: Config) -> str:
 
 def reference_markdown() -> str:
     """Markdown reference of every key, its type, default and meaning, generated from the schema."""
-    lines = ["# Configuration reference", "",
-             "Generated from `src/loratune/config.py` by `loratune config-docs`; do not edit by hand.",
-             "Every key can be set in the YAML file or overridden on the command line as `section.key=value`.", ""]
+    return schema_markdown(Config, "Configuration reference", [
+        "Generated from `src/loratune/config.py` by `loratune config-docs`; do not edit by hand.",
+        "Every key can be set in the YAML file or overridden on the command line as `section.key=value`."])
+
+
+def schema_markdown(root: type, title: str, intro: list[str]) -> str:
+    """Markdown reference of a config schema `root` (a dataclass of sections, or of keys and sections): one
+    table per section, nested sections after their parent."""
+    lines = [f"# {title}", "", *intro, ""]
 
     def section(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         nested = []
-        lines.extend([f"## `{prefix}`", "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        lines.extend([f"## `{prefix}`" if prefix else "## Top level", "", "| key | type | default | meaning |",
+                      "|---|---|---|---|"])
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             inner = get_args(tp)[0] if get_origin(tp) is list else tp
             if dataclasses.is_dataclass(inner):
-                nested.append((inner, f"{prefix}.{f.name}" + ("[]" if inner is not tp else "")))
+                nested.append((inner, (f"{prefix}.{f.name}" if prefix else f.name) + ("[]" if inner is not tp else "")))
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = "(below)" if dataclasses.is_dataclass(default) else "required" if default == REQUIRED else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
             lines.append(f"| `{f.name}` | {_type_name(tp)} | {shown} | {f.metadata.get('help', '')} |")
@@ -572,6 +585,10 @@ def reference_markdown() -> str:
         for cls_, pre in nested:
             section(cls_, pre)
 
-    for f in dataclasses.fields(Config):
-        section(typing.get_type_hints(Config)[f.name], f.name)
+    hints = typing.get_type_hints(root)
+    if all(dataclasses.is_dataclass(hints[f.name]) for f in dataclasses.fields(root)):  # sections only (training)
+        for f in dataclasses.fields(root):
+            section(hints[f.name], f.name)
+    else:  # keys and sections at the top level (eval)
+        section(root, "")
     return "\n".join(lines)

@@ -78,3 +78,15 @@ def test_judge_players_must_be_known_and_two(tmp_path: Path) -> None:
         _load(tmp_path, BASE + "judge: {prompts: p.jsonl, model: m, models: [base]}\n")
     cfg = _load(tmp_path, BASE + "judge: {prompts: p.jsonl, model: m}\n")
     assert (cfg.judge.orderings, cfg.judge.elo_k, cfg.judge.elo_initial) == (10000, 32.0, 1000.0)
+
+
+def test_eval_config_docs_do_not_drift() -> None:
+    """docs/eval-config.md must be exactly what the eval schema generates (regenerate: loratune config-docs --eval
+    --out docs/eval-config.md)."""
+    from loratune.eval.config import reference_markdown
+
+    doc = Path(__file__).parents[2] / "docs" / "eval-config.md"
+    text = reference_markdown()
+    assert doc.read_text(encoding="utf-8") == text + "\n"
+    for key in ("## `mc[]`", "## `mc[].columns`", "## `judge`", "| `shots` |", "| `batch_size` |"):
+        assert key in text

@@ -2,7 +2,8 @@
 
 It is built by the same machinery as the training config (`loratune.config`: `_f` fields whose `help` is
 the documentation, `_build` with did-you-mean errors for unknown keys and type errors naming the key,
-`apply_override` for the command line), so an eval file fails exactly as a training file does:
+`read_yaml` for the file and the command line's overrides), so an eval file fails exactly as a training file
+does (and `reference_markdown` generates docs/eval-config.md as docs/config.md is generated):
 
     error: unknown config key 'mc.0.shot': did you mean 'mc.0.shots'? allowed here: name, path, ...
 
@@ -34,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
 
-from loratune.config import REQUIRED, ColumnsConfig, _build, _f, apply_override
+from loratune.config import REQUIRED, ColumnsConfig, _build, _f, read_yaml, schema_markdown
 from loratune.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # model and task names become folder names
@@ -196,22 +196,17 @@ class EvalConfig:
 
 def load_eval_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
     """Read an eval YAML file, apply `dotted.key=value` overrides, validate, and return the typed config."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}".replace("\n", " ")) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
-    for o in overrides:
-        apply_override(data, o)
-    cfg = _build(EvalConfig, data)
+    cfg = _build(EvalConfig, read_yaml(path, overrides))
     validate(cfg)
     return cfg
+
+
+def reference_markdown() -> str:
+    """docs/eval-config.md: every key of the eval schema, its type, default and meaning."""
+    return schema_markdown(EvalConfig, "Eval configuration reference", [
+        "Generated from `src/loratune/eval/config.py` by `loratune config-docs --eval`; do not edit by hand.",
+        "The file `loratune eval CONFIG.yaml` reads. Every key can be set in the YAML file or overridden on the "
+        "command line as `key=value` (`mc.0.shots=0`); list items are numbered from 0."])
 
 
 def validate(cfg: EvalConfig) -> None:
