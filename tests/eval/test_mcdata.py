@@ -121,3 +121,28 @@ def test_parquet_and_csv_with_a_header(tmp_path: Path) -> None:
     csv_file.write_text("question,A,B,answer\n2+2?,4,5,A\n")
     b = load_benchmark(_task(csv_file, columns=MCColumnsConfig(choices=["A", "B"])))
     assert [(q.question, q.choices, q.answer, q.row, q.subject) for q in b.questions] == [("2+2?", ("4", "5"), 0, 2, "h")]
+
+
+def test_hub_benchmark_with_a_dataset_config(monkeypatch) -> None:
+    """A hub benchmark goes to `datasets.load_dataset(name, config, split=...)` (readers.iter_hub): questions from
+    the test split, shots from the dev split, errors naming the subset."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    rows = {"test": [{"question": "2+2?", "choices": ["3", "4"], "answer": 1, "subject": "math"},
+                     {"question": "3+3?", "choices": ["6", "5"], "answer": 0, "subject": "math"}],
+            "dev": [{"question": "1+1?", "choices": ["2", "3"], "answer": 0, "subject": "math"}]}
+
+    def fake_load(name: str, config: str, split: str, streaming: bool):
+        calls.append((name, config, split, streaming))
+        return rows[split]
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    b = load_benchmark(_task("cais/mmlu", hub_config="all", shots=1))
+    assert [(q.question, q.answer) for q in b.questions] == [("2+2?", 1), ("3+3?", 0)]
+    assert [s.question for s in b.shots["math"]] == ["1+1?"]
+    assert calls == [("cais/mmlu", "all", "test", False), ("cais/mmlu", "all", "dev", False)]
+    rows["test"][1]["answer"] = 7
+    with pytest.raises(DataError, match=r"cais/mmlu:all\[test\]: row 2"):
+        load_benchmark(_task("cais/mmlu", hub_config="all"))

@@ -67,8 +67,9 @@ def iter_file(path: Path) -> Iterator[Record]:
         raise DataError(f"{path}: the file holds no records (only blank lines or a header); expected at least one record")
 
 
-def iter_hub(name: str, split: str, streaming: bool) -> Iterator[Record]:
-    """Records of a hub dataset through `datasets`; fails clearly when there is no network."""
+def iter_hub(name: str, split: str, streaming: bool, config: str | None = None) -> Iterator[Record]:
+    """Records of a hub dataset through `datasets` (`config`: the dataset's configuration, a subset such as MMLU's
+    `all`); fails clearly when there is no network."""
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise DataError(f"{name}: no such file or folder, and the hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE "
                         "is set), so it cannot be loaded as a hub dataset")
@@ -78,9 +79,10 @@ def iter_hub(name: str, split: str, streaming: bool) -> Iterator[Record]:
         raise DataError(f"{name}: no such file or folder; loading it as a hub dataset needs the `datasets` "
                         "package: pip install 'loratune[data]'") from None
     try:
-        ds = datasets.load_dataset(name, split=split, streaming=streaming)
+        ds = datasets.load_dataset(*(name,) if config is None else (name, config), split=split, streaming=streaming)
+        source = f"{name}[{split}]" if config is None else f"{name}:{config}[{split}]"
         for i, row in enumerate(ds):
-            yield Record(f"{name}[{split}]", i + 1, row)
+            yield Record(source, i + 1, row)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)

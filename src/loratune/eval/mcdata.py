@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import string
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratune.data.readers import SUFFIXES, Record, iter_file, looks_local
+from loratune.data.readers import SUFFIXES, Record, iter_file, iter_hub, looks_local
 from loratune.errors import DataError
 from loratune.eval.config import MCColumnsConfig, MCTaskConfig
 
@@ -102,24 +101,6 @@ def _mmlu_csv(path: Path) -> Iterator[Record]:
             raise DataError(f"{path}: row {start}: not valid UTF-8 ({e.reason}); expected UTF-8 text") from None
         except csv.Error as e:
             raise DataError(f"{path}: row {reader.line_num}: malformed CSV: {e}") from None
-
-
-def _hub_records(name: str, config: str | None, split: str) -> Iterator[Record]:
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DataError(f"{name}: no such file or folder, and the hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE "
-                        "is set), so it cannot be loaded as a hub dataset")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{name}: no such file or folder; loading it as a hub dataset needs the `datasets` "
-                        "package: pip install 'loratune[data]'") from None
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{name}: no such file or folder, and loading it as a hub dataset failed: {first}") from None
-    for i, row in enumerate(ds):
-        yield Record(f"{name}[{split}]", i + 1, row)
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -227,7 +208,8 @@ def _read(files: list[Path] | None, hub: str | None, split: str, task: MCTaskCon
             records = _mmlu_csv(f) if kind == "mmlu_csv" else iter_file(f)
             out += _questions(records, kind, task.columns, _subject_of(f, split))
     else:
-        out += _questions(_hub_records(hub or "", task.hub_config, split), "records", task.columns, task.name)
+        out += _questions(iter_hub(hub or "", split, streaming=False, config=task.hub_config), "records", task.columns,
+                          task.name)
     return _with_ids(out)
 
 
