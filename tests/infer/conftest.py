@@ -34,7 +34,15 @@ def adapter_8bit(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def engine(adapter_a: Path, adapter_b: Path):
-    """The tiny Llama base (fp32 on CPU) serving `base`, `alpha` and `beta`."""
+    """The tiny Llama base (fp32 on CPU) serving `base`, `alpha` and `beta` (on loratune's decoder, the default)."""
     from loratune.infer.load import load_engine
 
-    return load_engine([str(adapter_a), str(adapter_b)])
+    return load_engine([str(adapter_a), str(adapter_b)], implementation=None)
+
+
+@pytest.fixture(scope="session")
+def hf_engine(adapter_a: Path, adapter_b: Path):
+    """The same three models on the transformers + peft path (the fallback, and the reference)."""
+    from loratune.infer.load import load_engine
+
+    return load_engine([str(adapter_a), str(adapter_b)], implementation="transformers")

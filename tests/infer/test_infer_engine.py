@@ -1,4 +1,5 @@
-"""The generation loop: against a mock model (no tokenizer, no weights) and against tiny real models."""
+"""The generation loop: against a mock model (no tokenizer, no weights) and against tiny real models on the
+transformers path (`implementation="transformers"`; loratune's decoder is compared with it in test_infer_decoder)."""
 
 from __future__ import annotations
 
@@ -160,21 +161,21 @@ def _prompts(fmt) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["base", "alpha"])
-def test_greedy_batched_with_cache_equals_manual_argmax_loop(engine, name: str) -> None:
-    fmt = engine.format(name)
+def test_greedy_batched_with_cache_equals_manual_argmax_loop(hf_engine, name: str) -> None:
+    fmt = hf_engine.format(name)
     prompts = _prompts(fmt)
-    with engine._use(name):
-        got = list(decode_steps(engine.model, prompts, SamplingParams(max_new_tokens=12),
+    with hf_engine.use(name):
+        got = list(decode_steps(hf_engine.model, prompts, SamplingParams(max_new_tokens=12),
                                 stop_ids=frozenset(), pad_id=fmt.pad_id))
         for row, prompt in enumerate(prompts):
-            assert [s[row] for s in got] == manual_greedy(engine.model, prompt, 12)
+            assert [s[row] for s in got] == manual_greedy(hf_engine.model, prompt, 12)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "mistral"])
 def test_greedy_equals_manual_loop_other_families(tiny_models, family: str) -> None:
     from loratune.infer.load import load_engine
 
-    eng = load_engine([str(tiny_models[family])])
+    eng = load_engine([str(tiny_models[family])], implementation="transformers")
     fmt = eng.format()
     prompts = _prompts(fmt)
     got = list(decode_steps(eng.model, prompts, SamplingParams(max_new_tokens=8), stop_ids=frozenset(),
@@ -187,48 +188,48 @@ def test_greedy_equals_manual_loop_other_families(tiny_models, family: str) -> N
     assert tokens == manual_greedy(eng.model, fmt.render(msgs), 8, fmt.stop_ids)
 
 
-def test_decoding_uses_the_cache_api_without_deprecation_warnings(engine, caplog) -> None:
+def test_decoding_uses_the_cache_api_without_deprecation_warnings(hf_engine, caplog) -> None:
     """transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40): the loop passes a
     `DynamicCache` as `cache`, so neither a FutureWarning nor transformers' logged notice appears."""
     import logging
     import warnings
 
-    fmt = engine.format("alpha")
+    fmt = hf_engine.format("alpha")
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
-        with engine._use("alpha"):
-            steps = list(decode_steps(engine.model, _prompts(fmt), SamplingParams(max_new_tokens=4),
+        with hf_engine.use("alpha"):
+            steps = list(decode_steps(hf_engine.model, _prompts(fmt), SamplingParams(max_new_tokens=4),
                                       stop_ids=frozenset(), pad_id=fmt.pad_id))
     assert len(steps) == 4
     assert [str(w.message) for w in caught] == []
     assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
 
 
-def test_greedy_matches_transformers_generate(engine) -> None:
-    fmt = engine.format("alpha")
+def test_greedy_matches_transformers_generate(hf_engine) -> None:
+    fmt = hf_engine.format("alpha")
     prompt = fmt.render([{"role": "user", "content": "What is LoRA?"}])
-    with engine._use("alpha"):
-        ours = [s[0] for s in decode_steps(engine.model, [prompt], SamplingParams(max_new_tokens=10),
+    with hf_engine.use("alpha"):
+        ours = [s[0] for s in decode_steps(hf_engine.model, [prompt], SamplingParams(max_new_tokens=10),
                                            stop_ids=frozenset(), pad_id=fmt.pad_id)]
-        ref = engine.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        ref = hf_engine.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                     max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=fmt.pad_id)
     assert ours == ref[0, len(prompt):].tolist()
 
 
-def test_stop_token_of_the_template_ends_the_answer(engine) -> None:
+def test_stop_token_of_the_template_ends_the_answer(hf_engine) -> None:
     """Make the template's end-of-turn token the greedy choice at step 3: the answer stops there."""
-    fmt = engine.format("alpha")
+    fmt = hf_engine.format("alpha")
     prompt = fmt.render([{"role": "user", "content": "Hi"}])
-    free = [s[0] for s in decode_steps(engine.model, [prompt], SamplingParams(max_new_tokens=5),
+    free = [s[0] for s in decode_steps(hf_engine.model, [prompt], SamplingParams(max_new_tokens=5),
                                        stop_ids=frozenset(), pad_id=fmt.pad_id)]
-    eot = engine.model.base_model.model.lm_head if hasattr(engine.model, "base_model") else None
+    eot = hf_engine.model.base_model.model.lm_head if hasattr(hf_engine.model, "base_model") else None
     assert eot is not None
     (stop_id,) = fmt.stop_ids  # llama3: <|eot_id|> is eos
     with torch.no_grad():
         saved = eot.weight[stop_id].clone()
         eot.weight[stop_id] = eot.weight[free[2]] * 1.5  # now beats the old step-3 winner there
     try:
-        events = list(engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=20), "alpha"))
+        events = list(hf_engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=20), "alpha"))
     finally:
         with torch.no_grad():
             eot.weight[stop_id] = saved
@@ -253,7 +254,7 @@ def test_adapters_switch_per_request(engine, adapter_a, adapter_b) -> None:
     got = {name: run(engine, name) for name in order}
     assert len({tuple(v) for v in got.values()}) == 3  # the three models answer differently
     for name, folder in (("alpha", adapter_a), ("beta", adapter_b)):
-        assert run(load_engine([str(folder)]), name) == got[name]
+        assert run(load_engine([str(folder)], implementation=None), name) == got[name]
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(engine) -> None:
@@ -279,7 +280,7 @@ def test_batched_sampling_rows_differ(engine) -> None:
 def test_quantized_base_greedy_equals_manual_loop(request, bits: int, layer: str) -> None:
     from loratune.infer.load import load_engine
 
-    eng = load_engine([str(request.getfixturevalue(f"adapter_{bits}bit"))])
+    eng = load_engine([str(request.getfixturevalue(f"adapter_{bits}bit"))], implementation="transformers")
     assert type(eng.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
     fmt = eng.format()
     prompts = _prompts(fmt)[:2]
@@ -371,18 +372,18 @@ def _tokens(events) -> list[int]:
     return [e.token_id for e in events if isinstance(e, Delta) and e.token_id is not None]
 
 
-def test_repetition_penalty_top_k_and_top_p_in_the_engine(engine) -> None:
-    fmt = engine.format("alpha")
+def test_repetition_penalty_top_k_and_top_p_in_the_engine(hf_engine) -> None:
+    fmt = hf_engine.format("alpha")
     prompt = fmt.render([{"role": "user", "content": "Say it again and again"}])
-    with engine._use("alpha"):
-        greedy = manual_greedy(engine.model, prompt, 16)
+    with hf_engine.use("alpha"):
+        greedy = manual_greedy(hf_engine.model, prompt, 16)
         # a penalty that changes this answer (> 1 if it repeats tokens, < 1 favours them if it does not;
         # which applies depends on the random tiny weights)
         penalty, penalised = next((p, out) for p in (1.8, 10.0, 0.5, 0.1)
-                                  if (out := manual_penalised_greedy(engine.model, prompt, 16, p)) != greedy)
+                                  if (out := manual_penalised_greedy(hf_engine.model, prompt, 16, p)) != greedy)
 
     def run(**kw) -> list[int]:
-        return _tokens(engine.generate([prompt], SamplingParams(max_new_tokens=16, **kw), "alpha", ignore_eos=True))
+        return _tokens(hf_engine.generate([prompt], SamplingParams(max_new_tokens=16, **kw), "alpha", ignore_eos=True))
 
     assert run(repetition_penalty=penalty) == penalised  # the engine applies it exactly as the reference
     # top_k=1 and a tiny top_p keep only the most likely token: sampling at any temperature is greedy
@@ -395,7 +396,7 @@ def test_repetition_penalty_top_k_and_top_p_in_the_engine(engine) -> None:
 def test_quantized_base_without_adapters(tiny_llama, bits: int, layer: str) -> None:
     from loratune.infer.load import load_engine
 
-    eng = load_engine([str(tiny_llama)], bits=bits)
+    eng = load_engine([str(tiny_llama)], bits=bits, implementation="transformers")
     assert eng.names == ["base"]
     assert type(eng.model.model.layers[0].self_attn.q_proj).__name__ == layer
     fmt = eng.format()
@@ -410,11 +411,12 @@ def test_several_adapters_on_a_4bit_base_switch_per_request(adapter_4bit, tiny_l
     from run_folder import make_adapter_dir
 
     other = make_adapter_dir(tiny_llama, tmp_path / "q4b", bits=4, seed=8)
-    eng = load_engine([f"one={adapter_4bit}", f"two={other}"])
+    eng = load_engine([f"one={adapter_4bit}", f"two={other}"], implementation="transformers")
     assert type(eng.model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     msgs = [{"role": "user", "content": "Tell me something"}]
     p = SamplingParams(max_new_tokens=6)
     got = {n: _tokens(eng.chat(msgs, p, n)) for n in ["two", "one", "base", "two"]}
     assert len({tuple(v) for v in got.values()}) == 3
-    assert _tokens(load_engine([f"one={adapter_4bit}"]).chat(msgs, p, "one")) == got["one"]
-    assert _tokens(load_engine([str(tiny_llama)], bits=4).chat(msgs, p)) == got["base"]
+    hf = "transformers"
+    assert _tokens(load_engine([f"one={adapter_4bit}"], implementation=hf).chat(msgs, p, "one")) == got["one"]
+    assert _tokens(load_engine([str(tiny_llama)], bits=4, implementation=hf).chat(msgs, p)) == got["base"]

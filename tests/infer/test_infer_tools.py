@@ -352,7 +352,7 @@ def test_chat_reads_tools_and_prints_calls_on_their_own_lines(engine, tmp_path, 
     tools.write_text(json.dumps([WEATHER, {"name": "bare_function", "parameters": {}}]))
     scripted = Scripted(CALL_TEXT)
     monkeypatch.setattr(engine, "generate", scripted)
-    monkeypatch.setattr(load, "load_engine", lambda sources, bits=None: engine)
+    monkeypatch.setattr(load, "load_engine", lambda sources, bits=None, **kw: engine)
     assert chat.run_chat(["ignored"], name="alpha", prompt="What is the weather in Paris?", tools_file=tools) == 0
     assert capsys.readouterr().out == 'Let me look.\n[tool call] get_weather {"city": "Paris"}\n'
     wrapped = [WEATHER, {"type": "function", "function": {"name": "bare_function", "parameters": {}}}]

@@ -1,22 +1,31 @@
-"""A key/value cache for generation with the decoder: one row per sequence, a fixed capacity.
+"""A key/value cache for generation with the decoder: preallocated slots of a fixed capacity.
 
-Why fixed: the tensors are allocated once ([batch, kv_heads, capacity, head_dim] per layer), so a decode
-step writes in place and its shapes never change (what a captured decode step needs later). Each row
-keeps its own length on the host: rows of different prompt lengths decode together.
+Why preallocated: the tensors are made once ([slots, kv_heads, capacity, head_dim] per layer), so a decode
+step writes in place and its shapes never change, which is what a captured (CUDA-graphed) decode step
+needs. A slot holds one sequence; each slot keeps its own length on the host, so sequences of different
+lengths decode together, and a slot can be emptied (`release`) and refilled while the others go on
+(continuous batching).
 
-A forward pass with a cache takes one run of new tokens per row, laid end to end (`boundaries(new)`
-gives the stream's `Boundaries`, positions continuing from each row's length). Every layer writes its
-keys and values at the rows' ends, then attends: each new token to its row's cached tokens and to the
-new tokens before it (within the sliding window). A step of one token per row runs as one batched
-attention; a prefill runs row by row. `commit` advances the lengths once all layers have run.
+A forward pass with a cache takes one run of new tokens for each of some slots, laid end to end:
+`boundaries(new_lengths, slots)` gives the stream's `Boundaries` (positions continuing each slot's
+length) and marks those slots as the pass's. Every layer writes its keys and values at the slots' ends
+(one indexed write for the whole stream), then attends:
+- a fresh prefill (every slot empty): the ordinary attention over the stream (the decoder's backend; the
+  prompts are samples with boundaries, no padding), since no cached token exists yet;
+- one new token per slot (a decode step): one batched attention over the slots' cached keys, keys past
+  each slot's end (and outside the sliding window) masked;
+- otherwise (a chunk continuing a prompt): slot by slot, each run of new tokens to its slot's cache.
+`commit` advances the slots' lengths once all layers have run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from loratune.decoder.attention import Boundaries, dense_attention
+from loratune.decoder.attention import Boundaries, attend, dense_attention
 from loratune.decoder.config import DecoderConfig
 from loratune.errors import LoratuneError
 
@@ -33,39 +42,65 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.lengths = [0] * batch
         self.capacity = capacity
+        # the pass in progress: its boundaries, its slots, and each stream token's slot on the device
+        self._pass: tuple[Boundaries, tuple[int, ...], Tensor] | None = None
 
     @property
     def batch(self) -> int:
+        """The number of slots."""
         return len(self.lengths)
 
-    def boundaries(self, new_lengths: list[int] | tuple[int, ...]) -> Boundaries:
-        """The stream of `new_lengths[r]` new tokens for each row r, positions continuing the cache."""
-        if len(new_lengths) != self.batch:
-            raise ValueError(f"the cache holds {self.batch} rows; got new tokens for {len(new_lengths)}")
-        over = [r for r, (have, n) in enumerate(zip(self.lengths, new_lengths)) if have + n > self.capacity]
+    def boundaries(self, new_lengths: Sequence[int], slots: Sequence[int] | None = None) -> Boundaries:
+        """The stream of `new_lengths[i]` new tokens for slot `slots[i]` (default: every slot, in order),
+        positions continuing the slots' lengths; the next forward pass with this cache is this one."""
+        slots = tuple(range(self.batch)) if slots is None else tuple(int(s) for s in slots)
+        if len(new_lengths) != len(slots):
+            raise ValueError(f"new tokens for {len(new_lengths)} rows, but {len(slots)} slots "
+                             f"(the cache holds {self.batch})")
+        if len(set(slots)) != len(slots) or any(not 0 <= s < self.batch for s in slots):
+            raise ValueError(f"slots {list(slots)}: expected distinct slots in [0, {self.batch})")
+        over = [s for s, n in zip(slots, new_lengths) if self.lengths[s] + n > self.capacity]
         if over:
-            raise CacheFull(f"row {over[0]} would hold {self.lengths[over[0]] + new_lengths[over[0]]} tokens; the "
-                            f"cache was made for {self.capacity}")
-        return Boundaries.from_lengths(new_lengths, self.keys[0].device, offsets=self.lengths)
+            raise CacheFull(f"row {over[0]} would hold {self.lengths[over[0]] + new_lengths[slots.index(over[0])]} "
+                            f"tokens; the cache was made for {self.capacity}")
+        device = self.keys[0].device
+        b = Boundaries.from_lengths(list(new_lengths), device, offsets=[self.lengths[s] for s in slots])
+        index = torch.tensor(slots, dtype=torch.long, device=device)[b.sample_ids]
+        self._pass = (b, slots, index)
+        return b
 
     def check(self, b: Boundaries) -> None:
-        if list(b.offsets) != self.lengths:
-            raise ValueError(f"the batch continues rows at {list(b.offsets)}, the cache holds {self.lengths}: build "
-                             "it with KVCache.boundaries")
+        """`b` must be the pass `boundaries` made last (or, for every slot, continue them where they are)."""
+        if self._pass is not None and self._pass[0] is b:
+            return
+        if len(b.lengths) == self.batch and list(b.offsets) == self.lengths:
+            self._pass = (b, tuple(range(self.batch)),
+                          b.sample_ids.to(device=self.keys[0].device, dtype=torch.long))
+            return
+        raise ValueError(f"the batch continues rows at {list(b.offsets)}, the cache holds {self.lengths}: build "
+                         "it with KVCache.boundaries")
+
+    def _current(self, b: Boundaries) -> tuple[tuple[int, ...], Tensor]:
+        self.check(b)
+        assert self._pass is not None
+        return self._pass[1], self._pass[2]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, b: Boundaries, *, scale: float,
-               window: int | None, softcap: float | None) -> Tensor:
-        """Store this layer's new k/v [N, H_kv, D] and attend q [N, H, D] -> [N, H, D]."""
+               window: int | None, softcap: float | None, backend: str | None = None) -> Tensor:
+        """Store this layer's new k/v [N, H_kv, D] and attend q [N, H, D] -> [N, H, D].
+
+        `backend`: the decoder's attention implementation, used for a fresh prefill (sdpa or flash; others
+        take the slot-by-slot path, which needs no compilation per prompt length)."""
+        slots, index = self._current(b)
         keys, values = self.keys[layer], self.values[layer]
-        start = 0
-        for row, (have, n) in enumerate(zip(b.offsets, b.lengths)):
-            keys[row, :, have:have + n] = k[start:start + n].transpose(0, 1)
-            values[row, :, have:have + n] = v[start:start + n].transpose(0, 1)
-            start += n
+        keys[index, :, b.positions] = k.to(keys.dtype)
+        values[index, :, b.positions] = v.to(values.dtype)
+        if backend in ("sdpa", "flash") and not any(b.offsets):
+            return attend(q, k, v, b, scale=scale, window=window, softcap=softcap, backend=backend)
         if all(n == 1 for n in b.lengths):
-            return self._step(keys, values, q, b, scale, window, softcap)
+            return self._step(keys, values, q, b, slots, scale, window, softcap)
         outs, start = [], 0
-        for row, (have, n) in enumerate(zip(b.offsets, b.lengths)):
+        for slot, have, n in zip(slots, b.offsets, b.lengths):
             total = have + n
             qpos = torch.arange(have, total, device=q.device)
             kpos = torch.arange(total, device=q.device)
@@ -73,25 +108,37 @@ class KVCache:
             if window is not None:
                 mask &= (qpos[:, None] - kpos[None, :]) < window
             qr = q[start:start + n].transpose(0, 1)[None]
-            out = dense_attention(qr, keys[row:row + 1, :, :total], values[row:row + 1, :, :total],
+            out = dense_attention(qr, keys[slot:slot + 1, :, :total], values[slot:slot + 1, :, :total],
                                   mask[None, None], scale, softcap)
             outs.append(out[0].transpose(0, 1))
             start += n
         return torch.cat(outs, dim=0)
 
-    def _step(self, keys: Tensor, values: Tensor, q: Tensor, b: Boundaries, scale: float, window: int | None,
-              softcap: float | None) -> Tensor:
-        """One new token per row: one attention over the rows, keys past each row's end masked."""
+    def _step(self, keys: Tensor, values: Tensor, q: Tensor, b: Boundaries, slots: tuple[int, ...], scale: float,
+              window: int | None, softcap: float | None) -> Tensor:
+        """One new token per slot: one attention over the slots, keys past each slot's end masked."""
         total = max(b.offsets) + 1
+        if slots == tuple(range(self.batch)):
+            k, v = keys[:, :, :total], values[:, :, :total]
+        else:
+            rows = torch.tensor(slots, dtype=torch.long, device=q.device)
+            k, v = keys[rows, :, :total], values[rows, :, :total]
         qpos = torch.tensor(b.offsets, device=q.device)[:, None]  # [B, 1]
         kpos = torch.arange(total, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= (qpos - kpos) < window
-        out = dense_attention(q[:, :, None, :], keys[:, :, :total], values[:, :, :total], mask[:, None, None, :],
-                              scale, softcap)
+        out = dense_attention(q[:, :, None, :], k, v, mask[:, None, None, :], scale, softcap)
         return out[:, :, 0, :]
 
     def commit(self, b: Boundaries) -> None:
-        """All layers have stored the stream of `b`: advance the rows' lengths."""
-        self.lengths = [have + n for have, n in zip(b.offsets, b.lengths)]
+        """All layers have stored the stream of `b`: advance its slots' lengths."""
+        slots, _ = self._current(b)
+        for slot, have, n in zip(slots, b.offsets, b.lengths):
+            self.lengths[slot] = have + n
+        self._pass = None
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Empty these slots (their next tokens start at position 0); the tensors stay allocated."""
+        for s in slots:
+            self.lengths[int(s)] = 0

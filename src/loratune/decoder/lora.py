@@ -53,6 +53,18 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+@dataclass(frozen=True)
+class AdapterState:
+    """One layer's LoRA adapter: A [r, in], B [out, r] and peft's scaling settings."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    rank: int
+    alpha: float
+    rslora: bool
+    dropout: float
+
+
 class QLoRALinear(nn.Module):
     """y = x W^T + b (+ scale * B A dropout(x)); input cast to the compute dtype, output in it."""
 
@@ -106,6 +118,22 @@ class QLoRALinear(nn.Module):
     def remove_adapter(self) -> None:
         self.lora_A = self.lora_B = None
         self.rank, self.alpha, self.rslora, self.dropout = 0, 0.0, False, 0.0
+
+    def adapter_state(self) -> AdapterState | None:
+        """This layer's adapter as it is now (its weight tensors themselves, not copies); None without one."""
+        if self.lora_A is None:
+            return None
+        return AdapterState(self.lora_A, self.lora_B, self.rank, self.alpha, self.rslora, self.dropout)
+
+    def set_adapter_state(self, state: AdapterState | None, casts: AdapterCasts | None = None) -> None:
+        """Put `state` on this layer (its tensors, not copies; None: no adapter). For switching between adapters
+        kept aside (`loratune.infer.adapters`)."""
+        if state is None:
+            self.remove_adapter()
+            return
+        self.lora_A, self.lora_B = state.lora_A, state.lora_B
+        self.rank, self.alpha, self.rslora, self.dropout = state.rank, state.alpha, state.rslora, state.dropout
+        self.casts = casts
 
     def set_adapter_weights(self, lora_a: Tensor, lora_b: Tensor) -> None:
         """Copy A [r, in] and B [out, r] in (fp32), checking their shapes against this layer's adapter."""

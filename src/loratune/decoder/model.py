@@ -79,7 +79,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             out = cache.attend(self.layer, q, k, v, b, scale=cfg.attn_scale, window=self.window,
-                               softcap=cfg.attn_softcap)
+                               softcap=cfg.attn_softcap, backend=backend)
         else:
             out = attend(q, k, v, b, scale=cfg.attn_scale, window=self.window, softcap=cfg.attn_softcap,
                          dropout=cfg.attention_dropout if self.training else 0.0, backend=backend)

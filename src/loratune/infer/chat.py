@@ -285,7 +285,7 @@ def run_chat(sources: list[str], *, name: str | None = None, bits: int | None = 
             raise LoratuneError("no prompt: stdin was empty")
     quiet_library_noise()
     with quiet_loading():
-        engine = load_engine(sources, bits=bits)
+        engine = load_engine(sources, bits=bits, implementation=None)
     if name is not None and name not in engine.adapters:
         raise LoratuneError(f"--model {name!r} is not loaded; loaded: {', '.join(engine.names)}")
     if tools and engine.format(name).tool_syntax is None:

@@ -1,32 +1,40 @@
 """The one generation engine: prompts of token ids in, tokens (then text) out, streamed step by step.
 
-Built as an explicit loop over the model's forward rather than on `model.generate`: streaming, per-row
-stop strings, cancellation between steps, a private random generator per request and adapter switching
-are each a line here, and each would be a callback or a subclass around `generate`.
+Built as an explicit loop over a step function rather than on `model.generate`: streaming, per-row stop
+strings, cancellation between steps, a private random generator per request and adapter switching are
+each a line here, and each would be a callback or a subclass around `generate`.
 
-Two layers:
-- `decode_steps` knows only a model (anything whose forward takes input_ids, attention_mask,
-  position_ids, cache, use_cache, logits_to_keep and returns `.logits`) and token ids. Prompts are
-  left-padded into one batch; one `transformers.DynamicCache` is made before the first forward (prefill),
-  which fills it, and the same object is passed to every later step, which feeds one token per row and
-  appends to it in place. transformers renamed the argument `past_key_values` to `cache` within the
-  versions we support (5.24 warns on the old name, 5.40 removes it; 5.17 knows only the old one), so the
-  keyword is read from the model's own forward signature, and a cache still empty after the prefill is
-  an error rather than answers decoded without context. Padding is masked by position (pad may equal
-  eos). It is tested with a mock model.
+Three layers:
+- a `Stepper` runs the model: `prefill(prompts)` and `step(rows, tokens)`, each returning the logits of
+  the newest token of the rows it was given. `DecoderStepper` drives loratune's decoder
+  (`loratune.decoder.generate.SlotDecoder`): the prompts laid end to end with their boundaries into the
+  slots of a preallocated KV cache, no padding, and each step feeds only the rows still decoding (the
+  shape a CUDA-graphed step per batch bucket and continuous batching build on). `HFStepper` drives a
+  transformers model (the fallback for architectures the decoder does not cover): prompts left-padded
+  into one batch, one `transformers.DynamicCache` made before the prefill, which fills it, and passed to
+  every later step. transformers renamed that argument `past_key_values` to `cache` within the versions
+  we support (5.24 warns on the old name, 5.40 removes it; 5.17 knows only the old one), so the keyword
+  is read from the model's own forward signature, and a cache still empty after the prefill is an error
+  rather than answers decoded without context. Padding is masked by position (pad may equal eos).
+- `decode_steps` knows a model and token ids: sampling (`loratune.infer.sampling`), stop tokens, the
+  token budget, cancellation. It is tested with a mock model and against transformers on real ones.
 - `generate_text` adds a tokenizer's decode: incremental detokenisation and stop strings per row, and
   yields `Delta` events (text pieces) and `Finish` events (reason and token counts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
+from loratune.decoder.generate import SlotDecoder
+from loratune.decoder.model import Decoder
 from loratune.infer.detok import IncrementalDetokenizer, StopStrings
 from loratune.infer.sampling import SamplingParams, make_generator, next_tokens
 from loratune.model.adapters import is_peft
@@ -104,6 +112,76 @@ def _device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+class Stepper(Protocol):
+    """What the decode loop drives: rows are the prompts' indices; each call returns the logits [rows, V] of
+    every given row's newest token."""
+
+    device: torch.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+    def step(self, rows: Sequence[int], tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class DecoderStepper:
+    """loratune's decoder: prompts laid end to end into the slots of its preallocated KV cache (no padding);
+    each step feeds only the rows still decoding."""
+
+    def __init__(self, decoder: Decoder, rows: int, capacity: int) -> None:
+        self.slots = SlotDecoder(decoder, rows, capacity)
+        self.device = self.slots.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.slots.prefill(range(len(prompts)), prompts)
+
+    def step(self, rows: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
+        return self.slots.step(rows, tokens)
+
+
+class HFStepper:
+    """A transformers (or peft) model: prompts left-padded into one batch; one `DynamicCache` made before the
+    prefill, which fills it, and passed to every later step, which feeds one token per row (every row: the
+    cache's rows are fixed) and appends to it in place. Padding is masked by position (pad may equal eos)."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int) -> None:
+        self.model, self.pad_id = model, pad_id
+        self.device = _device(model)
+        self.cache = new_cache(model)
+        self.keyword = cache_keyword(model)
+        self.last: torch.Tensor | None = None
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                         logits_to_keep=1, **{self.keyword: self.cache})
+        return out.logits[:, -1, :]
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        ids, self.mask = left_pad(prompts, self.pad_id, self.device)
+        self.lengths = self.mask.sum(dim=1)  # real tokens per row so far = position of the next token
+        self.positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self._forward(ids)
+        if self.cache.get_seq_length() == 0:
+            raise RuntimeError(f"{type(self.model).__name__} did not fill the KV cache passed as `{self.keyword}`")
+        self.last = ids[:, -1].clone()
+        return logits
+
+    def step(self, rows: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
+        assert self.last is not None
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        self.last[index] = tokens.to(self.device)  # finished rows repeat their last token; their logits are dropped
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.lengths.unsqueeze(1).clone()
+        self.lengths = self.lengths + 1
+        return self._forward(self.last.unsqueeze(1))[index]
+
+
+def stepper_for(model: torch.nn.Module, prompts: Sequence[Sequence[int]], budget: int, pad_id: int) -> Stepper:
+    """loratune's decoder steps over its own KV cache; any other model through transformers' forward."""
+    if isinstance(model, Decoder):
+        return DecoderStepper(model, len(prompts), max(len(p) for p in prompts) + max(budget, 1))
+    return HFStepper(model, pad_id)
+
+
 @torch.inference_mode()
 def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  stop_ids: frozenset[int], pad_id: int, state: DecodeState | None = None,
@@ -116,46 +194,48 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = _device(model)
     state = state or DecodeState(len(prompts))
-    ids, mask = left_pad(prompts, pad_id, device)
-    lengths = mask.sum(dim=1)  # real tokens per row so far = position of the next token
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    seen: torch.Tensor | None = None  # (B, V) tokens in prompt or answer, for the repetition penalty
-    generator = make_generator(params.seed, device)
     budget = params.max_new_tokens
     if max_total is not None:
-        budget = min(budget, max_total - int(lengths.max()))
-    cache = new_cache(model)  # filled by the prefill, appended to in place by every step
-    keyword = cache_keyword(model)
-    for _ in range(max(budget, 0)):
-        if cancel() or all(state.done):
-            return
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{keyword: cache})
-        if seen is None and cache.get_seq_length() == 0:
-            raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as `{keyword}`")
-        logits = out.logits[:, -1, :]
-        if seen is None:
-            counts = torch.zeros(logits.shape, dtype=torch.long, device=device)
-            seen = counts.scatter_add_(1, ids, mask) > 0
-        new = next_tokens(logits, seen, params, generator)
-        host = new.tolist()
-        step: list[int | None] = []
-        for row, token in enumerate(host):
-            if state.done[row]:
-                step.append(None)
-                continue
-            step.append(token)
-            if token in stop_ids:
-                state.finish(row)
-        if params.repetition_penalty != 1.0:
-            seen[torch.arange(len(host), device=device), new] = True
-        yield step
-        ids = new.unsqueeze(1)
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        positions = lengths.unsqueeze(1).clone()
-        lengths = lengths + 1
+        budget = min(budget, max_total - max(len(p) for p in prompts))
+    if budget <= 0:
+        return
+    with contextlib.ExitStack() as stack:
+        if isinstance(model, Decoder):  # adapter weights fixed for the answer: cast once, not every step
+            stack.enter_context(model.frozen_adapters())
+        stepper = stepper_for(model, prompts, budget, pad_id)
+        device = stepper.device
+        generator = make_generator(params.seed, device)
+        seen: torch.Tensor | None = None  # (B, V) tokens in prompt or answer, for the repetition penalty
+        new: torch.Tensor | None = None
+        rows: list[int] = []
+        for i in range(budget):
+            if cancel() or all(state.done):
+                return
+            if new is None:
+                logits = stepper.prefill(prompts)
+                seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+                for r, p in enumerate(prompts):
+                    seen[r, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+                rows = [r for r in range(len(prompts)) if not state.done[r]]
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            else:
+                last = {r: t for r, t in zip(rows, new.tolist())}
+                rows = [r for r in rows if not state.done[r]]
+                logits = stepper.step(rows, torch.tensor([last[r] for r in rows], dtype=torch.long))
+            assert seen is not None
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            new = next_tokens(logits, seen[index], params, generator)
+            host = dict(zip(rows, new.tolist()))
+            step: list[int | None] = []
+            for row in range(len(prompts)):
+                token = host.get(row)
+                step.append(token)
+                if token is not None and token in stop_ids:
+                    state.finish(row)
+            if params.repetition_penalty != 1.0:
+                seen[index, new] = True
+            yield step
 
 
 def generate_text(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,

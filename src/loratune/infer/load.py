@@ -5,15 +5,20 @@ used in training, `loratune.yaml` (the resolved config: which base, which precis
 `loratune_run.json` (the template's name and end-of-turn text). Loading from it means inference renders
 prompts with the same template and special tokens as training, and stops at the same end of turn.
 
-Several adapters share one base (peft multi-adapter: `load_adapter`, then `set_adapter` per request);
-the base alone is served too, with the adapters disabled. `Engine` is the handle chat and serve use: it
-owns the model, a lock (one generation at a time: adapter switching is global state on the model), and
-one `PromptFormat` per served name.
+Which model code answers is decided as for training (`loratune.model.resolve.choose_implementation`):
+loratune's decoder where it covers the model and its adapters, else transformers + peft; one line says
+which and why. Several adapters share one base: on the decoder, each adapter's tensors are kept aside and
+put on its layers when that name answers (`loratune.infer.adapters.AdapterBank`); on the transformers
+model, peft's multi-adapter API (`load_adapter`, then `set_adapter` per request). The base alone is served
+too, with no adapter on. `Engine` is the handle chat, serve, eval and training's sample answers use: it
+owns the model, a lock (one generation at a time: the adapter on is global state of the model; `use`),
+and one `PromptFormat` per served name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -22,13 +27,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from loratune.config import Config, ModelConfig, QuantizationConfig, load_config
 from loratune.data.render import RenderError, encode_prompt
 from loratune.data.templates import EOS, ChatTemplate, marker_tokens, resolve_template
+from loratune.decoder.model import Decoder
 from loratune.errors import ConfigError, ModelError
+from loratune.infer.adapters import AdapterBank
 from loratune.infer.engine import Cancel, Delta, Finish, _never, generate_text
 from loratune.infer.sampling import SamplingParams
 from loratune.infer.tools import CallSyntax, call_syntax
@@ -181,33 +189,77 @@ def make_format(tokenizer, info: TokenizerInfo, model: torch.nn.Module, stop_tex
 
 @dataclass
 class Engine:
-    """A loaded model and the names it serves: `base` and one per adapter."""
+    """A loaded model and the names it serves: `base` and one per adapter.
+
+    `model` is loratune's `Decoder` (with `bank`, its adapters by key) or the transformers model (peft-wrapped
+    when it has adapters); `adapters` maps each public name to its adapter key (None: the bare base).
+    `why` says which model code answers and why, in one line.
+    """
 
     model: torch.nn.Module
     formats: dict[str, PromptFormat]
-    adapters: dict[str, str | None]  # public name -> peft adapter name (None: the base)
+    adapters: dict[str, str | None]  # public name -> adapter key (peft adapter name or bank key; None: the base)
     context_length: int
     default: str
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    bank: AdapterBank | None = None
+    why: str = ""
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _held: list[str] = field(default_factory=list)  # names `use` is holding, innermost last (under the lock)
 
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
 
+    @property
+    def decoder(self) -> bool:
+        """Whether loratune's decoder answers (else the transformers model)."""
+        return isinstance(self.model, Decoder)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: token ids must be below it."""
+        if isinstance(self.model, Decoder):
+            return int(self.model.embed.weight.shape[0])
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
     def format(self, name: str | None = None) -> PromptFormat:
         return self.formats[name or self.default]
 
     @contextlib.contextmanager
-    def _use(self, name: str) -> Iterator[None]:
-        inner = self.adapters[name]
-        if not is_peft(self.model):  # a plain model (transformers models have a set_adapter of their own)
+    def use(self, name: str | None = None) -> Iterator[torch.nn.Module]:
+        """The model answering as `name` (its adapter on, or none for the base), for the block: thread-safe, the
+        engine's lock is held throughout (other threads wait). Re-entrant within a thread for the same name; a
+        different name inside is an error (the outer block would silently answer as the inner name after it)."""
+        name = name or self.default
+        if name not in self.adapters:
+            raise ModelError(f"no model named {name!r}; loaded: {', '.join(self.names)}")
+        with self._lock:
+            if self._held and self._held[-1] != name:
+                raise ModelError(f"engine.use({name!r}) inside engine.use({self._held[-1]!r}): one model at a time")
+            self._held.append(name)
+            try:
+                with self._activate(name):
+                    yield self.model
+            finally:
+                self._held.pop()
+
+    def _use(self, name: str):  # transitional: eval's models.selected until it calls `use` (then this goes)
+        return self._activate(name)
+
+    @contextlib.contextmanager
+    def _activate(self, name: str) -> Iterator[None]:
+        key = self.adapters[name]
+        if self.bank is not None:
+            self.bank.activate(key)
             yield
-        elif inner is None:
+        elif not is_peft(self.model):  # a plain model, or a decoder served with the adapter it has
+            yield
+        elif key is None:
             with self.model.disable_adapter():
                 yield
         else:
-            if self.model.active_adapter != inner:  # (set_adapter also resets requires_grad: only when needed)
-                self.model.set_adapter(inner)
+            if self.model.active_adapter != key:  # (set_adapter also resets requires_grad: only when needed)
+                self.model.set_adapter(key)
             yield
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, name: str | None = None,
@@ -219,8 +271,8 @@ class Engine:
         name = name or self.default
         fmt = self.formats[name]
         stop_ids = frozenset() if ignore_eos else fmt.stop_ids
-        with self._lock, self._use(name):
-            yield from generate_text(self.model, prompts, params, decode=fmt.decode, stop_ids=stop_ids,
+        with self.use(name) as model:
+            yield from generate_text(model, prompts, params, decode=fmt.decode, stop_ids=stop_ids,
                                      pad_id=fmt.pad_id, cancel=cancel, max_total=self.context_length)
 
     def chat(self, messages: Sequence[dict], params: SamplingParams, name: str | None = None,
@@ -231,15 +283,26 @@ class Engine:
 
 
 def engine_for(model: torch.nn.Module, tokenizer, info: TokenizerInfo, stop_text: str | None,
-               name: str = BASE_NAME, template: ChatTemplate | None = None) -> Engine:
+               name: str = BASE_NAME, template: ChatTemplate | None = None, *, context_length: int | None = None,
+               generation_config=None) -> Engine:
     """Wrap a model already in memory (e.g. the trainer's, for sample answers) in an `Engine`; `template`, when
     given, is the one to render with (training's own).
 
-    A peft model answers with its active adapter (the one being trained), not with the base alone.
+    The model answers with the adapter it has (a peft model: its active adapter, the one being trained; a
+    decoder: the adapters on its layers), not with the base alone. For a decoder, which keeps no transformers
+    config, `context_length` and `generation_config` (its end-of-sequence ids) come from the caller.
     """
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    facts = SimpleNamespace(generation_config=generation_config if generation_config is not None
+                            else getattr(model, "generation_config", None))
+    context = context_length or _context(model)
     inner = model.active_adapter if is_peft(model) else None
-    return Engine(model, {name: make_format(tokenizer, info, model, stop_text, template)}, {name: inner}, context, name)
+    fmt = make_format(tokenizer, info, facts, stop_text, template)
+    return Engine(model, {name: fmt}, {name: inner}, context, name,
+                  why="model: loratune's decoder" if isinstance(model, Decoder) else "model: transformers")
+
+
+def _context(model: torch.nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
 
 
 def _no_bar(factory, args: tuple, kwargs: dict) -> object:
@@ -276,10 +339,20 @@ def parse_source(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str = BASE_NAME) -> Engine:
+# What `load_engine` answers with when the caller does not say: "transformers" only until eval scores on the
+# decoder (its models module passes nothing yet); chat, serve and the tests pass None (training's rule).
+DEFAULT_IMPLEMENTATION: str | None = "transformers"
+
+
+def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str = BASE_NAME,
+                implementation: str | None = DEFAULT_IMPLEMENTATION) -> Engine:
     """Load adapters (`[NAME=]FOLDER`) on their common base, or a plain model (a folder, hub id, demo://).
 
-    `bits` overrides the precision the adapters were trained with (4, 8, 16 or 32).
+    `bits` overrides the precision the adapters were trained with (4, 8, 16 or 32). `implementation`
+    (auto | loratune | transformers; None: the run's `model.implementation`, or the environment's
+    LORATUNE_IMPLEMENTATION, as in training) overrides the run's `model.implementation`: which model code answers is
+    decided as for training (`loratune.model.resolve.choose_implementation`: loratune's decoder where it
+    covers the model and adapters, else transformers + peft), and said in one line (`Engine.why`, logged).
     """
     if not sources:
         raise ModelError("name a model or an adapter folder")
@@ -297,7 +370,7 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     if len(plain) > 1 or (plain and runs):
         raise ModelError("serve either one plain model, or adapter folders that share one base; got "
                          + ", ".join(sources))
-    cfg = _inference_config(runs, plain, bits)
+    cfg = _inference_config(runs, plain, bits, implementation)
     names = [n for n, _ in runs]
     if len(set(names) | {base_name}) != len(names) + 1:
         raise ModelError(f"model names must be unique and differ from {base_name!r}: {names}")
@@ -305,9 +378,26 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     model = _load_base(cfg, plain)
     if torch.cuda.is_available() and cfg.quantization.bits in (16, 32):
         model = model.to("cuda")
+    chosen, why = _choose_implementation(cfg, runs, model.config)
+    log.info("%s", why)
+    facts = SimpleNamespace(generation_config=getattr(model, "generation_config", None))
+    context = _context(model)
     base_tok, base_info = load_tokenizer(cfg.model)
-    formats = {base_name: make_format(base_tok, base_info, model, _run_stop(plain[0]) if plain else None)}
+    formats = {base_name: make_format(base_tok, base_info, facts, _run_stop(plain[0]) if plain else None)}
     adapters: dict[str, str | None] = {base_name: None}
+    default = names[0] if names else base_name
+    if chosen == "loratune":
+        from loratune.decoder.load import decoder_from_hf
+
+        decoder = decoder_from_hf(model).eval()
+        del model  # the transformers module tree goes; its tensors live on in the decoder
+        bank = AdapterBank(decoder) if runs else None
+        for i, (name, run) in enumerate(runs):
+            key = f"adapter{i}"
+            bank.add(key, run.path)
+            formats[name] = _run_format(run, decoder.embed.weight.shape[0], facts)
+            adapters[name] = key
+        return Engine(decoder, formats, adapters, context, default, bank, why)
     if runs:
         from peft import PeftModel
 
@@ -317,14 +407,30 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
                 model = PeftModel.from_pretrained(model, str(run.path), adapter_name=inner)
             else:
                 model.load_adapter(str(run.path), adapter_name=inner)
-            tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
-            _check_vocab(tok, model, run.path)
-            formats[name] = make_format(tok, info, model, run.stop, variables=run.cfg.data.template_variables)
+            formats[name] = _run_format(run, model.get_input_embeddings().weight.shape[0], facts)
             adapters[name] = inner
     model.eval()
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    default = names[0] if names else base_name
-    return Engine(model, formats, adapters, context, default)
+    return Engine(model, formats, adapters, context, default, why=why)
+
+
+def _run_format(run: RunFolder, vocab_rows: int, facts) -> PromptFormat:
+    """The prompt format of a run folder: its tokenizer (checked against the model's vocabulary) and template."""
+    tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
+    if len(tok) > vocab_rows:
+        raise ModelError(f"the tokenizer in {run.path} has {len(tok)} tokens but the model's embedding has "
+                         f"{vocab_rows} rows")
+    return make_format(tok, info, facts, run.stop, variables=run.cfg.data.template_variables)
+
+
+def _choose_implementation(cfg: Config, runs: list[tuple[str, RunFolder]], model_config) -> tuple[str, str]:
+    """(loratune | transformers, the one line saying which and why): training's rule, for the base and every
+    adapter served on it (each run's adapter settings; a plain model's are the defaults, LoRA)."""
+    from loratune.model.resolve import choose_implementation
+
+    settings = [run.cfg.adapter for _, run in runs] or [Config().adapter]
+    decisions = [choose_implementation(Config(model=cfg.model, quantization=cfg.quantization, adapter=a),
+                                       model_config) for a in settings]
+    return next((d for d in decisions if d[0] != "loratune"), decisions[0])
 
 
 def _load_base(cfg: Config, plain: list[str]) -> torch.nn.Module:
@@ -338,7 +444,8 @@ def _load_base(cfg: Config, plain: list[str]) -> torch.nn.Module:
         raise
 
 
-def _inference_config(runs: list[tuple[str, RunFolder]], plain: list[str], bits: int | None) -> Config:
+def _inference_config(runs: list[tuple[str, RunFolder]], plain: list[str], bits: int | None,
+                      implementation: str | None = None) -> Config:
     if runs:
         cfg = runs[0][1].cfg
         base = resolve_model_path(cfg.model.path)
@@ -351,6 +458,8 @@ def _inference_config(runs: list[tuple[str, RunFolder]], plain: list[str], bits:
         cfg = Config(model=ModelConfig(path=plain[0]), quantization=_saved_quantization(plain[0]))
     if bits is not None:
         cfg.quantization = QuantizationConfig(**{**cfg.quantization.__dict__, "bits": bits})
+    if implementation is not None:
+        cfg.model = dataclasses.replace(cfg.model, implementation=implementation)
     return cfg
 
 
@@ -372,10 +481,3 @@ def _run_stop(path: str) -> str | None:
     if not run.is_file():
         return None
     return (json.loads(run.read_text(encoding="utf-8")).get("template") or {}).get("stop")
-
-
-def _check_vocab(tokenizer, model: torch.nn.Module, folder: Path) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise ModelError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's embedding has "
-                         f"{rows} rows")

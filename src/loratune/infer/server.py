@@ -268,7 +268,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
             prompts = [fmt.encode(x) if isinstance(x, str) else list(x) for x in p]
         if not prompts or any(not x for x in prompts):
             raise APIError(400, "prompt: every prompt needs at least one token", param="prompt")
-        vocab = engine.model.get_input_embeddings().weight.shape[0]
+        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for x in prompts for t in x):
             raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
         params = sampling_params(req, req.max_tokens, max(map(len, prompts)), engine.context_length, limits)
@@ -420,7 +420,7 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     _check_bindable(host, port)  # before minutes of model loading, not after
     with quiet_loading():
-        engine = load_engine(sources, bits=bits)
+        engine = load_engine(sources, bits=bits, implementation=None)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
                      limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
