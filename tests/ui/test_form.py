@@ -34,7 +34,7 @@ def _candidates(f: form.Field) -> list:
     if f.kind == "choice":
         values = []
         for c in f.choices:
-            present, value = form.raw_value(f, c)
+            _present, value = form.raw_value(f, c)
             values.append(value)
         return values
     if f.kind == "int":
@@ -112,8 +112,8 @@ def test_nullable_text_and_required_text():
     ("train.lr", -1.0, "train.lr must be > 0, got -1.0"),
     ("adapter.rank", None, "config key 'adapter.rank': got None, expected an integer"),
     ("train.batch_size", "big", "config key 'train.batch_size': got 'big'"),
-    ("data.datasets", "[{path: a.jsonl, wieght: 2}]", "unknown config key 'data.datasets.0.wieght': did you mean "
-                                                       "'data.datasets.0.weight'?"),
+    ("data.datasets", "[{path: a.jsonl, wieght: 2}]",
+     "unknown config key 'data.datasets.0.wieght': did you mean 'data.datasets.0.weight'?"),
     ("adapter.target_modules", "[q_proj", "config key 'adapter.target_modules': not valid YAML"),
 ])
 def test_errors_are_the_cli_messages_and_name_their_field(key, shown, message):

@@ -39,7 +39,10 @@ def build_app(ws: Workspace, lang: str = "en") -> gr.Blocks:
             for key, module in TABS:
                 with gr.Tab(ctx.text(key), id=key.split(".")[1], elem_id=f"tab-{key.split('.')[1]}") as tab:
                     ctx.labels.add(tab, key)
+                    shown = len(ctx.on_show)
                     module.build(ctx)
+                    for fn, inputs, outputs in ctx.on_show[shown:]:
+                        tab.select(fn, inputs, outputs, show_progress="hidden")
         language.change(ctx.labels.updates, [language], ctx.labels.components, show_progress="hidden")
         for fn, inputs, outputs in ctx.demo_load:
             demo.load(fn, inputs, outputs, show_progress="hidden")

@@ -41,6 +41,12 @@ class Context:
     labels: Labels = field(default_factory=Labels)
     default_lang: str = "en"
     demo_load: list[tuple[Any, list, list]] = field(default_factory=list)  # (fn, inputs, outputs) run on page load
+    on_show: list[tuple[Any, list, list]] = field(default_factory=list)  # run when the tab being built is selected
+
+    def refresh(self, fn: Any, inputs: list, outputs: list) -> None:
+        """Run `fn` on page load and whenever this tab is selected (lists of runs, files)."""
+        self.demo_load.append((fn, inputs, outputs))
+        self.on_show.append((fn, inputs, outputs))
 
     def text(self, key: str) -> str:
         return t(key, self.default_lang)

@@ -54,7 +54,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def at(cls, folder: str | Path) -> "Workspace":
+    def at(cls, folder: str | Path) -> Workspace:
         root = Path(folder).expanduser().resolve()
         if not root.is_dir():
             raise WorkspaceError(f"workspace {root} is not a folder")

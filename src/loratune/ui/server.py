@@ -15,7 +15,12 @@ import ipaddress
 import os
 from typing import Any
 
-from loratune.ui.paths import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, Workspace, WorkspaceError
+from loratune.ui.paths import (
+    MAX_BODY_BYTES,
+    MAX_UPLOAD_BYTES,
+    Workspace,
+    WorkspaceError,
+)
 
 TOKEN_VARIABLE = "LORATUNE_UI_TOKEN"
 UPLOAD_ROUTE = "/gradio_api/upload"

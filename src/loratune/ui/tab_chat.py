@@ -80,7 +80,7 @@ def build(ctx: Context) -> None:
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="temperature")
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p")
             top_k = gr.Number(value=0, precision=0, minimum=0, label="top_k")
-            max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="max_tokens")
+            max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="max_tokens", elem_id="chat-max_tokens")
             seed = gr.Number(value=0, precision=0, label="seed")
             for c, key in ((base, "chat.base"), (adapters, "chat.adapters"), (system, "chat.system")):
                 ctx.labels.add(c, key)
@@ -142,4 +142,4 @@ def build(ctx: Context) -> None:
     send.click(do_send, [prompt, system, temperature, top_p, top_k, max_tokens, seed, names, ctx.lang, *boxes],
                [error, *boxes])
     clear.click(lambda: [[] for _ in boxes], [], boxes)
-    ctx.demo_load.append((lambda: gr.update(choices=adapter_choices(ctx.ws)), [], [adapters]))
+    ctx.refresh(lambda: gr.update(choices=adapter_choices(ctx.ws)), [], [adapters])

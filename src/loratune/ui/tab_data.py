@@ -15,7 +15,14 @@ from typing import Any
 
 import gradio as gr
 
-from loratune.config import Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig, validate
+from loratune.config import (
+    Config,
+    DataConfig,
+    DatasetConfig,
+    ModelConfig,
+    TrainConfig,
+    validate,
+)
 from loratune.data.preview import _runs
 from loratune.errors import LoratuneError
 from loratune.ui.context import Context, error_box
@@ -112,4 +119,5 @@ def build(ctx: Context) -> None:
             return [error_box(str(e)), "", None]
         return ["", f"{t('data.stats', lang)}\n\n{text}", runs]
 
+    ctx.refresh(lambda: gr.update(choices=ctx.ws.files(DATA_SUFFIXES)), [], [dataset])
     show.click(do_preview, [dataset, model, fmt, template, max_length, train_on, n, ctx.lang], [error, stats, samples])

@@ -65,6 +65,7 @@ def build(ctx: Context) -> None:
             return [error_box(str(e)), gr.update()]
 
     source.change(pick, [source, ctx.lang], [error, text])
+    ctx.refresh(lambda: gr.update(choices=ctx.ws.files((".yaml", ".yml"))), [], [source])
 
     def do_run(config_text: str, lang: str) -> list[Any]:
         try:

@@ -68,4 +68,4 @@ def build(ctx: Context) -> None:
         return [f"{job.target}: {t('status.' + ctx.jobs.status(job).split(' ')[0], lang)}", ctx.jobs.log(job)]
 
     ctx.timer.tick(follow, [job_id, ctx.lang], [status, log], show_progress="hidden")
-    ctx.demo_load.append((lambda: gr.update(choices=adapter_choices(ctx.ws)), [], [adapter]))
+    ctx.refresh(lambda: gr.update(choices=adapter_choices(ctx.ws)), [], [adapter])

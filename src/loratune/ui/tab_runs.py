@@ -81,4 +81,4 @@ def build(ctx: Context) -> None:
 
     flat = [c for column in columns for c in column]
     chosen.change(compare, [chosen, ctx.lang], [plot, *flat])
-    ctx.demo_load.append((do_refresh, [ctx.lang], [listing, chosen]))
+    ctx.refresh(do_refresh, [ctx.lang], [listing, chosen])

@@ -41,7 +41,13 @@ def _widget(f: form.Field, value: Any) -> Any:
 
 def plan_text(cfg) -> str:
     """`loratune plan`'s table for this config (on the device this machine would train on)."""
-    from loratune.model.memory import WouldNotFit, default_device, describe, plan_run, render
+    from loratune.model.memory import (
+        WouldNotFit,
+        default_device,
+        describe,
+        plan_run,
+        render,
+    )
 
     try:
         return describe(plan_run(cfg, device=default_device()), cfg)
@@ -100,7 +106,7 @@ def build(ctx: Context) -> None:
     error_field = gr.State(None)
 
     def check(*args: Any) -> list[Any]:
-        *values, lang, previous = args
+        *values, _lang, previous = args
         by_key = dict(zip((f.key for f in form.FIELDS), values))
         message, bad, yaml_text, plan_out, file = "", None, gr.update(), gr.update(), gr.update()
         try:
@@ -133,7 +139,7 @@ def build(ctx: Context) -> None:
         check, [*inputs, ctx.lang, error_field], outputs)
 
     def do_launch(*args: Any) -> list[Any]:
-        *values, lang = args
+        *values, _lang = args
         try:
             started = training.launch(dict(zip((f.key for f in form.FIELDS), values)), ctx.ws, ctx.jobs)
         except LoratuneError as e:

@@ -1,0 +1,80 @@
+"""Fixtures of the UI tests: a workspace, a running `loratune ui`, and a headless Chromium driven by Playwright.
+
+The browser is Debian's `chromium` (/usr/bin/chromium, installed by .ci/run), launched by path: Playwright's
+own browser download is never used. Without it the browser tests skip with the reason, except in CI
+(`CI` set), where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("LORATUNE_CHROMIUM", "/usr/bin/chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "data" / "quickstart.jsonl", ws / "data" / "quickstart.jsonl")
+    return ws
+
+
+def start_ui(ws: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "ui", "--workspace", str(ws), "--port", str(port),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"loratune ui exited ({proc.returncode}):\n{proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("loratune ui did not answer within 120 s")
+
+
+@pytest.fixture
+def ui(workspace: Path) -> Iterator[str]:
+    proc, url = start_ui(workspace)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI (.ci/run installs Debian's chromium before the tests)")
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set LORATUNE_CHROMIUM): the browser "
+                    "tests drive a real browser")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
