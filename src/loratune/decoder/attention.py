@@ -15,7 +15,8 @@ inside its sample; no token ever attends to a token of another sample. Three imp
   flash-attn package is installed, on CUDA in 16-bit.
 - `flex`: PyTorch's FlexAttention with a block mask built from the sample ids (blocks that cross samples
   are skipped, not computed and masked); compiled on CUDA, the unfused reference implementation elsewhere.
-`auto` picks flash, then flex on CUDA, else sdpa. All take q [N, H, D] and k, v [N, H_kv, D] (grouped-query
+`auto` picks flash, then flex on CUDA, else sdpa. Whatever the choice, samples of one length (padded rows,
+a single sample) attend through SDPA's causal kernel as rows [S, heads, L, D]: exact, and the fastest. All take q [N, H, D] and k, v [N, H_kv, D] (grouped-query
 attention: H a multiple of H_kv) and return [N, H, D]. A sliding window of w keeps keys with q - k < w.
 """
 
@@ -261,6 +262,28 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: 
     return out[0].transpose(0, 1)
 
 
+def _equal_rows(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
+                softcap: float | None, dropout: float) -> Tensor:
+    """Samples of one length L, none continuing a cache: rows [S, heads, L, D] under SDPA's own causal mask
+    (its flash kernel on CUDA; no mask tensor, no block mask, no compilation). The kv heads are repeated for
+    their query heads, so that every SDPA backend takes the call."""
+    s, n = len(b.lengths), b.max_seqlen
+    groups = q.shape[1] // k.shape[1]
+    qr, kr, vr = (t.reshape(s, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+    kr, vr = _repeat_kv(kr, groups), _repeat_kv(vr, groups)
+    out = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout, is_causal=True, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def equal_rows(b: Boundaries, window: int | None, softcap: float | None) -> bool:
+    """The stream is rows of one length (a padded batch, one sample) that plain causal SDPA attends exactly."""
+    return window is None and softcap is None and len(set(b.lengths)) == 1 and not any(b.offsets)
+
+
+# FlexAttention's compiled kernel works on blocks of this many queries; a shorter stream would take its decoding
+# kernel, which Inductor (torch 2.11) fails to build for a training stream: such streams go to SDPA (tiny masks)
+FLEX_MIN_TOKENS = 128
+
 _IMPLS = {"sdpa": _sdpa, "flash": _flash, "flex": _flex}
 
 
@@ -282,5 +305,12 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, *, scale: float, window: int | None = None,
            softcap: float | None = None, dropout: float = 0.0, backend: str = "sdpa") -> Tensor:
-    """Causal attention within each sample of the stream: q [N, H, D], k/v [N, H_kv, D] -> [N, H, D]."""
+    """Causal attention within each sample of the stream: q [N, H, D], k/v [N, H_kv, D] -> [N, H, D].
+
+    Whatever the backend, rows of one length (`equal_rows`) take SDPA's causal kernel, and a FlexAttention
+    stream under FLEX_MIN_TOKENS tokens the SDPA path."""
+    if backend != "flash" and equal_rows(b, window, softcap):
+        return _equal_rows(q, k, v, b, scale, window, softcap, dropout)
+    if backend == "flex" and b.n_tokens < FLEX_MIN_TOKENS:
+        backend = "sdpa"
     return _IMPLS[backend](q, k, v, b, scale, window, softcap, dropout)

@@ -49,6 +49,10 @@ class Resolved:
     fused_mlp: bool  # SwiGLU through the fused kernel (CUDA)
     padding_free: bool  # train.batching
     max_length: int  # data.max_length: the longest sample
+    # padding-free streams padded to the token budget (our decoder on CUDA, SFT): every micro-batch has one shape,
+    # so compiled attention compiles once instead of once per new length (and never meets a stream too short for
+    # its kernels); the padding is a segment of its own that no label and no other sample sees
+    pad_streams: bool = False
     batch_size: int | None = None  # samples per padded micro-batch; batch_size x grad_accum samples per step
     tokens_per_batch: int | None = None  # padding-free: the token budget of one micro-batch
 
@@ -72,6 +76,7 @@ class Resolved:
         """What a run says about the decisions, in one line."""
         if self.padding_free:
             batches = f"padding-free micro-batches of up to {self.tokens_per_batch:,} tokens"
+            batches += " (padded to that: one shape)" if self.pad_streams else ""
         else:
             batches = f"padded micro-batches of {self.batch_size} samples"
         return f"{self.why}; {batches}"
@@ -174,5 +179,6 @@ def decide(cfg: Config, device: str | None = None, model_config: Any | None = No
         # tensors on the host, which a capture cannot); our decoder is not captured yet
         graphs=not decoder and not padding_free and graphs_wanted(cfg, device),
         embed_on_host=kernels and not _tied(model_config) and not trained_embedding,
-        fused_mlp=cuda and (decoder or kernels), padding_free=padding_free, max_length=cfg.data.max_length)
+        fused_mlp=cuda and (decoder or kernels), padding_free=padding_free,
+        pad_streams=padding_free and decoder and cuda and cfg.train.method == "sft", max_length=cfg.data.max_length)
     return r if batch is None else r.with_batch(batch, cfg.train.tokens_per_batch)

@@ -142,7 +142,7 @@ def make_batching(cfg: Config, r: Resolved, pad_id: int) -> Batching:
     """How samples become micro-batches. A preference sample holds two sequences (chosen and rejected, or a KTO
     completion and its mismatched one), each up to data.max_length, so its padding-free budget is twice SFT's."""
     if cfg.train.method == "sft":
-        return Batching(r.padding_free, r.batch_size, r.tokens_per_batch, pad_id)
+        return Batching(r.padding_free, r.batch_size, r.tokens_per_batch, pad_id, pad_to_budget=r.pad_streams)
     return PreferenceBatching(r.padding_free, r.batch_size, 2 * r.tokens_per_batch, pad_id)
 
 
