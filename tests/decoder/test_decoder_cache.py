@@ -69,3 +69,38 @@ def test_cache_refuses_overflow_and_stale_boundaries(checkpoint, quiet):
     dec(torch.arange(3, 6), cache.boundaries([3]), cache=cache)
     with pytest.raises(ValueError, match="KVCache.boundaries"):
         dec(torch.arange(3, 4), Boundaries.from_lengths([1]), cache=cache)
+
+
+def test_slots_step_alone_and_a_released_slot_takes_a_new_prompt(checkpoint, quiet):
+    """Rows of one cache advance on their own: a step over some slots leaves the others as they were, and an
+    emptied slot refilled with another prompt decodes it as a fresh cache would (continuous batching)."""
+    from loratune.decoder.generate import SlotDecoder
+
+    _, dec = load_pair(run_config(checkpoint("gemma2")))  # sliding window and soft-caps
+    a, b, c = (p.tolist() for p in sample_ids((6, 3, 5), seed=9))
+    with torch.no_grad():
+        slots = SlotDecoder(dec, 3, 16)
+        first = slots.prefill([0, 2], [a, b])  # slot 1 stays empty
+        assert slots.cache.lengths == [6, 0, 3]
+        want = _full_last(dec, [torch.tensor(a), torch.tensor(b)])
+        assert (first - want).abs().max().item() < TOL
+        t = first.argmax(-1)
+        only_b = slots.step([2], t[1:])  # slot 0 waits
+        assert slots.cache.lengths == [6, 0, 4]
+        b2 = torch.tensor(b + [int(t[1])])
+        assert (only_b - _full_last(dec, [b2])).abs().max().item() < TOL
+        late = slots.prefill([1], [c])  # a prompt joins while the others are mid-answer
+        assert (late - _full_last(dec, [torch.tensor(c)])).abs().max().item() < TOL
+        u = only_b.argmax(-1)
+        step = slots.step([1, 0, 2], torch.stack([late.argmax(-1)[0], t[0], u[0]]))
+        rows = [torch.tensor(c + [int(late.argmax(-1)[0])]), torch.tensor(a + [int(t[0])]),
+                torch.cat([b2, u])]
+        assert (step - _full_last(dec, rows)).abs().max().item() < TOL
+        slots.release([0])
+        assert slots.cache.lengths == [0, 6, 5]
+        again = slots.prefill([0], [c])  # the stale keys past its new length are never attended to
+        assert (again - _full_last(dec, [torch.tensor(c)])).abs().max().item() < TOL
+        with pytest.raises(ValueError, match="not empty"):
+            slots.prefill([2], [a])
+        with pytest.raises(ValueError, match="distinct slots"):
+            slots.cache.boundaries([1, 1], [1, 1])

@@ -3,10 +3,8 @@
 `output.sample_prompts` are answered greedily (`output.sample_max_new_tokens` new tokens) by the model
 being trained, rendered with the chat template the training data was rendered with and stopped at its end
 of turn, exactly as `loratune chat OUT` will render and stop. So the "after" answer of a finished run is the
-answer chat gives greedily. The transformers model answers through the project's generation engine
-(`loratune.infer.load.engine_for`); loratune's decoder through its own KV cache
-(`loratune.decoder.generate.greedy`), with the engine's prompt format, stop tokens, stop strings and
-incremental detokenisation (`_text` follows `loratune.infer.engine.generate_text` for one greedy row).
+answer chat gives greedily. Both model codes (loratune's decoder, transformers + peft) answer through the
+project's one generation engine (`loratune.infer.load.engine_for`), with the adapter being trained on.
 
 Generating must leave training untouched, which is why `answer` is careful:
 - eval mode (no dropout) and `torch.inference_mode` (no autograd state); the previous mode comes back;
@@ -29,9 +27,8 @@ from pathlib import Path
 import torch
 
 from loratune.data.templates import ChatTemplate
-from loratune.infer.detok import IncrementalDetokenizer, StopStrings
 from loratune.infer.engine import Delta
-from loratune.infer.load import PromptFormat, engine_for, make_format
+from loratune.infer.load import engine_for
 from loratune.infer.sampling import SamplingParams
 from loratune.model.build import TrainModel
 from loratune.model.load import TokenizerInfo
@@ -62,38 +59,13 @@ def answer(model: TrainModel, tokenizer, info: TokenizerInfo, template: ChatTemp
     module.eval()
     try:
         with preserved_rng(), torch.inference_mode():
-            if model.decoder:
-                fmt = make_format(tokenizer, info, model, template.stop)
-                return [_decoder_answer(model, fmt, prompt, max_new_tokens) for prompt in prompts]
-            engine = engine_for(module, tokenizer, info, template.stop)
+            engine = engine_for(module, tokenizer, info, template.stop, template=template,
+                                context_length=model.context_length, generation_config=model.generation_config)
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
             return ["".join(e.text for e in engine.chat([{"role": "user", "content": p}], params)
                             if isinstance(e, Delta)) for p in prompts]
     finally:
         module.train(was_training)
-
-
-def _decoder_answer(model: TrainModel, fmt: PromptFormat, prompt: str, max_new_tokens: int) -> str:
-    from loratune.decoder.generate import greedy
-
-    ids = fmt.render([{"role": "user", "content": prompt}])
-    tokens = greedy(model.module, ids, max_new_tokens, fmt.stop_ids, max_total=model.context_length)
-    return _text(tokens, fmt, max_new_tokens)
-
-
-def _text(tokens: list[int], fmt: PromptFormat, max_new_tokens: int) -> str:
-    """The text `generate_text` streams for these greedy tokens: stop tokens never shown, stop strings cut."""
-    detok, stops, text = IncrementalDetokenizer(fmt.decode), StopStrings(fmt.stop_strings), []
-    for count, token in enumerate(tokens, start=1):
-        if token in fmt.stop_ids:
-            break
-        text.append(stops.feed(detok.push(token)))
-        if stops.hit is not None:
-            return "".join(text)  # a stop string ended it: nothing held back is released
-        if count >= max_new_tokens:
-            break
-    text.append(stops.feed(detok.flush()) + stops.flush())
-    return "".join(text)
 
 
 def read_samples(out: Path) -> dict:
