@@ -56,6 +56,7 @@ def test_serve_loads_without_progress_bars_and_without_uvicorns_access_log(adapt
     out, err = capfd.readouterr()
     assert "Loading weights" not in err and "%|" not in err
     assert "loratune serve: models base, alpha" in out
+    assert "; model: loratune's decoder (llama)" in out  # which model code answers, as training says it
     (kw,) = runs
     assert kw["access_log"] is False and kw["log_config"] is None
     load_engine([str(adapter_a)])  # the bars are only off while serve loads

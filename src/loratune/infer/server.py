@@ -426,6 +426,6 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     print(f"loratune serve: models {', '.join(engine.names)} on http://{host}:{port}/v1"
-          + (" (API key required)" if api_key else ""), flush=True)
+          + (" (API key required)" if api_key else "") + f"; {engine.why}", flush=True)
     # log_config=None: uvicorn's own records (warnings and up) go through the CLI's logging like ours
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
