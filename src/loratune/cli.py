@@ -33,6 +33,9 @@ def _plan(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     from loratune.model.memory import GiB, WouldNotFit, default_device, describe, plan_run, render
+    from loratune.train.run import planned
+
+    cfg = planned(cfg)  # a preference method's samples are pairs: planned as training plans them
 
     device = default_device() if args.device == "auto" else args.device
     budget = None if args.budget_gib is None else int(args.budget_gib * GiB)

@@ -135,3 +135,17 @@ def test_the_plot_has_a_preference_panel(tmp_path: Path) -> None:
     assert plot_losses(rows, tmp_path / "loss.png") is None
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _preference_series([{"step": 1, "loss": 1.0}]) == {}  # an SFT run: one panel, as before
+
+
+def test_pairs_are_planned_at_twice_the_length(tiny_llama: Path) -> None:
+    """The memory plan and the padding-free budget of a preference run count both sequences of a pair."""
+    from loratune.train.run import check_memory, planned
+
+    base = [f"model.path={tiny_llama}", "data.max_length=128", "train.batch_size=2"]
+    sft_cfg, sft = check_memory(load_config(None, base))
+    cfg, pref = check_memory(load_config(None, [*base, "train.method=dpo"]))
+    assert cfg.data.max_length == 128 and cfg.train.batch_size == 2  # the data is cut as configured
+    assert pref.tokens_per_batch == 2 * sft.tokens_per_batch == 512 and pref.max_length == 256
+    explicit = planned(load_config(None, [*base, "train.method=kto", "train.tokens_per_batch=300"]))
+    assert explicit.train.tokens_per_batch == 600 and explicit.data.max_length == 256
+    assert planned(sft_cfg) is sft_cfg

@@ -139,11 +139,23 @@ def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config
 
 
 def make_batching(cfg: Config, r: Resolved, pad_id: int) -> Batching:
-    """How samples become micro-batches. A preference sample holds two sequences (chosen and rejected, or a KTO
-    completion and its mismatched one), each up to data.max_length, so its padding-free budget is twice SFT's."""
+    """How samples become micro-batches (a preference method's budget was planned for its pairs: `planned`)."""
     if cfg.train.method == "sft":
         return Batching(r.padding_free, r.batch_size, r.tokens_per_batch, pad_id, pad_to_budget=r.pad_streams)
-    return PreferenceBatching(r.padding_free, r.batch_size, 2 * r.tokens_per_batch, pad_id)
+    return PreferenceBatching(r.padding_free, r.batch_size, r.tokens_per_batch, pad_id, pad_to_budget=r.pad_streams)
+
+
+def planned(cfg: Config) -> Config:
+    """The config the run's decisions and memory plan are made for. A preference sample holds two sequences
+    (chosen and rejected, or a KTO completion and its mismatched one) of up to data.max_length each, in one row:
+    it is planned as a sample of twice that length (and an explicit train.tokens_per_batch counts pairs' tokens
+    at the same rate), so batch_size auto and the padding-free budget fit the pairs."""
+    if cfg.train.method == "sft":
+        return cfg
+    tokens = cfg.train.tokens_per_batch
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=2 * cfg.data.max_length),
+                               train=dataclasses.replace(cfg.train, tokens_per_batch=tokens if tokens == "auto"
+                                                         else 2 * tokens))
 
 
 class Run:
@@ -527,8 +539,9 @@ def check_memory(cfg: Config, saved_batch_size: int | None = None) -> tuple[Conf
 
     A model the planner does not know (no Llama-style config fields) trains without a plan, batch auto as 1.
     """
+    shaped = planned(cfg)
     try:
-        rp = plan_run(cfg, saved_batch_size=saved_batch_size)
+        rp = plan_run(shaped, saved_batch_size=saved_batch_size)
     except WouldNotFit as e:
         print(render(e.plan), flush=True)
         raise
@@ -536,15 +549,19 @@ def check_memory(cfg: Config, saved_batch_size: int | None = None) -> tuple[Conf
         log.warning("no memory plan: %s", e)
         batch = cfg.train.batch_size if cfg.train.batch_size != "auto" else saved_batch_size or 1
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+        shaped = dataclasses.replace(shaped, train=dataclasses.replace(shaped.train, batch_size=batch))
         try:
             model_config = load_model_config(cfg)
         except ModelError:
             model_config = None
-        resolved = decide(cfg, model_config=model_config)
+        resolved = decide(shaped, model_config=model_config)
         log.info("%s", resolved.describe())
         return cfg, resolved
-    print(describe(rp, cfg), flush=True)
-    return rp.cfg, rp.resolved
+    print(describe(rp, shaped), flush=True)
+    if shaped is cfg:
+        return rp.cfg, rp.resolved
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=rp.cfg.train.batch_size)), \
+        rp.resolved
 
 
 def train(cfg: Config) -> TrainResult:
