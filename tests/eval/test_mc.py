@@ -61,4 +61,6 @@ def test_evaluate_mc_for_the_training_loop(tiny_llama: Path, mmlu_dir: Path) -> 
     records = score_questions(model.eval(), prepare(bench, task, tok, 2048), "letters", batch_size=1)
     per_q = [question_metrics(r, "letters") for r in records]
     assert got == {"acc": pytest.approx(sum(x["acc"] for x in per_q) / 9),
-                   "acc_norm": pytest.approx(sum(x["acc_norm"] for x in per_q) / 9), "n": 9}
+                   "acc_norm": pytest.approx(sum(x["acc_norm"] for x in per_q) / 9),
+                   "answer_logprob": pytest.approx(sum(r["logprobs"][r["answer"]] for r in records) / 9, abs=1e-6),
+                   "n": 9}
