@@ -48,25 +48,26 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _too_large(send, limit)
-        seen = 0
+        seen, answered = 0, False
 
         async def counted() -> dict:
-            nonlocal seen
+            # past the limit: answer 413 now and tell the app the client left (an exception raised here would
+            # be caught by the framework's body parsing and turned into a 400)
+            nonlocal seen, answered
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge
+                if seen > limit and not answered:
+                    answered = True
+                    await _too_large(send, limit)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await _too_large(send, limit)
+        async def guarded(message: dict) -> None:
+            if not answered:
+                await send(message)
 
-
-class BodyTooLarge(Exception):
-    pass
+        await self.app(scope, counted, guarded)
 
 
 async def _too_large(send: Any, limit: int) -> None:
