@@ -16,7 +16,8 @@ token streams with sample boundaries instead of padded rows:
 Exact: a token's keys and values depend only on the tokens before it, and positions continue each row's
 cache, so every log-probability is the one of a full forward over context + continuation. Log-probs are
 taken in float32. `loratune.eval.loglik.score_reference` is the plain path the tests compare with.
-A chunk closes where adding a context would cut its shared prefix below half (a new subject's shots begin).
+A chunk closes where adding a context would cut its shared prefix below half (a new subject's shots begin); a
+chunk whose shared prefix extends the cached one by less than its own length reuses the cached one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _rows_of(decoder: Decoder, source: KVCache, rows: Sequence[int], length: int
     width = max(lengths)
     for mine, theirs in ((out.keys, source.keys), (out.values, source.values)):
         for dst, src in zip(mine, theirs):
-            dst[:, :, :width] = src.index_select(0, index)[:, :, :width]
+            dst[:, :, :width] = src[:, :, :width].index_select(0, index)
     out.lengths = lengths  # tokens past a row's length are never attended to
     return out
 
@@ -111,6 +112,9 @@ class DecoderScorer:
         shared = 0
         if self.share_prefix:
             shared = min(common_prefix(chunk), min(len(c) for c in chunk) - 1)
+            kept = self._prefix[0]
+            if 2 * len(kept) >= shared and len(kept) <= shared and chunk[0][:len(kept)] == kept:
+                shared = len(kept)  # the cached prefix (the subject's shots) serves: no new prefill for a few tokens
         multi = [(row, i) for row, c in enumerate(chunk) for i in by_context[c] if len(requests[i].continuation) > 1]
         rest = [c[shared:] for c in chunk]
         lengths = [len(r) for r in rest]
