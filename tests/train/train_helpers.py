@@ -80,7 +80,8 @@ def build_loop(model_path: Path, samples: list, *overrides: str, random_adapters
             for name, p in model.module.named_parameters():
                 for x, std in (("A", 0.1), ("B", 0.05)):  # seeded by the layer's name: the same on both codes
                     if f"lora_{x}" in name:
-                        p.normal_(0, std, generator=torch.Generator().manual_seed(_seed_of(name, x)))
+                        g = torch.Generator().manual_seed(_seed_of(name, x))  # drawn on the host: any device
+                        p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0, std, generator=g))
     acc = make_accelerator(resolved)
     runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, acc)
     batching = Batching(resolved.padding_free, resolved.batch_size, resolved.tokens_per_batch, pad_id=1)
