@@ -204,38 +204,91 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         if isinstance(model, Decoder):  # adapter weights fixed for the answer: cast once, not every step
             stack.enter_context(model.frozen_adapters())
         stepper = stepper_for(model, prompts, budget, pad_id)
-        device = stepper.device
-        generator = make_generator(params.seed, device)
-        seen: torch.Tensor | None = None  # (B, V) tokens in prompt or answer, for the repetition penalty
-        new: torch.Tensor | None = None
+        sampler = Sampler(prompts, params, stepper.device)
+        new: list[int] = []
         rows: list[int] = []
         for i in range(budget):
             if cancel() or all(state.done):
                 return
-            if new is None:
+            if i == 0:
                 logits = stepper.prefill(prompts)
-                seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-                for r, p in enumerate(prompts):
-                    seen[r, torch.tensor(list(p), dtype=torch.long, device=device)] = True
                 rows = [r for r in range(len(prompts)) if not state.done[r]]
                 logits = logits[torch.tensor(rows, device=logits.device)]
             else:
-                last = {r: t for r, t in zip(rows, new.tolist())}
+                last = dict(zip(rows, new))
                 rows = [r for r in rows if not state.done[r]]
                 logits = stepper.step(rows, torch.tensor([last[r] for r in rows], dtype=torch.long))
-            assert seen is not None
-            index = torch.tensor(rows, dtype=torch.long, device=device)
-            new = next_tokens(logits, seen[index], params, generator)
-            host = dict(zip(rows, new.tolist()))
+            new = sampler.sample(rows, logits)
+            host = dict(zip(rows, new))
             step: list[int | None] = []
             for row in range(len(prompts)):
                 token = host.get(row)
                 step.append(token)
                 if token is not None and token in stop_ids:
                     state.finish(row)
-            if params.repetition_penalty != 1.0:
-                seen[index, new] = True
             yield step
+
+
+class Sampler:
+    """One request's sampling state: its settings, its private random generator, and the tokens each row has
+    seen (prompt and answer, for the repetition penalty)."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, device: torch.device) -> None:
+        self.prompts, self.params, self.device = prompts, params, device
+        self.generator = make_generator(params.seed, device)
+        self.seen: torch.Tensor | None = None  # (rows, V), made at the first logits (which give V)
+
+    def sample(self, rows: Sequence[int], logits: torch.Tensor) -> list[int]:
+        """The next token of each of `rows` from their logits [len(rows), V]."""
+        if self.seen is None:
+            self.seen = torch.zeros((len(self.prompts), logits.shape[-1]), dtype=torch.bool, device=self.device)
+            for r, p in enumerate(self.prompts):
+                self.seen[r, torch.tensor(list(p), dtype=torch.long, device=self.device)] = True
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        new = next_tokens(logits.to(self.device), self.seen[index], self.params, self.generator)
+        if self.params.repetition_penalty != 1.0:
+            self.seen[index, new] = True
+        return new.tolist()
+
+
+class TextRows:
+    """One request's rows as text: tokens in, `Delta`/`Finish` events out. Incremental detokenisation and stop
+    strings per row; stop tokens never appear in the text, stop strings neither; held-back text is released
+    when a row ends otherwise."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 decode: Callable[[Sequence[int]], str], stop_ids: frozenset[int]) -> None:
+        self.prompt_tokens = [len(p) for p in prompts]
+        self.max_new_tokens, self.stop_ids = params.max_new_tokens, stop_ids
+        self.detoks = [IncrementalDetokenizer(decode) for _ in prompts]
+        self.stops = [StopStrings(params.stop) for _ in prompts]
+        self.counts = [0] * len(prompts)
+        self.finished = [False] * len(prompts)
+
+    def push(self, row: int, token: int) -> list[Delta | Finish]:
+        """Row `row` produced `token`: its text, and its `Finish` when this token ended it."""
+        self.counts[row] += 1
+        if token in self.stop_ids:
+            return self.finish(row, "stop", token)
+        events: list[Delta | Finish] = [Delta(row, self.stops[row].feed(self.detoks[row].push(token)), token)]
+        if self.stops[row].hit is not None:
+            events += self.finish(row, "stop", self.stops[row].hit)
+        elif self.counts[row] >= self.max_new_tokens:
+            events += self.finish(row, "length")
+        return events
+
+    def finish(self, row: int, reason: str, stop: str | int | None = None) -> list[Delta | Finish]:
+        events: list[Delta | Finish] = []
+        if reason != "stop" or isinstance(stop, int):  # flush held-back text unless a stop string ended it
+            tail = self.stops[row].feed(self.detoks[row].flush()) + self.stops[row].flush()
+            if tail:
+                events.append(Delta(row, tail, None))
+        self.finished[row] = True
+        return events + [Finish(row, reason, self.prompt_tokens[row], self.counts[row], stop)]
+
+    def close(self, reason: str) -> list[Delta | Finish]:
+        """End every open row with `reason`."""
+        return [e for row, done in enumerate(self.finished) if not done for e in self.finish(row, reason)]
 
 
 def generate_text(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
@@ -243,35 +296,13 @@ def generate_text(model: torch.nn.Module, prompts: Sequence[Sequence[int]], para
                   cancel: Cancel = _never, max_total: int | None = None) -> Iterator[Delta | Finish]:
     """Stream `Delta`s and one `Finish` per row; stop tokens never appear in the text, stop strings neither."""
     state = DecodeState(len(prompts))
-    detoks = [IncrementalDetokenizer(decode) for _ in prompts]
-    stops = [StopStrings(params.stop) for _ in prompts]
-    counts = [0] * len(prompts)
-    finished = [False] * len(prompts)
-
-    def finish(row: int, reason: str, stop: str | int | None = None) -> Iterator[Delta | Finish]:
-        if reason != "stop" or isinstance(stop, int):  # flush held-back text unless a stop string ended it
-            tail = stops[row].feed(detoks[row].flush()) + stops[row].flush()
-            if tail:
-                yield Delta(row, tail, None)
-        finished[row] = True
-        state.finish(row)
-        yield Finish(row, reason, len(prompts[row]), counts[row], stop)
-
+    text = TextRows(prompts, params, decode, stop_ids)
     for step in decode_steps(model, prompts, params, stop_ids=stop_ids, pad_id=pad_id, state=state,
                              cancel=cancel, max_total=max_total):
         for row, token in enumerate(step):
-            if token is None or finished[row]:
+            if token is None or text.finished[row]:
                 continue
-            counts[row] += 1
-            if token in stop_ids:
-                yield from finish(row, "stop", token)
-                continue
-            yield Delta(row, stops[row].feed(detoks[row].push(token)), token)
-            if stops[row].hit is not None:
-                yield from finish(row, "stop", stops[row].hit)
-            elif counts[row] >= params.max_new_tokens:
-                yield from finish(row, "length")
-    reason = "cancelled" if cancel() else "length"  # rows still open ran out of room (context) or were cancelled
-    for row in range(len(prompts)):
-        if not finished[row]:
-            yield from finish(row, reason)
+            yield from text.push(row, token)
+            if text.finished[row]:
+                state.finish(row)
+    yield from text.close("cancelled" if cancel() else "length")  # rows still open ran out of room or were cancelled
