@@ -101,6 +101,8 @@ class Loaded:
         """loratune's decoder over the engine's base tensors (built once), or None where it does not cover it."""
         if self._decoder is False:
             self._decoder = decoder_view.decoder_over(self.engine.model)
+            if self._decoder is not None:
+                log.info("log-likelihoods are scored on loratune's decoder over the loaded base")
         return self._decoder  # type: ignore[return-value]
 
 
