@@ -36,7 +36,9 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
                norm's input and output, the rows kept for the head, d(hidden)): 4 T H a.
   attention    loratune's decoder on CPU attends through SDPA over the whole stream with a dense [T, T]
                sample mask (loratune.decoder.attention): the mask (T^2 bytes) and one layer's scores
-               (heads x T^2 x a). On CUDA its flash/FlexAttention paths hold no T^2 tensor.
+               (heads x T^2 x a). On CUDA FlexAttention's block mask is made from a dense [T, T] bool mask
+               while the first layer runs, and rows of one length repeat the kv heads for SDPA's causal
+               kernel: max(T^2, 2 T q a) + T q a (the last term fitted on the measured peaks).
   overhead     cuBLAS workspaces and small buffers on CUDA; the Python process itself on CPU.
 
   graph pool   when micro-batches are replayed as CUDA graphs: the trainable parameters' gradients (held
@@ -48,7 +50,9 @@ peak = weights + adapters + saved activations + max(loss, layer working set) + g
 Calibrated on peaks measured on a GPU with the transformers path and its loratune.kernels fast paths
 (docs/benchmarks.md, "Figures behind the source's design notes"; tests/model/test_memory.py replays them):
 the estimate errs on the safe side, within +5%. loratune's decoder (the default model code) is planned with
-the same formulas, its embedding on the GPU and no graphs; its peaks are not measured yet. Not modelled: the
+the same formulas, its embedding on the GPU, no graphs, and its attention's working set on CUDA (`_stream_attention`),
+calibrated on its peaks measured on the H200 (Llama-3-8B shape, 2 x 2048 and 1 x 16384, tests/model/
+test_memory_decoder.py replays them): also within +5%. Not modelled: the
 paged optimizers' states live in managed memory and can spill to the host (counted as if on the GPU);
 architectures without Llama-style fields (hidden_size, intermediate_size, ...) are refused.
 """
@@ -307,6 +311,14 @@ def _dense_attention(shape: Shape, tokens: int, a: int) -> Component:
                      f"SDPA over the stream: at most a [{tokens:,}, {tokens:,}] sample mask and one layer's scores")
 
 
+def _stream_attention(shape: Shape, tokens: int, a: int) -> Component:
+    """loratune's decoder on CUDA: FlexAttention's block mask is made from a dense [T, T] bool mask (T^2 bytes,
+    while the first layer runs), rows of one length repeat the kv heads for SDPA (2 T q a): the larger, plus
+    T q a (fitted: the decoder's measured peaks, docs/benchmarks.md 2026-12-02)."""
+    return Component("attention (decoder)", max(tokens * tokens, 2 * tokens * shape.q_dim * a) + tokens * shape.q_dim * a,
+                     f"FlexAttention's [{tokens:,}, {tokens:,}] mask build, or SDPA rows' repeated kv heads")
+
+
 def fused_mlp_default(cfg: Config, device: str) -> bool:
     """Whether the SwiGLU MLPs run the fused kernel (loratune.kernels.norm_swiglu: CUDA, model.kernels on)."""
     return device == "cuda" and cfg.model.kernels in ("auto", True)
@@ -324,14 +336,15 @@ def _graph_pool(shape: Shape, tokens: int, a: int, grad_bytes: int) -> Component
 def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool,
              fused_mlp: bool | None = None, graphs: bool | None = None,
              chunk_elements: int = CHUNK_ELEMENTS, *, tokens: int | None = None, padding_free: bool = False,
-             dense_attention: bool = False) -> MemoryPlan:
+             dense_attention: bool = False, stream_attention: bool = False) -> MemoryPlan:
     """The estimated peak memory of training `cfg` on `device` ("cuda" or "cpu") at batch_size x seq_len.
 
     `model_config`: a transformers config (or a `Shape`). `fused_mlp`: the fused SwiGLU is in use; `graphs`:
     micro-batches are replayed as CUDA graphs (defaults: as `loratune train` would decide on this device);
     `chunk_elements`: the loss's logit chunk (loratune.kernels.loss; other values to replay older runs).
     `tokens`: the micro-batch's tokens when it is not batch_size x seq_len (a padding-free token budget);
-    `dense_attention`: attention materialises a [tokens, tokens] mask and scores (loratune's decoder on CPU).
+    `dense_attention`: attention materialises a [tokens, tokens] mask and scores (loratune's decoder on CPU);
+    `stream_attention`: loratune's decoder on CUDA (FlexAttention or SDPA rows, `_stream_attention`).
     Pure: reads no weights, touches no device. `plan_for` gives the plan of a run's `Resolved` decisions.
     """
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
@@ -342,8 +355,8 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     tokens = batch_size * seq_len if tokens is None else tokens
     trainable, _, _ = _trainable(cfg, shape)
     saved, layer = _activations(cfg, shape, tokens, a, e, fused, checkpointing_on(cfg))
-    if dense_attention:
-        attn = _dense_attention(shape, tokens, a)
+    if dense_attention or stream_attention:
+        attn = (_dense_attention if dense_attention else _stream_attention)(shape, tokens, a)
         layer = dataclasses.replace(layer, bytes=layer.bytes + attn.bytes, detail=f"{layer.detail}; {attn.detail}")
     head_trained = full or any("lm_head" in m for m in cfg.adapter.modules_to_save)
     loss = _loss(shape, tokens, a, head_trained, chunk_elements)
@@ -365,7 +378,8 @@ def plan_for(cfg: Config, shape: Any, r: Resolved) -> MemoryPlan:
     """The plan of the decisions `r` (its batch size resolved): the model code, kernels, graphs and micro-batch
     `loratune train` will use."""
     return estimate(cfg, shape, r.batch_size, r.max_length, r.device, r.embed_on_host, r.fused_mlp, r.graphs,
-                    tokens=r.tokens, padding_free=r.padding_free, dense_attention=r.decoder and r.device == "cpu")
+                    tokens=r.tokens, padding_free=r.padding_free, dense_attention=r.decoder and r.device == "cpu",
+                    stream_attention=r.decoder and r.device == "cuda")
 
 
 def _size(n: int) -> str:
