@@ -168,3 +168,31 @@ def test_every_key_the_ui_uses_is_in_the_catalogue():
     statuses = {"status.running", "status.finished", "status.stopped", "status.failed", "status.ended"}
     missing = (used | statuses) - set(i18n.CATALOGUE["en"])
     assert len(used) > 40 and not missing, missing
+
+
+EVAL = """models:
+  - {name: base, path: demo://llama-test}
+  - {name: tuned, path: MODEL}
+generate:
+  - {name: q, path: DATA, metrics: [exact_match]}
+output:
+  dir: OUT
+"""
+
+
+@pytest.mark.parametrize("model,data,out,extra,message", [
+    ("../elsewhere", "data/q.jsonl", "evals/a", "", "models.1.path: '../elsewhere' is outside the workspace"),
+    ("demo://llama-test", "/etc/passwd", "evals/a", "", "generate.0.path: '/etc/passwd' is outside the workspace"),
+    ("demo://llama-test", "data/q.jsonl", "../out", "", "output.dir: '../out' is outside the workspace"),
+    ("demo://llama-test", "data/q.jsonl", "evals/a", "judge: {prompts: data/q.jsonl, model: gpt-4o}\n",
+     "judge.prompts: the web UI does not run the judge"),
+])
+def test_eval_configs_are_checked_before_they_run(ws: Workspace, model, data, out, extra, message):
+    from loratune.ui.context import Context
+    from loratune.ui.tab_eval import start_eval
+
+    ctx = Context(ws=ws, jobs=Jobs(ws), lang=None, timer=None)
+    text = EVAL.replace("MODEL", model).replace("DATA", data).replace("OUT", out) + extra
+    with pytest.raises(LoratuneError, match=re.escape(message)):
+        start_eval(ctx, text)
+    assert Jobs(ws).all() == []  # nothing started

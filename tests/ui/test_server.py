@@ -46,6 +46,7 @@ def test_the_page_is_served(site):
     "/gradio_api/file=../secret.txt", "/gradio_api/file=/etc/passwd", "/gradio_api/file=%2e%2e/secret.txt",
     "/gradio_api/file={ws}/%2e%2e/secret.txt", "/gradio_api/file={ws}%2F..%2Fsecret.txt",
     "/gradio_api/file=%252e%252e/secret.txt", "/file={ws}/data/a.jsonl", "/gradio_api/file={ws}/data/..%2f..%2fsecret.txt",
+    "/gradio_api/file=pyproject.toml", "/gradio_api/file=./README.md",
 ])
 def test_no_file_through_a_url(site, url: str):
     client, ws = site

@@ -167,24 +167,30 @@ def build(ctx: Context) -> None:
 
     resume.click(do_resume, [job, ctx.lang], [error, job])
 
-    def follow(job_id: str | None, lang: str) -> list[Any]:
-        if not job_id:
-            return ["", frame([]), ""]
+    shown = gr.State(None)  # what the page shows already: the timer sends only what changed
+
+    def follow(job_id: str | None, lang: str, before: tuple | None) -> list[Any]:
         try:
-            current = ctx.jobs.get(job_id)
+            current = ctx.jobs.get(job_id) if job_id else None
         except LoratuneError:
-            return ["", frame([]), ""]
+            current = None
+        if current is None:
+            return ["", frame([]), "", None]
         folder = ctx.ws.resolve(current.target, "output.dir")
-        rows = [p for p in runs.metrics(folder)]
-        last = runs.run_info(ctx.ws, folder)
-        line = t("train.progress", lang, run=current.target, status=t("status." + ctx.jobs.status(current).split(" ")[0],
-                                                                       lang),
+        points, last, text = runs.metrics(folder), runs.run_info(ctx.ws, folder), ctx.jobs.log(current)
+        state = ctx.jobs.status(current).split(" ")[0]
+        line = t("train.progress", lang, run=current.target, status=t("status." + state, lang),
                  step=last.step if last.step is not None else "–",
                  loss=f"{last.loss:.4f}" if last.loss is not None else "–")
-        return [line, frame(rows), ctx.jobs.log(current)]
+        now = (job_id, lang, state, len(points), len(text), text[-200:])
+        was = tuple(before) if before else None
+        if was == now:
+            return [gr.update(), gr.update(), gr.update(), before]
+        same_points = was is not None and was[0] == job_id and was[3] == len(points)
+        return [line, gr.update() if same_points else frame(points), text, now]
 
-    ctx.timer.tick(follow, [job, ctx.lang], [status, plot, log], show_progress="hidden")
-    job.change(follow, [job, ctx.lang], [status, plot, log], show_progress="hidden")
+    ctx.timer.tick(follow, [job, ctx.lang, shown], [status, plot, log, shown], show_progress="hidden")
+    job.change(follow, [job, ctx.lang, gr.State(None)], [status, plot, log, shown], show_progress="hidden")
 
     def on_load() -> Any:
         choices = job_choices(ctx)
