@@ -77,3 +77,20 @@ def test_bad_benchmark_settings_fail_before_training(tiny_llama: Path, mmlu_dir:
     with pytest.raises(DataError, match="bad.jsonl"):
         train(config(run))
     assert not (tmp_path / "out" / "metrics.jsonl").exists() or not read_rows(tmp_path / "out" / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_a_continued_run_scores_as_the_uninterrupted_one(tiny_llama: Path, mmlu_dir: Path, tmp_path: Path) -> None:
+    """Scoring consumes no randomness and is recorded once per step: 4 steps then continued to 8 gives the
+    benchmark rows and the adapter's scores of the 8-step run (constant schedule, deterministic)."""
+    bench = {"path": str(mmlu_dir), "name": "mmlu", "shots": 1, "every": 2}
+    rows = {}
+    for name, lengths in (("whole", [8]), ("continued", [4, 8])):
+        (tmp_path / name).mkdir()
+        run = write_run_yaml(tmp_path / name, tiny_llama, train={"scheduler": "constant", "eval_benchmark": bench})
+        for steps in lengths:
+            train(config(run, "output.overwrite=false", f"train.max_steps={steps}"))
+        rows[name] = [r for r in read_rows(tmp_path / name / "out" / "metrics.jsonl") if "benchmark_acc" in r]
+    assert [r["step"] for r in rows["whole"]] == [r["step"] for r in rows["continued"]] == [0, 2, 4, 6, 8]
+    for a, b in zip(rows["whole"], rows["continued"]):
+        assert a["benchmark_answer_logprob"] == b["benchmark_answer_logprob"] and a["benchmark_acc"] == b["benchmark_acc"]
