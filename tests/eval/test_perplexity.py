@@ -51,6 +51,23 @@ def test_one_window_equals_the_plain_forward_and_batching_changes_nothing(family
     assert document_nll(model, ids, prefix, max_length=8, stride=8, batch_size=1) == pytest.approx(short, abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_windows_on_the_decoder_equal_transformers(family: str, tiny_models: dict[str, Path]) -> None:
+    """loratune's decoder over the same tensors, windows in padding-free streams: the same NLLs."""
+    from loratune.decoder import decoder_from_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    decoder = decoder_from_hf(model, attention="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_models[family])
+    ids = [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+    prefix = prefix_token(tok)
+    for max_length, stride, batch_size in ((512, 512, 2), (8, 8, 3), (8, 3, 4)):
+        ours = document_nll(decoder, ids, prefix, max_length=max_length, stride=stride, batch_size=batch_size)
+        ref = document_nll(ref_model, ids, prefix, max_length=max_length, stride=stride, batch_size=batch_size)
+        assert ours == pytest.approx(ref, abs=1e-4)
+
+
 def test_rolling_windows_equal_lm_eval(tiny_models: dict[str, Path]) -> None:
     lm_eval = pytest.importorskip("lm_eval")  # noqa: F841
     from lm_eval.api.instance import Instance

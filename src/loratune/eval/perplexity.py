@@ -10,6 +10,9 @@ each prediction more context, at more compute.
 Token perplexity depends on the tokenizer, so models with different tokenizers are compared by bits per
 byte: the total negative log-likelihood in bits over the text's UTF-8 bytes. Word perplexity (per
 whitespace-separated word) is reported too. Intervals resample documents.
+
+On loratune's decoder the windows of a batch run as one padding-free stream and the output head only on the
+scored positions; on a transformers model as padded rows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from loratune.data.readers import Record, dataset_files, iter_file, iter_hub, looks_local
+from loratune.decoder.attention import Boundaries
+from loratune.decoder.model import Decoder
 from loratune.errors import DataError
 from loratune.eval.stats import ratio_ci
 from loratune.eval.store import ResultStore
@@ -91,6 +96,10 @@ def document_nll(model: torch.nn.Module, token_lists: Sequence[list[int]], prefi
     nll = [0.0] * len(token_lists)
     for s in range(0, len(jobs), batch_size):
         part = jobs[s:s + batch_size]
+        if isinstance(model, Decoder):
+            for (d, _, _), value in zip(part, _windows_on_decoder(model, part)):
+                nll[d] += value
+            continue
         width = max(end - start for _, _, (start, end, _) in part)
         ids = torch.zeros((len(part), width), dtype=torch.long, device=device)
         mask = torch.zeros((len(part), width), dtype=torch.long, device=device)
@@ -104,6 +113,28 @@ def document_nll(model: torch.nn.Module, token_lists: Sequence[list[int]], prefi
             want = torch.tensor(seq[end - targets + 1:end + 1], device=device)
             nll[d] -= float(lp.gather(1, want.unsqueeze(1)).sum())
     return nll
+
+
+def _windows_on_decoder(decoder: Decoder, part: list[tuple[int, list[int], tuple[int, int, int]]]) -> list[float]:
+    """NLL of each window's scored tokens on loratune's decoder: the windows laid end to end in one padding-free
+    stream, the output head run only on the positions whose predictions are scored."""
+    device = decoder.embed.weight.device
+    ids = torch.tensor([t for _, seq, (start, end, _) in part for t in seq[start:end]], dtype=torch.long, device=device)
+    lengths = [end - start for _, _, (start, end, _) in part]
+    hidden = decoder.hidden_states(ids, Boundaries.from_lengths(lengths, device))
+    rows, want = [], []
+    offset = 0
+    for (_, seq, (start, end, targets)), length in zip(part, lengths):
+        rows += range(offset + length - targets, offset + length)
+        want += seq[end - targets + 1:end + 1]
+        offset += length
+    lp = F.log_softmax(decoder.logits(hidden[torch.tensor(rows, device=device)]).float(), dim=-1)
+    picked = lp.gather(1, torch.tensor(want, dtype=torch.long, device=device).unsqueeze(1)).squeeze(1)
+    out, start = [], 0
+    for _, _, (_, _, targets) in part:
+        out.append(-float(picked[start:start + targets].sum()))
+        start += targets
+    return out
 
 
 def score_documents(model: torch.nn.Module, tokenizer, docs: Sequence[Document], *, max_length: int, stride: int,

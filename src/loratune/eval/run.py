@@ -26,7 +26,7 @@ import yaml
 from loratune.eval import assemble, generate, mc, perplexity, report
 from loratune.eval.config import EvalConfig, GenerateTaskConfig, JudgeConfig, MCTaskConfig, PerplexityTaskConfig
 from loratune.eval.inputs import Inputs, read_inputs
-from loratune.eval.models import Loaded, Source, fingerprint, load, plan, release, scoring, selected
+from loratune.eval.models import Loaded, Source, fingerprint, load, plan, release, scoring
 from loratune.eval.progress import bar
 from loratune.eval.store import ResultStore, store_for, write_text_atomic
 from loratune.eval.store import fingerprint as key_of
@@ -183,7 +183,7 @@ class Runner:
 
         def compute(loaded: Loaded) -> list[dict]:
             engine, name = loaded.engine, loaded.names[model]
-            with bar(f"{p.name} · {model}", len(ids), sum(i in store for i in ids)) as b, selected(engine, name) as net:
+            with bar(f"{p.name} · {model}", len(ids), sum(i in store for i in ids)) as b, scoring(loaded, model) as net:
                 return perplexity.score_documents(net, engine.format(name).tokenizer, docs, max_length=max_length,
                                                   stride=stride, batch_size=self.cfg.batch_size, store=store,
                                                   advance=b.advance)
