@@ -196,6 +196,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_export)
 
 
+def _reward(args: argparse.Namespace) -> None:
+    from loratune.pref.reward import pairwise_accuracy
+
+    r = pairwise_accuracy(args.model, args.pairs, batch_size=args.batch_size)
+    print(f"pairwise accuracy {r['accuracy']:.4f} on {r['pairs']} pairs (chosen scored above rejected); mean margin "
+          f"{r['margin']:.4f}; loss {r['loss']:.4f}")
+
+
+def _add_reward(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reward", help="Score preference pairs with a reward model (train.method rm).",
+                       description="Pairwise accuracy, mean reward margin and loss of a reward model written by "
+                                   "`loratune train` with train.method rm, on preference pairs in any shape training "
+                                   "reads (prompt/chosen/rejected, message lists, Anthropic HH).")
+    p.add_argument("model", help="the reward model's output folder (adapter + reward_head.safetensors)")
+    p.add_argument("pairs", help="a file or folder of preference pairs")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default: %(default)s)")
+    p.set_defaults(handler=_reward)
+
+
 def _data_preview(args: argparse.Namespace) -> None:
     from loratune.config import load_config
     from loratune.data.preview import preview
@@ -241,7 +260,8 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
 
 # Each entry adds one subcommand; a new command is one function here and one line in this list.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data, add_eval, _add_ui]
+    _add_train, _add_plan, _add_config_docs, _add_chat, _add_serve, _add_export, _add_data, add_eval, _add_ui,
+    _add_reward]
 
 
 def build_parser() -> argparse.ArgumentParser:

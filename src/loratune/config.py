@@ -187,11 +187,12 @@ class BenchmarkEvalConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto"] = _f(
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "rm"] = _f(
         "sft", "Training objective: `sft` (supervised: next-token loss on the trained turns), or a preference method on "
                "pairs of a prompt with a chosen and a rejected answer, `dpo` (with its variants, preference.loss), `orpo`, "
-               "`simpo`; or `kto` on completions labelled desirable or not. Options in the `preference` section. The "
-               "reference policy of dpo and kto is the base model with the adapter disabled (no second copy). The loss "
+               "`simpo`; or `kto` on completions labelled desirable or not; or `rm`, a reward model (a scalar head on the "
+               "base + LoRA, pairwise loss, saved beside the adapter as reward_head.safetensors). Options in the "
+               "`preference` section. The reference policy of dpo and kto is the base model with the adapter disabled (no second copy). The loss "
                "is normalised per pair (per completion for kto) over each optimizer step.")
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 to run `epochs` epochs.")

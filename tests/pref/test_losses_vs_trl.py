@@ -218,3 +218,43 @@ def test_loss_and_gradients_equal_trl(models, tmp_path: Path, case: str) -> None
             worst = max(float((grads[n] - want_grads[n]).abs().max()) for n in want_grads)
             assert worst < TOL * max(scale, 1.0), f"{where}: gradient off by {worst:.2e} (largest {scale:.2e})"
             assert stats["rewards_chosen"][1] > 0
+
+
+def test_reward_model_loss_and_gradients_equal_trl(models, tmp_path: Path) -> None:
+    """train.method rm against TRL's RewardTrainer loss (-log sigmoid(r_chosen - r_rejected), mean over pairs) on
+    rewards pooled as transformers' sequence classifiers pool them: the score of the last real token of each row."""
+    from loratune.pref.reward import RewardModel, attach_reward_head
+    from loratune.train.loss import hidden_states
+
+    samples = _samples(models, tmp_path, "rm")
+    heads = {code: attach_reward_head(m, seed=3) for code, m in (("hf", models.peft), ("decoder", models.dec))}
+    assert torch.equal(heads["hf"].weight, heads["decoder"].weight)
+    _zero(models)
+    firsts, seconds = zip(*[_split(s) for s in samples])
+    ids, _, mask = _padded(list(firsts) + list(seconds), models.info.pad_id)
+    hidden = hidden_states(models.peft, {"input_ids": ids, "attention_mask": mask})
+    last = hidden[torch.arange(len(ids)), mask.sum(1) - 1]
+    rewards_chosen, rewards_rejected = torch.chunk(heads["hf"](last).squeeze(-1), chunks=2)
+    want = -F.logsigmoid(rewards_chosen - rewards_rejected).mean()  # TRL 1.16 RewardTrainer.compute_loss
+    want.backward()
+    want_grads = {**_peft_grads(models.peft, models.dec), "head": heads["hf"].weight.grad.flatten().clone()}
+    runners = {"hf": HFRunner(models.peft, Accelerator(cpu=True)), "decoder": DecoderRunner(models.dec, "cpu")}
+    objective = RewardModel()
+    for code, runner in runners.items():
+        for padding_free in (False, True):
+            _zero(models)
+            (batch,) = PreferenceBatching(padding_free, len(samples), 4096, models.info.pad_id).micro_batches(
+                samples, [list(range(len(samples)))])
+            loss_sum, stats = objective.loss_sum(runner, batch)
+            got = loss_sum / objective.units(batch)
+            got.backward()
+            where = f"rm, {code}, {'stream' if padding_free else 'padded'}"
+            assert abs(float(got.detach()) - float(want)) < TOL, where
+            grads = (_peft_grads(models.peft, models.dec) if code == "hf" else
+                     {n: torch.cat([m.lora_A.grad.flatten(), m.lora_B.grad.flatten()])
+                      for n, m in models.dec.adapted_layers().items()})
+            grads["head"] = heads[code].weight.grad.flatten()
+            scale = max(float(g.abs().max()) for g in want_grads.values())
+            worst = max(float((grads[n] - want_grads[n]).abs().max()) for n in want_grads)
+            assert worst < TOL * max(scale, 1.0), f"{where}: gradient off by {worst:.2e} (largest {scale:.2e})"
+            assert stats["accuracy"][1] == len(samples)

@@ -83,6 +83,7 @@ CHAIN = ["kill@step.backward#3", "kill@save.renamed#1", "term@step.end#2", "kill
          "kill@save.files#1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["auto", "transformers"])
 def test_killed_dpo_run_resumes_to_the_same_adapter(tmp_path: Path, tiny_llama: Path, implementation: str) -> None:
     sections = _sections("dpo", max_steps=8, save_every=3, eval_every=4)

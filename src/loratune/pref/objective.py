@@ -141,4 +141,8 @@ class Preference:
 
 def make_objective(method: str, cfg: PreferenceConfig) -> Objective:
     """The objective of train.method."""
+    if method == "rm":
+        from loratune.pref.reward import RewardModel
+
+        return RewardModel()
     return SFT() if method == "sft" else Preference(method, cfg)

@@ -45,6 +45,7 @@ from loratune.model.memory import WouldNotFit, describe, load_model_config, plan
 from loratune.model.resolve import Resolved, decide
 from loratune.pref.batching import PreferenceBatching
 from loratune.pref.objective import make_objective
+from loratune.pref.reward import attach_reward_head, load_reward_head, save_reward_head
 from loratune.train import card, faults
 from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clean_leftovers, fill, load_weights,
                                        read_meta, restore_training, rotate, write_checkpoint)
@@ -58,7 +59,7 @@ from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_co
                                    continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
                                    length_message, plan_start, resume_mode)
 from loratune.train.run_folder import RUN_FILE, library_versions, save_run
-from loratune.train.runner import DecoderRunner, HFRunner, Runner
+from loratune.train.runner import DecoderRunner, HFRunner, Runner, decoder_graphs
 from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
 
 log = logging.getLogger("loratune.train")
@@ -125,7 +126,9 @@ def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config
     """The micro-batch runner of `model` and the optimizer as accelerate wraps it (its loss scaler, if any)."""
     r = model.resolved
     if r.decoder:
-        return DecoderRunner(model.module, acc.device), acc.prepare(optimizer)
+        # CUDA graph replay of its fixed-shape streams where resolved on (loratune.train.runner.decoder_graphs)
+        graphs = decoder_graphs(model.module, r.compute_dtype) if r.graphs else None
+        return DecoderRunner(model.module, acc.device, graphs), acc.prepare(optimizer)
     prepared, optimizer = acc.prepare(model.module, optimizer)
     graphs = None
     if r.graphs and cfg.train.method == "sft":  # CUDA graph replay of repeated micro-batch shapes, where it is exact
@@ -186,6 +189,8 @@ class Run:
             self.data = prepare_preference_data(cfg.data, self.tokenizer, self.info, cfg.train.seed, cfg.train.method)
         self.acc = make_accelerator(self.resolved)
         model = build_trainable(cfg, self.resolved)
+        if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
+            attach_reward_head(model.module, cfg.train.seed)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
         runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, self.acc)
         r = self.resolved
@@ -226,6 +231,7 @@ class Run:
         """Continue from `start.checkpoint`; the length of the run may have changed (resume.py's docstring)."""
         folder, done = start.checkpoint, start.continues
         self.state = restore_training(folder, meta, self.parts)
+        self._load_head(folder)
         if done is not None:  # only now is the length known in epochs for a run that did not record it
             judge_length(self.cfg, done, self.loop.total)
         planned = meta.get("total_steps") or (done.total if done is not None else self.loop.total)
@@ -429,6 +435,13 @@ class Run:
         facts = self._facts()
         fill(folder, self.parts, self.state, self.cfg, self.fingerprints, facts, config_hash=config_hash(self.cfg),
              card=self._card(facts, final=False))
+        if self.cfg.train.method == "rm":
+            save_reward_head(self.parts.model.module, folder)
+
+    def _load_head(self, folder: Path) -> None:
+        """A reward model's head back from `folder` (the rest of the weights are `load_weights`')."""
+        if self.cfg.train.method == "rm":
+            load_reward_head(self.parts.model.module, folder)
 
     def save_checkpoint(self) -> Path:
         """Atomically write the checkpoint of the current step; then rotate older ones."""
@@ -469,6 +482,7 @@ class Run:
             best = self.root / checkpoint_name(state.best_step)
             if best.is_dir():
                 load_weights(self.parts.model, best)
+                self._load_head(best)
                 which = f"best eval loss, step {state.best_step}"
             else:
                 log.warning("the best checkpoint (step %d) is gone; the output holds the last step", state.best_step)
@@ -477,6 +491,8 @@ class Run:
         facts = {**self._facts(), "adapter": which, "checkpoint": str(path)}
         save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg, extra=facts,
                  card=self._card(facts, final=True))
+        if self.cfg.train.method == "rm":
+            save_reward_head(self.parts.model.module, self.out)
         self.metrics.close()
         result = self._result(path)
         summary = self._summary(result, which)
