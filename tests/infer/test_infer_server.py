@@ -52,11 +52,12 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-@pytest.fixture(scope="module")
-def live(engine) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-at-a-time", "batched"])
+def live(engine, request) -> Iterator[LiveServer]:
+    """The server as it runs one request at a time, and with continuous batching (4 slots) on the decoder."""
     limits = Limits(max_tokens=engine.context_length, default_max_tokens=16, max_n=4, max_stop=4,
                     max_body_bytes=64 * 1024)
-    with LiveServer(create_app(engine, api_key=KEY, max_pending=2, limits=limits)) as server:
+    with LiveServer(create_app(engine, api_key=KEY, max_pending=2, limits=limits, batch_slots=request.param)) as server:
         yield server
 
 

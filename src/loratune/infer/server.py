@@ -1,7 +1,10 @@
 """`loratune serve`: the engine behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
-One worker thread owns the model and runs one generation at a time (adapter switching is global state
-on the model; a batch is the n answers of one request). Requests are admitted up to `max_pending`
+One worker thread owns the model. By default it runs one generation at a time (a batch is the n answers
+of one request). With `batch_slots` > 1 on loratune's decoder it batches continuously
+(`infer/batcher.py`): requests join the running batch at step boundaries and leave when they finish, in
+arrival order, one adapter name per running batch (the adapter on the model is global state), each
+request in slots of `slot_tokens` tokens (a larger request is a 400). Requests are admitted up to `max_pending`
 (running plus waiting); beyond it the answer is 429 at once, so a flood cannot pile up unbounded work.
 Each admitted request becomes a `Job` with a cancel flag the engine checks between tokens: a client that
 disconnects (stream closed, or a non-streaming request abandoned) sets it, and its slot frees within a
@@ -28,6 +31,7 @@ import os
 import queue
 import socket
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -43,6 +47,7 @@ except ModuleNotFoundError as e:  # `pip install loratune` without the [serve] e
     raise missing_extra("serve", e) from None
 
 from loratune.infer.asgi import AccessLog, ApiKeyMiddleware, ErrorResponse, read_json
+from loratune.infer.batcher import Batcher, Submission
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine, ToolsNotRendered
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
@@ -69,8 +74,16 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"  # queued -> running -> done (or queued -> done when cancelled while waiting)
 
+    ended_cancelled: bool = False  # an answer of it ended "cancelled" (continuous batching's accounting)
+
     def put(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def emit(self, event: Delta | Finish) -> None:
+        """An event of its answers, from the worker thread."""
+        if isinstance(event, Finish) and event.reason == "cancelled":
+            self.ended_cancelled = True
+        self.put(event)
 
     async def stream(self) -> AsyncIterator[Delta | Finish]:
         while (item := await self.events.get()) is not _END:
@@ -86,8 +99,10 @@ class Worker:
     back at once (the worker skips it later); a running one stops at the next token and then gives it back.
     """
 
-    def __init__(self, engine: Engine, max_pending: int) -> None:
+    def __init__(self, engine: Engine, max_pending: int, batch_slots: int = 1, slot_tokens: int | None = None) -> None:
         self.engine, self.max_pending = engine, max_pending
+        # continuous batching (loratune's decoder, more than one slot): requests decode together
+        self.batcher = Batcher(engine, batch_slots, slot_tokens) if batch_slots > 1 and engine.decoder else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.pending = self.running = self.completed = self.cancelled = 0
@@ -103,6 +118,14 @@ class Worker:
         self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
+        if self.batcher is not None:
+            room, rows = self.batcher.capacity, self.batcher.slots
+            if max(map(len, job.prompts)) + job.params.max_new_tokens > room:
+                raise APIError(400, f"prompt + max_tokens exceed the {room} tokens of a batch slot "
+                                    "(loratune serve --slot-tokens); ask for fewer tokens", param="max_tokens")
+            if len(job.prompts) > rows:
+                raise APIError(400, f"{len(job.prompts)} answers asked; a batch holds {rows} (loratune serve "
+                                    "--batch-slots)", param="n")
         with self._lock:
             if self.pending >= self.max_pending:
                 raise APIError(429, f"the server is busy: {self.pending} requests are running or queued "
@@ -128,6 +151,9 @@ class Worker:
             self.completed += 1
 
     def _run(self) -> None:
+        if self.batcher is not None:
+            self._run_batched(self.batcher)
+            return
         while (job := self._jobs.get()) is not None:
             with self._lock:
                 if job.state != "queued":  # cancelled while it waited: its slot is already free
@@ -156,6 +182,58 @@ class Worker:
                     self._release(job, outcome)
 
 
+    def _run_batched(self, batcher: Batcher) -> None:
+        """Continuous batching: jobs join the running batch at step boundaries, in arrival order (one that
+        does not fit yet, e.g. another adapter's, holds the ones behind it), and leave when they finish."""
+        waiting: deque[Job] = deque()
+        closing = False
+        while True:
+            if not closing:
+                try:  # wait for work only when there is none; take everything that arrived before stepping
+                    job = self._jobs.get(block=batcher.empty and not waiting)
+                    if job is None:
+                        closing = True  # the running jobs see the closing flag as a cancel at the next step
+                    else:
+                        waiting.append(job)
+                    continue
+                except queue.Empty:
+                    pass
+            while waiting and (closing or waiting[0].state != "queued" or batcher.fits(self._submission(waiting[0]))):
+                job = waiting.popleft()
+                with self._lock:
+                    if job.state != "queued":  # cancelled while it waited: its slot is already free
+                        continue
+                    if closing:
+                        self._release(job, "cancelled")
+                        job.put(_END)
+                        continue
+                    job.state, self.running = "running", self.running + 1
+                batcher.admit(self._submission(job))
+            if batcher.empty:
+                if closing:
+                    return
+                continue
+            try:
+                done = batcher.step()
+            except Exception as e:  # a bug or an out-of-memory: the running requests fail, the server stays up
+                log.exception("generation failed")
+                done = batcher.fail()
+                for sub in done:
+                    sub.tag.put(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+            for sub in done:
+                job = sub.tag
+                job.put(_END)
+                with self._lock:
+                    self.running -= 1
+                    self._release(job, "cancelled" if job.ended_cancelled else "completed")
+
+    def _submission(self, job: Job) -> Submission:
+        def cancel() -> bool:
+            return job.cancelled.is_set() or self._closing.is_set()
+
+        return Submission(job.prompts, job.params, job.model, job.emit, cancel, job.ignore_eos, tag=job)
+
+
 # ------------------------------------------------------------------------------------------------ app
 
 
@@ -164,10 +242,11 @@ def _sse(obj: dict) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int = 8,
-               limits: Limits | None = None) -> FastAPI:
-    """The FastAPI application serving `engine`'s models."""
+               limits: Limits | None = None, batch_slots: int = 1, slot_tokens: int | None = None) -> FastAPI:
+    """The FastAPI application serving `engine`'s models. `batch_slots` > 1 (on loratune's decoder): requests
+    decode together in that many KV-cache rows of `slot_tokens` tokens each (default: the context length)."""
     limits = limits or Limits(max_tokens=engine.context_length)
-    worker = Worker(engine, max_pending)
+    worker = Worker(engine, max_pending, batch_slots, slot_tokens)
     created = now()
 
     @contextlib.asynccontextmanager
@@ -407,8 +486,9 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          bits: int | None = None, max_pending: int = 8, limits: dict | None = None) -> None:
-    """Load the models and run the server until interrupted."""
+          bits: int | None = None, max_pending: int = 8, limits: dict | None = None, batch_slots: int = 1,
+          slot_tokens: int | None = None) -> None:
+    """Load the models and run the server until interrupted (`batch_slots`, `slot_tokens`: `create_app`)."""
     try:
         import uvicorn
     except ModuleNotFoundError as e:
@@ -422,7 +502,8 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     with quiet_loading():
         engine = load_engine(sources, bits=bits, implementation=None)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
-                     limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}))
+                     limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}),
+                     batch_slots=batch_slots, slot_tokens=slot_tokens)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     print(f"loratune serve: models {', '.join(engine.names)} on http://{host}:{port}/v1"
