@@ -196,3 +196,11 @@ def test_eval_configs_are_checked_before_they_run(ws: Workspace, model, data, ou
     with pytest.raises(LoratuneError, match=re.escape(message)):
         start_eval(ctx, text)
     assert Jobs(ws).all() == []  # nothing started
+
+
+def test_plot_frames_are_numeric_even_when_empty():
+    # the plot takes its axis types from the first frame it gets: an empty frame of objects made them categories
+    empty = runs.frame([])
+    assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"
+    full = runs.frame([{"step": 3, "loss": 2.5, "run": "a"}], color="run")
+    assert full.to_dict("records") == [{"step": 3, "loss": 2.5, "run": "a"}]

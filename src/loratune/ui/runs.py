@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from loratune.train.metrics import read_rows
 from loratune.ui.paths import Workspace
 
@@ -57,6 +59,14 @@ def metrics(folder: Path) -> list[dict]:
             if isinstance(row.get(key), (int, float)) and "step" in row:
                 points.append({"step": row["step"], "loss": float(row[key]), "series": key})
     return points
+
+
+def frame(points: list[dict], color: str = "series") -> pd.DataFrame:
+    """Points as the loss plot takes them: numeric step and loss (an empty frame too: the plot takes the axis
+    types from the first frame it gets, and an empty frame of objects would make them categories)."""
+    return pd.DataFrame({"step": pd.Series([p["step"] for p in points], dtype="int64"),
+                         "loss": pd.Series([p["loss"] for p in points], dtype="float64"),
+                         color: pd.Series([p[color] for p in points], dtype="object")})
 
 
 def config_text(folder: Path) -> str:

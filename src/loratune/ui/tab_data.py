@@ -81,7 +81,7 @@ def build(ctx: Context) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             dataset = gr.Dropdown(label=ctx.text("data.file"), choices=ctx.ws.files(DATA_SUFFIXES),
-                                  allow_custom_value=True, elem_id="data-file")
+                                  value=None, allow_custom_value=True, elem_id="data-file")
             upload = gr.File(label=ctx.text("data.upload"), file_types=list(DATA_SUFFIXES), elem_id="data-upload")
             model = gr.Textbox(label=ctx.text("data.model"), value="demo://llama", elem_id="data-model")
             fmt = gr.Dropdown(label=ctx.text("data.format"), choices=FORMATS, value="auto", elem_id="data-format")

@@ -45,7 +45,7 @@ def build(ctx: Context) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             source = gr.Dropdown(label=ctx.text("eval.file"), choices=ctx.ws.files((".yaml", ".yml")),
-                                 allow_custom_value=True, elem_id="eval-file")
+                                 value=None, allow_custom_value=True, elem_id="eval-file")
             ctx.labels.add(source, "eval.file")
             text = gr.Code(language="yaml", label=ctx.text("eval.config"), elem_id="eval-config")
             ctx.labels.add(text, "eval.config")

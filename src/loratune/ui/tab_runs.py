@@ -31,7 +31,7 @@ def curves(ctx: Context, names: list[str]) -> pd.DataFrame:
     for name in names:
         for p in runs.metrics(ctx.ws.resolve(name, "run", kind="dir")):
             points.append({"step": p["step"], "loss": p["loss"], "run": f"{name} ({p['series']})"})
-    return pd.DataFrame(points, columns=["step", "loss", "run"])
+    return runs.frame(points, color="run")
 
 
 def samples_markdown(ctx: Context, name: str, lang: str) -> str:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from loratune.config import load_config
 from loratune.errors import LoratuneError
@@ -24,7 +23,6 @@ from loratune.ui.i18n import t
 from loratune.ui.paths import MAX_YAML_CHARS, check_text
 
 SECTIONS = ("model", "quantization", "adapter", "data", "train", "preference", "output")
-PLOT_COLUMNS = ["step", "loss", "series"]
 
 
 def _widget(f: form.Field, value: Any) -> Any:
@@ -59,10 +57,6 @@ def job_choices(ctx: Context) -> list[tuple[str, str]]:
     return [(f"{j.target} · {j.id}", j.id) for j in ctx.jobs.all() if j.kind == "train"]
 
 
-def frame(points: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(points, columns=PLOT_COLUMNS)
-
-
 def build(ctx: Context) -> None:
     defaults = form.default_values()
     defaults["model.path"] = "demo://llama"
@@ -71,7 +65,7 @@ def build(ctx: Context) -> None:
         with gr.Column(scale=3):
             with gr.Row():
                 source = gr.Dropdown(label=ctx.text("train.load_from"), choices=ctx.ws.files((".yaml", ".yml")),
-                                     allow_custom_value=True, elem_id="train-load-path", scale=4)
+                                     value=None, allow_custom_value=True, elem_id="train-load-path", scale=4)
                 ctx.labels.add(source, "train.load_from")
                 load = ctx.button("train.load", scale=1, elem_id="train-load")
             for section in SECTIONS:
@@ -90,7 +84,7 @@ def build(ctx: Context) -> None:
             job = gr.Dropdown(label=ctx.text("train.job"), choices=job_choices(ctx), elem_id="train-job")
             ctx.labels.add(job, "train.job")
             status = gr.Markdown(elem_id="train-status")
-            plot = gr.LinePlot(frame([]), x="step", y="loss", color="series", label=ctx.text("train.curve"),
+            plot = gr.LinePlot(runs.frame([]), x="step", y="loss", color="series", label=ctx.text("train.curve"),
                                elem_id="train-plot", height=260)
             ctx.labels.add(plot, "train.curve")
             log = gr.Textbox(label=ctx.text("train.log"), lines=8, max_lines=8, autoscroll=True, elem_id="train-log")
@@ -175,7 +169,7 @@ def build(ctx: Context) -> None:
         except LoratuneError:
             current = None
         if current is None:
-            return ["", frame([]), "", None]
+            return ["", runs.frame([]), "", None]
         folder = ctx.ws.resolve(current.target, "output.dir")
         points, last, text = runs.metrics(folder), runs.run_info(ctx.ws, folder), ctx.jobs.log(current)
         state = ctx.jobs.status(current).split(" ")[0]
@@ -187,7 +181,7 @@ def build(ctx: Context) -> None:
         if was == now:
             return [gr.update(), gr.update(), gr.update(), before]
         same_points = was is not None and was[0] == job_id and was[3] == len(points)
-        return [line, gr.update() if same_points else frame(points), text, now]
+        return [line, gr.update() if same_points else runs.frame(points), text, now]
 
     ctx.timer.tick(follow, [job, ctx.lang, shown], [status, plot, log, shown], show_progress="hidden")
     job.change(follow, [job, ctx.lang, gr.State(None)], [status, plot, log, shown], show_progress="hidden")
