@@ -149,7 +149,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.max_tokens:
         limits["max_tokens"] = args.max_tokens
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, bits=args.bits,
-          max_pending=args.max_pending, limits=limits)
+          max_pending=args.max_pending, limits=limits, batch_slots=args.batch_slots,
+          slot_tokens=args.slot_tokens or None)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -170,6 +171,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request names none")
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--batch-slots", type=int, default=1,
+                   help="answers decoded together by continuous batching on loratune's decoder (1: one request "
+                        "at a time); each slot holds a KV cache of --slot-tokens")
+    p.add_argument("--slot-tokens", type=int, default=0,
+                   help="tokens (prompt + answer) a batch slot holds (0: the model's context length)")
     p.set_defaults(handler=_serve)
 
 

@@ -61,3 +61,17 @@ def test_serve_loads_without_progress_bars_and_without_uvicorns_access_log(adapt
     assert kw["access_log"] is False and kw["log_config"] is None
     load_engine([str(adapter_a)])  # the bars are only off while serve loads
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_cli_batch_slots_make_a_batching_server(adapter_a, monkeypatch, capfd) -> None:
+    import uvicorn
+
+    from loratune.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", str(adapter_a), "--port", "0", "--batch-slots", "4", "--slot-tokens", "256"]) == 0
+    batcher = apps[0].state.worker.batcher
+    assert batcher.slots == 4 and batcher.capacity == 256 and batcher.decoder.cache.keys[0].shape[0] == 4
+    assert main(["serve", str(adapter_a), "--port", "0"]) == 0
+    assert apps[1].state.worker.batcher is None  # one request at a time by default
