@@ -133,3 +133,9 @@ def test_a_combination_error_names_the_first_key():
     with pytest.raises(ConfigError) as e:
         form.config_of(values)
     assert form.field_of_error(str(e.value)) == "train.early_stopping_patience"
+
+
+def test_the_line_under_a_field_gives_help_and_default():
+    assert form.info(form.BY_KEY["train.lr"]).endswith("(default: 0.0002)")
+    assert form.info(form.BY_KEY["model.path"]).endswith("(default: required)")
+    assert form.info(form.BY_KEY["adapter.target_modules"]).startswith(form.BY_KEY["adapter.target_modules"].help)

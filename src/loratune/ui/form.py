@@ -48,6 +48,12 @@ class Field:
         return self.key.split(".", 1)[0]
 
 
+def info(f: Field) -> str:
+    """The line under a field: its help and its default, as docs/config.md gives them."""
+    default = "required" if f.default == REQUIRED else _dump(_plain(f.default))
+    return f"{f.help} (default: {default})"
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 

@@ -22,11 +22,12 @@ from loratune.ui.context import Context, error_box
 from loratune.ui.i18n import t
 from loratune.ui.paths import MAX_YAML_CHARS, check_text
 
-SECTIONS = ("model", "quantization", "adapter", "data", "train", "preference", "output")
+SECTIONS = tuple(dict.fromkeys(f.section for f in form.FIELDS))  # the schema's sections, in its order
+OPEN = ("model", "data", "train", "output")
 
 
 def _widget(f: form.Field, value: Any) -> Any:
-    common = {"label": f.key, "info": f.help, "elem_id": "f-" + f.key.replace(".", "-")}
+    common = {"label": f.key, "info": form.info(f), "elem_id": "f-" + f.key.replace(".", "-")}
     if f.kind == "bool":
         return gr.Checkbox(value=value, **common)
     if f.kind == "choice":
@@ -70,9 +71,7 @@ def build(ctx: Context) -> None:
                 load = ctx.button("train.load", scale=1, elem_id="train-load")
             for section in SECTIONS:
                 fields = [f for f in form.FIELDS if f.section == section]
-                if not fields:
-                    continue
-                with gr.Accordion(section, open=section in ("model", "data", "train", "output")):
+                with gr.Accordion(section, open=section in OPEN):
                     for f in fields:
                         widgets[f.key] = _widget(f, defaults[f.key])
         with gr.Column(scale=2):
@@ -112,7 +111,7 @@ def build(ctx: Context) -> None:
             message, bad = str(e), form.field_of_error(str(e))
         updates = {k: gr.update() for k in form.BY_KEY}
         if previous and previous != bad:
-            updates[previous] = gr.update(info=form.BY_KEY[previous].help, elem_classes=[])
+            updates[previous] = gr.update(info=form.info(form.BY_KEY[previous]), elem_classes=[])
         if bad:
             updates[bad] = gr.update(info=f"⚠ {message}", elem_classes=["lt-invalid"])
         return [error_box(message), yaml_text, file, plan_out, bad, *updates.values()]
