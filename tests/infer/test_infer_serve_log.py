@@ -75,3 +75,5 @@ def test_cli_batch_slots_make_a_batching_server(adapter_a, monkeypatch, capfd) -
     assert batcher.slots == 4 and batcher.capacity == 256 and batcher.decoder.cache.keys[0].shape[0] == 4
     assert main(["serve", str(adapter_a), "--port", "0"]) == 0
     assert apps[1].state.worker.batcher is None  # one request at a time by default
+    assert main(["serve", str(adapter_a), "--port", "0", "--batch-slots", "0"]) == 2
+    assert "--batch-slots must be >= 1" in capfd.readouterr().err

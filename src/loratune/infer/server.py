@@ -103,6 +103,8 @@ class Worker:
         self.engine, self.max_pending = engine, max_pending
         # continuous batching (loratune's decoder, more than one slot): requests decode together
         self.batcher = Batcher(engine, batch_slots, slot_tokens) if batch_slots > 1 and engine.decoder else None
+        if batch_slots > 1 and not engine.decoder:
+            log.warning("continuous batching runs on loratune's decoder; %s: one request at a time", engine.why)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.pending = self.running = self.completed = self.cancelled = 0
@@ -496,6 +498,9 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
 
     from loratune.infer.load import load_engine, quiet_library_noise, quiet_loading
 
+    if batch_slots < 1 or (slot_tokens is not None and slot_tokens < 1):
+        raise LoratuneError(f"--batch-slots must be >= 1 and --slot-tokens >= 1 (0: the context), got {batch_slots} "
+                            f"and {slot_tokens}")
     quiet_library_noise()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     _check_bindable(host, port)  # before minutes of model loading, not after
