@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from loratune.ui.jobs import Jobs
+from loratune.ui.paths import Workspace
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("LORATUNE_CHROMIUM", "/usr/bin/chromium")
 
@@ -39,13 +42,14 @@ def workspace(tmp_path: Path) -> Path:
 
 def start_ui(ws: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "ui", "--workspace", str(ws), "--port", str(port),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(ws.parent / "ui.log", "ab") as log:  # a file, not a pipe nobody reads (it would block the server)
+        proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "ui", "--workspace", str(ws), "--port",
+                                 str(port), *extra], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"loratune ui exited ({proc.returncode}):\n{proc.stdout.read()}")
+            raise RuntimeError(f"loratune ui exited ({proc.returncode}):\n{(ws.parent / 'ui.log').read_text()}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return proc, url
@@ -64,6 +68,13 @@ def ui(workspace: Path) -> Iterator[str]:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    jobs = Jobs(Workspace.at(workspace))  # jobs outlive the server by design: end the test's own
+    for job in jobs.all():
+        if jobs.stop(job):
+            for _ in range(100):
+                if jobs.status(job) != "running":
+                    break
+                time.sleep(0.2)
 
 
 @pytest.fixture

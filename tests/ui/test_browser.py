@@ -71,6 +71,10 @@ def test_train_stop_resume_chat_export(ui: str, browser, workspace: Path):
     fill(page, "f-train-lr", "0.003")
     page.locator("#train-yaml").filter(has_text="lr: 0.003").wait_for(timeout=60_000)
     assert "train.lr must be" not in page.locator("#train-error").inner_text()
+    with page.expect_download() as download:
+        page.locator("#train-download").click()
+    saved = Path(download.value.path()).read_text()
+    assert "lr: 0.003" in saved and "path: demo://llama-test" in saved
 
     page.locator("#train-launch").click()
     wait_for_status(page, "running")
