@@ -100,3 +100,30 @@ def test_eval_models_score_on_the_decoder_as_on_transformers(bits: int, tiny_lla
         scores.setdefault(name, [g.logprob for g in got])
     assert max(abs(a - b) for a, b in zip(scores["tuned1"], scores["base"])) > 1e-2  # the adapters are in effect
     assert max(abs(a - b) for a, b in zip(scores["tuned1"], scores["tuned2"])) > 1e-2
+
+
+def test_an_engine_on_the_decoder_scores_as_the_decoder_view(tiny_llama: Path, tmp_path: Path) -> None:
+    """An engine that answers on loratune's decoder itself (its adapter bank) is scored as it is, with the same
+    numbers as the decoder built over a transformers engine's tensors."""
+    import sys
+
+    from loratune.eval.models import Loaded, scoring
+    from loratune.infer.load import load_engine
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "infer"))
+    from run_folder import make_adapter_dir
+
+    folder = make_adapter_dir(tiny_llama, tmp_path / "a", seed=3)
+    requests = _requests(5)
+    got = {}
+    for implementation in ("loratune", "transformers"):
+        engine = load_engine([f"tuned={folder}"], implementation=implementation)
+        loaded = Loaded(engine, {"tuned": "tuned", "base": "base"}, {"tuned": str(folder), "base": None})
+        for name in ("tuned", "base"):
+            with scoring(loaded, name) as net:
+                assert isinstance(net, Decoder)
+                assert (net is engine.model) == (implementation == "loratune")
+                got[implementation, name] = [s.logprob for s in DecoderScorer(net, batch_size=4).score(requests)]
+    for name in ("tuned", "base"):
+        assert got["loratune", name] == pytest.approx(got["transformers", name], abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(got["loratune", "tuned"], got["loratune", "base"])) > 1e-2

@@ -132,14 +132,9 @@ def release(loaded: Loaded) -> None:
 @contextlib.contextmanager
 def selected(engine: Engine, name: str) -> Iterator[torch.nn.Module]:
     """The engine's model answering as `name` (its adapter active, or all disabled for the base), for scoring
-    outside `Engine.generate`; holds the engine's lock, as generation does."""
-    use = getattr(engine, "use", None)
-    if use is not None:  # the engine's public switch (infer/load.py, being added)
-        with use(name) as model:
-            yield model
-        return
-    with engine._lock, engine._use(name):  # the engine's own adapter switch, until `Engine.use` exists
-        yield engine.model
+    outside `Engine.generate` (`Engine.use`: the engine's lock is held, as generation holds it)."""
+    with engine.use(name) as model:
+        yield model
 
 
 @contextlib.contextmanager
@@ -154,7 +149,7 @@ def scoring(loaded: Loaded, model: str) -> Iterator[torch.nn.Module]:
         except LoratuneError as e:
             log.info("%s is scored by transformers, not loratune's decoder: %s", model, e)
         else:
-            with loaded.engine._lock:  # the base's tensors are the engine's: no generation meanwhile
+            with loaded.engine.use():  # the base's tensors are the engine's: no generation meanwhile
                 yield decoder
             return
     with selected(loaded.engine, loaded.names[model]) as net:
