@@ -272,6 +272,11 @@ class PreferenceConfig:
     label_smoothing: float = _f(0.0, "Assumed probability that a pair's preference is flipped, in [0, 0.5): cDPO/robust DPO "
                                      "and SimPO; 0 for none.")
     simpo_gamma: float = _f(1.0, "SimPO's target reward margin gamma (the paper tunes gamma/beta near 0.5).")
+    reference: Literal["adapter_disabled", "precomputed"] = _f(
+        "adapter_disabled", "The reference log-probabilities of dpo and kto: `adapter_disabled` computes them in each "
+                            "step (one more forward pass without gradient, the base with the adapter off); "
+                            "`precomputed` computes them once for every sample before training (the same base, kept "
+                            "in memory, recomputed when a run resumes), saving that pass in every later step.")
     desirable_weight: float = _f(1.0, "KTO: weight of the desirable completions' losses (paper: 1.0; raise it when "
                                       "desirable examples are rarer, keeping weight x count ratios within 1 to 4/3).")
     undesirable_weight: float = _f(1.0, "KTO: weight of the undesirable completions' losses (paper: 1.0).")

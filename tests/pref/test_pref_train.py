@@ -150,3 +150,42 @@ def test_pairs_are_planned_at_twice_the_length(tiny_llama: Path) -> None:
     explicit = planned(load_config(None, [*base, "train.method=kto", "train.tokens_per_batch=300"]))
     assert explicit.train.tokens_per_batch == 600 and explicit.data.max_length == 256
     assert planned(sft_cfg) is sft_cfg
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_precomputed_reference_gives_the_same_step(tiny_llama: Path, method: str) -> None:
+    """preference.reference precomputed: the reference log-probs computed once give the step computed on the fly."""
+    from loratune.pref.reference import precompute_reference
+
+    data = KTO if method == "kto" else PAIRS
+    cfg = load_config(None, [f"model.path={tiny_llama}", f"data.datasets=[{{path: {data}, max_samples: 6}}]",
+                             f"train.method={method}"])
+    samples = prepare_preference_data(cfg.data, *load_tokenizer(cfg.model), 0, method, log_stats=False).train
+    results = []
+    for precomputed in (False, True):
+        loop = build_loop(tiny_llama, samples, "adapter.rank=4", "adapter.dropout=0", "quantization.bits=32",
+                          "train.batch_size=3", "train.grad_accum=2", f"train.method={method}")
+        b = loop.batching
+        loop.batching = PreferenceBatching(b.padding_free, b.batch_size, 2 * b.tokens, b.pad_id)
+        loop.objective = Preference(method, PreferenceConfig())
+        for s in samples:
+            s.ref = None
+        if precomputed:
+            precompute_reference(loop.objective, loop.runner, loop.batching, samples)
+            assert all(s.ref is not None and all(math.isfinite(x) for x in s.ref) for s in samples)
+        batches = loop.batches([[0, 1, 2], [3, 4, 5]])
+        assert all(("ref_logps" in batch) == precomputed for batch in batches)
+        loss, _ = loop.forward_backward(batches)
+        results.append((loss, torch.cat([p.grad.flatten() for p in loop.params]), dict(loop.stats)))
+    (loss_a, grad_a, stats_a), (loss_b, grad_b, stats_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-7)
+    assert float((grad_a - grad_b).abs().max()) < 1e-6 * max(1.0, float(grad_a.abs().max()))
+    assert stats_b["rewards_chosen"] == pytest.approx(stats_a["rewards_chosen"], abs=1e-6)
+
+
+def test_a_run_with_precomputed_reference(tmp_path: Path, tiny_llama: Path) -> None:
+    path = write_run_yaml(tmp_path, tiny_llama, preference={"reference": "precomputed"},
+                          **_sections("dpo", max_steps=2, save_every=0, eval_every=2))
+    result = train(config(path))
+    evals = [r for r in read_rows(result.out_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert result.steps == 2 and evals and math.isfinite(evals[-1]["eval_margin"])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from loratune.data.templates import ChatTemplate, resolve_template
 from loratune.errors import DataError
 from loratune.model.load import TokenizerInfo
 
+log = logging.getLogger("loratune.data.pipeline")  # the data stage's log, as SFT's statistics go
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 PAIRED = ("dpo", "orpo", "simpo")
 
@@ -63,6 +65,7 @@ class PreferenceSample(Sample):
     completion + the mismatched completion; `desirable` is KTO's label (None for pairs)."""
 
     desirable: bool | None = None
+    ref: tuple[float, float] | None = None  # the reference policy's log-probs of the two sequences, if precomputed
 
 
 @dataclass
@@ -240,8 +243,6 @@ def _dataset(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemp
 def prepare_preference_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, seed: int, method: str,
                             log_stats: bool = True) -> PreparedData:
     """Training and eval samples of a preference method (`method`: dpo, orpo, simpo or kto)."""
-    import logging
-
     if not cfg.datasets:
         raise DataError("data.datasets is empty: list at least one dataset of preference records")
     template = resolve_template(cfg.template, tokenizer, cfg.template_variables)
@@ -255,10 +256,10 @@ def prepare_preference_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, see
     rng = random.Random(f"loratune-mix:{seed}")
     train: list[Sample] = []
     evals: list[Sample] = []
-    for d, g, h in zip(stats.datasets, groups, held):
+    for ds, d, g, h in zip(cfg.datasets, stats.datasets, groups, held):
         kept = [s for j, s in enumerate(g) if s is not None and j not in h]
         held_out = [g[j] for j in sorted(h)]
-        mixed = _weighted(kept, cfg.datasets[stats.datasets.index(d)].weight, rng)
+        mixed = _weighted(kept, ds.weight, rng)
         d.samples, d.eval, d.mixed = len(kept) + len(held_out), len(held_out), len(mixed)
         train += mixed
         evals += held_out
@@ -276,5 +277,5 @@ def prepare_preference_data(cfg: DataConfig, tokenizer, info: TokenizerInfo, see
     stats.tokens = sum(stats.lengths)
     stats.supervised = sum(sum(1 for x in s.labels if x != -100) for s in train)
     for line in stats.lines() if log_stats else []:
-        logging.getLogger("loratune.data.pipeline").info("data: %s", line)
+        log.info("data: %s", line)
     return PreparedData(train, evals, template, stats)

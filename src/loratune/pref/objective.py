@@ -77,6 +77,12 @@ class Preference:
         dev = hidden.device
         return sequence_logps(hidden, weight, batch["labels"].to(dev), rows.to(dev), number.to(dev), n_seq, softcap)
 
+    def reference_logps(self, runner, batch: Batch) -> Tensor:
+        """The reference policy's log-prob of every numbered sequence: the base, adapters disabled, no gradient."""
+        rows, number, counts = segments(batch)
+        with torch.no_grad(), runner.adapters_disabled():
+            return self.sequence_logps(runner, batch, rows, number, counts.numel())
+
     def loss_sum(self, runner, batch: Batch) -> tuple[Tensor, Stats]:
         rows, number, counts = segments(batch)
         n_seq = counts.numel()
@@ -84,9 +90,10 @@ class Preference:
             raise ValueError(f"a preference batch holds {n_seq} supervised sequences; expected pairs")
         logps = self.sequence_logps(runner, batch, rows, number, n_seq)
         ref = None
-        if self.name in WITH_REFERENCE:
-            with torch.no_grad(), runner.adapters_disabled():
-                ref = self.sequence_logps(runner, batch, rows, number, n_seq)
+        if self.name in WITH_REFERENCE and "ref_logps" in batch:  # precomputed (loratune.pref.reference)
+            ref = batch["ref_logps"].to(logps.device, logps.dtype)
+        elif self.name in WITH_REFERENCE:
+            ref = self.reference_logps(runner, batch)
         counts = counts.to(logps.device, logps.dtype)
         if self.name == "kto":
             desirable = batch["desirable"].to(logps.device)

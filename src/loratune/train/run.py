@@ -45,6 +45,7 @@ from loratune.model.memory import WouldNotFit, describe, load_model_config, plan
 from loratune.model.resolve import Resolved, decide
 from loratune.pref.batching import PreferenceBatching
 from loratune.pref.objective import make_objective
+from loratune.pref.reference import precompute_reference
 from loratune.pref.reward import attach_reward_head, load_reward_head, save_reward_head
 from loratune.train import card, faults
 from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clean_leftovers, fill, load_weights,
@@ -198,6 +199,8 @@ class Run:
         self.loop = Loop(runner, self.data.train, cfg.train, optimizer, self.acc, batching,
                          group_by_length=cfg.data.group_by_length,
                          objective=make_objective(cfg.train.method, cfg.preference))
+        if cfg.train.method in ("dpo", "kto") and cfg.preference.reference == "precomputed":
+            precompute_reference(self.loop.objective, runner, batching, self.data.train + self.data.eval)
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
                            self.data.template, self.info)
         self.model_facts = card.model_facts(model)  # read once: the model's shape and storage do not change
