@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 
-
 from loratune.data.collate import Batching
 from loratune.data.preference import PreferenceSample
 from loratune.pref.objective import Preference
