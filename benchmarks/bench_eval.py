@@ -261,12 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     from loratune.infer.load import load_engine
 
     t = time.time()
-    engine = load_engine([str(folder)], bits=args.bits if args.bits != 16 else None)
+    # the transformers model in the engine (lm_eval's HFLM takes it); loratune's decoder is built over its tensors
+    engine = load_engine([str(folder)], bits=args.bits if args.bits != 16 else None, implementation="transformers")
     if args.device == "cpu" and next(engine.model.parameters()).device.type != "cpu":
         raise SystemExit("the model loaded off the CPU; run with --device cuda")
     loaded = Loaded(engine, {"model": "base"}, {"model": None})
     log(f"loaded {args.shape} ({args.bits}-bit) in {time.time() - t:.0f}s on {next(engine.model.parameters()).device}")
-    hf_model = engine.model.get_base_model() if hasattr(engine.model, "get_base_model") else engine.model
+    hf_model = engine.model
     tokenizer = engine.format().tokenizer
     warm = [next(iter(files))]
     lm_bs = args.lm_eval_batch_size if args.lm_eval_batch_size == "auto" else int(args.lm_eval_batch_size)
