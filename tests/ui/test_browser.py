@@ -49,7 +49,7 @@ def plotted_points(page) -> int:
         return el ? el.querySelectorAll('canvas, svg').length : 0; }""")
 
 
-@pytest.mark.timeout(600)  # about 2 minutes on 2 idle cores; CI machines are shared
+@pytest.mark.timeout(900)  # about 2 minutes on 2 idle cores; generous for a loaded machine
 def test_train_stop_resume_chat_export(ui: str, browser, workspace: Path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(ui)
@@ -96,9 +96,9 @@ def test_train_stop_resume_chat_export(ui: str, browser, workspace: Path):
     assert stopped_at < STEPS
 
     page.reload()  # the run is found again from the workspace
-    wait_for_status(page, "stopped", timeout=30_000)
+    wait_for_status(page, "stopped", timeout=60_000)
     page.locator("#train-resume").click()
-    wait_for_status(page, "finished", timeout=120_000)
+    wait_for_status(page, "finished", timeout=240_000)
     assert status_step(page) == STEPS
     log = "\n".join((p / "log.txt").read_text() for p in (workspace / ".loratune-ui/jobs").iterdir())
     assert "resum" in log.lower()
@@ -107,13 +107,15 @@ def test_train_stop_resume_chat_export(ui: str, browser, workspace: Path):
     page.locator("button[role='tab']:has-text('Chat')").click()
     choose(page, "chat-adapters", "runs/ui")
     page.locator("#chat-load").click()
-    page.locator("#chat-loaded").filter(has_text="runs-ui").wait_for(timeout=60_000)
+    page.wait_for_function("() => /runs-ui/.test(document.querySelector('#chat-loaded').innerText)"
+                           " || document.querySelector('#chat-error').innerText.trim()", timeout=240_000)
+    assert not page.locator("#chat-error").inner_text().strip(), page.locator("#chat-error").inner_text()
     fill(page, "chat-max_tokens", "8")
     fill(page, "chat-prompt", "What is NF4?")
     page.locator("#chat-send").click()
     for i in (0, 1):
         page.locator(f"#chat-answer-{i} .message-row, #chat-answer-{i} [data-testid='bot']").nth(1).wait_for(
-            timeout=60_000)
+            timeout=120_000)
     assert page.locator("#chat-answer-0").is_visible() and page.locator("#chat-answer-1").is_visible()
 
     page.locator("button[role='tab']:has-text('Export')").click()
@@ -121,7 +123,7 @@ def test_train_stop_resume_chat_export(ui: str, browser, workspace: Path):
     fill(page, "export-out", "exports/ui")
     choose(page, "export-dtype", "fp32")
     page.locator("#export-run").click()
-    page.locator("#export-status").filter(has_text="finished").wait_for(timeout=120_000)
+    page.locator("#export-status").filter(has_text="finished").wait_for(timeout=240_000)
     assert "top-1 agreement" in page.locator("#export-log textarea").input_value()
     assert (workspace / "exports/ui/config.json").is_file()
 

@@ -27,7 +27,7 @@ CSS = """
 
 
 def build_app(ws: Workspace, lang: str = "en") -> gr.Blocks:
-    with gr.Blocks(title="loratune") as demo:
+    with gr.Blocks(title="loratune", analytics_enabled=False) as demo:  # no usage reports leave the machine
         with gr.Row():
             title = gr.Markdown()
             language = gr.Dropdown(choices=[(name, code) for code, name in LANGUAGES.items()], value=lang,
