@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loratune.config import load_config
 from loratune.decoder import Boundaries
@@ -86,3 +88,39 @@ def test_adapters_disabled_is_the_base_model(pair) -> None:
     assert torch.equal(reference, base_dec) and torch.equal(again, adapted)
     assert torch.allclose(hf_reference, base_hf, atol=1e-6)
     assert all(m.adapter_enabled for m in dec.adapted_layers().values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(2, 9), st.integers(0, 2 ** 9 - 1)), min_size=1, max_size=6),
+       st.integers(0, 4), st.booleans())
+def test_numbering_matches_a_plain_walk(seqs, pad: int, rows_layout: bool) -> None:
+    """`segments` against a walk over the sequences: each sequence's supervised targets get its number, in order,
+    whether the sequences form one stream (with trailing padding) or padded rows of a packed layout."""
+    ids_lists, label_lists = [], []
+    for n, mask in seqs:
+        labels = [-100] + [7 if mask >> i & 1 else -100 for i in range(n - 1)]
+        if all(x == -100 for x in labels):
+            labels[-1] = 7
+        ids_lists.append(list(range(n)))
+        label_lists.append(labels)
+    if rows_layout:  # two sequences per row, rows padded to the longest (positions restart in the padding)
+        rows = [(ids_lists[i:i + 2], label_lists[i:i + 2]) for i in range(0, len(seqs), 2)]
+        width = max(sum(len(x) for x in r[0]) for r in rows) + pad
+        pos, lab = [], []
+        for r_ids, r_labels in rows:
+            p = [k for x in r_ids for k in range(len(x))]
+            lab_row = [v for x in r_labels for v in x]
+            pos.append(p + list(range(width - len(p))))
+            lab.append(lab_row + [-100] * (width - len(lab_row)))
+        batch = {"labels": torch.tensor(lab), "position_ids": torch.tensor(pos)}
+    else:
+        pos = [k for x in ids_lists for k in range(len(x))] + list(range(pad))
+        lab = [v for x in label_lists for v in x] + [-100] * pad
+        batch = {"labels": torch.tensor([lab]), "position_ids": torch.tensor([pos])}
+    rows, number, counts = segments(batch)
+    flat = batch["labels"].reshape(-1).tolist()
+    width = batch["labels"].shape[-1]
+    want_rows = [t for t in range(len(flat) - 1) if (t + 1) % width != 0 and flat[t + 1] != -100]
+    assert rows.tolist() == want_rows
+    assert counts.tolist() == [sum(1 for v in labels if v != -100) for labels in label_lists]
+    assert number.tolist() == [k for k, labels in enumerate(label_lists) for v in labels if v != -100]
