@@ -58,3 +58,29 @@ def test_routes(monkeypatch) -> None:
     assert route([150, 150], "flex", window=8) == "flex"
     assert route([200, 100], "flex") == "flex"
     assert route([60, 40], "flex") == "sdpa"  # under FlexAttention's block of 128 queries
+
+
+def test_boundaries_made_on_the_device_are_the_hosts() -> None:
+    """`Boundaries.on_device` (what a CUDA graph captures) finds the samples from the position ids alone."""
+    lengths = [5, 1, 7, 3]
+    host = Boundaries.from_lengths(lengths)
+    dev = Boundaries.on_device(host.positions[None])
+    assert dev.device_only and not host.device_only and dev.n_tokens == host.n_tokens == 16
+    assert torch.equal(dev.sample_ids, host.sample_ids) and torch.equal(dev.positions, host.positions)
+    assert torch.equal(dev.dense_mask(None), host.dense_mask(None))
+    with pytest.raises(ValueError, match="longrope"):
+        dev.extent()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "flash"])
+def test_device_boundaries_attend_as_the_hosts(backend) -> None:
+    """Without host lengths every backend request lands on a path that needs none (the dense mask on the CPU),
+    with the host boundaries' answer; equal rows are not taken for them (their test reads the lengths)."""
+    host = Boundaries.from_lengths([6, 6, 6])
+    dev = Boundaries.on_device(host.positions)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(18, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    want = attend(q, k, v, host, scale=0.3, backend="sdpa")
+    got = attend(q, k, v, dev, scale=0.3, backend=backend if backend != "flash" else "flash")
+    assert not equal_rows(dev, None, None)
+    assert (got - want).abs().max().item() < 1e-12

@@ -1,5 +1,5 @@
-"""Training with CUDA graphs (loratune.kernels.graphs) on the GPU: used where it applies (the transformers path,
-padded batches), same training as eager.
+"""Training with CUDA graphs (loratune.kernels.graphs) on the GPU: used where it applies (the transformers path's
+padded batches; loratune's decoder's padding-free streams, padded to the token budget), same training as eager.
 
 Run on the GPU machine: `python -m pytest tests/train/test_graphs_gpu.py -q`. Skipped without CUDA.
 """
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 WORDS = "the model learns to answer questions about quantization adapters memory and training data".split()
 
 
-def _text_run(tmp_path: Path, tiny_llama: Path, name: str, *overrides: str):
+def _text_run(tmp_path: Path, tiny_llama: Path, name: str, *overrides: str, decoder: bool = False):
     """Plain text split into 64-token rows: every micro-batch has the same shape and no padding."""
     data = tmp_path / "corpus.txt"
     if not data.exists():
@@ -34,9 +34,11 @@ def _text_run(tmp_path: Path, tiny_llama: Path, name: str, *overrides: str):
                 "data": {"datasets": [{"path": str(data), "format": "text"}], "max_length": 64, "eval_split": 0},
                 "train": {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "deterministic": False,
                           "save_every": 0, "optimizer": "adamw"}}
-    # graphs replay the transformers path's padded-layout micro-batches (loratune's decoder: not captured yet)
-    return train(config(write_run_yaml(folder, tiny_llama, **sections), "quantization.compute_dtype=bf16",
-                        "model.implementation=transformers", "train.batching=padded", *overrides))
+    # graphs replay the transformers path's padded-layout micro-batches, and the decoder's padding-free streams
+    code = (["model.implementation=loratune", "train.tokens_per_batch=160"] if decoder
+            else ["model.implementation=transformers", "train.batching=padded"])
+    return train(config(write_run_yaml(folder, tiny_llama, **sections), "quantization.compute_dtype=bf16", *code,
+                        *overrides))
 
 
 def test_graphs_are_used_and_train_like_eager(tmp_path: Path, tiny_llama: Path, caplog, capsys) -> None:
@@ -50,3 +52,18 @@ def test_graphs_are_used_and_train_like_eager(tmp_path: Path, tiny_llama: Path, 
     assert len(a) == len(b) == 6
     assert all(abs(x - y) / abs(y) < 2e-2 for x, y in zip(a, b)), (a, b)
     assert a[-1] < a[0]
+
+
+def test_the_decoders_streams_are_graphed_and_train_like_eager(tmp_path: Path, tiny_llama: Path, caplog,
+                                                                capsys) -> None:
+    """Streams of two or three 64-token rows padded to 160 tokens: one shape, captured once (boundaries read on
+    the GPU), the same losses as the eager run."""
+    caplog.set_level(logging.INFO, logger="loratune.kernels.graphs")
+    graphed = _text_run(tmp_path, tiny_llama, "graphs", decoder=True)
+    assert "capture failed" not in caplog.text and "captured a CUDA graph" in caplog.text, caplog.text
+    assert "micro-batches replayed" in capsys.readouterr().out
+    eager = _text_run(tmp_path, tiny_llama, "eager", "model.cuda_graphs=false", decoder=True)
+    a = [r["loss"] for r in read_rows(graphed.out_dir / "metrics.jsonl") if "loss" in r]
+    b = [r["loss"] for r in read_rows(eager.out_dir / "metrics.jsonl") if "loss" in r]
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) / abs(y) < 2e-2 for x, y in zip(a, b)), (a, b)

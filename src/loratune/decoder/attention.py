@@ -45,7 +45,7 @@ class Boundaries:
     """
 
     lengths: tuple[int, ...]
-    cu_seqlens: Tensor  # int32 [S + 1]
+    cu_seqlens: Tensor | None  # int32 [S + 1] (None: made on the device, `on_device`)
     positions: Tensor  # int64 [N]
     sample_ids: Tensor  # int64 [N]
     max_seqlen: int
@@ -78,12 +78,28 @@ class Boundaries:
         return cls.from_lengths([e - s for s, e in zip(starts, ends)], position_ids.device,
                                 offsets=[pos[s] for s in starts])
 
+    @classmethod
+    def on_device(cls, position_ids: Tensor) -> Boundaries:
+        """Samples found where the positions restart at 0, computed where the positions are, with nothing read
+        back to the host (a CUDA graph can capture it, and replays it for any stream of the same length).
+        Without host lengths, such boundaries attend through FlexAttention (or the dense reference path)."""
+        pos = position_ids.reshape(-1).long()
+        ids = (torch.cumsum((pos == 0).long(), 0) - 1).clamp_min(0)
+        return cls((), None, pos, ids, pos.numel())
+
+    @property
+    def device_only(self) -> bool:
+        """Made by `on_device`: the sample lengths are not known on the host."""
+        return not self.lengths
+
     @property
     def n_tokens(self) -> int:
-        return int(sum(self.lengths))
+        return self.positions.numel() if self.device_only else int(sum(self.lengths))
 
     def extent(self) -> Tensor:
         """Per token: one past the last position of its sample (longrope's choice of factors)."""
+        if self.device_only:
+            raise ValueError("boundaries made on the device carry no sample lengths for longrope's extent")
         if "extent" not in self._derived:
             ends = torch.tensor([o + n for o, n in zip(self.offsets, self.lengths)], device=self.positions.device)
             self._derived["extent"] = ends[self.sample_ids]
@@ -193,7 +209,7 @@ def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, win
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
           softcap: float | None, dropout: float) -> Tensor:
-    if 2 * len(b.lengths) * b.max_seqlen ** 2 <= b.n_tokens ** 2:  # at least half the work saved: rows
+    if not b.device_only and 2 * len(b.lengths) * b.max_seqlen ** 2 <= b.n_tokens ** 2:  # half the work saved: rows
         return _sdpa_rows(q, k, v, b, scale, window, softcap, dropout)
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, N, D]
     out = dense_attention(qh, kh, vh, b.dense_mask(window)[None, None], scale, softcap, dropout)
@@ -277,7 +293,8 @@ def _equal_rows(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, wi
 
 def equal_rows(b: Boundaries, window: int | None, softcap: float | None) -> bool:
     """The stream is rows of one length (a padded batch, one sample) that plain causal SDPA attends exactly."""
-    return window is None and softcap is None and len(set(b.lengths)) == 1 and not any(b.offsets)
+    return (window is None and softcap is None and not b.device_only and len(set(b.lengths)) == 1
+            and not any(b.offsets))
 
 
 # FlexAttention's compiled kernel works on blocks of this many queries; a shorter stream would take its decoding
@@ -308,7 +325,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, *, scale: float, wind
     """Causal attention within each sample of the stream: q [N, H, D], k/v [N, H_kv, D] -> [N, H, D].
 
     Whatever the backend, rows of one length (`equal_rows`) take SDPA's causal kernel, and a FlexAttention
-    stream under FLEX_MIN_TOKENS tokens the SDPA path."""
+    stream under FLEX_MIN_TOKENS tokens the SDPA path. Boundaries made on the device (`Boundaries.on_device`) go
+    to FlexAttention instead of flash (which needs the lengths on the host)."""
+    if backend == "flash" and b.device_only:
+        backend = "flex" if flex_available() else "sdpa"
     if backend != "flash" and equal_rows(b, window, softcap):
         return _equal_rows(q, k, v, b, scale, window, softcap, dropout)
     if backend == "flex" and b.n_tokens < FLEX_MIN_TOKENS:

@@ -26,10 +26,16 @@ fixed at capture. `run` re-attaches those tensors if someone replaced or cleared
 them when cleared), so `optimizer.zero_grad(set_to_none=True)` stays correct.
 The loss is computed over every row (no host-side dropping of unsupervised rows, which would need a
 sync); the sum is the same.
+
+loratune's decoder (`stream=True`): micro-batches are padding-free streams (input_ids, labels, position_ids)
+padded to the token budget, so they have one shape; the loss function derives the sample boundaries from
+the position ids on the GPU (`loratune.decoder.attention.Boundaries.on_device`), so one graph serves every
+stream of that shape. The decoder computes in its own dtype (no autocast) and casts its adapters itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -78,8 +84,8 @@ class GraphedMicroBatch:
     """`run(batch, scale)`: forward + `backward(loss_sum * scale)` of one micro-batch by graph replay, or None."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-                 compute_dtype: torch.dtype | None, enabled: bool = True) -> None:
-        self.model, self.loss_fn, self.compute_dtype = model, loss_fn, compute_dtype
+                 compute_dtype: torch.dtype | None, enabled: bool = True, stream: bool = False) -> None:
+        self.model, self.loss_fn, self.compute_dtype, self.stream = model, loss_fn, compute_dtype, stream
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.enabled = enabled and torch.cuda.is_available() and bool(self.params) and self.params[0].is_cuda
         if self.enabled and _has_dropout(model):
@@ -103,6 +109,10 @@ class GraphedMicroBatch:
     # ---------------------------------------------------------------------------------------- policy
 
     def _key(self, batch: dict[str, Tensor]) -> tuple | None:
+        if self.stream:  # the decoder's padding-free streams: their boundaries are read on the GPU
+            if not self.enabled or set(batch) != {"input_ids", "labels", "position_ids"}:
+                return None
+            return tuple(batch["input_ids"].shape), tuple(sorted(batch))
         # Packed batches (position_ids) stay eager: transformers derives their per-sample attention mask with
         # a host-side check (masking_utils.find_packed_sequence_indices), which a capture cannot contain.
         if not self.enabled or set(batch) - {"input_ids", "labels", "attention_mask"}:
@@ -175,6 +185,11 @@ class GraphedMicroBatch:
     def _forward_backward(self) -> Tensor:
         from loratune.kernels import frozen_adapters
 
+        if self.stream:  # the decoder: its own dtype and adapter casts (fresh ones, made inside the graph)
+            with self.model.frozen_adapters():
+                loss = self.loss_fn(self.model, dict(self.static))
+                (loss * self.scale).backward()
+            return loss.detach()
         with frozen_adapters(self.model):  # fresh adapter casts, made inside the graph
             with torch.autocast("cuda", dtype=self.compute_dtype or torch.float32,
                                 enabled=self.compute_dtype in (torch.bfloat16, torch.float16), cache_enabled=False):
@@ -216,7 +231,7 @@ class GraphedMicroBatch:
         torch.cuda.empty_cache()
         dev = self.params[0].device
         self.static = {k: batch[k].to(dev).clone() for k in key[1]}
-        self.ones = torch.ones_like(self.static["input_ids"])
+        self.ones = None if self.stream else torch.ones_like(self.static["input_ids"])
         self.scale = torch.zeros((), dtype=torch.float32, device=dev)
         self.grads, self.flat = _flat_grads(self.params)
         for p, g in zip(self.params, self.grads):
@@ -225,7 +240,7 @@ class GraphedMicroBatch:
             p.grad = g
         try:
             # causal_mask_skip: SDPA's causal kernels inside the capture too (loratune.kernels.causal_mask)
-            with causal_mask_skip(self.model, unpadded=True):
+            with contextlib.nullcontext() if self.stream else causal_mask_skip(self.model, unpadded=True):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits stay out of the graph)

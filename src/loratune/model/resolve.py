@@ -44,7 +44,7 @@ class Resolved:
     why: str  # the one line said at the start of a run
     checkpointing: bool  # activation checkpointing
     kernels: bool  # the HF path's fused CUDA kernels (loratune.kernels.apply); our decoder always runs its own
-    graphs: bool  # micro-batches replayed as CUDA graphs (HF path, padded batches; loratune.kernels.graphs)
+    graphs: bool  # micro-batches replayed as CUDA graphs (HF path: padded batches; decoder: padded streams)
     embed_on_host: bool  # the frozen input embedding in host memory (HF path with kernels)
     fused_mlp: bool  # SwiGLU through the fused kernel (CUDA)
     padding_free: bool  # train.batching
@@ -176,8 +176,9 @@ def decide(cfg: Config, device: str | None = None, model_config: Any | None = No
         device=device, compute_dtype=compute_dtype(cfg, device), implementation=implementation, why=why,
         checkpointing=checkpointing_on(cfg), kernels=kernels,
         # graphs replay the HF path's unpadded padded-layout batches (transformers' packed-sequence check reads
-        # tensors on the host, which a capture cannot); our decoder is not captured yet
-        graphs=not decoder and not padding_free and graphs_wanted(cfg, device),
+        # tensors on the host, which a capture cannot), and our decoder's fixed-shape streams (pad_streams)
+        graphs=graphs_wanted(cfg, device) and (padding_free and cfg.train.method == "sft" if decoder
+                                               else not padding_free),
         embed_on_host=kernels and not _tied(model_config) and not trained_embedding,
         fused_mlp=cuda and (decoder or kernels), padding_free=padding_free,
         pad_streams=padding_free and decoder and cuda and cfg.train.method == "sft", max_length=cfg.data.max_length)

@@ -14,7 +14,8 @@ The loop (`loratune.train.loop`) and the benchmarks call a runner and never look
 
 `DecoderRunner` runs loratune's decoder: the batch's `position_ids` give the sample boundaries of a stream
 (padded rows are samples of the row's length, their padding after each sample's end seen by none of its
-tokens); the decoder computes in its own compute dtype, so there is no autocast. `HFRunner` runs the
+tokens); the decoder computes in its own compute dtype, so there is no autocast; its fixed-shape streams
+(CUDA) replay as CUDA graphs where the run resolved graphs on (`decoder_graphs`). `HFRunner` runs the
 transformers (+ peft) model as accelerate prepared it: autocast, SDPA's causal fast path for unpadded
 batches (`loratune.kernels.causal_mask`), and `loratune.kernels.graphs` where the run resolved graphs on.
 Both move the batch to the device from pinned memory without blocking, with the supervised rows counted
@@ -38,11 +39,13 @@ from loratune.decoder.model import Decoder
 from loratune.kernels import frozen_adapters
 from loratune.kernels.causal_mask import causal_mask_for
 from loratune.kernels.graphs import GraphedMicroBatch
+from loratune.kernels.loss import fused_linear_cross_entropy_sum
 from loratune.train.loss import (
     TARGET_ROWS,
     decoder_loss_sum,
     hidden_states,
     lm_loss_sum,
+    shift_labels,
     unwrap_model,
     with_target_rows,
 )
@@ -67,13 +70,29 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in batch.items()}
 
 
+def decoder_stream_loss_sum(decoder: Decoder, batch: Batch) -> Tensor:
+    """The summed token loss of a padding-free stream with nothing read back to the host (what a CUDA graph of
+    the decoder captures): the boundaries from the position ids on the device, every row through the head
+    (unsupervised rows add 0), the token count left to the caller."""
+    b = Boundaries.on_device(batch["position_ids"])
+    hidden = decoder.hidden_states(batch["input_ids"].reshape(-1), b)
+    targets = shift_labels(batch["labels"]).reshape(-1)
+    loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap)
+    return loss
+
+
+def decoder_graphs(decoder: Decoder, compute_dtype: torch.dtype) -> GraphedMicroBatch | None:
+    """CUDA graph replay of the decoder's fixed-shape streams (`Resolved.pad_streams`), None where unavailable."""
+    graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum, compute_dtype, stream=True)
+    return graphs if graphs.enabled else None
+
+
 class DecoderRunner:
-    """loratune's decoder on padding-free streams or padded rows."""
+    """loratune's decoder on padding-free streams or padded rows; `graphs`: replay of its fixed-shape streams
+    (`decoder_graphs`), or None."""
 
-    graphs = None  # (CUDA graphs of the decoder's micro-batches: not yet)
-
-    def __init__(self, decoder: Decoder, device: torch.device) -> None:
-        self.module, self.device = decoder, torch.device(device)
+    def __init__(self, decoder: Decoder, device: torch.device, graphs: GraphedMicroBatch | None = None) -> None:
+        self.module, self.device, self.graphs = decoder, torch.device(device), graphs
 
     def boundaries(self, batch: Batch) -> Boundaries:
         """The samples of a host-side batch: a stream's segments, or one sample per padded row."""
