@@ -20,6 +20,14 @@ What it does, for one named model shape:
    prediction (acc) is the same. (In bf16 the paths round differently, so log-likelihoods agree to about
    1e-2, not the 1e-4 of the fp32 tests.)
 
+On the GPU machine lm-evaluation-harness and what it imports there come as wheels (../shared/gpu/wheels.sh, from
+the project root; the versions the CPU smoke test passes with):
+    ../shared/gpu/wheels.sh lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+        fsspec==2026.9.0 sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0 colorama==0.4.6 lxml==6.1.3 \
+        requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3
+(datasets 5.2 wants pyarrow >= 24 and huggingface-hub >= 1.31 at run time; `--paths loratune,loratune-hf` runs
+without lm_eval.)
+
 Usage:
     python benchmarks/bench_eval.py --shape llama3-8b --questions 1000 --out-dir $OUT      (GPU)
     python benchmarks/bench_eval.py --shape tiny --device cpu --questions 24 --subjects 3   (smoke, CPU)
