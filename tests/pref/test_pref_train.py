@@ -79,8 +79,7 @@ def test_the_gradient_does_not_depend_on_the_split(tmp_path: Path, tiny_llama: P
 
 
 # padding-free, 4 pairs a step in one micro-batch: backward #k is in step k; saves at 3, 6 and 8 (final)
-CHAIN = ["kill@step.backward#3", "kill@save.renamed#1", "term@step.end#2", "kill@step.backward#1",
-         "kill@save.files#1"]
+CHAIN = ["kill@step.backward#3", "kill@save.renamed#1", "term@step.end#2", "kill@save.files#1"]
 
 
 @pytest.mark.slow
