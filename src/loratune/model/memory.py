@@ -50,9 +50,10 @@ peak = weights + adapters + saved activations + max(loss, layer working set) + g
 Calibrated on peaks measured on a GPU with the transformers path and its loratune.kernels fast paths
 (docs/benchmarks.md, "Figures behind the source's design notes"; tests/model/test_memory.py replays them):
 the estimate errs on the safe side, within +5%. loratune's decoder (the default model code) is planned with
-the same formulas, its embedding on the GPU, no graphs, and its attention's working set on CUDA (`_stream_attention`),
-calibrated on its peaks measured on the H200 (Llama-3-8B shape, 2 x 2048 and 1 x 16384, tests/model/
-test_memory_decoder.py replays them): also within +5%. Not modelled: the
+the same formulas, its embedding on the GPU and its attention's working set on CUDA (`_stream_attention`),
+calibrated on its eager peaks measured on the H200 (Llama-3-8B shape, 2 x 2048 and 1 x 16384, tests/model/
+test_memory_decoder.py replays them): also within +5%. Where its streams are graphed (`Resolved.graphs`) the
+graph pool is the transformers path's term, not yet measured on the decoder. Not modelled: the
 paged optimizers' states live in managed memory and can spill to the host (counted as if on the GPU);
 architectures without Llama-style fields (hidden_size, intermediate_size, ...) are refused.
 """
