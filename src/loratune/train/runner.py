@@ -82,7 +82,10 @@ def decoder_stream_loss_sum(decoder: Decoder, batch: Batch) -> Tensor:
 
 
 def decoder_graphs(decoder: Decoder, compute_dtype: torch.dtype) -> GraphedMicroBatch | None:
-    """CUDA graph replay of the decoder's fixed-shape streams (`Resolved.pad_streams`), None where unavailable."""
+    """CUDA graph replay of the decoder's fixed-shape streams (`Resolved.pad_streams`), None where unavailable
+    (no CUDA, or dropout inside the model: a replay's randomness is not what checkpoints restore)."""
+    if decoder.config.attention_dropout or decoder.config.residual_dropout:
+        return None
     graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum, compute_dtype, stream=True)
     return graphs if graphs.enabled else None
 
