@@ -188,3 +188,12 @@ def test_a_run_with_precomputed_reference(tmp_path: Path, tiny_llama: Path) -> N
     result = train(config(path))
     evals = [r for r in read_rows(result.out_dir / "metrics.jsonl") if "eval_loss" in r]
     assert result.steps == 2 and evals and math.isfinite(evals[-1]["eval_margin"])
+
+
+def test_the_model_card_names_the_objective_and_its_units(tmp_path: Path, tiny_llama: Path) -> None:
+    path = write_run_yaml(tmp_path, tiny_llama, preference={"label_smoothing": 0.1},
+                          **_sections("dpo", max_steps=1, save_every=0))
+    text = (train(config(path)).out_dir / "README.md").read_text()
+    assert "| objective | dpo (sigmoid), beta 0.1, label smoothing 0.1, reference: the base with the adapter " \
+           "disabled |" in text
+    assert "4 pairs" in text and "mean loss per pair" in text and "supervised token" not in text

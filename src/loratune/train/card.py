@@ -145,7 +145,7 @@ def _data(cfg: Config, stats: DataStats) -> str:
     variables = getattr(d, "template_variables", None)
     lines += ["", f"- Chat template: `{stats.template or d.template}`"
               + (f" with {', '.join(f'{k}={v!r}' for k, v in variables.items())}" if variables else "")
-              + f"; loss on: {d.train_on} tokens; max length {d.max_length} tokens" + ("; packed" if d.pack else ""),
+              + f"; loss on: {_loss_on(cfg)}; max length {d.max_length} tokens" + ("; packed" if d.pack else ""),
               f"- Training set: {stats.train_samples:,} samples in {stats.rows:,} rows, {stats.tokens:,} tokens, "
               f"{stats.supervised:,} of them supervised ({100 * stats.supervised_fraction:.1f}%)",
               f"- Eval set: {stats.eval_samples:,} samples"]
@@ -153,6 +153,38 @@ def _data(cfg: Config, stats: DataStats) -> str:
 
 
 CODES = {"loratune": "loratune's decoder", "transformers": "transformers + peft"}
+
+
+def _unit(cfg: Config) -> str:
+    """What the loss is normalised by (loratune.pref.objective): supervised tokens, pairs or completions."""
+    method = getattr(cfg.train, "method", "sft")
+    return {"sft": "supervised tokens", "kto": "completions"}.get(method, "pairs")
+
+
+def _loss_on(cfg: Config) -> str:
+    method = getattr(cfg.train, "method", "sft")
+    return f"{cfg.data.train_on} tokens" if method == "sft" else "the answers of each pair (or completion)"
+
+
+def _objective(cfg: Config) -> str:
+    """A preference run's method and options, as the card's training table shows them."""
+    t, p = cfg.train, cfg.preference
+    if t.method == "rm":
+        return "reward model (scalar head, pairwise loss)"
+    from loratune.pref.objective import DEFAULT_BETA
+
+    beta = DEFAULT_BETA.get(t.method) if p.beta == "auto" else p.beta
+    parts = [t.method + (f" ({p.loss})" if t.method == "dpo" else ""), f"beta {beta:g}"]
+    if p.label_smoothing:
+        parts.append(f"label smoothing {p.label_smoothing:g}")
+    if t.method == "simpo":
+        parts.append(f"gamma {p.simpo_gamma:g}")
+    if t.method == "kto":
+        parts.append(f"weights {p.desirable_weight:g}/{p.undesirable_weight:g}")
+    if t.method in ("dpo", "kto"):
+        parts.append("reference: the base with the adapter disabled"
+                     + (", log-probs precomputed" if p.reference == "precomputed" else ""))
+    return ", ".join(parts)
 
 
 def _training(cfg: Config, run: dict) -> str:
@@ -165,7 +197,8 @@ def _training(cfg: Config, run: dict) -> str:
         layout = f"padding-free, up to {run.get('tokens_per_batch', 0):,} tokens each"
     else:
         layout = f"padded, {t.batch_size} sequences each"
-    rows = [("length", length), *code, ("micro-batches", layout), ("gradient accumulation", t.grad_accum),
+    method = [("objective", _objective(cfg))] if t.method != "sft" else []
+    rows = [("length", length), *method, *code, ("micro-batches", layout), ("gradient accumulation", t.grad_accum),
             ("sequences per optimizer step", batch * t.grad_accum), ("optimizer", t.optimizer),
             ("learning rate", f"{t.lr:g}"), ("schedule", f"{t.scheduler}, warmup {warmup}"),
             ("weight decay", f"{t.weight_decay:g}"), ("max grad norm", f"{t.max_grad_norm:g}"),
@@ -179,13 +212,13 @@ def _results(cfg: Config, f: CardFacts) -> str:
     r = f.run
     lines = ["## Results", "",
              f"- Optimizer steps: {r.get('steps')} ({r.get('epochs', 0):.2f} epochs), {r.get('tokens', 0):,} "
-             f"supervised tokens, {r.get('seconds', 0):.1f} s of training"]
+             f"{_unit(cfg)}, {r.get('seconds', 0):.1f} s of training"]
     first, last = r.get("first_train_loss"), r.get("train_loss")
     if isinstance(last, (int, float)):
         start = (f"{first:.4f} ({span_text(r.get('first_train_loss_steps'))}) -> "
                  if isinstance(first, (int, float)) else "")
         lines.append(f"- Train loss: {start}{last:.4f} ({span_text(r.get('train_loss_steps'))}), each the mean loss "
-                     "per supervised token over those steps")
+                     f"per {_unit(cfg).removesuffix('s')} over those steps")
     if isinstance(r.get("best_eval_loss"), (int, float)):
         lines.append(f"- Eval loss: best {r['best_eval_loss']:.4f} at step {r.get('best_step')}"
                      + (f", last {r['eval_loss']:.4f} at step {r.get('steps')}"
