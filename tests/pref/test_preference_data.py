@@ -97,6 +97,7 @@ def test_column_mapping(tmp_path: Path, tiny_llama: Path, tok) -> None:
     ({"prompt": Q, "chosen": [{"role": "assistant", "content": GOOD}, {"role": "user", "content": "and?"}],
       "rejected": BAD}, "chosen", "exactly one assistant message"),
     ({"chosen": GOOD, "rejected": BAD}, "chosen", "no prompt"),
+    ({"chosen": f"\n\nHuman: {Q}\n\nAssistant:", "rejected": BAD}, "chosen", "turn 1 (Assistant:) is empty"),
     ({"prompt": Q, "chosen": [{"role": "robot", "content": GOOD}], "rejected": BAD}, "chosen[0].role", "unknown role"),
 ])
 def test_bad_records_name_file_row_and_key(tmp_path: Path, tiny_llama: Path, tok, record, key, words) -> None:

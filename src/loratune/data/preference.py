@@ -93,7 +93,11 @@ def _hh(row: _Row, key: str, text: str) -> list[dict]:
     if len(parts) < 3 or parts[0].strip():
         row.fail(key, "expected a message list, or Anthropic HH text \"\\n\\nHuman: ...\\n\\nAssistant: ...\"")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    messages = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    for i, m in enumerate(messages):
+        if not m["content"]:
+            row.fail(key, f"turn {i} ({parts[1 + 2 * i]}:) is empty; expected non-empty text in every turn")
+    return messages
 
 
 def _messages(row: _Row, name: str, role_of_text: str) -> list[dict]:
