@@ -3,7 +3,8 @@ model, with the tiny Llama.
 
 - fp32 base and compute (TF32 off): per-choice log-likelihoods and perplexity NLLs equal within 1e-4;
 - NF4 base, bf16 compute (the QLoRA setting): the decoder agrees with transformers to bf16 rounding (the
-  largest difference is printed; run with -s) and picks the same choice for nearly every question.
+  largest difference is printed; run with -s) and picks the same choice for nearly every question;
+- train.eval_benchmark during a bf16 training run on either model code.
 """
 
 from __future__ import annotations
@@ -57,3 +58,23 @@ def test_decoder_scoring_on_cuda_equals_transformers(bits: int, tol: float | Non
         assert max(diffs) < tol and same == len(ours)
     else:  # bf16: rounding differs between the two paths, not the numbers
         assert max(diffs) < 0.25 and same >= len(ours) - 1
+
+
+@pytest.mark.parametrize("implementation", ["loratune", "transformers"])
+def test_benchmark_during_training_on_cuda(implementation: str, tiny_llama: Path, mmlu_dir: Path,
+                                           tmp_path: Path) -> None:
+    """train.eval_benchmark on the GPU, both model codes (bf16 compute, NF4 base): rows at steps 0, 2, 4, finite."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
+    from train_helpers import config, write_run_yaml
+
+    from loratune.train.metrics import read_rows
+    from loratune.train.run import train
+
+    run = write_run_yaml(tmp_path, tiny_llama, model={"path": str(tiny_llama), "implementation": implementation},
+                         train={"max_steps": 4, "deterministic": False, "eval_benchmark": {
+                             "path": str(mmlu_dir), "name": "mmlu", "shots": 2, "every": 2}})
+    train(config(run))
+    rows = [r for r in read_rows(tmp_path / "out" / "metrics.jsonl") if "benchmark_acc" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(r["benchmark_n"] == 9 and r["benchmark_answer_logprob"] is not None and 0 <= r["benchmark_acc"] <= 1
+               for r in rows)
