@@ -185,12 +185,14 @@ def run_loratune(args: argparse.Namespace, model_dir: Path, data: Path, work: Pa
     facts = record.get("extra", record)
     seconds = float(facts["seconds"])
     real = sum(int(r["step_input_tokens"]) for r in rows)
+    replayed = re.search(r"CUDA graphs: ([\d,]+) micro-batches replayed", proc.stdout)
     return {"path": path.partition(":")[0], "overrides": path.partition(":")[2], "seconds": seconds,
             "process_seconds": wall, "real_tokens": real,
             "supervised_tokens": int(facts["tokens"]), "steps": len(rows), "tokens_per_s": real / seconds,
             "peak_gib": max(float(r["memory_gib"]) for r in rows), "losses": [float(r["loss"]) for r in rows],
             "implementation": facts.get("implementation"), "batching": facts.get("batching"),
-            "tokens_per_batch": facts.get("tokens_per_batch")}
+            "tokens_per_batch": facts.get("tokens_per_batch"),
+            "graph_replays": int(replayed.group(1).replace(",", "")) if replayed else 0}
 
 
 def trl_main(args: argparse.Namespace) -> None:
@@ -327,7 +329,8 @@ def main(args: argparse.Namespace) -> None:
             r = {"path": path, "error": f"{type(e).__name__}: {e}"}
         results.append(r)
         log(f"{path}: " + (r.get("error") or f"{r['tokens_per_s']:,.0f} real tok/s, {r['seconds']:.1f}s, "
-                                             f"peak {r['peak_gib']:.2f} GiB, {r['steps']} steps"))
+                                             f"peak {r['peak_gib']:.2f} GiB, {r['steps']} steps, "
+                                             f"{r.get('graph_replays', 0)} graph replays"))
         write()
     print(f"\n## realistic SFT epoch, {args.shape}: {args.n} conversations\nenv: {env}\n")
     print(write(), flush=True)

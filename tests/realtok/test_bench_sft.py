@@ -52,6 +52,7 @@ def test_default_and_padded_epochs_on_the_cpu(tmp_path: Path, tokenizer_dir) -> 
     assert default["implementation"] == padded["implementation"] == "loratune"
     assert (default["batching"], padded["batching"]) == ("padding_free", "padded")
     assert default["tokens_per_batch"] == 128  # batch_size 1 x data.max_length
+    assert default["graph_replays"] == padded["graph_replays"] == 0  # no CUDA graphs on the CPU
     # both loops saw every real token of the 32 conversations once (the template's count, no padding)
     expected = report["real_tokens_by_template"]
     assert default["real_tokens"] == padded["real_tokens"] == expected > 32 * 11
