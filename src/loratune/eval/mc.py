@@ -1,7 +1,8 @@
 """Multiple-choice evaluation: score every question's choices, then accuracies per subject, category and overall.
 
-Per question, every choice is scored by its log-likelihood as the continuation of the prompt
-(`loratune.eval.loglik`), giving three accuracies:
+Per question, every choice is scored by its log-likelihood as the continuation of the prompt (on loratune's
+decoder by `loratune.eval.decoder_loglik`, on a transformers model by `loratune.eval.loglik`: `scorer_for`),
+giving three accuracies:
 
 - `acc`: the choice with the highest log-likelihood is the right one (lm-evaluation-harness's `acc`);
 - `acc_norm`: the same after dividing each log-likelihood by the length of the choice's text in characters
@@ -15,7 +16,8 @@ Per question, every choice is scored by its log-likelihood as the continuation o
 
 Results are kept per question (log-likelihoods, not just right/wrong), so the report can recompute
 any metric, and so that a stopped evaluation continues from the questions already scored.
-`evaluate_mc` is the entry point for a model already in memory (the training loop).
+`evaluate_mc` and `evaluate_prepared` are the entry points for a model already in memory (the training loop's
+`loratune.eval.during_training`).
 """
 
 from __future__ import annotations
