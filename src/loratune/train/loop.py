@@ -12,7 +12,7 @@ The loop is given a runner (`loratune.train.runner`: loratune's decoder or the t
 computes one micro-batch's summed loss; it never looks inside the model. It is also given an objective
 (`loratune.pref.objective`): what a micro-batch's loss is and how many units it counts, the normaliser above.
 SFT (the default) is the runner's token loss over supervised tokens; a preference method (DPO, ORPO, SimPO,
-KTO) sums per-pair (per-completion) losses and counts pairs, so the same arithmetic holds for it. The
+KTO, a reward model) sums per-pair (per-completion) losses and counts pairs, so the same arithmetic holds for it. The
 objective's metrics (rewards, margins, accuracy, log-probabilities) are averaged over the step into
 `StepResult.extra`, and over the evaluation samples into `Loop.eval_stats`.
 
