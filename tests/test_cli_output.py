@@ -35,7 +35,8 @@ def building_line(tmp_path: Path) -> str:
 def test_chat_prints_only_its_own_lines_on_stderr(tmp_path: Path) -> None:
     done = loratune(tmp_path, "chat", "demo://llama-test", "--prompt", "hi", "--max-tokens", "2")
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == [building_line(tmp_path)]  # no bitsandbytes kernel notice, no bars
+    # no bitsandbytes kernel notice, no bars; which model code answers, in one line as training says it
+    assert done.stderr.splitlines() == [building_line(tmp_path), "model: loratune's decoder (llama)"]
     assert done.stdout.strip()
 
 
