@@ -16,6 +16,11 @@ length) and marks those slots as the pass's. Every layer writes its keys and val
   each slot's end (and outside the sliding window) masked;
 - otherwise (a chunk continuing a prompt): slot by slot, each run of new tokens to its slot's cache.
 `commit` advances the slots' lengths once all layers have run.
+
+Lengths live on the host (each pass builds its `Boundaries` from them). A CUDA-graphed decode step over a
+fixed bucket of slots needs them as a device tensor instead (positions, write indices and the key mask
+computed on the device, no host tensor per step); the tensors, the per-slot layout and the step over a
+batch of slots stay as they are.
 """
 
 from __future__ import annotations
