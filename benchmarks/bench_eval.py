@@ -15,7 +15,8 @@ What it does, for one named model shape:
      benchmark's JSON Lines as tasks built from lm-evaluation-harness's `mmlu` template (as tests/eval does).
    Each path first runs once on a few questions (warm-up, untimed); the timed run covers tokenization and
    scoring (for lm_eval also its task building), not loading.
-4. prints questions/s of each path, the ratio to lm_eval, the accuracies, and the agreement with lm_eval:
+4. prints questions/s of each path, the ratio to lm_eval, the peak GPU memory of each path's timed run (weights
+   included), the accuracies, and the agreement with lm_eval:
    largest and median |difference| of the per-choice log-likelihoods and the share of questions whose
    prediction (acc) is the same. (In bf16 the paths round differently, so log-likelihoods agree to about
    1e-2, not the 1e-4 of the fp32 tests.)
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     records: dict[str, list[dict]] = {}
     lm_samples = None
     for path in paths:
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         if path == "lm_eval":
             run_lm_eval(hf_model, tokenizer, {warm[0]: files[warm[0]]}, args.shots, lm_bs, args.device)  # warm-up
             lm_samples, seconds = run_lm_eval(hf_model, tokenizer, files, args.shots, lm_bs, args.device)
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
             results[path] = {"seconds": seconds, "questions": len(recs), "accuracy": accuracy(recs), "network": which,
                              "mean_context_tokens": statistics.mean(r["tokens"] for r in recs)}
         results[path]["questions_per_s"] = results[path]["questions"] / results[path]["seconds"]
+        if args.device == "cuda":  # weights included
+            results[path]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         log(f"{path}: {results[path]['questions']} questions in {results[path]['seconds']:.1f}s "
             f"({results[path]['questions_per_s']:.2f}/s), accuracy {results[path]['accuracy']:.4f}")
         free()
@@ -334,12 +339,14 @@ def render(report: dict) -> str:
     r = report["results"]
     lines = [f"{report['shape']} ({report['bits']}-bit), {report['questions']} questions over {report['subjects']} "
              f"subjects, {report['shots']}-shot, on {report['device']}", "",
-             "| path | questions/s | vs lm_eval | accuracy | same prediction as lm_eval | max / median abs loglik diff |",
-             "|---|---|---|---|---|---|"]
+             "| path | questions/s | vs lm_eval | peak GiB | accuracy | same prediction as lm_eval | "
+             "max / median abs loglik diff |",
+             "|---|---|---|---|---|---|---|"]
     for path, x in r.items():
         v = x.get("vs_lm_eval")
         lines.append(f"| {path}{' (' + x['network'] + ')' if 'network' in x else ''} | {x['questions_per_s']:.2f} | "
                      f"{format(x['speedup_vs_lm_eval'], '.2f') + 'x' if 'speedup_vs_lm_eval' in x else '-'} | "
+                     f"{format(x['peak_gib'], '.2f') if 'peak_gib' in x else '-'} | "
                      f"{x['accuracy']:.4f} | {format(v['same_prediction'], '.1%') if v else '-'} | "
                      f"{format(v['max_abs_diff'], '.2e') + ' / ' + format(v['median_abs_diff'], '.2e') if v else '-'} |")
     ctx = [x["mean_context_tokens"] for x in r.values() if "mean_context_tokens" in x]
