@@ -78,7 +78,10 @@ def pairs(words: list[str], args: argparse.Namespace, budget: int) -> list[dict]
     rng = np.random.default_rng(args.seed)
     p_len = lengths(rng, args.n, args.prompt_median, 0.6)
     c_len, r_len = lengths(rng, args.n, args.reply_median, 0.5), lengths(rng, args.n, args.reply_median, 0.5)
-    text = lambda k: " ".join(words[i] for i in rng.integers(0, len(words), k))
+
+    def text(k: int) -> str:
+        return " ".join(words[i] for i in rng.integers(0, len(words), k))
+
     out = []
     for p, c, r in zip(p_len, c_len, r_len):
         p = max(1, min(p, budget // 3))
@@ -95,7 +98,10 @@ def write_workload(args: argparse.Namespace, work: Path) -> tuple[Path, Path, in
 
     model_dir = build_model(args, work)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    chat = lambda m: len(tok.apply_chat_template(m, tokenize=True, return_dict=False))
+
+    def chat(m: list[dict]) -> int:
+        return len(tok.apply_chat_template(m, tokenize=True, return_dict=False))
+
     overhead = chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) - 2
     data = pairs(one_token_words(model_dir / "tokenizer.json"), args, args.max_length - overhead - 4)
     path = work / f"dpo-{args.n}.jsonl"

@@ -224,7 +224,10 @@ def _dataset(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemp
     if ds.max_samples:
         records = itertools.islice(records, ds.max_samples)
     out: list[PreferenceSample | None] = []
-    side = lambda prompt, answer, tools, where: _side(prompt, answer, tools, where, template, tokenizer, info, cfg)
+
+    def side(prompt, answer, tools, where):
+        return _side(prompt, answer, tools, where, template, tokenizer, info, cfg)
+
     if method == "kto":
         items = [(r, read_unpaired(r, ds.columns, ds.system)) for r in records]
         for k, (r, u) in enumerate(items):
