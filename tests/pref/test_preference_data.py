@@ -92,7 +92,6 @@ def test_column_mapping(tmp_path: Path, tiny_llama: Path, tok) -> None:
 
 @pytest.mark.parametrize(("record", "key", "words"), [
     ({"prompt": Q, "chosen": GOOD}, None, "missing key 'rejected'"),
-    ({"prompt": Q, "chosen": GOOD, "rejected": GOOD}, "rejected", "the same"),
     ({"prompt": Q, "chosen": GOOD, "rejected": 3}, "rejected", "expected"),
     ({"prompt": Q, "chosen": [{"role": "assistant", "content": GOOD}, {"role": "user", "content": "and?"}],
       "rejected": BAD}, "chosen", "exactly one assistant message"),
@@ -137,3 +136,14 @@ def test_preview_shows_chosen_and_rejected_side_by_side(tmp_path: Path, tiny_lla
     assert header.split("│")[1].strip() == "rejected"
     rows = [line for line in text.splitlines() if "│" in line]
     assert any("⟦Paris is the capital." in r.split("│")[0] and "⟦I do not know." in r.split("│")[1] for r in rows)
+
+
+def test_a_pair_with_the_same_two_answers_is_dropped_and_reported(tmp_path: Path, tiny_llama: Path, tok,
+                                                                   caplog) -> None:
+    same = [{"prompt": Q, "chosen": GOOD, "rejected": GOOD},
+            {"chosen": f"\n\nHuman: {Q}\n\nAssistant: {GOOD}", "rejected": f"\n\nHuman: {Q}\n\nAssistant: {GOOD}"}]
+    with caplog.at_level("WARNING"):
+        data, _ = _prepare(tmp_path, tiny_llama, tok, [SHAPES["texts"], *same])
+    assert len(data.train) == 1 and data.stats.outcomes["identical"] == 2
+    assert "2 pairs dropped: their chosen and rejected answers are the same (first: " in caplog.text
+    assert "prefs.jsonl: row 2)" in caplog.text

@@ -13,8 +13,9 @@ role, content, system, tools):
   desirable, false: undesirable).
 
 Message lists are read as a `messages` record's list (role/content keys, or sharegpt's from/value, validated the
-same way). After the prompt, each side must be exactly one assistant message (what the model is trained to prefer), and the
-two sides must differ. Every problem raises `DataError` naming the file, the row and the key.
+same way). After the prompt, each side must be exactly one assistant message (what the model is trained to prefer). Every
+problem raises `DataError` naming the file, the row and the key; a pair whose two answers are the same (public
+sets hold some) has nothing to prefer: it is dropped, counted (outcome `identical`) and reported in one warning.
 
 Each side is rendered as prompt + answer with `train_on=last` (`loratune.data.render`: the labels of the final
 assistant turn, end of turn included), and fitted to `data.max_length` as an SFT conversation is
@@ -66,6 +67,10 @@ class PreferenceSample(Sample):
 
     desirable: bool | None = None
     ref: tuple[float, float] | None = None  # the reference policy's log-probs of the two sequences, if precomputed
+
+
+class SamePair(Exception):
+    """A pair whose chosen and rejected answers are the same: nothing to prefer; dropped and counted."""
 
 
 @dataclass
@@ -150,7 +155,7 @@ def read_pair(rec: Record, columns: ColumnsConfig | None, system: str | None) ->
         rejected = rejected if rejected[0]["role"] != "assistant" else prompt + rejected
     n = _shared(chosen, rejected)
     if n == len(chosen) and n == len(rejected):
-        row.fail(row.key("rejected"), f"the same as '{row.key('chosen')}'; expected a different answer")
+        raise SamePair(f"{rec.source}: row {rec.row}")
     n = min(n, len(chosen) - 1, len(rejected) - 1)
     prompt = chosen[:n]
     if not prompt:
@@ -159,7 +164,7 @@ def read_pair(rec: Record, columns: ColumnsConfig | None, system: str | None) ->
     pair = Pair(_with_system(prompt, row, system), _answer(row, row.key("chosen"), chosen[n:]),
                 _answer(row, row.key("rejected"), rejected[n:]), _tools(row))
     if pair.chosen == pair.rejected:
-        row.fail(row.key("rejected"), f"the same answer as '{row.key('chosen')}'; expected a different answer")
+        raise SamePair(f"{rec.source}: row {rec.row}")
     return pair
 
 
@@ -236,11 +241,22 @@ def _dataset(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemp
             out.append(_keep(side(u.prompt, u.completion, u.tools, where), side(u.prompt, mismatched, u.tools, where),
                              u.desirable, d, stats))
     else:
+        same: list[str] = []
         for r in records:
-            p = read_pair(r, ds.columns, ds.system)
+            try:
+                p = read_pair(r, ds.columns, ds.system)
+            except SamePair as e:  # public sets hold some (Anthropic HH): dropped, counted and reported
+                same.append(str(e))
+                d.outcomes["identical"] += 1
+                stats.outcomes["identical"] += 1
+                out.append(None)
+                continue
             where = f"{r.source}: row {r.row}"
             out.append(_keep(side(p.prompt, p.chosen, p.tools, where), side(p.prompt, p.rejected, p.tools, where),
                              None, d, stats))
+        if same:
+            log.warning("%s: %d pairs dropped: their chosen and rejected answers are the same (first: %s)", ds.path,
+                        len(same), same[0])
     d.records = len(out)
     if not out:
         raise DataError(f"{ds.path}: no records; expected at least one")
