@@ -204,3 +204,31 @@ def test_plot_frames_are_numeric_even_when_empty():
     assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"
     full = runs.frame([{"step": 3, "loss": 2.5, "run": "a"}], color="run")
     assert full.to_dict("records") == [{"step": 3, "loss": 2.5, "run": "a"}]
+
+
+def test_chat_streams_when_gradio_resumes_the_generator_on_other_threads():
+    # the engine holds a lock that belongs to the thread that took it while it generates; Gradio calls next()
+    # on whichever worker thread is free
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loratune.infer.engine import Delta
+    from loratune.ui.tab_chat import answer_stream
+
+    class Engine:
+        lock = threading.RLock()
+
+        def chat(self, messages, params, name):
+            with self.lock:
+                for i, piece in enumerate(("The", " answer", ".")):
+                    yield Delta(0, piece, i)
+
+    stream = answer_stream(Engine(), "base", [{"role": "user", "content": "q"}], None)
+    seen = []
+    for i in range(4):
+        with ThreadPoolExecutor(1, thread_name_prefix=f"worker{i}") as pool:  # a new thread each step
+            try:
+                seen.append(pool.submit(next, stream).result())
+            except StopIteration:
+                break
+    assert seen == ["The", "The answer", "The answer."]

@@ -9,6 +9,7 @@ loaded at a time (loading another releases the previous one).
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Any
 
@@ -59,12 +60,30 @@ def adapter_choices(ws: Workspace) -> list[str]:
 
 
 def answer_stream(engine, name: str, messages: list[dict], params: SamplingParams):
-    """The text of `name`'s answer so far, after each streamed piece."""
+    """The text of `name`'s answer so far, after each streamed piece.
+
+    The engine's generator runs to its end on one thread of its own (it holds the engine's lock, which belongs
+    to the thread that took it, while it generates); Gradio may resume this generator on any of its worker
+    threads, so the pieces cross over through a queue.
+    """
+    pieces: queue.Queue = queue.Queue()
+
+    def produce() -> None:
+        try:
+            for event in engine.chat(messages, params, name):
+                if isinstance(event, Delta):
+                    pieces.put(event.text)
+        except BaseException as e:  # handed to the consumer, which raises it where Gradio reports it
+            pieces.put(e)
+        pieces.put(None)
+
+    threading.Thread(target=produce, daemon=True).start()
     text = ""
-    for event in engine.chat(messages, params, name):
-        if isinstance(event, Delta):
-            text += event.text
-            yield text
+    while (piece := pieces.get()) is not None:
+        if isinstance(piece, BaseException):
+            raise piece
+        text += piece
+        yield text
 
 
 def build(ctx: Context) -> None:
