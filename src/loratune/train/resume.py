@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from loratune.config import Config, to_dict
+from loratune.config import REQUIRED, Config, to_dict
 from loratune.errors import ConfigError, LoratuneError
 from loratune.train.checkpoint import (CHECKPOINTS, checkpoint_name, complete_checkpoints, list_checkpoints, step_of,
                                        trash, verify)
@@ -124,13 +124,25 @@ def config_hash(cfg: Config | dict) -> str:
     return hashlib.sha256(json.dumps(comparable(cfg), sort_keys=True).encode()).hexdigest()
 
 
+def _defaults() -> dict[str, Any]:
+    """The schema's default of every comparable key (the required ones left out)."""
+    return {k: v for k, v in comparable(Config()).items() if v != REQUIRED}
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
-    """Readable lines `key: old -> new` for every comparable key that differs."""
+    """Readable lines `key: old -> new` for every comparable key that differs.
+
+    A key the saved config does not have (written by an older loratune, before the key existed) is no difference
+    while the current value is the key's default: a new key's default keeps the behaviour it had before.
+    """
     a, b = comparable(old), comparable(new)
     missing = object()
+    defaults = _defaults()
     lines = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, missing), b.get(key, missing)
+        if va is missing and key in defaults and vb == defaults[key]:
+            continue
         if va != vb:
             show = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
             lines.append(f"  {key}: {show(va)} -> {show(vb)}")
