@@ -243,9 +243,6 @@ class Engine:
             finally:
                 self._held.pop()
 
-    def _use(self, name: str):  # transitional: eval's models.selected until it calls `use` (then this goes)
-        return self._activate(name)
-
     @contextlib.contextmanager
     def _activate(self, name: str) -> Iterator[None]:
         key = self.adapters[name]
@@ -339,8 +336,9 @@ def parse_source(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-# What `load_engine` answers with when the caller does not say: "transformers" only until eval scores on the
-# decoder (its models module passes nothing yet); chat, serve and the tests pass None (training's rule).
+# What `load_engine` answers with when the caller does not say: "transformers" until eval's tests and scoring
+# take an engine on the decoder (eval builds its own decoder view over the transformers base for scoring);
+# chat, serve and training's sample answers pass None (training's rule: the decoder where it covers the model).
 DEFAULT_IMPLEMENTATION: str | None = "transformers"
 
 
