@@ -85,6 +85,8 @@ def main(workspace: str, *compared: str) -> None:
             tab(page, "Runs")
             for name in compared or (run,):
                 choose(page, "runs-compare", name)
+            page.keyboard.press("Escape")
+            page.locator("#runs-plot").click(position={"x": 5, "y": 5})
             page.wait_for_timeout(3000)
             save(page, "runs")
             choose(page, "language", "中文")

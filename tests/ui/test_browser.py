@@ -42,11 +42,11 @@ def wait_for_status(page, word: str, timeout: float = 90_000) -> None:
     page.locator("#train-status").filter(has_text=word).wait_for(timeout=timeout)
 
 
-def plotted_points(page) -> int:
-    """Marks drawn in the loss plot (vega's SVG/canvas scenegraph is not in the DOM: count from its data)."""
-    return page.evaluate("""() => {
-        const el = document.querySelector('#train-plot');
-        return el ? el.querySelectorAll('canvas, svg').length : 0; }""")
+def plot_image(page) -> str:
+    """The loss plot's current picture (a matplotlib figure, sent as an image)."""
+    img = page.locator("#train-plot img").first
+    img.wait_for(timeout=30_000)
+    return img.get_attribute("src") or ""
 
 
 @pytest.mark.timeout(900)  # about 2 minutes on 2 idle cores; generous for a loaded machine
@@ -81,12 +81,13 @@ def test_train_stop_resume_chat_export(ui: str, browser, workspace: Path):
     page.wait_for_function("() => /step (\\d+)/.test(document.querySelector('#train-status').innerText)"
                            " && +document.querySelector('#train-status').innerText.match(/step (\\d+)/)[1] >= 2",
                            timeout=120_000)
-    first = status_step(page)
+    first, picture = status_step(page), plot_image(page)
     page.wait_for_function(f"() => +(document.querySelector('#train-status').innerText.match(/step (\\d+)/) || [0, 0])[1]"
                            f" > {first}", timeout=60_000)  # the curve keeps growing
     rows = [json.loads(line) for line in (workspace / "runs/ui/metrics.jsonl").read_text().splitlines()]
     assert len(rows) >= 3 and all(r["loss"] > 0 for r in rows)
-    assert plotted_points(page) > 0
+    page.wait_for_function("(before) => { const i = document.querySelector('#train-plot img');"
+                           " return i && i.getAttribute('src') !== before; }", arg=picture, timeout=60_000)
 
     page.locator("#train-stop").click()
     wait_for_status(page, "stopped")

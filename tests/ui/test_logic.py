@@ -198,12 +198,13 @@ def test_eval_configs_are_checked_before_they_run(ws: Workspace, model, data, ou
     assert Jobs(ws).all() == []  # nothing started
 
 
-def test_plot_frames_are_numeric_even_when_empty():
-    # the plot takes its axis types from the first frame it gets: an empty frame of objects made them categories
-    empty = runs.frame([])
-    assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"
-    full = runs.frame([{"step": 3, "loss": 2.5, "run": "a"}], color="run")
-    assert full.to_dict("records") == [{"step": 3, "loss": 2.5, "run": "a"}]
+def test_loss_figures_draw_each_series():
+    assert runs.figure({}) is None and runs.figure({"a": []}) is None
+    points = [{"step": 1, "loss": 2.5, "series": "loss"}, {"step": 2, "loss": 2.0, "series": "loss"},
+              {"step": 2, "loss": 2.2, "series": "eval_loss"}]
+    fig = runs.figure({"runs/a": points, "runs/b": points[:1]})
+    lines = {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()}
+    assert lines == {"runs/a train": [[1, 2.5], [2, 2.0]], "runs/a eval": [[2, 2.2]], "runs/b train": [[1, 2.5]]}
 
 
 def test_chat_streams_when_gradio_resumes_the_generator_on_other_threads():

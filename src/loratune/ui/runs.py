@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from loratune.train.metrics import read_rows
 from loratune.ui.paths import Workspace
@@ -61,12 +62,27 @@ def metrics(folder: Path) -> list[dict]:
     return points
 
 
-def frame(points: list[dict], color: str = "series") -> pd.DataFrame:
-    """Points as the loss plot takes them: numeric step and loss (an empty frame too: the plot takes the axis
-    types from the first frame it gets, and an empty frame of objects would make them categories)."""
-    return pd.DataFrame({"step": pd.Series([p["step"] for p in points], dtype="int64"),
-                         "loss": pd.Series([p["loss"] for p in points], dtype="float64"),
-                         color: pd.Series([p[color] for p in points], dtype="object")})
+def figure(curves: dict[str, list[dict]]) -> Figure | None:
+    """The loss curves of one or more runs ({name: points of `metrics`}) as a matplotlib figure (train loss as a
+    line, eval loss as dots), or None when there is no point yet. Drawn with matplotlib's object API, as
+    loss.png is: Gradio's own line plot draws no line when it starts empty and gets colours later."""
+    if not any(curves.values()):
+        return None
+    fig = Figure(figsize=(7, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, points in curves.items():
+        for series, style in (("loss", "-"), ("eval_loss", "o--")):
+            xy = [(p["step"], p["loss"]) for p in points if p["series"] == series]
+            if xy:
+                label = f"{name} {'train' if series == 'loss' else 'eval'}" if name else series.replace("_", " ")
+                ax.plot(*zip(*xy), style, label=label, linewidth=1.3, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def config_text(folder: Path) -> str:

@@ -26,12 +26,8 @@ def table(ctx: Context, lang: str) -> pd.DataFrame:
                                        t("runs.adapter", lang)])
 
 
-def curves(ctx: Context, names: list[str]) -> pd.DataFrame:
-    points = []
-    for name in names:
-        for p in runs.metrics(ctx.ws.resolve(name, "run", kind="dir")):
-            points.append({"step": p["step"], "loss": p["loss"], "run": f"{name} ({p['series']})"})
-    return runs.frame(points, color="run")
+def curves(ctx: Context, names: list[str]) -> Any:
+    return runs.figure({name: runs.metrics(ctx.ws.resolve(name, "run", kind="dir")) for name in names})
 
 
 def samples_markdown(ctx: Context, name: str, lang: str) -> str:
@@ -52,7 +48,7 @@ def build(ctx: Context) -> None:
     chosen = gr.Dropdown(label=ctx.text("runs.compare"), choices=[r.name for r in runs.find_runs(ctx.ws)],
                          multiselect=True, max_choices=COMPARED, elem_id="runs-compare")
     ctx.labels.add(chosen, "runs.compare")
-    plot = gr.LinePlot(curves(ctx, []), x="step", y="loss", color="run", height=280, elem_id="runs-plot")
+    plot = gr.Plot(elem_id="runs-plot")
     columns = []
     with gr.Row():
         for i in range(COMPARED):

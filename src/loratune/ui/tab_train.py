@@ -83,8 +83,7 @@ def build(ctx: Context) -> None:
             job = gr.Dropdown(label=ctx.text("train.job"), choices=job_choices(ctx), elem_id="train-job")
             ctx.labels.add(job, "train.job")
             status = gr.Markdown(elem_id="train-status")
-            plot = gr.LinePlot(runs.frame([]), x="step", y="loss", color="series", label=ctx.text("train.curve"),
-                               elem_id="train-plot", height=260)
+            plot = gr.Plot(label=ctx.text("train.curve"), elem_id="train-plot")
             ctx.labels.add(plot, "train.curve")
             log = gr.Textbox(label=ctx.text("train.log"), lines=8, max_lines=8, autoscroll=True, elem_id="train-log")
             ctx.labels.add(log, "train.log")
@@ -168,7 +167,7 @@ def build(ctx: Context) -> None:
         except LoratuneError:
             current = None
         if current is None:
-            return ["", runs.frame([]), "", None]
+            return ["", None, "", None]
         folder = ctx.ws.resolve(current.target, "output.dir")
         points, last, text = runs.metrics(folder), runs.run_info(ctx.ws, folder), ctx.jobs.log(current)
         state = ctx.jobs.status(current).split(" ")[0]
@@ -180,7 +179,7 @@ def build(ctx: Context) -> None:
         if was == now:
             return [gr.update(), gr.update(), gr.update(), before]
         same_points = was is not None and was[0] == job_id and was[3] == len(points)
-        return [line, gr.update() if same_points else runs.frame(points), text, now]
+        return [line, gr.update() if same_points else runs.figure({"": points}), text, now]
 
     ctx.timer.tick(follow, [job, ctx.lang, shown], [status, plot, log, shown], show_progress="hidden")
     job.change(follow, [job, ctx.lang, gr.State(None)], [status, plot, log, shown], show_progress="hidden")
