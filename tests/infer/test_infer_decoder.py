@@ -207,3 +207,18 @@ def test_batched_prompts_of_different_lengths_fill_the_cache_without_padding(eng
     assert cache.lengths == [len(p) + 3 for p in prompts]  # the 4th token is sampled, never fed back
     assert cache.capacity == max(map(len, prompts)) + 4
     assert torch.count_nonzero(cache.keys[0][1, :, len(prompts[1]) + 3:]) == 0  # nothing past row 1's end
+
+
+def test_adapters_of_different_ranks_switch_on_one_decoder(tiny_llama: Path, adapter_a: Path, tmp_path) -> None:
+    from run_folder import make_adapter_dir
+
+    small = make_adapter_dir(tiny_llama, tmp_path / "r2", seed=12, rank=2)
+    sources = [f"big={adapter_a}", f"small={small}"]
+    ours, ref = load_engine(sources, implementation=None), load_engine(sources, implementation="transformers")
+    layer = ours.model.layers[0].attn.q_proj
+    prompts = _prompts(ours.format("big"))
+    for name, rank in (("small", 2), ("big", 8), ("base", 0), ("small", 2)):
+        got = _steps(ours, name, prompts, 6)
+        assert layer.rank == rank
+        with ref.use(name) as model:
+            assert got == [manual_greedy(model, p, 6) for p in prompts], name
