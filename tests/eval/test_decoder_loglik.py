@@ -71,9 +71,11 @@ def test_a_greedy_continuation_and_training_mode(tiny_models: dict[str, Path]) -
 
 
 @pytest.mark.parametrize("bits", [16, 4])
-def test_eval_models_score_on_the_decoder_as_on_transformers(bits: int, tiny_llama: Path, tmp_path: Path) -> None:
-    """As `loratune eval` loads them (one engine: two adapters and their base): each model scores on loratune's
-    decoder over the engine's own tensors, with its adapter, as the transformers model does (NF4 base too)."""
+def test_eval_models_score_on_the_decoder_as_on_transformers(bits: int, tiny_llama: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `loratune eval` loads them (one engine: two adapters and their base) where the engine answers on
+    transformers: each model scores on loratune's decoder over the engine's own tensors, with its adapter, as the
+    transformers model does (NF4 base too)."""
     import sys
 
     from loratune.eval.config import EvalModelConfig
@@ -82,12 +84,14 @@ def test_eval_models_score_on_the_decoder_as_on_transformers(bits: int, tiny_lla
     sys.path.insert(0, str(Path(__file__).parent.parent / "infer"))
     from run_folder import make_adapter_dir
 
+    monkeypatch.setenv("LORATUNE_IMPLEMENTATION", "transformers")
     specs = [EvalModelConfig(name="base", path=str(tiny_llama))]
     for seed in (1, 2):
         folder = make_adapter_dir(tiny_llama, tmp_path / f"a{seed}", bits=bits, seed=seed)
         specs.append(EvalModelConfig(name=f"tuned{seed}", path=str(folder)))
     (group,) = plan(specs)
-    loaded = load(group)
+    loaded = load(group)  # on transformers (the environment says so, as a run trained there would)
+    assert not isinstance(loaded.engine.model, Decoder)
     requests = _requests(4)
     scores = {}
     for name in ("tuned1", "base", "tuned2", "tuned1"):

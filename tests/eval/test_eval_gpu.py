@@ -40,7 +40,7 @@ def test_decoder_scoring_on_cuda_equals_transformers(bits: int, tol: float | Non
                                                      mmlu_dir: Path, tmp_path: Path) -> None:
     folder = make_adapter_dir(tiny_llama, tmp_path / "a", bits=bits, seed=4)
     (group,) = plan([EvalModelConfig(name="tuned", path=str(folder), bits=bits)])
-    loaded = load(group)
+    loaded = load(group, "transformers")
     assert next(loaded.engine.model.parameters()).is_cuda
     task = MCTaskConfig(name="mmlu", path=str(mmlu_dir), shots=2, style="cloze")  # multi-token choices
     prepared = prepare(load_benchmark(task), task, loaded.engine.format("tuned").tokenizer, 2048)

@@ -124,7 +124,7 @@ def test_base_vs_tuned_report_and_rerun(setup: dict[str, Path], monkeypatch: pyt
         monkeypatch.undo()
         loaded: list[list[str]] = []
         real_load = eval_run.load
-        monkeypatch.setattr(eval_run, "load", lambda g: loaded.append([s.spec.name for s in g]) or real_load(g))
+        monkeypatch.setattr(eval_run, "load", lambda g, impl: loaded.append([s.spec.name for s in g]) or real_load(g, impl))
         config = _config(setup, fake.url, [*models, ("other", setup["other"])])
         args = _parse(["eval", str(config)])
         assert args.handler(args) == 0
@@ -145,7 +145,7 @@ def test_bad_inputs_fail_before_loading(setup: dict[str, Path], tmp_path: Path, 
     config = tmp_path / "e.yaml"
     config.write_text(f"models: [{{name: base, path: '{setup['base']}'}}]\nmc: [{{name: x, path: '{bad}'}}]\n"
                       f"output: {{dir: '{tmp_path / 'out'}'}}\n")
-    monkeypatch.setattr(eval_run, "load", lambda g: pytest.fail("loaded a model before reading the data"))
+    monkeypatch.setattr(eval_run, "load", lambda g, impl: pytest.fail("loaded a model before reading the data"))
     args = _parse(["eval", str(config)])
     with pytest.raises(DataError, match=r"bad.csv: row 1: column 6 \(the answer\): got 'Z'"):
         args.handler(args)

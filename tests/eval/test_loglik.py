@@ -75,7 +75,7 @@ def test_adapters_and_4bit_base(tiny_llama: Path, tmp_path: Path) -> None:
     requests = _requests(2)
     for bits in (16, 4):
         folder = make_adapter_dir(tiny_llama, tmp_path / f"a{bits}", bits=bits, seed=bits)
-        engine = load_engine([f"tuned={folder}"])
+        engine = load_engine([f"tuned={folder}"], implementation="transformers")
         with selected(engine, "tuned") as net:
             tuned = score(net, requests, batch_size=4)
             _assert_same(tuned, score_reference(net, requests), tol=1e-4)

@@ -61,7 +61,7 @@ def _lm_eval_samples(model_dir: Path, files: dict[str, dict[str, Path]]) -> dict
 def test_loglikelihoods_and_accuracies_match_lm_eval(family: str, tiny_models: dict[str, Path], mmlu_dir: Path,
                                                      mmlu_jsonl: dict[str, dict[str, Path]]) -> None:
     reference = _lm_eval_samples(tiny_models[family], mmlu_jsonl)
-    engine = load_engine([str(tiny_models[family])])
+    engine = load_engine([str(tiny_models[family])], implementation="transformers")
     tokenizer = engine.format().tokenizer
     decoder = decoder_over(engine.model)
     assert isinstance(decoder, Decoder)

@@ -45,7 +45,7 @@ def test_a_group_serves_its_base_and_adapters(tiny_models: dict[str, Path], runs
 
     specs = [EvalModelConfig(name="base", path=str(tiny_models["llama"])), EvalModelConfig(name="ta", path=str(runs["a"]))]
     (group,) = plan(specs)
-    loaded = load(group)
+    loaded = load(group, "transformers")  # (the transformers model: called as transformers models are)
     assert loaded.names == {"base": "base", "ta": "ta"}
     ids = torch.tensor([[1, 2, 3, 4]])
     with selected(loaded.engine, "base") as net, torch.no_grad():

@@ -188,6 +188,12 @@ class EvalConfig:
         "help": "Pairwise judgments of the models' answers by an OpenAI-compatible model, and Elo ratings."})
     output: EvalOutputConfig = field(default_factory=EvalOutputConfig, metadata={"help": "Where the report goes."})
     batch_size: int = _f(8, "Questions (multiple choice), prompts (generation) or windows (perplexity) per forward pass.")
+    implementation: Union[Literal["auto", "loratune", "transformers"], None] = _f(
+        None, "Which model code answers, as `model.implementation` in training: null (as each adapter was trained, "
+              "or LORATUNE_IMPLEMENTATION), `auto` (loratune's decoder where it covers the model, else transformers "
+              "+ peft), `loratune`, `transformers` (everything on transformers, a reference). Log-likelihoods "
+              "(multiple choice, perplexity) are scored on loratune's decoder wherever it covers the model, unless "
+              "`transformers`.")
     seed: int = _f(1234, "Seed of the bootstrap intervals and of the Elo orderings.")
     bootstrap: int = _f(1000, "Bootstrap resamples behind the intervals of means (ROUGE, BLEU, perplexity, macro "
                               "averages, differences); accuracies use exact Wilson intervals.")

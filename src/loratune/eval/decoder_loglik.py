@@ -8,8 +8,8 @@ token streams with sample boundaries instead of padded rows:
       ├─ prefix  : one forward over the chunk's common prefix into a one-row KV cache     (once per prefix,
       │            kept while consecutive chunks share it)
       ├─ contexts: the cache's row copied to one row per context (a copy, no compute); each context's own
-      │            tokens after the prefix laid end to end in one stream, no padding; the head runs only on
-      │            each context's last token, whose log-probs give every continuation's first token
+      │            tokens after the prefix laid end to end in one stream into those rows, no padding; the head
+      │            runs only on each context's last token, whose log-probs give every continuation's first token
       └─ continuations longer than one token: their tokens after the context, one stream, on a cache whose
                    rows are the contexts' rows selected per continuation
 
@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from loratune.decoder.attention import Boundaries
 from loratune.decoder.cache import KVCache
 from loratune.decoder.model import Decoder
 from loratune.eval.loglik import Request, Score, common_prefix
@@ -119,14 +118,12 @@ class DecoderScorer:
         rest = [c[shared:] for c in chunk]
         lengths = [len(r) for r in rest]
         ids = self._tensor([t for r in rest for t in r])
-        cache = None
-        if shared or multi:
-            capacity = max(len(c) for c in chunk)
-            cache = (_rows_of(dec, self._prefix_cache(chunk[0][:shared]), [0] * len(chunk), shared, capacity)
-                     if shared else dec.new_cache(len(chunk), capacity))
-            hidden = dec.hidden_states(ids, cache.boundaries(lengths), cache=cache)
-        else:  # nothing to keep: one padding-free stream through the decoder's own attention
-            hidden = dec.hidden_states(ids, Boundaries.from_lengths(lengths, self.device))
+        # always through a KV cache, even with nothing shared: its attention needs no compilation per stream length
+        # (the training decoder's compiled FlexAttention would), and the rows are kept for longer continuations
+        capacity = max(len(c) for c in chunk)
+        cache = (_rows_of(dec, self._prefix_cache(chunk[0][:shared]), [0] * len(chunk), shared, capacity)
+                 if shared else dec.new_cache(len(chunk), capacity))
+        hidden = dec.hidden_states(ids, cache.boundaries(lengths), cache=cache)
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         last = F.log_softmax(dec.logits(hidden[ends]).float(), dim=-1)
         best = last.argmax(dim=-1).tolist()
@@ -142,10 +139,9 @@ class DecoderScorer:
                 out[i] = Score(first.logprob + lp, first.greedy and greedy, first.first)
         return out
 
-    def _continuations(self, cache: KVCache | None, chunk: list[tuple[int, ...]], part: list[tuple[int, int]],
+    def _continuations(self, cache: KVCache, chunk: list[tuple[int, ...]], part: list[tuple[int, int]],
                        requests: Sequence[Request]) -> list[tuple[float, bool]]:
         """(sum of log-probs, greedy) of tokens 2.. of each continuation, after its context's cached row."""
-        assert cache is not None
         dec = self.decoder
         conts = [requests[i].continuation for _, i in part]
         starts = [len(chunk[row]) for row, _ in part]

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from loratune.decoder.attention import flash_available
 from loratune.decoder.config import decoder_config
 from loratune.decoder.keys import hf_module_name, linear_names, weight_names
 from loratune.decoder.model import Decoder
@@ -64,7 +66,11 @@ def build(model: nn.Module) -> Decoder:
     first = base.get_submodule(hf_module_name(linear_names(cfg)[0], cfg.hf_prefix))
     first = getattr(first, "base_layer", first)
     compute = getattr(first, "compute_dtype", None) or weights["embed.weight"].dtype
-    return Decoder(cfg, weights, compute_dtype=compute).eval()
+    device = weights["embed.weight"].device
+    # flash-attn where it is installed, else SDPA: scoring's streams vary in length, which compiled FlexAttention
+    # (the decoder's `auto` on CUDA without flash-attn) would recompile for
+    fast = device.type == "cuda" and compute in (torch.float16, torch.bfloat16) and flash_available()
+    return Decoder(cfg, weights, compute_dtype=compute, attention="flash" if fast else "sdpa").eval()
 
 
 def decoder_over(model: nn.Module) -> Decoder | None:

@@ -95,6 +95,7 @@ class Loaded:
     engine: Engine
     names: dict[str, str]  # eval model name -> engine name
     folders: dict[str, str | None] = field(default_factory=dict)
+    transformers_only: bool = False  # implementation=transformers asked for: no decoder view either
     _decoder: Decoder | None | bool = False  # loratune's decoder over the engine's base; False: not built yet
 
     def decoder(self) -> Decoder | None:
@@ -106,18 +107,22 @@ class Loaded:
         return self._decoder  # type: ignore[return-value]
 
 
-def load(group: list[Source]) -> Loaded:
-    """Load a group's base once with its adapters."""
+def load(group: list[Source], implementation: str | None = None) -> Loaded:
+    """Load a group's base once with its adapters; `implementation` (auto | loratune | transformers; None: as
+    training decides) picks the engine's model code (`loratune.infer.load.load_engine`)."""
     plain = [s for s in group if s.run is None]
     adapters = [s for s in group if s.run is not None]
     taken = {s.spec.name for s in adapters}
     base_name = plain[0].spec.name if plain else next(n for n in ("base", "_base", "__base") if n not in taken)
     if adapters:  # one precision for the group (`plan` put only models of the same precision together)
-        engine = load_engine([f"{s.spec.name}={s.path}" for s in adapters], bits=adapters[0].bits, base_name=base_name)
+        engine = load_engine([f"{s.spec.name}={s.path}" for s in adapters], bits=adapters[0].bits, base_name=base_name,
+                             implementation=implementation)
     else:
-        engine = load_engine([plain[0].path], bits=plain[0].spec.bits, base_name=base_name)
+        engine = load_engine([plain[0].path], bits=plain[0].spec.bits, base_name=base_name,
+                             implementation=implementation)
     return Loaded(engine, {s.spec.name: s.spec.name for s in group},
-                  {s.spec.name: s.path if s.run is not None else None for s in group})
+                  {s.spec.name: s.path if s.run is not None else None for s in group},
+                  transformers_only=implementation == "transformers")
 
 
 def release(loaded: Loaded) -> None:
@@ -139,10 +144,13 @@ def selected(engine: Engine, name: str) -> Iterator[torch.nn.Module]:
 
 @contextlib.contextmanager
 def scoring(loaded: Loaded, model: str) -> Iterator[torch.nn.Module]:
-    """The network that scores log-likelihoods as eval model `model`: loratune's decoder over the engine's base
-    with the model's adapter, where the decoder covers it (`decoder_view`), else the engine's own model."""
-    decoder = None if isinstance(loaded.engine.model, Decoder) else loaded.decoder()  # (an engine on the decoder
-    # answers as any of its models through `selected`)
+    """The network that scores log-likelihoods as eval model `model`: the engine's own model when it is loratune's
+    decoder (or implementation=transformers), else loratune's decoder over the engine's base with the model's
+    adapter where the decoder covers it (`decoder_view`), else the engine's transformers model."""
+    # an engine on the decoder answers as any of its models through `selected`; so does a transformers engine when
+    # implementation=transformers was asked for
+    on_decoder = isinstance(loaded.engine.model, Decoder)
+    decoder = None if on_decoder or loaded.transformers_only else loaded.decoder()
     if decoder is not None:
         try:
             decoder_view.use_adapter(decoder, loaded.folders.get(model))

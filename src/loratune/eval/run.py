@@ -89,7 +89,8 @@ class Runner:
         return self.results["judge"].get("answers", {})  # type: ignore[return-value]
 
     def store(self, model: str, task: str, *parts) -> ResultStore:
-        return store_for(self.out, model, task, key_of(FORMAT, self.fingerprints[model], *parts))
+        code = [self.cfg.implementation] if self.cfg.implementation else []  # (numbers differ by rounding)
+        return store_for(self.out, model, task, key_of(FORMAT, self.fingerprints[model], *parts, *code))
 
     def run_models(self) -> None:
         """Each group of models: from the cache when it holds everything, else loaded and computed."""
@@ -105,7 +106,7 @@ class Runner:
                     self._keep(j, j.result())
                 continue
             log.info("loading %s", ", ".join(f"{s.spec.name} ({s.spec.path})" for s in group))
-            loaded = load(group)
+            loaded = load(group, self.cfg.implementation)
             try:
                 for src in group:
                     for j in self.jobs(src.spec.name, loaded.engine.context_length):
