@@ -36,3 +36,11 @@ def test_changed_and_removed_keys_are_reported() -> None:
     old["train"]["lr"] = 1e-3
     old["train"]["no_longer_a_key"] = 3
     assert config_diff(old, new) == ["  train.lr: 0.001 -> 0.0002", "  train.no_longer_a_key: 3 -> (absent)"]
+
+
+def test_the_benchmark_scored_during_training_may_change_on_resume() -> None:
+    new = _config()
+    old = copy.deepcopy(new)
+    new["train"]["eval_benchmark"]["path"] = "mmlu/"
+    new["train"]["eval_benchmark"]["shots"] = 0
+    assert config_diff(old, new) == []

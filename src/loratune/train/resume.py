@@ -59,6 +59,8 @@ BOOKKEEPING = frozenset({
     "train.save_every", "train.keep_last", "output.dir", "output.overwrite", "output.sample_prompts",
     "output.sample_max_new_tokens", "data.num_proc", "data.cache",
 })
+# Sections that only measure (never change what is trained): any of their keys may change on resume.
+BOOKKEEPING_SECTIONS = ("train.eval_benchmark.",)
 # The run's length: may change on resume (the run is made longer or shorter; the schedule follows).
 LENGTH = frozenset({"train.max_steps", "train.epochs"})
 RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "tensorboard", "samples.json", CHECKPOINTS)
@@ -117,7 +119,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def comparable(cfg: Config | dict) -> dict[str, Any]:
     """The flattened config without bookkeeping keys: what must match to resume."""
     flat = flatten(to_dict(cfg) if not isinstance(cfg, dict) else cfg)
-    return {k: v for k, v in flat.items() if k not in BOOKKEEPING and k not in LENGTH}
+    return {k: v for k, v in flat.items()
+            if k not in BOOKKEEPING and k not in LENGTH and not k.startswith(BOOKKEEPING_SECTIONS)}
 
 
 def config_hash(cfg: Config | dict) -> str:
