@@ -10,8 +10,9 @@ A forward pass with a cache takes one run of new tokens for each of some slots, 
 `boundaries(new_lengths, slots)` gives the stream's `Boundaries` (positions continuing each slot's
 length) and marks those slots as the pass's. Every layer writes its keys and values at the slots' ends
 (one indexed write for the whole stream), then attends:
-- a fresh prefill (every slot empty): the ordinary attention over the stream (the decoder's backend; the
-  prompts are samples with boundaries, no padding), since no cached token exists yet;
+- a fresh prefill (every slot empty): the ordinary attention over the stream (flash-attn's varlen kernel
+  where the decoder uses it, else SDPA; the prompts are samples with boundaries, no padding), since no
+  cached token exists yet;
 - one new token per slot (a decode step): one batched attention over the slots' cached keys, keys past
   each slot's end (and outside the sliding window) masked;
 - otherwise (a chunk continuing a prompt): slot by slot, each run of new tokens to its slot's cache.
@@ -94,14 +95,15 @@ class KVCache:
                window: int | None, softcap: float | None, backend: str | None = None) -> Tensor:
         """Store this layer's new k/v [N, H_kv, D] and attend q [N, H, D] -> [N, H, D].
 
-        `backend`: the decoder's attention implementation, used for a fresh prefill (sdpa or flash; others
-        take the slot-by-slot path, which needs no compilation per prompt length)."""
+        `backend`: the decoder's attention implementation; a fresh prefill runs on flash when that is it, else
+        on sdpa (FlexAttention would compile for every new prompt length). None: the slot-by-slot path."""
         slots, index = self._current(b)
         keys, values = self.keys[layer], self.values[layer]
         keys[index, :, b.positions] = k.to(keys.dtype)
         values[index, :, b.positions] = v.to(values.dtype)
-        if backend in ("sdpa", "flash") and not any(b.offsets):
-            return attend(q, k, v, b, scale=scale, window=window, softcap=softcap, backend=backend)
+        if backend is not None and not any(b.offsets):
+            return attend(q, k, v, b, scale=scale, window=window, softcap=softcap,
+                          backend="flash" if backend == "flash" else "sdpa")
         if all(n == 1 for n in b.lengths):
             return self._step(keys, values, q, b, slots, scale, window, softcap)
         outs, start = [], 0
