@@ -207,6 +207,17 @@ class TrainConfig:
                              "Padded batching: micro-batches accumulated per step. Padding-free: the step's samples "
                              "are cut into micro-batches of at most train.tokens_per_batch tokens, so a step runs as "
                              "many micro-batches as their tokens need (often fewer than grad_accum).")
+    devices: Union[Literal["auto"], int] = _f(
+        "auto", "Processes (GPUs) training together, data parallel. auto: as many as the launcher started "
+                "(`torchrun --nproc-per-node N -m loratune train ...` or `accelerate launch --num_processes N -m "
+                "loratune train ...`), 1 without one. A number must equal the launched world size. Each process takes "
+                "grad_accum of the step's index lists: a step trains on batch_size x grad_accum x devices samples, the "
+                "same samples in the same order, normalised the same, as one process with grad_accum x devices. "
+                "docs/multi-gpu.md")
+    strategy: Literal["auto", "ddp", "fsdp"] = _f(
+        "auto", "How several processes share the work. `ddp`: each holds a full copy of the (quantized) base, the "
+                "adapters' gradients are all-reduced once per step. `fsdp`: FSDP2 sharding (not available yet: "
+                "docs/multi-gpu.md says what blocks it). auto: ddp.")
     batching: Literal["padding_free", "padded"] = _f(
         "padding_free", "How a step's samples reach the model. Either way an optimizer step trains on batch_size x "
                         "grad_accum samples (the effective batch), in the same order, with the loss normalised per "
@@ -460,6 +471,7 @@ def validate(cfg: Config) -> None:
         (t.lr <= 0, f"train.lr must be > 0, got {t.lr}"),
         (t.batch_size != "auto" and t.batch_size < 1, f"train.batch_size must be >= 1 or auto, got {t.batch_size}"),
         (t.grad_accum < 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.devices != "auto" and t.devices < 1, f"train.devices must be >= 1 or auto, got {t.devices}"),
         (t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0), "set train.max_steps > 0 or train.epochs > 0"),
         (not 0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.max_grad_norm < 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}"),

@@ -42,6 +42,7 @@ from loratune.data.collate import Batching, batch_order
 from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
 from loratune.pref.objective import SFT, Objective
+from loratune.train.distributed import World
 from loratune.train.faults import fault
 from loratune.train.optim import build_scheduler
 from loratune.train.runner import Runner
@@ -106,15 +107,19 @@ class Loop:
 
     def __init__(self, runner: Runner, samples: list[Sample], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                  accelerator: Accelerator, batching: Batching, group_by_length: bool = False,
-                 objective: Objective | None = None) -> None:
+                 objective: Objective | None = None, world: World | None = None) -> None:
         self.runner, self.samples, self.cfg, self.batching = runner, samples, cfg, batching
+        # several processes (loratune.train.distributed): a window holds every rank's index lists, each rank
+        # trains on its share, so a step is the step of one process with grad_accum x world lists
+        self.world = world or World()
+        self.accum = cfg.grad_accum * self.world.size
         self.objective = objective or SFT()
         self.stats: dict[str, float] = {}  # the objective's metrics of the latest step
         self.eval_stats: dict[str, float] = {}  # ... of the latest evaluation
         self.optimizer, self.acc, self.group_by_length = optimizer, accelerator, group_by_length
         self.graphs = runner.graphs  # CUDA graph replay of repeated micro-batch shapes (loratune.kernels.graphs)
         self.n_micro = len(self.order(0))
-        self.steps_per_epoch = steps_per_epoch(self.n_micro, cfg.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(self.n_micro, self.accum)
         self.total = total_steps(cfg, self.steps_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
         self.params = [p for p in runner.module.parameters() if p.requires_grad]
@@ -132,7 +137,7 @@ class Loop:
             if micro >= len(order):
                 epoch, micro = epoch + 1, 0
                 order = self.order(epoch)
-            window = order[micro:micro + self.cfg.grad_accum]
+            window = order[micro:micro + self.accum]
             micro += len(window)
             yield epoch, micro, window
 
@@ -158,7 +163,8 @@ class Loop:
         and read once at the end. A non-finite micro-batch therefore makes the whole window's loss
         non-finite and the step is skipped (its gradients are dropped with it).
         """
-        n_window = sum(self.objective.units(b) for b in batches)
+        # every rank's count: the normaliser is the whole window's (one all-reduce, before any backward)
+        n_window = self.world.sum_count(sum(self.objective.units(b) for b in batches), self.acc.device)
         self.stats = {}
         if n_window == 0:
             return float("nan"), 0
@@ -185,7 +191,8 @@ class Loop:
             fault("step.backward")
             total += loss_sum.detach()
             del loss_sum  # drop this micro-batch's autograd graph now: a CUDA graph capture must not meet it
-        value = float(total)
+        self.world.sum_grads(self.params)  # several processes: every rank's gradients summed, in place
+        value = float(self.world.sum_loss(total))  # non-finite on any rank: skipped on all
         self.stats = _mean_stats(stats)
         return (value if math.isfinite(value) else float("nan")), n_window
 
@@ -193,8 +200,8 @@ class Loop:
         """One optimizer step over the window; skipped (no update) if the loss or a gradient is non-finite."""
         t0 = time.perf_counter()
         self.runner.module.train()
-        batches = self.batches(window)
-        n_input = self.input_tokens(window)
+        batches = self.batches(self.world.share(window))
+        n_input = self.input_tokens(window)  # the whole window's, every rank's share
         with self.runner.frozen_adapters():  # no adapter weight changes until optimizer.step below
             loss_sum, n_window = self.forward_backward(batches)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (set by the schedule's last step)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import random
@@ -48,6 +49,7 @@ from loratune.pref.objective import make_objective
 from loratune.pref.reference import precompute_reference
 from loratune.pref.reward import attach_reward_head, load_reward_head, save_reward_head
 from loratune.train import card, faults
+from loratune.train import distributed
 from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clean_leftovers, fill, load_weights,
                                        read_meta, restore_training, rotate, write_checkpoint)
 from loratune.train.interrupt import GracefulStop
@@ -59,6 +61,7 @@ from loratune.train.progress import Reporter, memory_gib
 from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff, config_hash,
                                    continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
                                    length_message, plan_start, resume_mode)
+from loratune.train.trainer_state import load_rng_state, rng_state
 from loratune.train.run_folder import RUN_FILE, library_versions, save_run
 from loratune.train.runner import DecoderRunner, HFRunner, Runner, decoder_graphs
 from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
@@ -115,11 +118,8 @@ def make_accelerator(resolved: Resolved) -> Accelerator:
     # accelerate keeps its settings in a process-wide singleton that refuses a different precision;
     # one process may train several times (tests, the web UI), so each run starts from a clean one.
     AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=mixed, cpu=cpu)
-    if acc.num_processes > 1:
-        raise ConfigError("training on several processes/GPUs is not supported yet; run on one GPU "
-                          "(without `accelerate launch --num_processes`)")
-    return acc
+    # launched by torchrun / accelerate launch, this also joins the process group (gloo on CPU, NCCL on GPUs)
+    return Accelerator(mixed_precision=mixed, cpu=cpu)
 
 
 def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config,
@@ -130,7 +130,11 @@ def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config
         # CUDA graph replay of its fixed-shape streams where resolved on (loratune.train.runner.decoder_graphs)
         graphs = decoder_graphs(model.module, r.compute_dtype) if r.graphs else None
         return DecoderRunner(model.module, acc.device, graphs), acc.prepare(optimizer)
-    prepared, optimizer = acc.prepare(model.module, optimizer)
+    if acc.num_processes > 1:  # not wrapped in DDP: the loop sums the adapters' gradients itself, once per window
+        # (loratune.train.distributed says why); accelerate still places the model and applies autocast
+        prepared, optimizer = acc.prepare_model(model.module, evaluation_mode=True), acc.prepare(optimizer)
+    else:
+        prepared, optimizer = acc.prepare(model.module, optimizer)
     graphs = None
     if r.graphs and cfg.train.method == "sft":  # CUDA graph replay of repeated micro-batch shapes, where it is exact
         # (loratune.kernels.graphs); the preference objectives are not graphed
@@ -168,17 +172,24 @@ class Run:
     def __init__(self, cfg: Config, stop: GracefulStop) -> None:
         self.stop, self.out = stop, Path(cfg.output.dir)
         self.root = self.out / CHECKPOINTS
+        # several processes (torchrun / accelerate launch): rank 0 alone prints and writes (distributed.py)
+        self.world = distributed.world_from_env()
+        if not self.world.main:  # rank 0 tells the story; the others speak up only for warnings and errors
+            logging.getLogger("loratune").setLevel(logging.WARNING)
+        self.strategy = distributed.check_world(cfg.train.devices, cfg.train.strategy, self.world)
         start = plan_start(cfg, self.say)
         meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
         # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
         saved_batch = (meta or {}).get("config", {}).get("train", {}).get("batch_size")
-        cfg, self.resolved = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
+        with contextlib.nullcontext() if self.world.main else contextlib.redirect_stdout(io.StringIO()):
+            cfg, self.resolved = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
         self.cfg = cfg
         if meta is not None:  # before the slow part, so a refused resume fails at once
             check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start.checkpoint)
         self.out.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(self.out)
-        clean_leftovers(self.root)
+        if self.world.main:
+            clean_leftovers(self.out)
+            clean_leftovers(self.root)
         seed_everything(cfg.train.seed)
         self.tokenizer, self.info = load_tokenizer(cfg.model)
         if self.info.pad_is_eos:
@@ -189,6 +200,7 @@ class Run:
         else:  # pairs (or KTO's labelled completions), labels on the completions (loratune.data.preference)
             self.data = prepare_preference_data(cfg.data, self.tokenizer, self.info, cfg.train.seed, cfg.train.method)
         self.acc = make_accelerator(self.resolved)
+        distributed.check_launch(self.acc.num_processes, self.world, start.checkpoint, meta)
         model = build_trainable(cfg, self.resolved)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
@@ -198,7 +210,7 @@ class Run:
         batching = make_batching(cfg, r, self.info.pad_id)
         self.loop = Loop(runner, self.data.train, cfg.train, optimizer, self.acc, batching,
                          group_by_length=cfg.data.group_by_length,
-                         objective=make_objective(cfg.train.method, cfg.preference))
+                         objective=make_objective(cfg.train.method, cfg.preference), world=self.world)
         if cfg.train.method in ("dpo", "kto") and cfg.preference.reference == "precomputed":
             precompute_reference(self.loop.objective, runner, batching, self.data.train + self.data.eval)
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
@@ -211,9 +223,10 @@ class Run:
             check_compatible(data_diff(meta["data"], self.fingerprints), cfg, start.checkpoint)
             self._restore(start, meta)
         self.window = Window(cfg.train.log_every, self.state.window)  # the reported loss and tokens/s
-        self.reporter = Reporter(self.loop.total, self.state.step)
+        self.reporter = Reporter(self.loop.total, self.state.step) if self.world.main else distributed.Quiet()
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
-        self.metrics = MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
+        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
+                        if self.world.main else distributed.Quiet())
         self.has_eval = bool(self.data.eval)
         self.benchmark, self.benchmark_step = None, -1  # train.eval_benchmark (read and tokenized now: a bad
         # file fails before training) and the last step it was scored at
@@ -235,6 +248,8 @@ class Run:
         folder, done = start.checkpoint, start.continues
         self.state = restore_training(folder, meta, self.parts)
         self._load_head(folder)
+        if not self.world.main:  # restore_training set rank 0's RNG: this rank's own comes last
+            load_rng_state(*distributed.load_rank_rng(folder, self.world.rank))
         if done is not None:  # only now is the length known in epochs for a run that did not record it
             judge_length(self.cfg, done, self.loop.total)
         planned = meta.get("total_steps") or (done.total if done is not None else self.loop.total)
@@ -246,7 +261,9 @@ class Run:
         lr = apply_schedule(self.loop.scheduler)[0]  # this run's schedule (the total may differ from the saved one)
         if folder.parent.resolve() == self.root.resolve():  # (a checkpoint of another run is not ours)
             self.saved_step = self.state.step
-            drop_newer(self.root, self.state.step, self.say)
+            if self.world.main:
+                drop_newer(self.root, self.state.step, self.say)
+            self.world.barrier()
         if done is not None:
             self._continue(done, lr_saved, lr)
             return
@@ -257,7 +274,8 @@ class Run:
     def _continue(self, done: FinishedRun, lr_saved: float, lr: float) -> None:
         """Train the finished run `done` further (to the longer total this config plans), saying so in one line."""
         self.state.stopped_early = False
-        (self.out / RUN_FILE).unlink(missing_ok=True)  # unfinished again, until this run finishes
+        if self.world.main:
+            (self.out / RUN_FILE).unlink(missing_ok=True)  # unfinished again, until this run finishes
         log.info("%s", continue_message(self.cfg, done, self.loop.total, lr_saved, lr))
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -268,7 +286,7 @@ class Run:
 
     def fit(self) -> TrainResult:
         state = self.state
-        if self.fresh and self.cfg.output.sample_prompts and not self.finished:
+        if self.fresh and self.cfg.output.sample_prompts and not self.finished and self.world.main:
             self._samples_before()
         if self.benchmark is not None and self.fresh and state.step == 0 and not self.finished:
             self._score_benchmark()  # the base's accuracy, before any training
@@ -285,7 +303,8 @@ class Run:
             else:
                 result, message = self.finish()
         # after the progress bar is gone, so that it cannot redraw over the summary
-        print(message, file=sys.stderr if result.interrupted else sys.stdout, flush=True)
+        if self.world.main:
+            print(message, file=sys.stderr if result.interrupted else sys.stdout, flush=True)
         return result
 
     # ---------------------------------------------------------------------------------------- samples
@@ -354,6 +373,8 @@ class Run:
                 return True
         if bench:
             self._score_benchmark()
+        if self.world.any(self.stop.requested, self.acc.device) and not self.stop.requested:  # SIGTERM on another rank
+            self.stop.request("a stop request on another process")
         if save or self.stop.requested:
             self.save_checkpoint()
         return self.stop.requested
@@ -393,7 +414,7 @@ class Run:
         self.t_start += time.perf_counter() - t0
 
     def _plot(self) -> None:
-        if self.cfg.train.plot:
+        if self.cfg.train.plot and self.world.main:
             note = plot_losses(self.metrics.rows(), self.out / PLOT_FILE)
             if note and not getattr(self, "_plot_noted", False):
                 self._plot_noted = True
@@ -413,7 +434,7 @@ class Run:
                 "tokens_per_batch": r.tokens_per_batch,
                 "steps": s.step, "total_steps": self.loop.total, "steps_per_epoch": self.loop.steps_per_epoch,
                 "epochs": round(self._epochs(), 4), "tokens": s.tokens, "seconds": round(s.seconds, 2),
-                "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
+                "processes": self.world.size, "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
                 "train_loss": s.last_loss, "train_loss_steps": self.window.span(s.step) if s.last_loss is not None
                 else None, "eval_loss": s.last_eval if s.last_eval_step == s.step else None,
                 "best_eval_loss": s.best_eval, "best_step": s.best_step if s.best_step >= 0 else None,
@@ -434,10 +455,11 @@ class Run:
             self.model_facts, self.data.stats, facts, library_versions(), samples,
             plot=final and (self.out / PLOT_FILE).is_file(), checkpoint_of=None if final else self.loop.total))
 
-    def _fill(self, folder: Path) -> None:
+    def _fill(self, folder: Path, rngs: list[object]) -> None:
         facts = self._facts()
         fill(folder, self.parts, self.state, self.cfg, self.fingerprints, facts, config_hash=config_hash(self.cfg),
              card=self._card(facts, final=False))
+        distributed.save_rank_rngs(folder, rngs)  # ranks past 0 (rank 0's is in the training state)
         if self.cfg.train.method == "rm":
             save_reward_head(self.parts.model.module, folder)
 
@@ -450,7 +472,12 @@ class Run:
         """Atomically write the checkpoint of the current step; then rotate older ones."""
         if self.saved_step == self.state.step:
             return self.root / checkpoint_name(self.state.step)
-        path = write_checkpoint(self.root, self.state.step, self._fill, fault=faults.fault)
+        rngs = self.world.gather(rng_state())  # every rank's RNG (a collective: all ranks save together)
+        path = self.root / checkpoint_name(self.state.step)
+        if self.world.main:
+            path = write_checkpoint(self.root, self.state.step,
+                                    lambda folder: self._fill(folder, rngs), fault=faults.fault)
+        self.world.barrier()  # the others wait until it is in place
         self.saved_step = self.state.step
         self._rotate()
         faults.fault("save.rotated")
@@ -459,6 +486,8 @@ class Run:
 
     def _rotate(self) -> None:
         """Keep the newest train.keep_last checkpoints and the best one (only after a save completed)."""
+        if not self.world.main:
+            return
         best = {self.root / checkpoint_name(self.state.best_step)} if self.state.best_step >= 0 else set()
         rotate(self.root, self.cfg.train.keep_last, protect=best)
 
@@ -489,13 +518,15 @@ class Run:
                 which = f"best eval loss, step {state.best_step}"
             else:
                 log.warning("the best checkpoint (step %d) is gone; the output holds the last step", state.best_step)
-        samples = self._samples_after() if self.cfg.output.sample_prompts else ""
+        samples = self._samples_after() if self.cfg.output.sample_prompts and self.world.main else ""
         self._plot()  # before the card, which shows it
         facts = {**self._facts(), "adapter": which, "checkpoint": str(path)}
-        save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg, extra=facts,
-                 card=self._card(facts, final=True))
-        if self.cfg.train.method == "rm":
-            save_reward_head(self.parts.model.module, self.out)
+        if self.world.main:
+            save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg,
+                     extra=facts, card=self._card(facts, final=True))
+            if self.cfg.train.method == "rm":
+                save_reward_head(self.parts.model.module, self.out)
+        self.world.barrier()  # the output folder is complete when any process returns
         self.metrics.close()
         result = self._result(path)
         summary = self._summary(result, which)
