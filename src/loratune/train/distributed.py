@@ -23,6 +23,7 @@ barrier. Each rank's RNG state goes into the checkpoint (`rng_file`), so resume 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,13 +93,13 @@ class World:
                 p.grad.copy_(summed)
             offset += n
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank if `flag` is true on any (a stop request)."""
+    def max_int(self, n: int, device: torch.device) -> int:
+        """The largest of an integer over all ranks (a stop request: the number of the signal that asked)."""
         if not self.active:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def barrier(self) -> None:
         if self.active:
@@ -174,10 +175,14 @@ def saved_world(folder: Path) -> int:
     return 1 + sum(1 for _ in folder.glob("rng_rank*.safetensors"))
 
 
-def check_launch(processes: int, world: World, checkpoint: Path | None, meta: dict | None) -> None:
-    """The process group accelerate joined is the launcher's world; a checkpoint resumes on the world that wrote it."""
+def check_launch(processes: int, world: World) -> None:
+    """The process group accelerate joined is the launcher's world."""
     if processes != world.size:
         raise ConfigError(f"accelerate sees {processes} process(es) but the launcher set {ENV_WORLD}={world.size}")
+
+
+def check_checkpoint_world(world: World, checkpoint: Path | None) -> None:
+    """A checkpoint resumes on as many processes as wrote it (checked before anything loads)."""
     if checkpoint is None:
         return
     saved = saved_world(checkpoint)
@@ -212,3 +217,16 @@ class Quiet:
 
     def close(self) -> None:
         return None
+
+
+def stop_code(signal_name: str | None) -> int:
+    """A stop request as a number all ranks can compare: 0 none, the signal's number, or 1 for another request."""
+    if signal_name is None:
+        return 0
+    known = {s.name: int(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    return known.get(signal_name, 1)
+
+
+def stop_name(code: int) -> str:
+    """The stop request `stop_code` numbered, as GracefulStop names it."""
+    return signal.Signals(code).name if code in (int(signal.SIGINT), int(signal.SIGTERM)) else "stop request"

@@ -179,6 +179,7 @@ class Run:
         self.strategy = distributed.check_world(cfg.train.devices, cfg.train.strategy, self.world)
         start = plan_start(cfg, self.say)
         meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
+        distributed.check_checkpoint_world(self.world, start.checkpoint)
         # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
         saved_batch = (meta or {}).get("config", {}).get("train", {}).get("batch_size")
         with contextlib.nullcontext() if self.world.main else contextlib.redirect_stdout(io.StringIO()):
@@ -200,7 +201,7 @@ class Run:
         else:  # pairs (or KTO's labelled completions), labels on the completions (loratune.data.preference)
             self.data = prepare_preference_data(cfg.data, self.tokenizer, self.info, cfg.train.seed, cfg.train.method)
         self.acc = make_accelerator(self.resolved)
-        distributed.check_launch(self.acc.num_processes, self.world, start.checkpoint, meta)
+        distributed.check_launch(self.acc.num_processes, self.world)
         model = build_trainable(cfg, self.resolved)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
@@ -373,8 +374,10 @@ class Run:
                 return True
         if bench:
             self._score_benchmark()
-        if self.world.any(self.stop.requested, self.acc.device) and not self.stop.requested:  # SIGTERM on another rank
-            self.stop.request("a stop request on another process")
+        # a signal on any rank stops all after this step, with one checkpoint (the same exit code everywhere)
+        code = self.world.max_int(distributed.stop_code(self.stop.signal_name), self.acc.device)
+        if code and not self.stop.requested:
+            self.stop.request(distributed.stop_name(code))
         if save or self.stop.requested:
             self.save_checkpoint()
         return self.stop.requested
