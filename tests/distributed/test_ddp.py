@@ -29,25 +29,26 @@ from loratune.train.run import train
 STEPS = 4
 
 
-def _sections(accum: int, batching: str, **train_extra: object) -> dict:
-    return {"adapter": {"dropout": 0.0},  # dropout draws differ between layouts: off for the comparison
+def _sections(accum: int, batching: str, implementation: str = "auto", **train_extra: object) -> dict:
+    return {"model": {"implementation": implementation},
+            "adapter": {"dropout": 0.0},  # dropout draws differ between layouts: off for the comparison
             "train": {"grad_accum": accum, "max_steps": STEPS, "save_every": 0, "lr": 1e-3, "batching": batching,
                       **train_extra}}
 
 
-def _one_process(tmp_path: Path, model: Path, batching: str, **train_extra: object) -> Path:
+def _one_process(tmp_path: Path, model: Path, batching: str, implementation: str = "auto") -> Path:
     folder = tmp_path / "one"
     folder.mkdir()
-    result = train(config(write_run_yaml(folder, model, **_sections(4, batching, **train_extra))))
+    result = train(config(write_run_yaml(folder, model, **_sections(4, batching, implementation))))
     assert result.steps == STEPS
     return result.out_dir
 
 
 def _two_ranks(tmp_path: Path, model: Path, batching: str, faults: dict[int, str] | None = None,
-               **train_extra: object) -> Path:
+               implementation: str = "auto") -> Path:
     folder = tmp_path / "two"
     folder.mkdir()
-    ranks = launch(write_run_yaml(folder, model, **_sections(2, batching, **train_extra)), 2, faults=faults)
+    ranks = launch(write_run_yaml(folder, model, **_sections(2, batching, implementation)), 2, faults=faults)
     assert ranks.codes == [0, 0], ranks.tail()
     return folder / "out"
 
@@ -63,10 +64,13 @@ def _train_rows(out: Path) -> list[dict]:
     return [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("batching", ["padded", "padding_free"])
-def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Path, batching: str) -> None:
-    one = _one_process(tmp_path, tiny_llama, batching)
-    two = _two_ranks(tmp_path, tiny_llama, batching)
+@pytest.mark.parametrize("batching, implementation", [("padded", "auto"), ("padding_free", "auto"),
+                                                      ("padded", "transformers")])
+def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Path, batching: str,
+                                                 implementation: str) -> None:
+    """On loratune's decoder (auto) and on transformers + peft (not wrapped in DDP: the loop sums gradients)."""
+    one = _one_process(tmp_path, tiny_llama, batching, implementation)
+    two = _two_ranks(tmp_path, tiny_llama, batching, implementation=implementation)
     assert _max_diff(one, two) < 1e-6
     rows1, rows2 = _train_rows(one), _train_rows(two)  # one metrics file, written by rank 0 alone
     assert [r["step"] for r in rows2] == list(range(1, STEPS + 1))
