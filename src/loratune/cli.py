@@ -39,11 +39,22 @@ def _plan(args: argparse.Namespace) -> None:
 
     device = default_device() if args.device == "auto" else args.device
     budget = None if args.budget_gib is None else int(args.budget_gib * GiB)
+    gpus = args.gpus or (cfg.train.devices if isinstance(cfg.train.devices, int) else 1)
     try:
-        print(describe(plan_run(cfg, device=device, budget=budget), cfg))
+        rp = plan_run(cfg, device=device, budget=budget)
+        print(describe(rp, cfg))
     except WouldNotFit as e:
         print(render(e.plan))
-        raise
+        if gpus == 1:
+            raise
+        from loratune.model.parallel_plan import print_per_gpu
+
+        print_per_gpu(cfg, e.plan, gpus, args.strategy, budget, error=e)
+        return
+    if gpus > 1:
+        from loratune.model.parallel_plan import print_per_gpu
+
+        print_per_gpu(cfg, rp.plan, gpus, args.strategy, rp.budget)
 
 
 def _config_args(p: argparse.ArgumentParser, help: str = "YAML config file (see docs/config.md for every key)") -> None:
@@ -68,6 +79,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="plan for this device (default: a GPU when there is one)")
     p.add_argument("--budget-gib", type=float, help="plan against this much free memory instead of what the "
                                                     "device has now (e.g. 80 for an H100 you are not on)")
+    p.add_argument("--gpus", type=int, help="plan per GPU for this many GPUs training together (default: "
+                                            "train.devices when a number, else 1); see docs/multi-gpu.md")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both",
+                   help="with --gpus N > 1: the per-GPU plan of this strategy (default: both)")
     p.set_defaults(handler=_plan)
 
 
