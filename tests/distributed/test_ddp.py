@@ -83,6 +83,36 @@ def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Pat
     assert json.loads((two / "loratune_run.json").read_text())["processes"] == 2
 
 
+def test_dpo_on_two_ranks_equals_one_process(tmp_path: Path, tiny_llama: Path) -> None:
+    """Preference training: the loss normalised by the window's pairs over both ranks, the reported rewards,
+    margins and accuracy averaged over every rank's pairs."""
+    data = str(Path(__file__).parents[2] / "examples" / "data" / "preference.jsonl")
+    pairs = {"data": {"datasets": [{"path": data, "max_samples": 24}], "max_length": 128, "eval_split": 4},
+             "train": {"method": "dpo", "max_steps": STEPS}}
+    outs = []
+    for name, accum, world in (("one", 4, 1), ("two", 2, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        sections = _sections(accum, "padded")
+        path = write_run_yaml(folder, tiny_llama, **{**sections, "data": pairs["data"],
+                                                     "train": {**sections["train"], **pairs["train"]}})
+        if world == 1:
+            train(config(path))
+        else:
+            ranks = launch(path, 2)
+            assert ranks.codes == [0, 0], ranks.tail()
+        outs.append(folder / "out")
+    assert _max_diff(*outs) < 1e-6
+    rows1, rows2 = _train_rows(outs[0]), _train_rows(outs[1])
+    assert len(rows1) == len(rows2) == STEPS
+    for a, b in zip(rows1, rows2):
+        assert a["tokens"] == b["tokens"]  # pairs
+        assert a["accuracy"] == b["accuracy"]
+        # rewards are beta x differences of summed log-probabilities (~ -100 in fp32): rounding of ~1e-7
+        for key in ("loss", "margin", "rewards_chosen", "rewards_rejected"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, a[key], b[key])
+
+
 def test_nonfinite_on_one_rank_skips_the_step_on_all(tmp_path: Path, tiny_llama: Path) -> None:
     """A NaN loss in rank 1's 2nd micro-batch (step 1) skips step 1 everywhere, as one process skips it when its
     window's 2nd micro-batch is NaN; the runs then agree as without the fault."""

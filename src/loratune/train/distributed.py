@@ -101,6 +101,17 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def sum_stats(self, stats: dict[str, list]) -> dict[str, list]:
+        """{name: [sum, count]} summed over the ranks (a rank may have none: its share of the window was empty)."""
+        if not self.active:
+            return stats
+        merged: dict[str, list] = {}
+        for part in self.gather({k: [float(v), float(n)] for k, (v, n) in stats.items()}):
+            for k, (v, n) in part.items():
+                entry = merged.setdefault(k, [0.0, 0.0])
+                entry[0], entry[1] = entry[0] + v, entry[1] + n
+        return merged
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

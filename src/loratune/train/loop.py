@@ -193,6 +193,8 @@ class Loop:
             del loss_sum  # drop this micro-batch's autograd graph now: a CUDA graph capture must not meet it
         self.world.sum_grads(self.params)  # several processes: every rank's gradients summed, in place
         value = float(self.world.sum_loss(total))  # non-finite on any rank: skipped on all
+        if not isinstance(self.objective, SFT):  # a preference objective's metrics: over every rank's share
+            stats = self.world.sum_stats(stats)
         self.stats = _mean_stats(stats)
         return (value if math.isfinite(value) else float("nan")), n_window
 
