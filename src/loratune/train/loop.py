@@ -21,6 +21,11 @@ fp16 with its loss scaler; loratune's decoder computes in its own dtype), `backw
 wrapped optimizer's `step` (which skips and backs the scale off on an fp16 overflow). The trainable
 weights stay fp32: autocast only lowers the precision of the matmuls.
 
+Several processes (`loratune.train.distributed`, launched by torchrun or accelerate launch): a window holds
+`grad_accum x world` index lists, each rank trains on its share, the normaliser is the whole window's count
+(all-reduced before any backward) and the gradients are summed over the ranks after the window, so a step
+is the step of one process with `grad_accum x world` lists.
+
 The data order of every epoch is a pure function of (seed, epoch), and a window's micro-batches a pure
 function of the window, so the position in training is fully described by `LoopState` (step, epoch,
 index list): that is what a checkpoint stores to resume.

@@ -9,6 +9,10 @@ out; `Run.finish` evaluates a last time, saves the final checkpoint, writes the 
 to the output folder and prints the summary. Where a run starts (step 0, a checkpoint, a finished run
 continued, or nothing to do) is decided by `resume.plan_start`; its module docstring has the rules.
 
+Launched as several processes (docs/multi-gpu.md), every rank runs this recipe; rank 0 alone prints and
+writes (metrics, checkpoints with every rank's RNG state, the output folder) while the others wait at a
+barrier, and a stop request on any rank stops all after the step (`loratune.train.distributed`).
+
 Order matters for exact resume: after step N the run evaluates (if due), then checkpoints (if due), so a
 checkpoint of step N holds the state after step N's evaluation, and a resumed run continues with step
 N+1 exactly as the uninterrupted run does. Evaluation consumes no randomness (no dropout, fixed order).
