@@ -209,8 +209,8 @@ class TrainConfig:
                              "many micro-batches as their tokens need (often fewer than grad_accum).")
     devices: Union[Literal["auto"], int] = _f(
         "auto", "Processes (GPUs) training together, data parallel. auto: as many as the launcher started "
-                "(`torchrun --nproc-per-node N -m loratune train ...` or `accelerate launch --num_processes N -m "
-                "loratune train ...`), 1 without one. A number must equal the launched world size. Each process takes "
+                "(`torchrun --nproc-per-node N -m loratune train ...` or `accelerate launch --multi_gpu --num_processes "
+                "N -m loratune train ...`), 1 without one. A number must equal the launched world size. Each process takes "
                 "grad_accum of the step's index lists: a step trains on batch_size x grad_accum x devices samples, the "
                 "same samples in the same order, normalised the same, as one process with grad_accum x devices. "
                 "docs/multi-gpu.md")

@@ -140,7 +140,7 @@ def check_world(devices: int | str, strategy: str, world: World) -> str:
     """The strategy this run uses for `world` (train.devices / train.strategy checked against the launch)."""
     if devices != "auto" and devices != world.size:
         how = (f"launch {devices} processes: `torchrun --nproc-per-node {devices} -m loratune train CONFIG` "
-               f"(or `accelerate launch --num_processes {devices} -m loratune train CONFIG`)")
+               f"(or `accelerate launch --multi_gpu --num_processes {devices} -m loratune train CONFIG` on GPUs)")
         raise ConfigError(f"train.devices is {devices} but {world.size} process(es) were launched; {how}, or set "
                           "train.devices=auto")
     if strategy == "fsdp":
