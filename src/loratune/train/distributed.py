@@ -136,6 +136,14 @@ def world_from_env() -> World:
     return World(rank, size)
 
 
+def bind_device(world: World) -> None:
+    """Several processes on GPUs: this process's GPU (LOCAL_RANK) becomes the current one before anything touches
+    CUDA, so the memory plan reads its own GPU's free memory and no rank opens a context on GPU 0."""
+    local = os.environ.get("LOCAL_RANK")
+    if world.several and local is not None and torch.cuda.is_available():
+        torch.cuda.set_device(int(local))
+
+
 def check_world(devices: int | str, strategy: str, world: World) -> str:
     """The strategy this run uses for `world` (train.devices / train.strategy checked against the launch)."""
     if devices != "auto" and devices != world.size:

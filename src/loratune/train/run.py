@@ -181,6 +181,7 @@ class Run:
         if not self.world.main:  # rank 0 tells the story; the others speak up only for warnings and errors
             logging.getLogger("loratune").setLevel(logging.WARNING)
         self.strategy = distributed.check_world(cfg.train.devices, cfg.train.strategy, self.world)
+        distributed.bind_device(self.world)
         start = plan_start(cfg, self.say)
         meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
         distributed.check_checkpoint_world(self.world, start.checkpoint)
