@@ -54,7 +54,8 @@ def test_kill_one_rank_then_resume_is_exact(tmp_path: Path, tiny_llama: Path) ->
 
 
 def test_resume_on_another_number_of_processes_is_refused(tmp_path: Path, tiny_llama: Path) -> None:
-    """A checkpoint of two ranks resumed by one process: a clear error naming both counts."""
+    """A checkpoint of two ranks resumed by one process: a clear error naming both counts; resumed by two
+    with train.devices set to 2 (it was auto): no config change, it resumes."""
     path = write_run_yaml(tmp_path, tiny_llama)
     stopped = launch(path, 2, faults={0: "term@step.end#2"})  # checkpoint of step 2, unfinished
     assert stopped.codes[0] == 128 + signal.SIGTERM, stopped.tail()
@@ -62,3 +63,6 @@ def test_resume_on_another_number_of_processes_is_refused(tmp_path: Path, tiny_l
     assert alone.codes == [2], alone.tail()  # the CLI's exit code for a config error
     assert "written by 2 process(es), this run has 1" in alone.logs[0], alone.tail()
     assert "Traceback" not in alone.logs[0] and "memory plan" not in alone.logs[0]  # before anything loads
+    both = launch(path, 2, "train.devices=2")  # naming the count is no config change: it resumes
+    assert both.codes == [0, 0], both.tail()
+    assert "resuming from" in both.logs[0] and "step 2 of 8" in both.logs[0], both.tail()

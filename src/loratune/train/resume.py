@@ -58,6 +58,8 @@ BOOKKEEPING = frozenset({
     "train.resume", "train.allow_config_change", "train.log_every", "train.tensorboard", "train.plot",
     "train.save_every", "train.keep_last", "output.dir", "output.overwrite", "output.sample_prompts",
     "output.sample_max_new_tokens", "data.num_proc", "data.cache",
+    # how many processes train is checked against the checkpoint itself (train.distributed.check_checkpoint_world)
+    "train.devices", "train.strategy",
 })
 # Sections that only measure (never change what is trained): any of their keys may change on resume.
 BOOKKEEPING_SECTIONS = ("train.eval_benchmark.",)
