@@ -78,6 +78,9 @@ def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Pat
         assert a["tokens"] == b["tokens"]  # the same supervised tokens: the global normaliser
         assert a["step_input_tokens"] == b["step_input_tokens"]
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6)
+    evals = [[r["eval_loss"] for r in read_rows(out / "metrics.jsonl") if "eval_loss" in r] for out in (one, two)]
+    assert len(evals[1]) >= 1 and len(evals[0]) == len(evals[1])  # each rank evaluated half the eval batches
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(*evals))
     ckpt = two / "checkpoints" / f"step-{STEPS:08d}"
     assert (ckpt / "rng_rank1.safetensors").is_file()  # the other rank's RNG, for exact resume
     assert json.loads((two / "loratune_run.json").read_text())["processes"] == 2

@@ -274,13 +274,20 @@ class Loop:
         module.eval()
         total, n = 0.0, 0
         stats: dict[str, list] = {}
+        world = self.world  # several processes: each evaluates every world-th batch, the sums are all-reduced
         with torch.no_grad(), self.runner.frozen_adapters():
-            for b in self.batching.eval_batches(samples):
+            for i, b in enumerate(self.batching.eval_batches(samples)):
+                if i % world.size != world.rank:
+                    continue
                 k = self.objective.units(b)
                 s, metrics = self.objective.loss_sum(self.runner, b)
                 _add_stats(stats, metrics)
                 total, n = total + float(s), n + k
         module.train()
+        if world.active:
+            total = float(world.sum_loss(torch.tensor(total, dtype=torch.float64, device=self.acc.device)))
+            n = world.sum_count(n, self.acc.device)
+            stats = world.sum_stats(stats) if not isinstance(self.objective, SFT) else stats
         self.eval_stats = _mean_stats(stats)
         return total / n if n else float("nan")
 
