@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,7 @@ import torch.distributed as dist
 from loratune.errors import ConfigError
 
 ENV_RANK, ENV_WORLD = "RANK", "WORLD_SIZE"  # set by torchrun and accelerate launch
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,29 @@ def bind_device(world: World) -> None:
     local = os.environ.get("LOCAL_RANK")
     if world.several and local is not None and torch.cuda.is_available():
         torch.cuda.set_device(int(local))
+
+
+def join(world: World) -> None:
+    """Several processes: join the launcher's process group now, through accelerate's shared state (the
+    `Accelerator` made later reuses it), so the ranks can agree on where the run starts (`main_first`)."""
+    if world.several:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def main_first(world: World, fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0 first (it may clear or change the output folder), then on the others, which find the
+    folder as rank 0 left it and reach the same decision; rank 0's error is theirs too (they meet it again)."""
+    if not world.active:
+        return fn()
+    if world.main:
+        try:
+            return fn()
+        finally:
+            world.barrier()
+    world.barrier()
+    return fn()
 
 
 def check_world(devices: int | str, strategy: str, world: World) -> str:

@@ -182,7 +182,8 @@ class Run:
             logging.getLogger("loratune").setLevel(logging.WARNING)
         self.strategy = distributed.check_world(cfg.train.devices, cfg.train.strategy, self.world)
         distributed.bind_device(self.world)
-        start = plan_start(cfg, self.say)
+        distributed.join(self.world)
+        start = distributed.main_first(self.world, lambda: plan_start(cfg, self.say))  # it may clear the folder
         meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
         distributed.check_checkpoint_world(self.world, start.checkpoint)
         # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
@@ -631,7 +632,8 @@ def train(cfg: Config) -> TrainResult:
         try:
             run = Run(cfg, stop)
         except AlreadyFinished as e:
-            print(e.message, flush=True)
+            if distributed.world_from_env().main:
+                print(e.message, flush=True)
             return finished_result(e.finished)
         return run.fit()
 
