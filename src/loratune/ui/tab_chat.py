@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -25,22 +26,34 @@ from loratune.ui.runs import find_runs
 
 SLOTS = 3
 MAX_NEW_TOKENS = 2048
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_identity(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """(file, size, mtime in ns) of an adapter folder's files: changes when the run writes a new adapter."""
+    out = []
+    for name in ADAPTER_FILES:
+        path = folder / name
+        st = path.stat() if path.is_file() else None
+        out.append((name, st.st_size if st else -1, st.st_mtime_ns if st else -1))
+    return tuple(out)
 
 
 class Loaded:
     """The one engine the UI holds, keyed by what it was loaded from."""
 
     def __init__(self) -> None:
-        self.key: tuple[str, ...] | None = None
+        self.key: tuple | None = None
         self.engine = None
         self.lock = threading.Lock()
 
     def load(self, ws: Workspace, base: str, adapters: list[str]) -> Any:
         if len(adapters) > SLOTS - 1:
             raise LoratuneError(f"at most {SLOTS - 1} adapters side by side, got {len(adapters)}")
-        sources = [f"{display_name(a)}={ws.resolve(a, 'adapter', kind='dir')}" for a in adapters] \
+        folders = [ws.resolve(a, "adapter", kind="dir") for a in adapters]
+        sources = [f"{display_name(a)}={folder}" for a, folder in zip(adapters, folders)] \
             or [ws.source(base, "model")]
-        key = tuple(sources)
+        key = (*sources, *(adapter_identity(Path(folder)) for folder in folders))
         with self.lock:
             if self.key != key:
                 from loratune.infer.load import load_engine
