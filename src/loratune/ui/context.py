@@ -2,12 +2,14 @@
 
 `Labels` remembers each component whose text is a catalogue entry (a label, a button's text, a heading),
 so that switching the language re-sends exactly those texts (`updates`), in the order of `components`.
+A text that is not a catalogue entry (a config section's title, a key's help) is added as a function of the
+language (`add_text`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -18,10 +20,15 @@ from loratune.ui.paths import Workspace
 
 @dataclass
 class Labels:
-    items: list[tuple[Any, str, str]] = field(default_factory=list)  # (component, attribute, catalogue key)
+    # (component, attribute, catalogue key or a function of the language giving the text)
+    items: list[tuple[Any, str, str | Callable[[str], str]]] = field(default_factory=list)
 
     def add(self, component: Any, key: str, attr: str = "label") -> Any:
         self.items.append((component, attr, key))
+        return component
+
+    def add_text(self, component: Any, text: Callable[[str], str], attr: str = "label") -> Any:
+        self.items.append((component, attr, text))
         return component
 
     @property
@@ -29,7 +36,8 @@ class Labels:
         return [c for c, _, _ in self.items]
 
     def updates(self, lang: str) -> list[Any]:
-        return [gr.update(**{attr: t(key, lang)}) for _, attr, key in self.items]
+        return [gr.update(**{attr: t(key, lang) if isinstance(key, str) else key(lang)})
+                for _, attr, key in self.items]
 
 
 @dataclass

@@ -48,10 +48,18 @@ class Field:
         return self.key.split(".", 1)[0]
 
 
-def info(f: Field) -> str:
-    """The line under a field: its help and its default, as docs/config.md gives them."""
-    default = "required" if f.default == REQUIRED else _dump(_plain(f.default))
-    return f"{f.help} (default: {default})"
+DEFAULT_NOTES = {"en": ("(default: {})", "(default: required)"), "zh": ("（默认：{}）", "（必填）"),
+                 "ru": ("(по умолчанию: {})", "(обязательный ключ)")}
+
+
+def info(f: Field, lang: str = "en") -> str:
+    """The line under a field: its help and its default, as docs/config.md gives them (the help in `lang`
+    where `config_help_i18n` has it; the default value as YAML writes it)."""
+    from loratune.ui.config_help_i18n import help_text
+
+    default, required = DEFAULT_NOTES.get(lang, DEFAULT_NOTES["en"])
+    note = required if f.default == REQUIRED else default.format(_dump(_plain(f.default)))
+    return f"{help_text(f.key, f.help, lang)} {note}"
 
 
 def _default(f: dataclasses.Field) -> Any:

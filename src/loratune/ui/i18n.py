@@ -1,9 +1,10 @@
 """The UI's message catalogue: English, Chinese and Russian, one flat mapping of keys per language.
 
-Config keys (`train.lr`), their help (the schema's English documentation, as docs/config.md) and the CLI's
-messages are not translated: they are what the YAML, the docs and the terminal say, so a user can search
-for them. Everything else the page says is here; tests/ui/test_i18n.py checks that every key used by the
-UI exists in all three languages with the same placeholders.
+Config keys (`train.lr`) and the CLI's messages are not translated: they are what the YAML, the docs and the
+terminal say, so a user can search for them. The config sections' titles and each key's help are translated
+in `config_help_i18n` (English: the schema's own help). Everything else the page says is here;
+tests/ui/test_logic.py checks that every key used by the UI exists in all three languages with the same
+placeholders.
 """
 
 from __future__ import annotations

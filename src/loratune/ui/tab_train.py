@@ -18,6 +18,7 @@ import gradio as gr
 from loratune.config import load_config
 from loratune.errors import LoratuneError
 from loratune.ui import form, runs, training
+from loratune.ui.config_help_i18n import section_title
 from loratune.ui.context import Context, error_box
 from loratune.ui.i18n import t
 from loratune.ui.paths import MAX_YAML_CHARS, check_text
@@ -26,8 +27,8 @@ SECTIONS = tuple(dict.fromkeys(f.section for f in form.FIELDS))  # the schema's 
 OPEN = ("model", "data", "train", "output")
 
 
-def _widget(f: form.Field, value: Any) -> Any:
-    common = {"label": f.key, "info": form.info(f), "elem_id": "f-" + f.key.replace(".", "-")}
+def _widget(f: form.Field, value: Any, lang: str) -> Any:
+    common = {"label": f.key, "info": form.info(f, lang), "elem_id": "f-" + f.key.replace(".", "-")}
     if f.kind == "bool":
         return gr.Checkbox(value=value, **common)
     if f.kind == "choice":
@@ -71,9 +72,11 @@ def build(ctx: Context) -> None:
                 load = ctx.button("train.load", scale=1, elem_id="train-load")
             for section in SECTIONS:
                 fields = [f for f in form.FIELDS if f.section == section]
-                with gr.Accordion(section, open=section in OPEN):
+                with gr.Accordion(section_title(section, ctx.default_lang), open=section in OPEN) as accordion:
                     for f in fields:
-                        widgets[f.key] = _widget(f, defaults[f.key])
+                        widgets[f.key] = _widget(f, defaults[f.key], ctx.default_lang)
+                        ctx.labels.add_text(widgets[f.key], lambda lang, f=f: form.info(f, lang), "info")
+                ctx.labels.add_text(accordion, lambda lang, section=section: section_title(section, lang))
         with gr.Column(scale=2):
             error = gr.Markdown(elem_id="train-error")
             with gr.Row():
@@ -98,7 +101,7 @@ def build(ctx: Context) -> None:
     error_field = gr.State(None)
 
     def check(*args: Any) -> list[Any]:
-        *values, _lang, previous = args
+        *values, lang, previous = args
         by_key = dict(zip((f.key for f in form.FIELDS), values))
         message, bad, yaml_text, plan_out, file = "", None, gr.update(), gr.update(), gr.update()
         try:
@@ -110,7 +113,7 @@ def build(ctx: Context) -> None:
             message, bad = str(e), form.field_of_error(str(e))
         updates = {k: gr.update() for k in form.BY_KEY}
         if previous and previous != bad:
-            updates[previous] = gr.update(info=form.info(form.BY_KEY[previous]), elem_classes=[])
+            updates[previous] = gr.update(info=form.info(form.BY_KEY[previous], lang), elem_classes=[])
         if bad:
             updates[bad] = gr.update(info=f"⚠ {message}", elem_classes=["lt-invalid"])
         return [error_box(message), yaml_text, file, plan_out, bad, *updates.values()]

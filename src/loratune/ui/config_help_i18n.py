@@ -1,0 +1,380 @@
+"""Chinese and Russian texts of the Train form's config sections and of every config key's help.
+
+English is the source: the schema's own help (`loratune.config`, what docs/config.md prints). These are
+translations of it, shown under each field when the page is in that language. Key names, option values,
+paths and code (everything between backticks, and names such as data.max_length) stay as they are in the
+YAML and the docs. A key without a translation here falls back to the English help;
+tests/ui/test_config_help_i18n.py names any schema key that lacks one, and checks that each translation
+keeps every backticked token of the English text.
+"""
+
+from __future__ import annotations
+
+SECTION_TITLES: dict[str, dict[str, str]] = {
+    "en": {
+        "model": "model: the base model", "quantization": "quantization: precision of the frozen base",
+        "adapter": "adapter: LoRA settings", "data": "data: datasets and preparation",
+        "train": "train: optimisation and checkpoints", "preference": "preference: DPO, KTO, ORPO, SimPO options",
+        "output": "output: where results go",
+    },
+    "zh": {
+        "model": "model：基础模型", "quantization": "quantization：冻结基座的精度",
+        "adapter": "adapter：LoRA 设置", "data": "data：数据集与预处理",
+        "train": "train：优化与检查点", "preference": "preference：DPO、KTO、ORPO、SimPO 选项",
+        "output": "output：结果保存位置",
+    },
+    "ru": {
+        "model": "model: базовая модель", "quantization": "quantization: точность замороженной базы",
+        "adapter": "adapter: настройки LoRA", "data": "data: наборы данных и их подготовка",
+        "train": "train: оптимизация и контрольные точки", "preference": "preference: параметры DPO, KTO, ORPO, SimPO",
+        "output": "output: куда сохраняются результаты",
+    },
+}
+
+HELP: dict[str, dict[str, str]] = {
+    "zh": {
+        "model.path": "基础模型：本地文件夹或 Hub ID（或内置的离线演示模型 `demo://llama`）。",
+        "model.revision": "基础模型在 Hub 上的版本（分支、标签或提交）。",
+        "model.tokenizer": "分词器文件夹或 Hub ID（若不使用模型自带的分词器）。",
+        "model.trust_remote_code": "运行模型附带的 Python 代码。默认关闭：只对你信任的模型开启。",
+        "model.attn_implementation": "传给 transformers 的注意力内核；`auto` 让 transformers 选择该架构支持的最佳实现"
+                                     "（大多数为 PyTorch SDPA，Gemma 2 为 eager，因为其软截断注意力没有 SDPA 实现）。",
+        "model.kernels": "transformers 路径在 CUDA GPU 上的快速训练路径（loratune.kernels；loratune 自己的解码器，即默认的"
+                         "模型代码，始终运行自己的融合层并忽略此键）：每个 LoRA 线性层与基座权重作为一次融合计算"
+                         "（4 位权重由 loratune 的 Triton 内核反量化），loratune 自己的 Triton RMSNorm 和 SwiGLU 内核，"
+                         "冻结的输入嵌入放在主机内存中，若已安装 liger-kernel 则使用其融合 RoPE（否则 RoPE 保持普通前向）。"
+                         "`auto`（或 true）在 GPU 上使用它们；false（或 off）保留普通的 transformers/peft 前向。在 CPU 上无效。",
+        "model.cuda_graphs": "在 CUDA GPU 上，将每种重复出现的微批次形状的前向和反向传播捕获一次为 CUDA 图并重放"
+                             "（每次启动不经过 Python）：`auto`（或 true）在精确的情况下这样做（批次中无填充、未打包、"
+                             "无适配器 dropout、bf16/fp32 计算、非确定性模式）且实测比 eager 更快时才使用，false 从不使用。"
+                             "参见 loratune.kernels.graphs。",
+        "model.implementation": "由哪套模型代码训练：`loratune` 是 loratune 自己的解码器（loratune.decoder：Llama、Mistral、"
+                                "Qwen2/2.5/3、Gemma 1-3、Phi-3；在 4、16 或 32 位基座上的 LoRA 适配器），`transformers` 是 "
+                                "transformers 模型加 peft 的适配器。`auto` 在 loratune 的解码器支持该架构和设置时使用它，否则使用 "
+                                "transformers + peft（8 位基座、DoRA、modules_to_save、全量微调、其他架构）；运行开始时会用一行"
+                                "说明选了哪一个。两种方式写出的都是同样的 PEFT 适配器。环境变量 LORATUNE_IMPLEMENTATION"
+                                "（loratune 或 transformers）若已设置，则取代 `auto`（用于在任一路径上运行测试套件）。",
+        "quantization.bits": "冻结基座的精度：4（QLoRA）、8（LLM.int8）、16（以 `compute_dtype` 进行普通 LoRA）或 32。",
+        "quantization.quant_type": "4 位数据类型；NF4 是 QLoRA 论文中的 NormalFloat。",
+        "quantization.double_quant": "对量化常数也进行量化（每个权重约节省 0.37 位）。",
+        "quantization.compute_dtype": "矩阵乘法和 16 位权重的数据类型。auto：在支持 bf16 的 GPU 上用 bf16（论文设置），"
+                                      "较旧的 GPU 上用 fp16，CPU 上用 fp32。",
+        "adapter.type": "`lora` 在冻结的基座上训练适配器；`none` 为全量微调（需要 bits 为 16 或 32）。",
+        "adapter.rank": "LoRA 秩 r（论文：64）。",
+        "adapter.alpha": "LoRA alpha；更新按 alpha/r 缩放（使用 rslora 时为 alpha/sqrt(r)）。论文：16。",
+        "adapter.dropout": "适配器输入上的 dropout（论文：13B 及以下为 0.1，33B 和 65B 为 0.05）。",
+        "adapter.target_modules": "`all-linear`（除输出头外的所有线性层，从模型中自动查找）或模块名后缀的列表。",
+        "adapter.exclude_modules": "永不加适配器的模块名后缀，在 target_modules 之后应用。",
+        "adapter.rslora": "秩稳定 LoRA（rsLoRA）：按 alpha/sqrt(r) 而不是 alpha/r 缩放。",
+        "adapter.dora": "权重分解 LoRA（DoRA）。",
+        "adapter.modules_to_save": "完整训练并随适配器一起保存的模块（例如添加词元后的 `lm_head`）。",
+        "data.datasets": "训练数据集，按各自的权重混合。",
+        "data.eval_datasets": "留出的评估数据集（代替 eval_split）。",
+        "data.eval_split": "从训练数据中留出这一比例（0 < x < 1）或这么多条样本（x >= 1）用于评估，按 train.seed 选取；"
+                           "0 表示不留出。",
+        "data.template": "对话模板：`auto`（分词器自带的模板；若分词器没有模板，当 chatml 的标记是词表中的词元时用 chatml，"
+                         "否则用 guanaco 的纯文本标记）、内置名称（llama3、chatml、mistral、gemma、phi3、zephyr、plain、"
+                         "alpaca、vicuna、guanaco），或 .jinja 文件的路径。",
+        "data.template_variables": "对话模板读取的额外变量，与 `apply_chat_template(**kwargs)` 传入的方式相同（例如 Qwen3 的 "
+                                   "`enable_thinking: false`，Llama 3.2 的 `date_string: 26 Jul 2024`，否则其模板会写入"
+                                   "今天的日期）；随运行一起保存，chat 和 serve 也会使用。",
+        "data.max_length": "一条训练序列（以及一个打包行）的截断长度，以词元计。",
+        "data.source_max_length": "qlora.py 的 source_max_len：最多保留这么多提示词元（第一个训练词元之前的词元；保留最靠近"
+                                  "回答的那些）；0：不单独限制。",
+        "data.target_max_length": "qlora.py 的 target_max_len：从第一个训练词元起最多保留这么多词元（截去末尾）；0：不单独限制。",
+        "data.truncation": "长于 max_length 的样本：`prompt_first` 先缩短提示（保留 BOS 和至少 max_length/4 的提示），"
+                           "再截去末尾；`end` 截去末尾；`drop` 丢弃这些样本。会报告相应数量。",
+        "data.train_on": "哪些词元参与损失计算：助手回合、全部词元，或最后一个助手回合。",
+        "data.pack": "把多个样本打包进每行（最多 max_length 个词元）；注意力从不跨越样本。",
+        "data.group_by_length": "不打包时的替代方案：把长度相近的样本放在同一批次（减少填充）。",
+        "data.cache": "把分词后的数据集缓存到 $LORATUNE_CACHE/data，以文件内容、配置和分词器为键。",
+        "data.num_proc": "渲染和分词大型数据集所用的进程数；0 自动选择，1 表示不使用多进程。",
+        "data.streaming": "Hub 数据集：以流式读取记录，而不是先下载整个数据集（本地文件总是逐行读取）。",
+        "train.method": "训练目标：`sft`（监督学习：对训练回合计算下一词元损失），或在“提示 + 被选回答 + 被拒回答”对上"
+                        "的偏好方法：`dpo`（及其变体，见 preference.loss）、`orpo`、`simpo`；或在标注为可取或不可取的"
+                        "补全上的 `kto`；或 `rm`，奖励模型（基座 + LoRA 上的标量头，成对损失，作为 reward_head.safetensors "
+                        "保存在适配器旁边）。选项在 `preference` 部分。dpo 和 kto 的参考策略是禁用适配器后的基础模型"
+                        "（不需要第二份副本）。损失在每个优化器步内按对（kto 按补全）归一化。",
+        "train.epochs": "遍历训练数据的轮数（max_steps > 0 时忽略）。",
+        "train.max_steps": "要运行的优化器步数；-1 表示运行 `epochs` 轮。",
+        "train.batch_size": "train.batching 为 padded 时每个微批次的样本数。使用 padding_free 批处理（默认）时，它决定一个"
+                            "优化器步训练多少样本（batch_size x grad_accum），并在 train.tokens_per_batch 为 auto 时决定"
+                            "微批次的词元预算（batch_size x data.max_length）。`auto`：能放下的最大值，依据开始时打印的"
+                            "内存规划（`loratune plan`）：在 GPU 上估计值保持在空闲显存的 90% 以下；在 CPU 上保持在可用内存"
+                            "的 90% 以下，且最多为 8（更大的 CPU 批次不会带来更高的词元/秒）。恢复的运行沿用其检查点的批大小。",
+        "train.grad_accum": "一个优化器步训练 batch_size x grad_accum 个样本（论文：有效批大小 16）。padded 批处理：每步累积的"
+                            "微批次数。padding_free：该步的样本被切分为每个最多 train.tokens_per_batch 个词元的微批次，"
+                            "因此一步运行的微批次数由词元数决定（通常少于 grad_accum）。",
+        "train.devices": "一起训练的进程（GPU）数，数据并行。auto：启动器启动了多少就用多少（`torchrun --nproc-per-node N -m "
+                         "loratune train ...` 或 `accelerate launch --multi_gpu --num_processes N -m loratune train ...`），"
+                         "没有启动器时为 1。若填数字，必须等于启动的进程总数（world size）。每个进程负责该步索引列表中的 "
+                         "grad_accum 个：一步训练 batch_size x grad_accum x devices 个样本，样本相同、顺序相同、归一化相同，"
+                         "与 grad_accum x devices 的单进程运行一致。见 docs/multi-gpu.md",
+        "train.strategy": "多个进程如何分担工作。`ddp`：每个进程持有（量化的）基座的完整副本，适配器的梯度每步做一次 "
+                          "all-reduce。`fsdp`：FSDP2 分片（尚不可用：docs/multi-gpu.md 说明了阻碍所在）。auto：ddp。",
+        "train.batching": "一步的样本如何送入模型。无论哪种方式，一个优化器步都训练 batch_size x grad_accum 个样本"
+                          "（有效批大小），顺序相同，损失按整步的监督词元归一化。`padding_free`：该步的样本首尾相接并"
+                          "带有边界（注意力和标签从不跨越样本），组成每个最多 train.tokens_per_batch 个词元的微批次，因此"
+                          "没有计算浪费在填充上。`padded`：每个微批次 batch_size 个样本，各自填充到最长样本的长度。",
+        "train.tokens_per_batch": "仅用于无填充批处理：一个微批次的词元预算（按这么多词元规划其内存）。`auto`：batch_size x "
+                                  "data.max_length，即它所替代的填充微批次的大小。至少为 data.max_length。它决定一步的样本"
+                                  "如何切分为微批次（内存和速度），而不决定一步训练哪些样本（batch_size x grad_accum）。"
+                                  "train.batching 为 padded 时忽略。",
+        "train.lr": "峰值学习率（论文：7B 和 13B 为 2e-4，33B 和 65B 为 1e-4）。",
+        "train.optimizer": "优化器；分页（paged）变体在内存紧张时把状态转移到主机内存（论文：分页 AdamW 32 位）。",
+        "train.weight_decay": "AdamW 权重衰减（从不作用于偏置和归一化层）。",
+        "train.adam_beta2": "AdamW 的 beta2。",
+        "train.scheduler": "预热之后的学习率调度（论文：constant）。",
+        "train.warmup_ratio": "学习率从 0 开始预热所占的步数比例（论文：0.03）。",
+        "train.warmup_steps": "以优化器步计的预热步数；大于 0 时取代 warmup_ratio。",
+        "train.loraplus_ratio": "LoRA+：B 矩阵的学习率 = lr x 此比例（例如 16）；0 表示禁用。",
+        "train.max_grad_norm": "梯度裁剪的范数（论文：0.3）；0 表示不裁剪。",
+        "train.gradient_checkpointing": "非重入式激活检查点：true、false 或 auto（4 位和 8 位基座时开启）。",
+        "train.seed": "权重初始化、数据顺序和 dropout 的随机种子。",
+        "train.log_every": "每 N 个优化器步记录一次指标。",
+        "train.max_nonfinite": "连续这么多个优化器步因 NaN/inf 损失或梯度而被跳过后停止训练。",
+        "train.eval_every": "每 N 个优化器步在评估集上计算一次损失；0：在每个检查点和结束时评估。需要 data.eval_split 或 "
+                            "data.eval_datasets。",
+        "train.early_stopping_patience": "连续这么多次评估都没有使最佳评估损失降低至少 early_stopping_min_delta 时停止；"
+                                         "0 表示禁用早停。",
+        "train.early_stopping_min_delta": "评估损失的最小下降量，达到才算改进。",
+        "train.save_every": "每 N 个优化器步把可恢复的检查点保存到 output.dir/checkpoints（结束时也总会保存）；0：只在结束时保存。",
+        "train.keep_last": "只保留最新的 N 个检查点（评估损失最佳的那个另外保留）；0 表示全部保留。",
+        "train.resume": "`auto`（或 true）：从 output.dir 中未完成运行的最新完整检查点继续，否则重新开始；`off`（或 false）："
+                        "总是重新开始；或者填写要继续的检查点（或运行文件夹）的路径。",
+        "train.allow_config_change": "即使配置或训练数据与检查点中的不同也恢复训练（会打印差异）。",
+        "train.deterministic": "只使用确定性算法（torch.use_deterministic_algorithms）：在 CPU 上，运行和恢复的运行得到逐位"
+                               "相同的适配器；在 GPU 上更慢。",
+        "train.tensorboard": "同时把 TensorBoard 日志写到 output.dir/tensorboard（需要 tensorboard 包）。",
+        "train.plot": "在每次评估和结束时绘制 output.dir/loss.png（训练和评估损失）（需要 matplotlib）。",
+        "train.eval_benchmark": "训练期间评分的多项选择基准，如 QLoRA 论文中对 MMLU（5-shot）所做的：其准确率写入 "
+                                "metrics.jsonl、loss.png、摘要和模型卡。除非设置了 train.eval_benchmark.path，否则关闭；"
+                                "其各个键见下方。",
+        "preference.beta": "该方法的温度：`auto` 取论文默认值，DPO/IPO 0.1（Rafailov 等 2023；Azar 等 2023，即其 tau），"
+                           "KTO 0.1（Ethayarajh 等 2024），ORPO 0.1（Hong 等 2024，即其 lambda），SimPO 2.0（Meng 等 2024）。",
+        "preference.loss": "DPO 的损失（train.method 为 dpo 时）：`sigmoid` 即 DPO（label_smoothing > 0 时为保守 DPO），"
+                           "`ipo` 即 IPO（对数比按词元取平均），`robust` 即鲁棒 DPO（Chowdhury 等 2024；label_smoothing "
+                           "为假定的标签翻转率）。",
+        "preference.label_smoothing": "假定一对样本的偏好被翻转的概率，取值于 [0, 0.5)：用于 cDPO/鲁棒 DPO 和 SimPO；0 表示无。",
+        "preference.simpo_gamma": "SimPO 的目标奖励间隔 gamma（论文把 gamma/beta 调到 0.5 附近）。",
+        "preference.reference": "dpo 和 kto 的参考对数概率：`adapter_disabled` 在每一步中计算（多一次不求梯度的前向，即关闭"
+                                "适配器的基座）；`precomputed` 在训练前为每个样本计算一次（同一基座，保存在内存中，恢复运行时"
+                                "重新计算），从而在之后的每一步省去这次前向。",
+        "preference.desirable_weight": "KTO：可取补全的损失权重（论文：1.0；可取样本较少时调高，使 权重 x 数量 的比值保持在 "
+                                       "1 到 4/3 之间）。",
+        "preference.undesirable_weight": "KTO：不可取补全的损失权重（论文：1.0）。",
+        "output.dir": "输出文件夹：适配器、分词器、解析后的配置、指标。",
+        "output.overwrite": "允许写入非空的输出文件夹。",
+        "output.sample_prompts": "在训练开始前和结束后回答的提示（贪心解码，使用训练时的对话模板），用于展示变化；会打印并写入 "
+                                 "output.dir/samples.json。恢复的运行保留其最初的回答。",
+        "output.sample_max_new_tokens": "每个示例提示生成的新词元数。",
+        "output.adapter": "结束时写入 output.dir 的权重：最后一步的权重，或评估损失最低的检查点（此时每次评估有改进时也会"
+                          "保存一个检查点）。",
+    },
+    "ru": {
+        "model.path": "Базовая модель: локальная папка или идентификатор в хабе (или `demo://llama` — встроенная "
+                      "офлайн-демомодель).",
+        "model.revision": "Ревизия базовой модели в хабе (ветка, тег или коммит).",
+        "model.tokenizer": "Папка токенизатора или его идентификатор в хабе, если используется не собственный токенизатор "
+                           "модели.",
+        "model.trust_remote_code": "Выполнять код на Python, поставляемый с моделью. По умолчанию выключено: включайте "
+                                   "только для моделей, которым доверяете.",
+        "model.attn_implementation": "Ядро внимания, передаваемое в transformers; `auto` позволяет transformers выбрать "
+                                     "лучшее из поддерживаемых архитектурой (PyTorch SDPA для большинства, eager для "
+                                     "Gemma 2, у которой для внимания с мягким ограничением нет пути SDPA).",
+        "model.kernels": "Быстрые пути обучения для пути transformers на GPU CUDA (loratune.kernels; собственный декодер "
+                         "loratune, код модели по умолчанию, всегда использует свои слитые слои и игнорирует этот ключ): "
+                         "каждый линейный слой LoRA как одно слитое вычисление над базовым весом (4-битные веса "
+                         "деквантуются Triton-ядром loratune), собственные Triton-ядра RMSNorm и SwiGLU от loratune, "
+                         "замороженный входной эмбеддинг в памяти хоста и слитый RoPE из liger-kernel, если liger-kernel "
+                         "установлен (иначе RoPE сохраняет обычный прямой проход). `auto` (или true) использует их на GPU; "
+                         "false (или off) оставляет обычные прямые проходы transformers/peft. На CPU не действует.",
+        "model.cuda_graphs": "На GPU CUDA один раз записать прямой и обратный проход каждой повторяющейся формы "
+                             "микропакета как граф CUDA и затем воспроизводить его (без Python при каждом запуске): "
+                             "`auto` (или true) делает это там, где это точно (нет паддинга в пакете, нет упаковки, нет "
+                             "dropout адаптера, вычисления в bf16/fp32, не детерминированный режим) и по измерению быстрее "
+                             "eager, false — никогда. См. loratune.kernels.graphs.",
+        "model.implementation": "Какой код модели обучает: `loratune` — собственный декодер loratune (loratune.decoder: "
+                                "Llama, Mistral, Qwen2/2.5/3, Gemma 1-3, Phi-3; адаптеры LoRA на 4-, 16- или 32-битной "
+                                "базе), `transformers` — модель transformers с адаптерами peft. `auto` берёт декодер "
+                                "loratune, где он поддерживает архитектуру и настройки, и transformers + peft в остальных "
+                                "случаях (8-битные базы, DoRA, modules_to_save, полное дообучение, другие архитектуры); в "
+                                "начале запуска одной строкой сообщается, что выбрано. Записывается в любом случае один и "
+                                "тот же адаптер PEFT. Переменная окружения LORATUNE_IMPLEMENTATION (loratune или "
+                                "transformers), если задана, заменяет `auto` (чтобы прогнать набор тестов на любом из путей).",
+        "quantization.bits": "Точность замороженной базы: 4 (QLoRA), 8 (LLM.int8), 16 (обычная LoRA в `compute_dtype`) "
+                             "или 32.",
+        "quantization.quant_type": "Тип данных для 4 бит; NF4 — это NormalFloat из статьи о QLoRA.",
+        "quantization.double_quant": "Квантовать также и константы квантования (экономит около 0,37 бита на вес).",
+        "quantization.compute_dtype": "Тип данных матричных умножений и 16-битных весов. auto: bf16 на GPU, который его "
+                                      "поддерживает (как в статье), fp16 на более старых GPU, fp32 на CPU.",
+        "adapter.type": "`lora` обучает адаптеры на замороженной базе; `none` — полное дообучение (нужны bits 16 или 32).",
+        "adapter.rank": "Ранг LoRA r (в статье: 64).",
+        "adapter.alpha": "Alpha LoRA; обновление масштабируется на alpha/r (или alpha/sqrt(r) с rslora). В статье: 16.",
+        "adapter.dropout": "Dropout на входе адаптера (в статье: 0.1 до 13B, 0.05 для 33B и 65B).",
+        "adapter.target_modules": "`all-linear` (все линейные слои, кроме выходной головы, найденные по модели) или "
+                                  "список суффиксов имён модулей.",
+        "adapter.exclude_modules": "Суффиксы имён модулей, которые никогда не адаптируются; применяются после "
+                                   "target_modules.",
+        "adapter.rslora": "LoRA со стабилизацией по рангу (rsLoRA): масштаб alpha/sqrt(r) вместо alpha/r.",
+        "adapter.dora": "LoRA с декомпозицией весов (DoRA).",
+        "adapter.modules_to_save": "Модули, обучаемые полностью и сохраняемые вместе с адаптером (например, `lm_head` "
+                                   "после добавления токенов).",
+        "data.datasets": "Обучающие наборы данных, смешиваемые согласно их весам.",
+        "data.eval_datasets": "Отложенные наборы данных для оценки (вместо eval_split).",
+        "data.eval_split": "Отложить для оценки эту долю (0 < x < 1) или это число примеров (x >= 1) обучающих данных, "
+                           "выбранных с train.seed; 0 — не откладывать.",
+        "data.template": "Шаблон чата: `auto` (собственный шаблон токенизатора; для токенизатора без шаблона — chatml, "
+                         "если его маркеры являются токенами словаря, иначе текстовые маркеры guanaco), встроенное имя "
+                         "(llama3, chatml, mistral, gemma, phi3, zephyr, plain, alpaca, vicuna, guanaco) или путь к "
+                         "файлу .jinja.",
+        "data.template_variables": "Дополнительные переменные, которые читает шаблон чата, в том виде, как их передаёт "
+                                   "`apply_chat_template(**kwargs)` (например, `enable_thinking: false` для Qwen3, "
+                                   "`date_string: 26 Jul 2024` для Llama 3.2, шаблон которой иначе пишет сегодняшнюю "
+                                   "дату); сохраняются вместе с запуском и используются также в chat и serve.",
+        "data.max_length": "Предельная длина одной обучающей последовательности (и упакованной строки) в токенах.",
+        "data.source_max_length": "source_max_len из qlora.py: оставлять не более этого числа токенов запроса (тех, что "
+                                  "до первого обучаемого токена; сохраняются ближайшие к ответу); 0 — без отдельного "
+                                  "ограничения.",
+        "data.target_max_length": "target_max_len из qlora.py: оставлять не более этого числа токенов начиная с первого "
+                                  "обучаемого токена (конец обрезается); 0 — без отдельного ограничения.",
+        "data.truncation": "Примеры длиннее max_length: `prompt_first` укорачивает запрос (сохраняя BOS и не меньше "
+                           "max_length/4 запроса), затем обрезает конец; `end` обрезает конец; `drop` отбрасывает такие "
+                           "примеры. Их количество сообщается.",
+        "data.train_on": "Какие токены участвуют в функции потерь: реплики ассистента, все токены или последняя реплика "
+                         "ассистента.",
+        "data.pack": "Упаковывать несколько примеров в каждую строку длиной до max_length токенов; внимание никогда не "
+                     "пересекает границы примеров.",
+        "data.group_by_length": "Альтернатива упаковке без неё: объединять в пакет примеры близкой длины (меньше "
+                                "паддинга).",
+        "data.cache": "Кэшировать токенизированные наборы данных в $LORATUNE_CACHE/data с ключом по содержимому файлов, "
+                      "конфигурации и токенизатору.",
+        "data.num_proc": "Число процессов для рендеринга и токенизации больших наборов данных; 0 — выбрать "
+                         "автоматически, 1 — отключить.",
+        "data.streaming": "Наборы данных из хаба: читать записи потоком, не скачивая сначала весь набор (локальные "
+                          "файлы всегда читаются построчно).",
+        "train.method": "Цель обучения: `sft` (обучение с учителем: потери предсказания следующего токена на обучаемых "
+                        "репликах) или метод предпочтений на парах «запрос, выбранный ответ, отвергнутый ответ»: `dpo` "
+                        "(с вариантами, см. preference.loss), `orpo`, `simpo`; или `kto` на ответах, размеченных как "
+                        "желательные или нет; или `rm` — модель вознаграждения (скалярная голова на базе + LoRA, "
+                        "попарная функция потерь, сохраняется рядом с адаптером как reward_head.safetensors). Параметры — "
+                        "в разделе `preference`. Эталонная политика dpo и kto — базовая модель с отключённым адаптером "
+                        "(без второй копии). Потери нормируются на пару (для kto — на ответ) в пределах каждого шага "
+                        "оптимизатора.",
+        "train.epochs": "Число проходов по обучающим данным (игнорируется, если max_steps > 0).",
+        "train.max_steps": "Число шагов оптимизатора; -1 — выполнить `epochs` эпох.",
+        "train.batch_size": "Примеров в микропакете при train.batching padded. При пакетировании padding_free (по "
+                            "умолчанию) задаёт, на скольких примерах обучается шаг оптимизатора (batch_size x "
+                            "grad_accum), а при train.tokens_per_batch auto — бюджет токенов микропакета (batch_size x "
+                            "data.max_length). `auto`: наибольшее значение, которое помещается, по плану памяти, "
+                            "печатаемому в начале (`loratune plan`): на GPU оценка остаётся ниже 90% свободной памяти; "
+                            "на CPU — ниже 90% доступной RAM, не более 8 (большие пакеты на CPU не дают больше "
+                            "токенов/с). Возобновлённый запуск сохраняет размер пакета из своей контрольной точки.",
+        "train.grad_accum": "Шаг оптимизатора обучается на batch_size x grad_accum примерах (в статье: эффективный "
+                            "пакет 16). Пакетирование с паддингом: число микропакетов, накапливаемых за шаг. Без "
+                            "паддинга: примеры шага нарезаются на микропакеты не более чем по train.tokens_per_batch "
+                            "токенов, так что шаг выполняет столько микропакетов, сколько требуют их токены (часто "
+                            "меньше grad_accum).",
+        "train.devices": "Процессы (GPU), обучающиеся вместе, параллелизм по данным. auto: столько, сколько запустил "
+                         "лаунчер (`torchrun --nproc-per-node N -m loratune train ...` или `accelerate launch "
+                         "--multi_gpu --num_processes N -m loratune train ...`), 1 без него. Число должно совпадать с "
+                         "размером запущенной группы процессов (world size). Каждый процесс берёт grad_accum списков "
+                         "индексов шага: шаг обучается на batch_size x grad_accum x devices примерах — тех же, в том же "
+                         "порядке и с той же нормировкой, что и один процесс с grad_accum x devices. docs/multi-gpu.md",
+        "train.strategy": "Как несколько процессов делят работу. `ddp`: каждый держит полную копию (квантованной) "
+                          "базы, градиенты адаптеров суммируются all-reduce один раз за шаг. `fsdp`: шардирование FSDP2 "
+                          "(пока недоступно: что мешает, описано в docs/multi-gpu.md). auto: ddp.",
+        "train.batching": "Как примеры шага попадают в модель. В обоих случаях шаг оптимизатора обучается на "
+                          "batch_size x grad_accum примерах (эффективный пакет), в том же порядке, с потерями, "
+                          "нормированными на обучаемый токен по всему шагу. `padding_free`: примеры шага выкладываются "
+                          "подряд с сохранением границ (внимание и метки никогда не пересекают примеры) в микропакеты "
+                          "не более чем по train.tokens_per_batch токенов, так что вычисления не тратятся на паддинг. "
+                          "`padded`: микропакеты по batch_size примеров, каждый дополнен до самого длинного.",
+        "train.tokens_per_batch": "Только для пакетирования без паддинга: бюджет токенов одного микропакета (его "
+                                  "память планируется на столько токенов). `auto`: batch_size x data.max_length, размер "
+                                  "заменяемого им микропакета с паддингом. Не меньше data.max_length. Определяет, как "
+                                  "примеры шага нарезаются на микропакеты (память и скорость), но не то, на каких "
+                                  "примерах обучается шаг (batch_size x grad_accum). Игнорируется при train.batching "
+                                  "padded.",
+        "train.lr": "Пиковая скорость обучения (в статье: 2e-4 для 7B и 13B, 1e-4 для 33B и 65B).",
+        "train.optimizer": "Оптимизатор; страничные (paged) варианты выгружают состояние в память хоста при нехватке "
+                           "памяти (в статье: paged AdamW 32-bit).",
+        "train.weight_decay": "Затухание весов AdamW (никогда не применяется к смещениям и нормализациям).",
+        "train.adam_beta2": "Параметр beta2 оптимизатора AdamW.",
+        "train.scheduler": "Расписание скорости обучения после разогрева (в статье: constant).",
+        "train.warmup_ratio": "Доля шагов, за которые скорость обучения разогревается от 0 (в статье: 0.03).",
+        "train.warmup_steps": "Разогрев в шагах оптимизатора; если > 0, заменяет warmup_ratio.",
+        "train.loraplus_ratio": "LoRA+: скорость обучения матриц B = lr x этот коэффициент (например, 16); 0 — "
+                                "отключено.",
+        "train.max_grad_norm": "Норма отсечения градиента (в статье: 0.3); 0 отключает отсечение.",
+        "train.gradient_checkpointing": "Нереентерабельные контрольные точки активаций: true, false или auto (включены "
+                                        "для 4- и 8-битных баз).",
+        "train.seed": "Сид для инициализации весов, порядка данных и dropout.",
+        "train.log_every": "Записывать метрики каждые N шагов оптимизатора.",
+        "train.max_nonfinite": "Остановиться после стольких подряд шагов оптимизатора, пропущенных из-за NaN/inf в "
+                               "потерях или градиенте.",
+        "train.eval_every": "Вычислять потери на отложенной выборке каждые N шагов оптимизатора; 0 — в каждой "
+                            "контрольной точке и в конце. Нужен data.eval_split или data.eval_datasets.",
+        "train.early_stopping_patience": "Остановиться после стольких подряд оценок, не снизивших лучшие потери на "
+                                         "оценке на early_stopping_min_delta; 0 отключает раннюю остановку.",
+        "train.early_stopping_min_delta": "Наименьшее снижение потерь на оценке, которое считается улучшением.",
+        "train.save_every": "Сохранять возобновляемую контрольную точку в output.dir/checkpoints каждые N шагов "
+                            "оптимизатора (и всегда в конце); 0 — только в конце.",
+        "train.keep_last": "Хранить только N последних контрольных точек (точка с лучшими потерями на оценке хранится "
+                           "дополнительно); 0 — хранить все.",
+        "train.resume": "`auto` (или true): продолжить незавершённый запуск в output.dir с его последней полной "
+                        "контрольной точки, иначе начать заново; `off` (или false): всегда начинать заново; или путь к "
+                        "контрольной точке (или к папке запуска), с которой продолжить.",
+        "train.allow_config_change": "Возобновлять, даже если конфигурация или обучающие данные отличаются от "
+                                     "сохранённых в контрольной точке (различия печатаются).",
+        "train.deterministic": "Использовать только детерминированные алгоритмы (torch.use_deterministic_algorithms): "
+                               "запуски и возобновлённые запуски дают побитово одинаковые адаптеры на CPU; на GPU "
+                               "медленнее.",
+        "train.tensorboard": "Также писать журналы TensorBoard в output.dir/tensorboard (нужен пакет tensorboard).",
+        "train.plot": "Рисовать output.dir/loss.png (потери на обучении и оценке) при каждой оценке и в конце (нужен "
+                      "matplotlib).",
+        "train.eval_benchmark": "Тест с выбором ответа, оцениваемый во время обучения, как в статье о QLoRA с MMLU "
+                                "(5-shot): его точность записывается в metrics.jsonl, loss.png, сводку и карточку модели. "
+                                "Выключен, пока не задан train.eval_benchmark.path; его ключи — ниже.",
+        "preference.beta": "Температура метода: `auto` берёт значение по умолчанию из статьи: DPO/IPO 0.1 (Rafailov и "
+                           "др. 2023; Azar и др. 2023, их tau), KTO 0.1 (Ethayarajh и др. 2024), ORPO 0.1 (Hong и др. "
+                           "2024, их lambda), SimPO 2.0 (Meng и др. 2024).",
+        "preference.loss": "Функция потерь DPO (train.method dpo): `sigmoid` — DPO (консервативный DPO при "
+                           "label_smoothing > 0), `ipo` — IPO (логарифмы отношений усредняются по токенам), `robust` — "
+                           "робастный DPO (Chowdhury и др. 2024; label_smoothing — предполагаемая доля перевёрнутых "
+                           "меток).",
+        "preference.label_smoothing": "Предполагаемая вероятность того, что предпочтение в паре перевёрнуто, в [0, 0.5): "
+                                      "cDPO/робастный DPO и SimPO; 0 — нет.",
+        "preference.simpo_gamma": "Целевой отступ вознаграждения gamma в SimPO (в статье gamma/beta подбирается около "
+                                  "0.5).",
+        "preference.reference": "Эталонные логарифмы вероятностей для dpo и kto: `adapter_disabled` вычисляет их на "
+                                "каждом шаге (ещё один прямой проход без градиента — база с выключенным адаптером); "
+                                "`precomputed` вычисляет их один раз для каждого примера перед обучением (та же база, "
+                                "хранится в памяти, пересчитывается при возобновлении запуска), экономя этот проход на "
+                                "каждом последующем шаге.",
+        "preference.desirable_weight": "KTO: вес потерь желательных ответов (в статье: 1.0; увеличьте его, если "
+                                       "желательные примеры встречаются реже, так чтобы отношение вес x количество "
+                                       "оставалось в пределах от 1 до 4/3).",
+        "preference.undesirable_weight": "KTO: вес потерь нежелательных ответов (в статье: 1.0).",
+        "output.dir": "Папка результатов: адаптер, токенизатор, итоговая конфигурация, метрики.",
+        "output.overwrite": "Разрешить запись в непустую папку результатов.",
+        "output.sample_prompts": "Запросы, на которые модель отвечает (жадно, с шаблоном чата обучения) до начала и "
+                                 "после окончания обучения, чтобы показать, что изменилось; ответы печатаются и "
+                                 "записываются в output.dir/samples.json. Возобновлённый запуск сохраняет свои первые "
+                                 "ответы.",
+        "output.sample_max_new_tokens": "Число новых токенов, генерируемых на каждый пробный запрос.",
+        "output.adapter": "Веса, записываемые в output.dir в конце: веса последнего шага или контрольной точки с "
+                          "наименьшими потерями на оценке (тогда контрольная точка сохраняется также при каждой "
+                          "оценке, которая их улучшает).",
+    },
+}
+
+
+def section_title(section: str, lang: str) -> str:
+    """The accordion title of a config section in `lang` (the section's name where there is no text)."""
+    return SECTION_TITLES.get(lang, {}).get(section) or SECTION_TITLES["en"].get(section, section)
+
+
+def help_text(key: str, english: str, lang: str) -> str:
+    """The help of config key `key` in `lang`; the schema's English text for `en` or a missing translation."""
+    return HELP.get(lang, {}).get(key) or english
