@@ -4,6 +4,8 @@ The YAML (picked from the workspace and editable in the page) is validated as th
 (`load_eval_config`), every path in it goes through the workspace gate, and then `loratune eval` runs as a
 job. A judge (`judge.prompts`) is refused here: it sends an API key from this machine's environment to
 `judge.base_url`, which a page must not be able to choose; run judged evals from the CLI.
+The handlers (`pick_config`, `run_eval`, `follow_eval`) are module functions of the context, so tests drive
+the tab without a browser.
 """
 
 from __future__ import annotations
@@ -41,6 +43,32 @@ def report_of(ws: Workspace, job: Job) -> str:
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
+def pick_config(ctx: Context, path: str, lang: str) -> list[Any]:
+    """[error, YAML text] of the eval config file `path` of the workspace (the editor's new contents)."""
+    try:
+        return ["", ctx.ws.resolve(path, t("eval.file", lang), kind="file").read_text(encoding="utf-8")]
+    except (LoratuneError, UnicodeDecodeError) as e:
+        return [error_box(str(e)), gr.update()]
+
+
+def run_eval(ctx: Context, config_text: str, lang: str) -> list[Any]:
+    """[error, job id]: the editor's YAML started as `loratune eval`, or the error at its start."""
+    try:
+        return ["", start_eval(ctx, config_text or "").id]
+    except LoratuneError as e:
+        return [error_box(str(e)), gr.update()]
+
+
+def follow_eval(ctx: Context, current: str | None, lang: str) -> list[Any]:
+    """[status line, log, report.md] of the eval job `current` (the report once the job has ended)."""
+    if not current:
+        return [gr.update(), gr.update(), gr.update()]
+    job = ctx.jobs.get(current)
+    state = ctx.jobs.status(job)
+    return [f"{job.target}: {t('status.' + state.split(' ')[0], lang)}", ctx.jobs.log(job),
+            report_of(ctx.ws, job) if state != "running" else ""]
+
+
 def build(ctx: Context) -> None:
     with gr.Row():
         with gr.Column(scale=2):
@@ -58,29 +86,8 @@ def build(ctx: Context) -> None:
             report = gr.Markdown(elem_id="eval-report")
     job_id = gr.State(None)
 
-    def pick(path: str, lang: str) -> list[Any]:
-        try:
-            return ["", ctx.ws.resolve(path, t("eval.file", lang), kind="file").read_text(encoding="utf-8")]
-        except (LoratuneError, UnicodeDecodeError) as e:
-            return [error_box(str(e)), gr.update()]
-
-    source.change(pick, [source, ctx.lang], [error, text])
+    source.change(lambda path, lang: pick_config(ctx, path, lang), [source, ctx.lang], [error, text])
     ctx.refresh(lambda: gr.update(choices=ctx.ws.files((".yaml", ".yml"))), [], [source])
-
-    def do_run(config_text: str, lang: str) -> list[Any]:
-        try:
-            return ["", start_eval(ctx, config_text or "").id]
-        except LoratuneError as e:
-            return [error_box(str(e)), gr.update()]
-
-    run.click(do_run, [text, ctx.lang], [error, job_id])
-
-    def follow(current: str | None, lang: str) -> list[Any]:
-        if not current:
-            return [gr.update(), gr.update(), gr.update()]
-        job = ctx.jobs.get(current)
-        state = ctx.jobs.status(job)
-        return [f"{job.target}: {t('status.' + state.split(' ')[0], lang)}", ctx.jobs.log(job),
-                report_of(ctx.ws, job) if state != "running" else ""]
-
-    ctx.timer.tick(follow, [job_id, ctx.lang], [status, log, report], show_progress="hidden")
+    run.click(lambda config_text, lang: run_eval(ctx, config_text, lang), [text, ctx.lang], [error, job_id])
+    ctx.timer.tick(lambda current, lang: follow_eval(ctx, current, lang), [job_id, ctx.lang],
+                   [status, log, report], show_progress="hidden")
