@@ -78,3 +78,20 @@ def test_switching_the_language_resends_help_and_titles():
     zh = labels.updates("zh")
     assert zh[0]["info"].startswith(HELP["zh"]["train.seed"])
     assert zh[1]["label"] == SECTION_TITLES["zh"]["train"] and zh[2]["value"] == "开始训练"
+
+
+def test_an_error_at_a_field_comes_back_after_the_language_switch(tmp_path):
+    from loratune.ui.app import build_app
+    from loratune.ui.paths import Workspace
+
+    app = build_app(Workspace.at(tmp_path), "en")
+    fns = list(app.fns.items())
+    switch = next(i for i, d in fns
+                  if any(getattr(app.blocks.get(t[0]), "elem_id", None) == "language" for t in d.targets))
+    after = next(d for _, d in fns if d.trigger_after == switch)  # runs once the help texts were re-sent
+    values = {**form.default_values(), "model.path": "demo://llama-test", "train.lr": -1}
+    out = after.fn(*[values[f.key] for f in form.FIELDS], "zh", None)
+    assert out[0] == "**⚠ train.lr must be > 0, got -1.0**" and out[4] == "train.lr"
+    fields = dict(zip((f.key for f in form.FIELDS), out[5:]))
+    assert fields["train.lr"]["info"] == "⚠ train.lr must be > 0, got -1.0"
+    assert all("info" not in u for k, u in fields.items() if k != "train.lr")  # the others keep their new help

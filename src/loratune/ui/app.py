@@ -43,7 +43,9 @@ def build_app(ws: Workspace, lang: str = "en") -> gr.Blocks:
                     module.build(ctx)
                     for fn, inputs, outputs in ctx.on_show[shown:]:
                         tab.select(fn, inputs, outputs, show_progress="hidden")
-        language.change(ctx.labels.updates, [language], ctx.labels.components, show_progress="hidden")
+        switched = language.change(ctx.labels.updates, [language], ctx.labels.components, show_progress="hidden")
+        for fn, inputs, outputs in ctx.after_language:  # e.g. an error at a form field, over its new help
+            switched = switched.then(fn, inputs, outputs, show_progress="hidden")
         for fn, inputs, outputs in ctx.demo_load:
             demo.load(fn, inputs, outputs, show_progress="hidden")
     return demo

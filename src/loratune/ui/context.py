@@ -50,6 +50,7 @@ class Context:
     default_lang: str = "en"
     demo_load: list[tuple[Any, list, list]] = field(default_factory=list)  # (fn, inputs, outputs) run on page load
     on_show: list[tuple[Any, list, list]] = field(default_factory=list)  # run when the tab being built is selected
+    after_language: list[tuple[Any, list, list]] = field(default_factory=list)  # run after the labels switched
 
     def refresh(self, fn: Any, inputs: list, outputs: list) -> None:
         """Run `fn` on page load and whenever this tab is selected (lists of runs, files)."""

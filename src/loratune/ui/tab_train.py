@@ -195,6 +195,8 @@ def build(ctx: Context) -> None:
 
     ctx.demo_load.append((on_load, [], [job]))
     ctx.demo_load.append((check, [*inputs, ctx.lang, error_field], outputs))
+    # the language switch re-sends every field's help; a field showing an error gets its error back
+    ctx.after_language.append((check, [*inputs, ctx.lang, gr.State(None)], outputs))
 
 
 def _yaml_file(ctx: Context, text: str) -> str:
