@@ -27,6 +27,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LORATUNE_CACHE"] = str(tmp_path_factory.mktemp("loratune-cache"))
 
 
+@pytest.fixture
+def exact_cuda_matmuls():
+    """CUDA float32 products without TF32 for the test (GPU tests that compare fp32 numbers at 1e-5)."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{family: folder} of tiny random models (Llama, Qwen2, Mistral, Gemma shapes)."""

@@ -24,15 +24,8 @@ from loratune.eval.models import load, plan, scoring, selected
 sys.path.insert(0, str(Path(__file__).parent.parent / "infer"))
 from run_folder import make_adapter_dir  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("exact_cuda_matmuls")]
 
 
 @pytest.mark.parametrize(("bits", "tol"), [(32, 1e-4), (4, None)])

@@ -21,17 +21,10 @@ from loratune.pref.objective import Preference
 from loratune.train.metrics import read_rows
 from loratune.train.run import train
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("exact_cuda_matmuls")]
 
 PAIRS = Path(__file__).parents[2] / "examples" / "data" / "preference.jsonl"
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _step(model: Path, samples, code: str, batching: str, dtype: str, method: str):

@@ -24,19 +24,12 @@ from loratune.model.resolve import decide
 from loratune.train.metrics import read_rows
 from loratune.train.run import train
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("exact_cuda_matmuls")]
 
 OVERRIDES = ("adapter.rank=4", "adapter.dropout=0", "data.max_length=64", "train.batch_size=2", "train.grad_accum=4",
              "train.optimizer=adamw")
 WINDOW = [[7, 0], [3, 5], [1, 6], [2, 4]]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _samples() -> list[Sample]:
