@@ -40,11 +40,13 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
-def start_ui(ws: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_ui(ws: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`loratune ui` on a free port; `env` is added to the server's environment (its jobs inherit it)."""
     port = free_port()
     with open(ws.parent / "ui.log", "ab") as log:  # a file, not a pipe nobody reads (it would block the server)
         proc = subprocess.Popen([sys.executable, "-m", "loratune.cli", "ui", "--workspace", str(ws), "--port",
-                                 str(port), *extra], stdout=log, stderr=subprocess.STDOUT)
+                                 str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -60,8 +62,14 @@ def start_ui(ws: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture
-def ui(workspace: Path) -> Iterator[str]:
-    proc, url = start_ui(workspace)
+def ui_env() -> dict[str, str]:
+    """Extra environment of the UI server and the jobs it starts (none unless a test overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def ui(workspace: Path, ui_env: dict[str, str]) -> Iterator[str]:
+    proc, url = start_ui(workspace, env=ui_env)
     yield url
     proc.terminate()
     try:

@@ -14,7 +14,14 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STEPS = 10
+STEPS = 30  # paced at >= 0.5 s a step (below), so the page sees the run train before it is stopped
+
+
+@pytest.fixture
+def ui_env() -> dict[str, str]:
+    """The training jobs sleep half a second after each step: on any machine the run is still going when Stop is
+    clicked (an unpaced 10-step run finished in under 2 s, before the page's 2-second poll saw it running)."""
+    return {"LORATUNE_FAULT": "slow@step.end"}
 
 
 def field(page, elem_id: str):

@@ -6,6 +6,8 @@
     term   send SIGTERM to this process (the graceful-stop path)
     int    send SIGINT to this process (Ctrl-C)
     nan    `fault()` returns True and the caller poisons a value with inf (the non-finite guard's test)
+    slow   sleep half a second at every arrival (N ignored): paces a run for tests that act on it while it
+           trains (the web UI's browser test stops a run mid-way, however fast the machine)
 
 Points are plain strings passed to `fault()` where the code wants one: `step.backward` (after each
 micro-batch's backward), `step.end`, `save.files` (the checkpoint's files written, no manifest yet),
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 
 ENV = "LORATUNE_FAULT"
-_ACTIONS = ("kill", "term", "int", "nan")
+_ACTIONS = ("kill", "term", "int", "nan", "slow")
+SLOW_SECONDS = 0.5
 _seen: Counter[str] = Counter()
 
 
@@ -48,6 +52,9 @@ def fault(point: str) -> bool:
         return False
     _seen[point] += 1
     action, _, nth = spec
+    if action == "slow":
+        time.sleep(SLOW_SECONDS)
+        return False
     if _seen[point] != nth:
         return False
     if action == "nan":
