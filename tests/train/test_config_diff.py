@@ -44,3 +44,15 @@ def test_the_benchmark_scored_during_training_may_change_on_resume() -> None:
     new["train"]["eval_benchmark"]["path"] = "mmlu/"
     new["train"]["eval_benchmark"]["shots"] = 0
     assert config_diff(old, new) == []
+
+
+def test_a_flipped_kto_label_changes_the_data_fingerprint() -> None:
+    from loratune.data.preference import PreferenceSample
+    from loratune.train.resume import data_fingerprint
+
+    def kto(desirable: bool | None) -> PreferenceSample:
+        return PreferenceSample(input_ids=[1, 2, 3], labels=[-100, 2, 3], position_ids=[0, 1, 2], desirable=desirable)
+
+    assert data_fingerprint([kto(True)]) != data_fingerprint([kto(False)])
+    assert data_fingerprint([kto(True)]) == data_fingerprint([kto(True)])
+    assert data_fingerprint([kto(None)]) != data_fingerprint([kto(True)])

@@ -155,13 +155,16 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 def data_fingerprint(samples: list) -> str:
-    """SHA-256 over every sample's token ids, labels and positions, in order."""
+    """SHA-256 over every sample's token ids, labels and positions, in order (and KTO's desirable label)."""
     h = hashlib.sha256()
     for s in samples:
         for name in ("input_ids", "labels", "position_ids"):
             value = getattr(s, name, None)
             h.update(b"-" if value is None else np.asarray(value, dtype=np.int64).tobytes())
             h.update(b"|")
+        desirable = getattr(s, "desirable", None)  # only KTO's completions have one: other samples hash as before
+        if desirable is not None:
+            h.update(b"+" if desirable else b"!")
     return h.hexdigest()
 
 
