@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from loratune.decoder.cache import KVCache
 from loratune.decoder.model import Decoder
-from loratune.eval.loglik import Request, Score, common_prefix
+from loratune.eval.loglik import Request, Score, by_context, common_prefix
 
 
 def _rows_of(decoder: Decoder, source: KVCache, rows: Sequence[int], length: int | Sequence[int],
@@ -87,17 +87,13 @@ class DecoderScorer:
     @torch.inference_mode()
     def score(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Score]:
         """Score every request; `progress(n)` is told of each n requests finished."""
-        if any(not r.context or not r.continuation for r in requests):
-            raise ValueError("every request needs a non-empty context and continuation")
-        by_context: dict[tuple[int, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            by_context.setdefault(r.context, []).append(i)
+        grouped = by_context(requests)
         results: dict[int, Score] = {}
         was_training = self.decoder.training
         self.decoder.eval()
         try:
-            for chunk in self.chunks(sorted(by_context)):
-                done = self._chunk(chunk, by_context, requests)
+            for chunk in self.chunks(sorted(grouped)):
+                done = self._chunk(chunk, grouped, requests)
                 results.update(done)
                 if progress is not None:
                     progress(len(done))
@@ -105,7 +101,7 @@ class DecoderScorer:
             self.decoder.train(was_training)
         return [results[i] for i in range(len(requests))]
 
-    def _chunk(self, chunk: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
+    def _chunk(self, chunk: list[tuple[int, ...]], grouped: dict[tuple[int, ...], list[int]],
                requests: Sequence[Request]) -> dict[int, Score]:
         dec = self.decoder
         shared = 0
@@ -114,7 +110,7 @@ class DecoderScorer:
             kept = self._prefix[0]
             if 2 * len(kept) >= shared and len(kept) <= shared and chunk[0][:len(kept)] == kept:
                 shared = len(kept)  # the cached prefix (the subject's shots) serves: no new prefill for a few tokens
-        multi = [(row, i) for row, c in enumerate(chunk) for i in by_context[c] if len(requests[i].continuation) > 1]
+        multi = [(row, i) for row, c in enumerate(chunk) for i in grouped[c] if len(requests[i].continuation) > 1]
         rest = [c[shared:] for c in chunk]
         lengths = [len(r) for r in rest]
         ids = self._tensor([t for r in rest for t in r])
@@ -129,7 +125,7 @@ class DecoderScorer:
         best = last.argmax(dim=-1).tolist()
         out: dict[int, Score] = {}
         for row, c in enumerate(chunk):
-            for i in by_context[c]:
+            for i in grouped[c]:
                 token = requests[i].continuation[0]
                 out[i] = Score(float(last[row, token]), best[row] == token, float(last[row, token]))
         for s in range(0, len(multi), self.batch_size):

@@ -74,6 +74,16 @@ def common_prefix(rows: Sequence[tuple[int, ...]]) -> int:
     return n
 
 
+def by_context(requests: Sequence[Request]) -> dict[tuple[int, ...], list[int]]:
+    """{context: indices of its requests}; every request must have a non-empty context and continuation."""
+    if any(not r.context or not r.continuation for r in requests):
+        raise ValueError("every request needs a non-empty context and continuation")
+    grouped: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        grouped.setdefault(r.context, []).append(i)
+    return grouped
+
+
 def _expanded(cache, rows: torch.Tensor):
     """A copy of `cache` whose batch holds row `rows[i]` of the original at position i."""
     out = copy.deepcopy(cache)
@@ -160,33 +170,29 @@ class Scorer:
     @torch.inference_mode()
     def score(self, requests: Sequence[Request], progress: Callable[[int], None] | None = None) -> list[Score]:
         """Score every request; `progress(n)` is told of each n requests finished."""
-        if any(not r.context or not r.continuation for r in requests):
-            raise ValueError("every request needs a non-empty context and continuation")
-        by_context: dict[tuple[int, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            by_context.setdefault(r.context, []).append(i)
-        contexts = sorted(by_context)  # shared prefixes end up side by side
+        grouped = by_context(requests)
+        contexts = sorted(grouped)  # shared prefixes end up side by side
         results: dict[int, Score] = {}
         for start in range(0, len(contexts), self.batch_size):
             chunk = contexts[start:start + self.batch_size]
-            done = self._chunk(chunk, {c: by_context[c] for c in chunk}, requests)
+            done = self._chunk(chunk, {c: grouped[c] for c in chunk}, requests)
             results.update(done)
             if progress is not None:
                 progress(len(done))
         return [results[i] for i in range(len(requests))]
 
-    def _chunk(self, chunk: list[tuple[int, ...]], by_context: dict[tuple[int, ...], list[int]],
+    def _chunk(self, chunk: list[tuple[int, ...]], grouped: dict[tuple[int, ...], list[int]],
                requests: Sequence[Request]) -> dict[int, Score]:
         shared = 0
         if self.share_prefix and len(chunk) > 1:
             shared = min(common_prefix(chunk), min(len(c) for c in chunk) - 1)
-        multi = [(row, i) for row, c in enumerate(chunk) for i in by_context[c] if len(requests[i].continuation) > 1]
+        multi = [(row, i) for row, c in enumerate(chunk) for i in grouped[c] if len(requests[i].continuation) > 1]
         prefix_cache = self.prefix.get(chunk[0][:shared]) if shared else None
         cache, attention, last = _contexts_forward(self.model, self.keyword, chunk, shared, prefix_cache, bool(multi))
         best = last.argmax(dim=-1).tolist()
         first: dict[int, tuple[float, bool]] = {}
         for row, c in enumerate(chunk):
-            for i in by_context[c]:
+            for i in grouped[c]:
                 token = requests[i].continuation[0]
                 first[i] = (float(last[row, token]), best[row] == token)
         rest: dict[int, tuple[float, bool]] = {}
