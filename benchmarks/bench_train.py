@@ -245,13 +245,7 @@ def run_variant_case(v: Variant, case: tuple[int, int], steps: int, warmup: int,
             res.losses.append(r.loss)
     except torch.OutOfMemoryError as e:
         res.error = "OOM: " + str(e).splitlines()[0][:120]
-    if on_cuda():
-        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        res.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
-    timed = res.step_times[warmup:]
-    if timed:
-        res.step_s = statistics.median(timed)
-        res.tokens_per_s = res.tokens / res.step_s
+    res.finish(warmup)
     replays = loop.graphs.replays if loop is not None and loop.graphs is not None else 0
     del loop
     for p in module.parameters():
@@ -275,6 +269,16 @@ class CaseResult:
     gc_ms: list[float] = field(default_factory=list)  # time in Python garbage collection per step
     error: str | None = None
     planned_gib: float = math.nan  # loratune.model.memory's estimate of peak_gib (loratune variants)
+
+    def finish(self, warmup: int) -> None:
+        """The case's peaks (CUDA) and its median step after `warmup` steps, once its steps are done."""
+        if on_cuda():
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+            self.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+        timed = self.step_times[warmup:]
+        if timed:
+            self.step_s = statistics.median(timed)
+            self.tokens_per_s = self.tokens / self.step_s
 
 
 def batches(case: tuple[int, int], n: int, vocab: int) -> list[torch.Tensor]:
@@ -336,13 +340,7 @@ def run_case(model, step_fn, make_opt, name: str, case: tuple[int, int], steps: 
         if manual_gc:
             gc.enable()
             gc.unfreeze()
-    if on_cuda():
-        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        res.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
-    timed = res.step_times[warmup:]
-    if timed:
-        res.step_s = statistics.median(timed)
-        res.tokens_per_s = res.tokens / res.step_s
+    res.finish(warmup)
     del opt
     for p in params.values():
         p.grad = None
