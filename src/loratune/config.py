@@ -243,6 +243,10 @@ class TrainConfig:
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (paper: 0.3); 0 disables clipping.")
     gradient_checkpointing: Union[Literal["auto"], bool] = _f("auto", "Non-reentrant activation checkpointing: true, false, or auto (on for 4- and 8-bit bases).")
     seed: int = _f(42, "Seed for weights init, data order and dropout.")
+    neftune_alpha: float = _f(0.0, "NEFTune (Jain et al. 2023; train.method sft): uniform noise of magnitude "
+                                   "alpha/sqrt(L x hidden) (L: the sample's length) added to the input embeddings "
+                                   "in training only, never at evaluation, sampling, chat or serve; paper: 5. "
+                                   "0 disables.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.")
     max_nonfinite: int = _f(5, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
     eval_every: int = _f(0, "Evaluate the loss on the eval split every N optimizer steps; 0: at each checkpoint and at the end. "
@@ -479,6 +483,7 @@ def validate(cfg: Config) -> None:
         (t.loraplus_ratio < 0, f"train.loraplus_ratio must be >= 0, got {t.loraplus_ratio}"),
         (t.loraplus_ratio > 0 and a.type == "none", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
         (t.max_nonfinite < 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}"),
+        (t.neftune_alpha < 0, f"train.neftune_alpha must be >= 0, got {t.neftune_alpha}"),
         (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.tokens_per_batch != "auto" and t.tokens_per_batch < d.max_length,
          f"train.tokens_per_batch must be auto or at least data.max_length ({d.max_length}, the longest sample), "

@@ -192,6 +192,7 @@ class Decoder(nn.Module):
         self.attention, self.checkpointing = attention, checkpointing
         resolve_backend(attention, embed.device, dtype)  # an impossible choice fails here, not mid-run
         self.casts = AdapterCasts()
+        self.neftune_alpha = 0.0  # > 0: NEFTune noise on the embeddings in training mode (loratune.model.neftune)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -214,6 +215,10 @@ class Decoder(nn.Module):
         samples of T tokens when no boundaries are given)."""
         b = self._boundaries(input_ids, boundaries, cache)
         x = self.embed(input_ids.reshape(-1)).to(self.compute_dtype)
+        if self.training and self.neftune_alpha > 0 and cache is None:
+            from loratune.model.neftune import add_noise, token_lengths
+
+            x = add_noise(x, token_lengths(b.positions), self.neftune_alpha)
         backend = resolve_backend(self.attention, x.device, x.dtype)
         extent = b.extent() if any(r.long_inv_freq is not None for r in self.ropes) else None
         tables = [rope(b.positions, x.dtype, extent) for rope in self.ropes]

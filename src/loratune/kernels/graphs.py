@@ -56,7 +56,7 @@ def graphs_wanted(cfg, device: str) -> bool:
 
     return (device == "cuda" and cfg.model.cuda_graphs is not False and not cfg.train.deterministic
             and resolve_compute_dtype(cfg.quantization.compute_dtype) != torch.float16
-            and (cfg.adapter.type == "none" or cfg.adapter.dropout == 0))
+            and (cfg.adapter.type == "none" or cfg.adapter.dropout == 0) and not cfg.train.neftune_alpha)
 
 
 def _has_dropout(model: nn.Module) -> bool:

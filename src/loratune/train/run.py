@@ -44,6 +44,7 @@ from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
 from loratune.kernels.graphs import GraphedMicroBatch
+from loratune.model import neftune
 from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
@@ -209,6 +210,8 @@ class Run:
         self.acc = make_accelerator(self.resolved)
         distributed.check_launch(self.acc.num_processes, self.world)
         model = build_trainable(cfg, self.resolved)
+        if cfg.train.method == "sft":  # NEFTune noise on the input embeddings, in training mode only
+            neftune.attach(model.module, cfg.train.neftune_alpha)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))

@@ -131,6 +131,9 @@ HELP: dict[str, dict[str, str]] = {
         "train.max_grad_norm": "梯度裁剪的范数（论文：0.3）；0 表示不裁剪。",
         "train.gradient_checkpointing": "非重入式激活检查点：true、false 或 auto（4 位和 8 位基座时开启）。",
         "train.seed": "权重初始化、数据顺序和 dropout 的随机种子。",
+        "train.neftune_alpha": "NEFTune（Jain 等 2023；train.method sft）：仅在训练时向输入嵌入加入幅度为 "
+                               "alpha/sqrt(L x hidden)（L：样本长度）的均匀噪声，评估、采样、chat 和 serve 时从不加入；"
+                               "论文取 5。0 表示关闭。",
         "train.log_every": "每 N 个优化器步记录一次指标。",
         "train.max_nonfinite": "连续这么多个优化器步因 NaN/inf 损失或梯度而被跳过后停止训练。",
         "train.eval_every": "每 N 个优化器步在评估集上计算一次损失；0：在每个检查点和结束时评估。需要 data.eval_split 或 "
@@ -310,6 +313,9 @@ HELP: dict[str, dict[str, str]] = {
         "train.gradient_checkpointing": "Нереентерабельные контрольные точки активаций: true, false или auto (включены "
                                         "для 4- и 8-битных баз).",
         "train.seed": "Сид для инициализации весов, порядка данных и dropout.",
+        "train.neftune_alpha": "NEFTune (Jain et al. 2023; train.method sft): равномерный шум величины "
+                               "alpha/sqrt(L x hidden) (L: длина образца) на входных эмбеддингах только при обучении, "
+                               "никогда при оценке, генерации примеров, chat и serve; в статье 5. 0 отключает.",
         "train.log_every": "Записывать метрики каждые N шагов оптимизатора.",
         "train.max_nonfinite": "Остановиться после стольких подряд шагов оптимизатора, пропущенных из-за NaN/inf в "
                                "потерях или градиенте.",
