@@ -165,7 +165,7 @@ def _serve(args: argparse.Namespace) -> None:
         limits["max_tokens"] = args.max_tokens
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, bits=args.bits,
           max_pending=args.max_pending, limits=limits, batch_slots=args.batch_slots,
-          slot_tokens=args.slot_tokens or None)
+          slot_tokens=args.slot_tokens or None, rewards=args.reward)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -191,6 +191,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "at a time); each slot holds a KV cache of --slot-tokens")
     p.add_argument("--slot-tokens", type=int, default=0,
                    help="tokens (prompt + answer) a batch slot holds (0: the model's context length)")
+    p.add_argument("--reward", action="append", default=[], metavar="[NAME=]RUN",
+                   help="a reward model (a run of train.method rm) scoring conversations at POST /v1/rewards; "
+                        "loaded as training built it, beside the served models (repeatable)")
     p.set_defaults(handler=_serve)
 
 

@@ -52,6 +52,7 @@ from loratune.infer.engine import Delta, Finish
 from loratune.infer.load import Engine, ToolsNotRendered
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
                                        model_card, new_id, now, parse, rows, sampling_params, usage)
+from loratune.infer.reward_api import add_reward_routes, load_reward_models
 from loratune.infer.sampling import SamplingParams
 from loratune.infer.tools import CallSyntax, ToolCallStream
 
@@ -244,9 +245,11 @@ def _sse(obj: dict) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int = 8,
-               limits: Limits | None = None, batch_slots: int = 1, slot_tokens: int | None = None) -> FastAPI:
+               limits: Limits | None = None, batch_slots: int = 1, slot_tokens: int | None = None,
+               rewards: dict | None = None) -> FastAPI:
     """The FastAPI application serving `engine`'s models. `batch_slots` > 1 (on loratune's decoder): requests
-    decode together in that many KV-cache rows of `slot_tokens` tokens each (default: the context length)."""
+    decode together in that many KV-cache rows of `slot_tokens` tokens each (default: the context length).
+    `rewards`: reward models (name -> `loratune.pref.scoring.RewardScorer`) answering /v1/rewards."""
     limits = limits or Limits(max_tokens=engine.context_length)
     worker = Worker(engine, max_pending, batch_slots, slot_tokens)
     created = now()
@@ -446,6 +449,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
             if not done:
                 worker.cancel(job)
 
+    add_reward_routes(app, rewards or {}, max_body_bytes=limits.max_body_bytes)  # infer/reward_api.py
     return app
 
 
@@ -489,8 +493,9 @@ def _check_bindable(host: str, port: int) -> None:
 
 def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           bits: int | None = None, max_pending: int = 8, limits: dict | None = None, batch_slots: int = 1,
-          slot_tokens: int | None = None) -> None:
-    """Load the models and run the server until interrupted (`batch_slots`, `slot_tokens`: `create_app`)."""
+          slot_tokens: int | None = None, rewards: list[str] | tuple[str, ...] = ()) -> None:
+    """Load the models and run the server until interrupted (`batch_slots`, `slot_tokens`: `create_app`;
+    `rewards`: reward-model runs as `[NAME=]FOLDER`, `loratune.infer.reward_api`)."""
     try:
         import uvicorn
     except ModuleNotFoundError as e:
@@ -506,12 +511,14 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     _check_bindable(host, port)  # before minutes of model loading, not after
     with quiet_loading():
         engine = load_engine(sources, bits=bits, implementation=None)
+        scorers = load_reward_models(rewards)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
                      limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}),
-                     batch_slots=batch_slots, slot_tokens=slot_tokens)
+                     batch_slots=batch_slots, slot_tokens=slot_tokens, rewards=scorers)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    print(f"loratune serve: models {', '.join(engine.names)} on http://{host}:{port}/v1"
+    print(f"loratune serve: models {', '.join(engine.names)}"
+          + (f", reward models {', '.join(scorers)}" if scorers else "") + f" on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else "") + f"; {engine.why}", flush=True)
     # log_config=None: uvicorn's own records (warnings and up) go through the CLI's logging like ours
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
