@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratune.decoder.multi_lora import LayerAdapters
 from loratune.errors import ModelError
 from loratune.kernels.lora_group import LoRAGroup
 from loratune.kernels.lora_linear import (
@@ -87,6 +88,8 @@ class QLoRALinear(nn.Module):
         self.casts: AdapterCasts | None = None
         self.adapter_enabled = True  # False inside `adapters_disabled`: the base layer alone (a reference policy)
         self.ends_block = False  # the last layer before a residual add: its fused backward may be split
+        # adapters applied per row of a pass (several in one batch, `loratune.decoder.multi_lora`); None: unused
+        self.mixed: LayerAdapters | None = None
         self._weight = (weakref.ref(self), weight_fn_of(self))
 
     def weight_fn(self, dtype: torch.dtype) -> Tensor:
@@ -154,7 +157,10 @@ class QLoRALinear(nn.Module):
         if self.lora_A is None or not self.adapter_enabled:
             if self.weight.requires_grad:  # a trained dense base (full fine-tuning): plain autograd
                 return F.linear(xc, self.weight.to(xc.dtype), None if self.bias is None else self.bias.to(xc.dtype))
-            return _FrozenLinear.apply(xc, self.weight_fn, self.bias)
+            y = _FrozenLinear.apply(xc, self.weight_fn, self.bias)
+            if self.mixed is not None and self.mixed.active and self.adapter_enabled:
+                return self.mixed.add_to(y, xc)  # each row's adapter on the shared base product (inference)
+            return y
         x_lora = F.dropout(xc, p=self.dropout, training=True) if self.dropout_active() else None
         return lora_linear(xc, self.weight_fn, self.bias, self.lora_A, self.lora_B, self.scale, x_lora, self.casts,
                            split=self.ends_block)

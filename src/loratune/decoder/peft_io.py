@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,9 +107,29 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
-    """Put the PEFT adapter in `folder` on the decoder (replacing any adapters it has); returns our names of
-    the adapted layers."""
+@dataclass(frozen=True)
+class LayerLoRA:
+    """One layer's LoRA weights as a PEFT folder holds them: A [r, in], B [out, r] (on the host), rank, alpha."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    alpha: float
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A PEFT LoRA adapter read and checked against a decoder, not yet put on it: our layer name -> weights."""
+
+    folder: Path
+    layers: dict[str, LayerLoRA]
+    dropout: float
+    rslora: bool
+
+
+def read_adapter(decoder: Decoder, folder: str | Path) -> AdapterFile:
+    """Read the PEFT adapter in `folder` and check it fits `decoder` (its modules are projections of it, ranks as
+    the config says, A and B shaped for each layer); the decoder is not changed."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -124,7 +145,7 @@ def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
                              "plain LoRA adapters")
         pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
     layers = decoder.linear_layers()
-    plan = []
+    out: dict[str, LayerLoRA] = {}
     for hf, ab in sorted(pairs.items()):
         ours = our_module_name(hf, decoder.config.hf_prefix)
         if ours not in layers:
@@ -136,19 +157,32 @@ def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
         want = pattern_value(config.get("rank_pattern"), hf, config.get("r"))
         if want is not None and rank != want:
             raise ModelError(f"{path}: {hf!r} has a rank-{rank} adapter; the config says r={want}")
+        layer = layers[ours]
+        want_a, want_b = (rank, layer.in_features), (layer.out_features, rank)
+        if tuple(ab["A"].shape) != want_a or tuple(ab["B"].shape) != want_b:
+            raise ModelError(f"{path}: {hf!r} has LoRA weights of shapes {tuple(ab['A'].shape)}, "
+                             f"{tuple(ab['B'].shape)}; this decoder's {layer.in_features} -> {layer.out_features} "
+                             f"layer needs {want_a}, {want_b} (an adapter of another base model?)")
         alpha = pattern_value(config.get("alpha_pattern"), hf, config.get("lora_alpha", 8))
-        plan.append((ours, ab, rank, alpha))
-    if not plan:
+        out[ours] = LayerLoRA(ab["A"], ab["B"], int(rank), float(alpha))
+    if not out:
         raise ModelError(f"{path} holds no LoRA weights")
+    return AdapterFile(folder, out, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora")))
+
+
+def load_adapter(decoder: Decoder, folder: str | Path) -> list[str]:
+    """Put the PEFT adapter in `folder` on the decoder (replacing any adapters it has); returns our names of
+    the adapted layers."""
+    adapter = read_adapter(decoder, folder)
+    layers = decoder.linear_layers()
     for layer in layers.values():
         layer.remove_adapter()
-    for ours, ab, rank, alpha in plan:
+    for ours, w in adapter.layers.items():
         layer = layers[ours]
-        layer.add_adapter(rank, alpha, float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora")),
-                          decoder.casts)
-        layer.set_adapter_weights(ab["A"], ab["B"])
+        layer.add_adapter(w.rank, w.alpha, adapter.dropout, adapter.rslora, decoder.casts)
+        layer.set_adapter_weights(w.lora_A, w.lora_B)
     decoder.track_adapters()
-    return [ours for ours, *_ in plan]
+    return list(adapter.layers)
 
 
 def copy_adapter_weights(decoder: Decoder, folder: str | Path) -> None:

@@ -130,6 +130,14 @@ class PromptFormat:
         return int(self.tokenizer.pad_token_id)
 
 
+class UnknownModel(ModelError):
+    """No model of that name is served."""
+
+
+class NameTaken(ModelError):
+    """A model of that name is served already."""
+
+
 class ToolsNotRendered(RenderError):
     """The chat template drops tool schemas or tool calls; `what` is the request field they came in."""
 
@@ -203,8 +211,11 @@ class Engine:
     default: str
     bank: AdapterBank | None = None
     why: str = ""
+    base_path: str | None = None  # the base model (resolved path) adapters loaded at run time must be trained on
+    generation_config: object = None  # the base's (its end-of-sequence ids), for the formats of adapters added later
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _held: list[str] = field(default_factory=list)  # names `use` is holding, innermost last (under the lock)
+    _added: int = 0  # adapters added so far (their bank keys are numbered)
 
     @property
     def names(self) -> list[str]:
@@ -222,8 +233,89 @@ class Engine:
             return int(self.model.embed.weight.shape[0])
         return int(self.model.get_input_embeddings().weight.shape[0])
 
+    @property
+    def base_name(self) -> str:
+        return next(n for n, key in self.adapters.items() if key is None)
+
     def format(self, name: str | None = None) -> PromptFormat:
-        return self.formats[name or self.default]
+        name = name or self.default
+        if name not in self.formats:
+            raise UnknownModel(f"no model named {name!r}; loaded: {', '.join(self.names)}")
+        return self.formats[name]
+
+    def key_of(self, name: str | None) -> str | None:
+        """The adapter key model `name` answers with (None: the bare base)."""
+        name = name or self.default
+        if name not in self.adapters:
+            raise UnknownModel(f"no model named {name!r}; loaded: {', '.join(self.names)}")
+        return self.adapters[name]
+
+    # ------------------------------------------------------------------------------------------ run-time adapters
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve the adapter run folder `folder` as `name` from now on (read and checked first: its base, its
+        modules and shapes against the decoder; `ModelError` naming what does not fit)."""
+        from loratune.decoder.peft_io import read_adapter
+
+        if self.bank is None:
+            raise ModelError(f"adapters are loaded at run time on loratune's decoder; this server answers with "
+                             f"transformers ({self.why})")
+        if name in self.adapters:
+            raise NameTaken(f"a model named {name!r} is already served")
+        run = read_run_folder(folder)
+        base = resolve_model_path(run.cfg.model.path)
+        if self.base_path is not None and base != self.base_path:
+            raise ModelError(f"{folder} was trained on {run.cfg.model.path!r}; this server's base is "
+                             f"{self.base_path!r}")
+        fmt = _run_format(run, self.vocab_size, SimpleNamespace(generation_config=self.generation_config))
+        adapter = read_adapter(self.model, run.path)
+        with self._lock:
+            if name in self.adapters:
+                raise NameTaken(f"a model named {name!r} is already served")
+            self._added += 1
+            key = f"added{self._added}"
+            self.bank.add(key, run.path, adapter)
+            self.formats[name], self.adapters[name] = fmt, key
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (requests running with it finish first; its device copy goes after them)."""
+        key = self.key_of(name)
+        if key is None:
+            raise ModelError(f"{name!r} is the base model; it cannot be unloaded")
+        with self._lock:
+            del self.adapters[name], self.formats[name]
+            if self.default == name:
+                self.default = self.base_name
+            if self.bank is not None:
+                self.bank.remove(key)
+
+    def hold(self, name: str | None) -> str | None:
+        """A request starts answering as `name`: its adapter resident until `release(key)`; returns the key."""
+        with self._lock:
+            key = self.key_of(name)
+            if self.bank is not None:
+                self.bank.pin(key)
+            return key
+
+    def release(self, key: str | None) -> None:
+        with self._lock:
+            if self.bank is not None:
+                self.bank.unpin(key)
+
+    def has_room(self, name: str | None) -> bool:
+        """Whether a request for `name` can start without dropping an adapter a running request holds."""
+        if self.bank is None or name not in self.adapters:
+            return True  # (an unknown name is refused when it is held)
+        return self.bank.has_room(self.adapters[name])
+
+    @contextlib.contextmanager
+    def serving(self, keys: set[str | None]) -> Iterator[torch.nn.Module]:
+        """The decoder for a pass whose rows use the adapters `keys` (held ones): one key, that adapter on its
+        layers (the fused LoRA path); several, none on (the caller lays out rows with `bank.plan.rows`)."""
+        assert self.bank is not None
+        with self._lock:
+            self.bank.activate(next(iter(keys)) if len(keys) == 1 else None)
+            yield self.model
 
     @contextlib.contextmanager
     def use(self, name: str | None = None) -> Iterator[torch.nn.Module]:
@@ -232,7 +324,7 @@ class Engine:
         different name inside is an error (the outer block would silently answer as the inner name after it)."""
         name = name or self.default
         if name not in self.adapters:
-            raise ModelError(f"no model named {name!r}; loaded: {', '.join(self.names)}")
+            raise UnknownModel(f"no model named {name!r}; loaded: {', '.join(self.names)}")
         with self._lock:
             if self._held and self._held[-1] != name:
                 raise ModelError(f"engine.use({name!r}) inside engine.use({self._held[-1]!r}): one model at a time")
@@ -266,7 +358,7 @@ class Engine:
         `ignore_eos` generates past the stop tokens (benchmarks, tests); stop strings still apply.
         """
         name = name or self.default
-        fmt = self.formats[name]
+        fmt = self.format(name)
         stop_ids = frozenset() if ignore_eos else fmt.stop_ids
         with self.use(name) as model:
             yield from generate_text(model, prompts, params, decode=fmt.decode, stop_ids=stop_ids,
@@ -343,7 +435,7 @@ DEFAULT_IMPLEMENTATION: str | None = "transformers"
 
 
 def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str = BASE_NAME,
-                implementation: str | None = DEFAULT_IMPLEMENTATION) -> Engine:
+                implementation: str | None = DEFAULT_IMPLEMENTATION, max_adapters: int | None = None) -> Engine:
     """Load adapters (`[NAME=]FOLDER`) on their common base, or a plain model (a folder, hub id, demo://).
 
     `bits` overrides the precision the adapters were trained with (4, 8, 16 or 32). `implementation`
@@ -351,6 +443,7 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
     LORATUNE_IMPLEMENTATION, as in training) overrides the run's `model.implementation`: which model code answers is
     decided as for training (`loratune.model.resolve.choose_implementation`: loratune's decoder where it
     covers the model and adapters, else transformers + peft), and said in one line (`Engine.why`, logged).
+    `max_adapters`: on the decoder, at most that many adapters on the device at once (an LRU; None: no limit).
     """
     if not sources:
         raise ModelError("name a model or an adapter folder")
@@ -389,13 +482,14 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
 
         decoder = decoder_from_hf(model).eval()
         del model  # the transformers module tree goes; its tensors live on in the decoder
-        bank = AdapterBank(decoder) if runs else None
+        bank = AdapterBank(decoder, max_adapters)
         for i, (name, run) in enumerate(runs):
             key = f"adapter{i}"
             bank.add(key, run.path)
             formats[name] = _run_format(run, decoder.embed.weight.shape[0], facts)
             adapters[name] = key
-        return Engine(decoder, formats, adapters, context, default, bank, why)
+        return Engine(decoder, formats, adapters, context, default, bank, why,
+                      base_path=resolve_model_path(cfg.model.path), generation_config=facts.generation_config)
     if runs:
         from peft import PeftModel
 
