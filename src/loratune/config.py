@@ -84,6 +84,14 @@ class AdapterConfig:
     rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. `lm_head` after adding tokens).")
+    init: str = _f(
+        "default", "How the LoRA weights start (loratune.model.lora_init): `default` (A Kaiming-uniform, B zero: "
+                   "the adapter starts as a no-op), `gaussian` (A ~ N(0, 1/r)), `pissa` (the top-r singular "
+                   "directions of each weight move into the adapter; the base keeps the residual), "
+                   "`pissa_niter_N` (the same by a randomized SVD of N iterations, faster on large weights), "
+                   "`olora` (QR-based), both on a 16- or 32-bit base, their saved adapters converted to plain "
+                   "LoRA of rank 2r on the original base; or `loftq` on a 4-bit base (the adapter starts at the "
+                   "rank-r SVD of the quantization error W - Q(W), W read from the checkpoint's safetensors).")
 
 
 @dataclass
@@ -465,6 +473,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def validate(cfg: Config) -> None:
     """Reject values and combinations that cannot work, naming the keys involved."""
     q, a, t, d = cfg.quantization, cfg.adapter, cfg.train, cfg.data
+    from loratune.model.lora_init import check_init
+
+    check_init(a.init, q.bits, a.type)
     checks = [
         (a.type == "none" and q.bits in (4, 8),
          f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from loratune.config import AdapterConfig
 from loratune.errors import ConfigError, ModelError
+from loratune.model.lora_init import peft_init_value
 from loratune.model.quant import keep_standard_4bit_layout, repacked_4bit_layers
 
 
@@ -68,6 +69,7 @@ def lora_config(model: nn.Module, cfg: AdapterConfig) -> LoraConfig:
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=_compact(model, select_targets(model, cfg)),
         use_rslora=cfg.rslora, use_dora=cfg.dora, modules_to_save=cfg.modules_to_save or None,
+        init_lora_weights=peft_init_value(cfg.init),
         bias="none", task_type="CAUSAL_LM",
     )
 

@@ -26,6 +26,7 @@ from loratune.config import Config
 from loratune.errors import LoratuneError
 from loratune.model.adapters import attach_adapters, count_parameters, is_peft, weight_precision
 from loratune.model.load import enable_checkpointing, load_base
+from loratune.model.lora_init import InitialAdapter, convert_saved, init_decoder, init_peft, unconverted
 from loratune.model.resolve import Resolved
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class TrainModel:
     base_name: str | None
     generation_config: Any | None
     context_length: int = 4096
+    initial: InitialAdapter | None = None  # PiSSA/OLoRA's initial adapter: what is saved is converted against it
+
 
     @property
     def decoder(self) -> bool:
@@ -56,9 +59,18 @@ class TrainModel:
             save_adapter(self.module, folder, base_model_name_or_path=self.base_name)
         else:
             self.module.save_pretrained(folder, safe_serialization=True)
+        if self.initial is not None:  # PiSSA/OLoRA: the plain LoRA adapter of the same change on the original base
+            convert_saved(Path(folder), self.initial)
 
     def load_weights(self, folder: Path) -> None:
         """The trainable weights saved in `folder` back into this model's own tensors, exactly (resume)."""
+        if self.initial is not None:
+            with unconverted(Path(folder), self.initial) as own:
+                self._load_weights(own)
+            return
+        self._load_weights(folder)
+
+    def _load_weights(self, folder: Path) -> None:
         if self.decoder:
             from loratune.decoder.peft_io import copy_adapter_weights
 
@@ -122,12 +134,20 @@ def build_trainable(cfg: Config, resolved: Resolved) -> TrainModel:
     """The model `resolved` says trains (loratune's decoder or transformers + peft), with its adapters."""
     if not resolved.decoder:
         model = build_model(cfg)
-        return TrainModel(model, resolved, None, getattr(model, "generation_config", None), _context(model))
+        initial = None
+        if cfg.adapter.type == "lora":
+            initial = init_peft(model, cfg.adapter.init, cfg.model.path, cfg.model.revision, cfg.adapter.rslora)
+        return TrainModel(model, resolved, None, getattr(model, "generation_config", None), _context(model),
+                          initial=initial)
     from loratune.decoder.load import load_decoder
 
     decoder, base = load_decoder(cfg, checkpointing=resolved.checkpointing)
+    initial = None
+    if cfg.adapter.type == "lora":
+        initial = init_decoder(decoder, cfg.adapter.init, cfg.model.path, cfg.model.revision)
     _log_model(cfg, decoder)
-    return TrainModel(decoder, resolved, base.name_or_path, base.generation_config, base.context_length)
+    return TrainModel(decoder, resolved, base.name_or_path, base.generation_config, base.context_length,
+                      initial=initial)
 
 
 def _context(model: nn.Module) -> int:

@@ -68,6 +68,11 @@ HELP: dict[str, dict[str, str]] = {
         "adapter.rslora": "秩稳定 LoRA（rsLoRA）：按 alpha/sqrt(r) 而不是 alpha/r 缩放。",
         "adapter.dora": "权重分解 LoRA（DoRA）。",
         "adapter.modules_to_save": "完整训练并随适配器一起保存的模块（例如添加词元后的 `lm_head`）。",
+        "adapter.init": "LoRA 权重的初始方式（loratune.model.lora_init）：`default`（A 为 Kaiming 均匀分布，B 为零："
+                        "适配器起始时不起作用）、`gaussian`（A ~ N(0, 1/r)）、`pissa`（每个权重的前 r 个奇异方向移入适配器，"
+                        "基座保留残差）、`pissa_niter_N`（同上，用 N 次迭代的随机 SVD，大权重更快）、`olora`（基于 QR），"
+                        "这两者需要 16 或 32 位基座，保存的适配器被转换为原始基座上秩为 2r 的普通 LoRA；或在 4 位基座上用 "
+                        "`loftq`（适配器从量化误差 W - Q(W) 的秩 r SVD 开始，W 从检查点的 safetensors 读取）。",
         "data.datasets": "训练数据集，按各自的权重混合。",
         "data.eval_datasets": "留出的评估数据集（代替 eval_split）。",
         "data.eval_split": "从训练数据中留出这一比例（0 < x < 1）或这么多条样本（x >= 1）用于评估，按 train.seed 选取；"
@@ -223,6 +228,13 @@ HELP: dict[str, dict[str, str]] = {
         "adapter.dora": "LoRA с декомпозицией весов (DoRA).",
         "adapter.modules_to_save": "Модули, обучаемые полностью и сохраняемые вместе с адаптером (например, `lm_head` "
                                    "после добавления токенов).",
+        "adapter.init": "Начальные значения весов LoRA (loratune.model.lora_init): `default` (A по Каймингу, B ноль: "
+                        "адаптер вначале ничего не меняет), `gaussian` (A ~ N(0, 1/r)), `pissa` (верхние r сингулярных "
+                        "направлений каждого веса переходят в адаптер, в базе остаётся остаток), `pissa_niter_N` (то же "
+                        "через рандомизированное SVD из N итераций, быстрее на больших весах), `olora` (на основе QR); "
+                        "эти два требуют базу 16 или 32 бита, а сохранённый адаптер преобразуется в обычный LoRA ранга 2r "
+                        "на исходной базе; или `loftq` на 4-битной базе (адаптер начинается с SVD ранга r ошибки "
+                        "квантования W - Q(W), W читается из safetensors чекпойнта).",
         "data.datasets": "Обучающие наборы данных, смешиваемые согласно их весам.",
         "data.eval_datasets": "Отложенные наборы данных для оценки (вместо eval_split).",
         "data.eval_split": "Отложить для оценки эту долю (0 < x < 1) или это число примеров (x >= 1) обучающих данных, "
