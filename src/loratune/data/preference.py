@@ -185,7 +185,8 @@ def read_unpaired(rec: Record, columns: ColumnsConfig | None, system: str | None
                     _tools(row))
 
 
-def _records(ds: DatasetConfig, streaming: bool):
+def read_records(ds: DatasetConfig, streaming: bool = False):
+    """The raw records of a dataset (a file, a folder of files, or a hub dataset), in order."""
     if Path(ds.path).exists():
         return itertools.chain.from_iterable(iter_file(f) for f in dataset_files(ds.path))
     if looks_local(ds.path):
@@ -208,6 +209,17 @@ def _side(prompt: list[dict], answer: dict, tools: list | None, where: str, temp
     return (kept[0] if kept else None), outcome
 
 
+def pair_sample(pair: Pair, where: str, template: ChatTemplate, tokenizer, info: TokenizerInfo,
+                cfg: DataConfig) -> tuple[PreferenceSample | None, str]:
+    """One pair as training lays it out (chosen then rejected, fitted to `cfg`'s length limits), or None when
+    either side is dropped; and the outcome (ok, truncated, or why it was dropped)."""
+    sides = [_side(pair.prompt, answer, pair.tools, where, template, tokenizer, info, cfg)
+             for answer in (pair.chosen, pair.rejected)]
+    stats = DataStats()
+    sample = _keep(*sides, None, DatasetStats(where, "preference pairs"), stats)
+    return sample, next(iter(stats.outcomes))
+
+
 def _keep(a: tuple, b: tuple, desirable: bool | None, d: DatasetStats, stats: DataStats) -> PreferenceSample | None:
     """The sample of two fitted sides (as `_side` returns them), or None when either was dropped; counted."""
     (first, out_a), (second, out_b) = a, b
@@ -225,7 +237,7 @@ def _dataset(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemp
              info: TokenizerInfo, stats: DataStats) -> tuple[list[PreferenceSample | None], DatasetStats]:
     """One dataset's samples in record order (None where a record was dropped) and its statistics."""
     d = DatasetStats(ds.path, "kto (prompt, completion, label)" if method == "kto" else "preference pairs")
-    records = _records(ds, cfg.streaming)
+    records = read_records(ds, cfg.streaming)
     if ds.max_samples:
         records = itertools.islice(records, ds.max_samples)
     out: list[PreferenceSample | None] = []

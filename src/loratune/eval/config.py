@@ -18,6 +18,8 @@ A file lists the models to compare side by side and the tasks to run on each of 
       - {name: summaries, path: data/test.jsonl, metrics: [rouge, bleu]}
     perplexity:
       - {name: heldout, path: data/heldout.txt}
+    reward:
+      - {name: pairs, path: data/pairs.jsonl, models: [{name: rm, path: outputs/rm}]}
     judge:
       prompts: data/prompts.jsonl
       model: gpt-4o
@@ -140,6 +142,29 @@ class PerplexityTaskConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    name: str = _f(REQUIRED, "Column name of this reward model in the report (letters, digits, `.`, `_`, `-`).")
+    path: str = _f(REQUIRED, "Output folder of a `loratune train` run with `train.method: rm` (its adapter and "
+                             "`reward_head.safetensors`); loaded as training built it.")
+
+
+@dataclass
+class RewardTaskConfig:
+    name: str = _f(REQUIRED, "Name of the preference set in the report (letters, digits, `.`, `_`, `-`).")
+    path: str = _f(REQUIRED, "Held-out preference pairs in any form preference training reads (prompt/chosen/"
+                             "rejected as texts or message lists, Anthropic HH conversations): a file, a folder "
+                             "or a hub dataset.")
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig, metadata={
+        "help": "Key names of the records where they differ from the defaults (`prompt`, `chosen`, `rejected`, "
+                "...), as in training."})
+    split: str = _f("test", "Split to load from a hub dataset.")
+    system: str | None = _f(None, "System message given to every pair whose prompt has none.")
+    limit: int = _f(0, "Use at most the first N records; 0: all.")
+    models: list[RewardModelConfig] = _f([], "Reward models scoring the pairs, side by side (the first is the "
+                                             "reference of the differences shown).")
+
+
+@dataclass
 class JudgeConfig:
     prompts: str | None = _f(None, "Prompts the models answer, in any data format training reads (each record's "
                                    "messages up to its last user turn); unset: no judge.")
@@ -184,10 +209,13 @@ class EvalConfig:
     mc: list[MCTaskConfig] = _f([], "Multiple-choice benchmarks.")
     generate: list[GenerateTaskConfig] = _f([], "Generate-and-score test sets.")
     perplexity: list[PerplexityTaskConfig] = _f([], "Held-out text for perplexity and bits per byte.")
+    reward: list[RewardTaskConfig] = _f([], "Pairwise accuracy of reward models (`train.method: rm` runs, listed "
+                                            "per task) on held-out preference pairs.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={
         "help": "Pairwise judgments of the models' answers by an OpenAI-compatible model, and Elo ratings."})
     output: EvalOutputConfig = field(default_factory=EvalOutputConfig, metadata={"help": "Where the report goes."})
-    batch_size: int = _f(8, "Questions (multiple choice), prompts (generation) or windows (perplexity) per forward pass.")
+    batch_size: int = _f(8, "Questions (multiple choice), prompts (generation), windows (perplexity) or pairs "
+                            "(reward) per forward pass.")
     implementation: Union[Literal["auto", "loratune", "transformers"], None] = _f(
         None, "Which model code answers, as `model.implementation` in training: null (as each adapter was trained, "
               "or LORATUNE_IMPLEMENTATION), `auto` (loratune's decoder where it covers the model, else transformers "
@@ -219,17 +247,20 @@ def validate(cfg: EvalConfig) -> None:
     """Reject values and combinations that cannot work, naming the keys involved."""
     tasks = [*cfg.mc, *cfg.generate, *cfg.perplexity]
     checks = [
-        (not cfg.models, "models: name at least one model to evaluate"),
-        (not tasks and not cfg.judge.prompts, "nothing to evaluate: add an mc, generate or perplexity task, or judge.prompts"),
+        (not cfg.models and (tasks or cfg.judge.prompts or not cfg.reward),
+         "models: name at least one model to evaluate"),
+        (not tasks and not cfg.judge.prompts and not cfg.reward,
+         "nothing to evaluate: add an mc, generate, perplexity or reward task, or judge.prompts"),
         (cfg.batch_size < 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.bootstrap < 0, f"bootstrap must be >= 0, got {cfg.bootstrap}"),
         (not 0 < cfg.confidence < 1, f"confidence must be in (0, 1), got {cfg.confidence}"),
         (cfg.output.examples < 0, f"output.examples must be >= 0, got {cfg.output.examples}"),
         *_names("models", [m.name for m in cfg.models]),
-        *_names("tasks", [t.name for t in tasks]),
+        *_names("tasks", [t.name for t in [*tasks, *cfg.reward]]),
         *_mc_checks(cfg.mc),
         *_generate_checks(cfg.generate),
         *_perplexity_checks(cfg.perplexity),
+        *_reward_checks(cfg.reward),
         *_judge_checks(cfg),
     ]
     for bad, message in checks:
@@ -276,6 +307,16 @@ def _perplexity_checks(tasks: list[PerplexityTaskConfig]) -> list[tuple[bool, st
                    (t.stride < 0, f"perplexity.{i}.stride must be >= 0, got {t.stride}"),
                    (t.max_length > 0 and t.stride > t.max_length,
                     f"perplexity.{i}.stride ({t.stride}) must not exceed max_length ({t.max_length})")]
+    return checks
+
+
+def _reward_checks(tasks: list[RewardTaskConfig]) -> list[tuple[bool, str]]:
+    checks = []
+    for i, t in enumerate(tasks):
+        checks += [(not t.models, f"reward.{i}.models: name at least one reward model (a train.method rm run) "
+                                  "to score the pairs"),
+                   (t.limit < 0, f"reward.{i}.limit must be >= 0, got {t.limit}"),
+                   *_names(f"reward.{i}.models", [m.name for m in t.models])]
     return checks
 
 

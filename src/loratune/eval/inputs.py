@@ -1,4 +1,4 @@
-"""Everything an eval reads before a model loads: benchmarks, test sets, documents and judge prompts.
+"""Everything an eval reads before a model loads: benchmarks, test sets, documents, judge prompts, preference pairs.
 
 Reading all of it first means a malformed row anywhere (or a judge template without its placeholders)
 fails in seconds, naming its file and row, rather than after an hour of scoring. The digest of each task's files is part of its cache key, so an edited
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loratune.eval import perplexity
+from loratune.eval import perplexity, reward
 from loratune.eval.config import EvalConfig
 from loratune.eval.judge import load_template
 from loratune.eval.mcdata import Benchmark, load_benchmark
@@ -27,6 +27,7 @@ class Inputs:
     perplexity: dict[str, list] = field(default_factory=dict)
     judge: list[TextItem] = field(default_factory=list)
     judge_template: str = ""
+    reward: dict[str, reward.PairSet] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
 
 
@@ -46,6 +47,9 @@ def read_inputs(cfg: EvalConfig) -> Inputs:
     for p in cfg.perplexity:
         inp.perplexity[p.name], files = perplexity.read_documents(p.path, text_key=p.text_key, split=p.split, limit=p.limit)
         inp.digests[p.name] = _digest(files, p.path)
+    for i, t in enumerate(cfg.reward):
+        inp.reward[t.name] = reward.read_pairs(t, i)
+        inp.digests[t.name] = _digest(inp.reward[t.name].files, t.path)
     if cfg.judge.prompts:
         j = cfg.judge
         inp.judge, files = read_items(j.prompts, fmt=j.format, columns=j.columns, limit=j.limit, with_reference=False)

@@ -2,7 +2,7 @@
 
 report.json is the whole result as data (the config, the models and their fingerprints, every metric as
 `{"value", "n", "ci": [low, high], "ci_method"}`, per subject and category, differences to the first
-model, judge statistics). report.md renders it for people: one table per task with a column per model
+model, judge statistics, reward models' pairwise accuracies). report.md renders it for people: one table per task with a column per model
 and one per difference to the first model, then examples. Both are written atomically.
 """
 
@@ -122,6 +122,43 @@ def _perplexity_section(name: str, task: dict, models: list[str]) -> list[str]:
     return lines + _table(["metric", *models], rows)
 
 
+def _reward_section(name: str, task: dict) -> list[str]:
+    models = list(task["models"])
+    first, others = models[0], models[1:]
+    left = f" ({task['identical']} more have the same chosen and rejected answers: left out)" if task["identical"] else ""
+    lines = [f"## Reward models: {name}", "",
+             f"{task['records'] - task['identical']} preference pairs from `{task['path']}`{left}. Accuracy: the share "
+             "of pairs whose chosen answer gets the higher reward (a tie counts as wrong), Wilson interval; margin: "
+             "the mean of reward(chosen) - reward(rejected), bootstrap interval; differences: paired bootstrap over "
+             "the pairs both scored.", ""]
+    rows = [["pairwise accuracy", *(cell(task["models"][x]["accuracy"]) for x in models),
+             *(cell(task["differences"][x]["accuracy"], sign=True, count=False) for x in others)],
+            ["mean margin", *(cell(task["models"][x]["margin"], count=False) for x in models), *("" for _ in others)],
+            ["mean reward chosen / rejected", *(f"{_num(task['models'][x]['mean_reward_chosen'], 3)} / "
+                                                f"{_num(task['models'][x]['mean_reward_rejected'], 3)}" for x in models),
+             *("" for _ in others)],
+            ["ties", *(str(task["models"][x]["ties"]) for x in models), *("" for _ in others)],
+            ["truncated to data.max_length", *(str(task["models"][x]["truncated"]) for x in models),
+             *("" for _ in others)],
+            ["dropped by the length limits", *(str(sum(task["models"][x]["dropped"].values())) for x in models),
+             *("" for _ in others)]]
+    lines += _table(["metric", *models, *(f"{m} − {first}" for m in others)], rows)
+    lines += _table(["model", "path", "fingerprint"],
+                    [[x, f"`{task['models'][x]['path']}`", f"`{task['models'][x]['fingerprint']}`"] for x in models])
+    for x in models:
+        for kind, title in (("right", "most confident right"), ("wrong", "most confident wrong")):
+            examples = task["models"][x]["examples"][kind]
+            if not examples:
+                continue
+            lines += [f"### {x}: {title}", ""]
+            for ex in examples:
+                lines += [f"**{ex['source']} row {ex['row']}** (reward chosen {ex['reward_chosen']:.3f}, rejected "
+                          f"{ex['reward_rejected']:.3f}, margin {ex['margin']:+.3f})", "", "Prompt:", "",
+                          _quote(ex["prompt"]), "", "Chosen:", "", _quote(ex["chosen"]), "", "Rejected:", "",
+                          _quote(ex["rejected"]), ""]
+    return lines
+
+
 def _judge_section(judge: dict) -> list[str]:
     players = judge["players"]
     elo = judge["elo"]
@@ -158,6 +195,8 @@ def markdown(report: dict) -> str:
         lines += _generate_section(name, task, models)
     for name, task in report.get("perplexity", {}).items():
         lines += _perplexity_section(name, task, models)
+    for name, task in report.get("reward", {}).items():
+        lines += _reward_section(name, task)
     if report.get("judge"):
         lines += _judge_section(report["judge"])
     for plot in report.get("plots", []):
@@ -199,6 +238,9 @@ def console_summary(report: dict) -> str:
     for name, task in report.get("perplexity", {}).items():
         lines.append(f"{name} bits per byte: " + ", ".join(
             f"{x} {cell(task['models'][x]['metrics']['bits_per_byte'], 4, count=False)}" for x in models))
+    for name, task in report.get("reward", {}).items():
+        lines.append(f"{name} pairwise accuracy: " + ", ".join(
+            f"{x} {cell(m['accuracy'])}" for x, m in task["models"].items()))
     if report.get("judge"):
         elo = report["judge"]["elo"]
         lines.append("Elo: " + ", ".join(f"{p} {elo[p]['mean']:.0f} [{elo[p]['low']:.0f}, {elo[p]['high']:.0f}]"

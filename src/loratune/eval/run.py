@@ -4,6 +4,7 @@
     for each group of models sharing a base (models.plan):
         load it; for each model: mc, generate, perplexity, judge answers   (each cached per item)
         release it
+    for each reward model of the reward tasks: load it, score its pairs, release it   (reward.py, cached per pair)
     judge every pair of answers (cached per judgment), Elo over random orderings   (assemble.py)
     report.json + report.md (+ plots)                                              (report.py, plots.py)
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from loratune.eval import assemble, generate, mc, perplexity, report
+from loratune.eval import assemble, generate, mc, perplexity, report, reward
 from loratune.eval.config import EvalConfig, GenerateTaskConfig, JudgeConfig, MCTaskConfig, PerplexityTaskConfig
 from loratune.eval.inputs import Inputs, read_inputs
 from loratune.eval.models import Loaded, Source, fingerprint, load, plan, release, scoring
@@ -82,6 +83,7 @@ class Runner:
         self.sources: list[Source] = []
         self.fingerprints: dict[str, str] = {}
         self.windows: dict[str, tuple[int, int]] = {}  # perplexity task -> (max_length, stride) used
+        self.fingerprints_reward: dict[str, dict[str, str]] = {}  # reward task -> reward model -> fingerprint
 
     @property
     def answers(self) -> dict[str, dict[str, str]]:
@@ -200,8 +202,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_text_atomic(out / "eval.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
     runner = Runner(cfg, inputs)
     runner.run_models()
+    if cfg.reward:  # reward models: loaded as training built them, one at a time (eval/reward.py)
+        runner.results["reward"], runner.fingerprints_reward = reward.run_tasks(cfg, inputs.reward, inputs.digests)
     judged = assemble.tournament(cfg, inputs.judge, inputs.judge_template, runner.answers) if cfg.judge.prompts else None
     rep = assemble.build_report(cfg, runner.sources, runner.fingerprints, inputs, runner.results, runner.windows, judged)
+    if cfg.reward:
+        rep["reward"] = reward.report(cfg, inputs.reward, runner.results["reward"], runner.fingerprints_reward)
     if cfg.output.plots:
         rep["plots"] = assemble.draw_plots(cfg, rep, out)
     js, md = report.write(out, rep)
