@@ -1,4 +1,6 @@
-"""GPU checks: each fast kernel against its plain-PyTorch reference on random inputs (forward and gradients).
+"""GPU checks: each fast kernel against its plain-PyTorch reference on random inputs (forward and gradients),
+and CUDA graph replay of loratune's decoder against its eager pass. (The decoder as a whole against transformers
++ peft as they ship: tests/decoder/test_decoder_gpu.py.)
 
 Run on the GPU machine: `python -m pytest tests/gpu -q -m gpu`. Skipped without CUDA.
 """
@@ -170,71 +172,6 @@ def test_adapter_updates_are_seen_with_fused_adamw() -> None:
         opt.zero_grad()
 
 
-def _tiny_cuda_model(tiny_llama: Path, *overrides: str):
-    from loratune.config import load_config
-    from loratune.model.adapters import attach_adapters
-    from loratune.model.load import load_base
-
-    cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=8", "adapter.dropout=0",
-                             "quantization.compute_dtype=bf16", *overrides])
-    model = load_base(cfg)
-    model.to("cuda")
-    model = attach_adapters(model, cfg.adapter)
-    model.train()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model, cfg
-
-
-@pytest.mark.parametrize("bits", [4, 16])
-def test_apply_matches_plain_model(tiny_llama: Path, bits: int) -> None:
-    """Whole model: loss and LoRA gradients with every swap equal those of the untouched model."""
-    from loratune.kernels import apply
-    from loratune.train.loss import full_logits_loss_sum, lm_loss_sum
-
-    model, cfg = _tiny_cuda_model(tiny_llama, f"quantization.bits={bits}")
-    ids = torch.randint(5, 400, (2, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    batch = {"input_ids": ids, "labels": ids}
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads(fn):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            s, n = fn(model, batch)
-        loss = s / n
-        return loss, torch.autograd.grad(loss, params)
-
-    want_loss, want = loss_and_grads(full_logits_loss_sum)
-    apply(model, cfg)
-    counts = model._loratune_kernels
-    assert counts["lora"] == 7 * model.config.num_hidden_layers
-    if "rope" in counts:  # liger-kernel installed
-        assert counts["rope"] == model.config.num_hidden_layers
-    assert counts["embed_offload"] == (0 if model.config.tie_word_embeddings else 1)
-    got_loss, got = loss_and_grads(lm_loss_sum)
-    assert _rel(got_loss, want_loss) < 2e-3
-    assert _rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])) < 3e-2
-
-
-def test_norm_swiglu_swaps_match_originals(tiny_llama: Path) -> None:
-    from loratune.kernels.fused_ops import swap_rms_norms, swap_swiglu_mlps
-
-    model, _ = _tiny_cuda_model(tiny_llama, "quantization.bits=16")
-    norm = model.get_base_model().model.norm
-    mlp = model.get_base_model().model.layers[0].mlp
-    x = torch.randn(2, 32, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    want_n, want_m = norm(x), mlp(x)
-    gn = torch.autograd.grad(want_n.float().square().sum(), x)[0]
-    gm = torch.autograd.grad(want_m.float().square().sum(), x)[0]
-    assert swap_rms_norms(model) == 2 * model.config.num_hidden_layers + 1
-    assert swap_swiglu_mlps(model) == model.config.num_hidden_layers
-    got_n, got_m = norm(x), mlp(x)
-    assert _rel(got_n, want_n) < 1e-2 and _rel(got_m, want_m) < 1e-2
-    assert _rel(torch.autograd.grad(got_n.float().square().sum(), x)[0], gn) < 2e-2
-    assert _rel(torch.autograd.grad(got_m.float().square().sum(), x)[0], gm) < 2e-2
-
-
 @pytest.mark.parametrize("rows,dim", [(4096, 4096), (37, 3584), (5, 100)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rmsnorm_and_swiglu_kernels_match_fp64(rows: int, dim: int, dtype: torch.dtype) -> None:
@@ -257,38 +194,38 @@ def test_rmsnorm_and_swiglu_kernels_match_fp64(rows: int, dim: int, dtype: torch
         assert all(torch.isfinite(a).all() and _rel(a, b) < 2 * tol for a, b in zip(grads, want))
 
 
-def test_host_embedding_gathers_on_the_gpu() -> None:
-    from loratune.kernels.offload import HostEmbedding
-
-    emb = torch.nn.Embedding(1000, 4096, device="cuda", dtype=torch.bfloat16)
-    host = HostEmbedding(emb, torch.device("cuda"))
-    for seed in range(2):
-        ids = torch.randint(0, 1000, (2, 777), device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
-        assert torch.equal(host(ids), emb(ids))
-    assert host.direct  # the GPU read the pinned table itself (no host gather fallback)
-
-
-def test_graphed_micro_batches_equal_eager(tiny_llama: Path, caplog) -> None:
-    """Forward + backward by CUDA graph replay gives the eager loss and gradients, batch after batch,
-    with the optimizer's zero_grad(set_to_none=True) in between; padded batches are left to the caller."""
-    from loratune.kernels import apply, frozen_adapters
-    from loratune.kernels.graphs import GraphedMicroBatch
-    from loratune.train.loss import lm_loss_sum, lm_loss_sum_all_rows
-
+def test_graphed_streams_equal_eager(tiny_llama: Path, caplog) -> None:
+    """loratune's decoder on fixed-shape padding-free streams: forward + backward by CUDA graph replay gives the
+    eager loss and gradients, stream after stream (different sample boundaries, one shape), with the optimizer's
+    zero_grad(set_to_none=True) in between; padded rows are left to the caller."""
     import logging
 
+    from loratune.config import load_config
+    from loratune.decoder.load import build_decoder
+    from loratune.kernels.graphs import GraphedMicroBatch
+    from loratune.train.runner import decoder_stream_loss_sum
+
     caplog.set_level(logging.INFO, logger="loratune.kernels.graphs")
-    model, cfg = _tiny_cuda_model(tiny_llama, "quantization.bits=4")
-    apply(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    graphs = GraphedMicroBatch(model, lm_loss_sum_all_rows, torch.bfloat16)
+    cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=8", "adapter.dropout=0",
+                             "quantization.bits=4", "quantization.compute_dtype=bf16"])
+    decoder = build_decoder(cfg).train()
+    with torch.no_grad():
+        for n, p in decoder.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum)
     gen = torch.Generator().manual_seed(3)
-    batches = [torch.randint(5, 400, (2, 64), generator=gen) for _ in range(6)]
-    for i, ids in enumerate(batches):
-        batch = {"input_ids": ids, "labels": ids}
-        n = 2 * 63
-        with frozen_adapters(model), torch.autocast("cuda", dtype=torch.bfloat16):
-            want, _ = lm_loss_sum(model, {"input_ids": ids.cuda(), "labels": ids.cuda()})
+    for i in range(6):
+        cut = 20 + 7 * i  # two samples of 128 tokens in all, split differently each time
+        ids = torch.randint(5, 400, (1, 128), generator=gen)
+        positions = torch.cat([torch.arange(cut), torch.arange(128 - cut)]).unsqueeze(0)
+        labels = ids.clone()
+        labels[0, cut] = -100  # no position predicts the first token of the next sample
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        n = 126
+        with decoder.frozen_adapters():
+            want = decoder_stream_loss_sum(decoder, {k: v.cuda() for k, v in batch.items()})
         want_grads = torch.autograd.grad(want / n, params)
         want = want.detach()  # hold no autograd graph while the graphs capture (see loratune.kernels.graphs)
         for p in params:
@@ -303,6 +240,5 @@ def test_graphed_micro_batches_equal_eager(tiny_llama: Path, caplog) -> None:
         err = _rel(torch.cat([p.grad.flatten() for p in params]), torch.cat([g.flatten() for g in want_grads]))
         assert err < 2e-2, err
     assert graphs.replays == 4
-    padded = {"input_ids": batches[0], "labels": batches[0], "attention_mask": torch.ones_like(batches[0])}
-    padded["attention_mask"][0, -3:] = 0
+    padded = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     assert graphs.run(padded, 1.0) is None

@@ -16,7 +16,7 @@ class Stubbed(GraphedMicroBatch):
     """The policy of GraphedMicroBatch with capture and replay replaced by records."""
 
     def __init__(self, capture_ok: bool = True) -> None:
-        super().__init__(torch.nn.Linear(2, 2), lambda m, b: torch.zeros(()), torch.float32, enabled=False)
+        super().__init__(torch.nn.Linear(2, 2), lambda m, b: torch.zeros(()), enabled=False)
         self.enabled, self.capture_ok, self.events = True, capture_ok, []
 
     def _choose(self, key, batch) -> bool:
@@ -33,12 +33,11 @@ class Stubbed(GraphedMicroBatch):
         return torch.tensor(1.0)
 
 
-def batch(rows: int, cols: int, pad: bool = False, **extra) -> dict[str, torch.Tensor]:
+def batch(rows: int, cols: int, **extra) -> dict[str, torch.Tensor]:
+    """A padding-free stream of the decoder (rows x cols tokens, two samples a row)."""
     ids = torch.ones(rows, cols, dtype=torch.long)
-    mask = torch.ones_like(ids)
-    if pad:
-        mask[0, -1] = 0
-    return {"input_ids": ids, "labels": ids, "attention_mask": mask, **extra}
+    positions = torch.cat([torch.arange(cols // 2), torch.arange(cols - cols // 2)]).repeat(rows, 1)
+    return {"input_ids": ids, "labels": ids, "position_ids": positions, **extra}
 
 
 def test_two_eager_micro_batches_then_capture_then_replays() -> None:
@@ -63,10 +62,11 @@ def test_a_new_shape_starts_over_and_the_eager_time_is_its_own() -> None:
     assert g.run(batch(2, 8), 1.0) is None  # the old shape is a new sighting again (one graph is kept)
 
 
-def test_padding_unknown_keys_and_failed_shapes_stay_eager() -> None:
+def test_padded_rows_unknown_keys_and_failed_shapes_stay_eager() -> None:
     g = Stubbed()
+    padded = {k: v for k, v in batch(2, 8).items() if k != "position_ids"}
     for _ in range(4):
-        assert g.run(batch(2, 8, pad=True), 1.0) is None
+        assert g.run({**padded, "attention_mask": torch.ones(2, 8, dtype=torch.long)}, 1.0) is None
         assert g.run(batch(2, 8, extra_key=torch.zeros(1)), 1.0) is None
     assert g.events == []
     failing = Stubbed(capture_ok=False)
@@ -75,13 +75,11 @@ def test_padding_unknown_keys_and_failed_shapes_stay_eager() -> None:
     assert [e[0] for e in failing.events] == ["capture"]  # tried once, then eager for good
 
 
-def test_packed_batches_stay_eager() -> None:
-    """transformers builds the packed (block-diagonal) mask with a host-side check: no capture possible."""
+def test_only_streams_have_a_key() -> None:
+    """A stream's key is its shape (its sample boundaries are read on the GPU); padded rows have none."""
     g = Stubbed()
-    packed = {"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long),
-              "position_ids": torch.arange(8).repeat(2, 1)}
-    assert g._key(packed) is None
-    assert g._key(batch(2, 8)) == ((2, 8), ("input_ids", "labels"))
+    assert g._key(batch(1, 8)) == ((1, 8), ("input_ids", "labels", "position_ids"))
+    assert g._key({k: v for k, v in batch(1, 8).items() if k != "position_ids"}) is None
 
 
 def test_flat_grads_are_views_of_one_buffer_per_dtype() -> None:
@@ -109,7 +107,7 @@ def test_zero_grads_in_place_only_while_attached() -> None:
     from loratune.kernels.graphs import _flat_grads
 
     model = torch.nn.Linear(3, 2)
-    graphs = GraphedMicroBatch(model, lambda m, b: m(b).sum(), None, enabled=False)
+    graphs = GraphedMicroBatch(model, lambda m, b: m(b).sum(), enabled=False)
     assert not graphs.zero_grads()  # nothing captured: the caller zeroes
     graphs.grads, graphs.flat = _flat_grads(graphs.params)
     for p, g in zip(graphs.params, graphs.grads):

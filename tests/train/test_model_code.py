@@ -33,7 +33,7 @@ def test_the_decoder_where_it_covers_the_run_else_transformers_with_the_reason(t
     r = _decide(tiny_llama)
     assert r.decoder and r.why == "model: loratune's decoder (llama)"
     assert (r.checkpointing, r.padding_free, r.batch_size, r.tokens_per_batch) == (True, True, 1, 1024)
-    assert not r.graphs and not r.kernels and not r.embed_on_host and r.compute_dtype == torch.float32
+    assert not r.graphs and not r.kernels and r.compute_dtype == torch.float32
     fallbacks = {"quantization.bits=8": "bits=8 (LLM.int8)", "adapter.dora=true": "adapter.dora=true",
                  "adapter.modules_to_save=[lm_head]": "modules_to_save",
                  "adapter.type=none": "full fine-tuning (adapter.type none)"}

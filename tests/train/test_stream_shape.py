@@ -49,10 +49,11 @@ def test_cuda_graphs_for_the_decoders_fixed_shape_streams(tiny_llama: Path) -> N
     for off in ("train.batching=padded", "model.cuda_graphs=false", "train.deterministic=true",
                 "adapter.dropout=0.1"):
         assert not _resolved(tiny_llama, "cuda", "model.implementation=loratune", "adapter.dropout=0", off)[1].graphs, off
-    # the transformers path keeps its rule: padded batches only
-    assert _resolved(tiny_llama, "cuda", "model.implementation=transformers", "adapter.dropout=0",
-                     "train.batching=padded")[1].graphs
-    assert not _resolved(tiny_llama, "cuda", "model.implementation=transformers", "adapter.dropout=0")[1].graphs
+    # the transformers fallback runs as the libraries ship: never graphed, never our kernels
+    for batching in ("padded", "padding_free"):
+        r = _resolved(tiny_llama, "cuda", "model.implementation=transformers", "adapter.dropout=0",
+                      f"train.batching={batching}")[1]
+        assert not r.graphs and not r.kernels and not r.fused_mlp
 
 
 def test_the_graphed_loss_is_the_eager_loss_of_a_padded_stream(tiny_llama: Path) -> None:
@@ -75,7 +76,7 @@ def test_the_graphed_loss_is_the_eager_loss_of_a_padded_stream(tiny_llama: Path)
     batch = Batching(True, 1, 96, pad_id=0, pad_to_budget=True).micro_batches(samples, [[0, 1, 2]])[0]
     assert batch["input_ids"].shape == (1, 96)
     runner = DecoderRunner(decoder, torch.device("cpu"))
-    assert decoder_graphs(decoder, torch.float32) is None  # no CUDA here
+    assert decoder_graphs(decoder) is None  # no CUDA here
 
     def grads():
         out = {n: p.grad.clone() for n, p in decoder.named_parameters() if p.requires_grad}
@@ -98,7 +99,7 @@ def test_the_graphed_loss_is_the_eager_loss_of_a_padded_stream(tiny_llama: Path)
 def test_the_graph_policy_takes_streams_of_the_decoder() -> None:
     from loratune.kernels.graphs import GraphedMicroBatch
 
-    g = GraphedMicroBatch(torch.nn.Linear(2, 2), lambda m, b: b["input_ids"].sum(), torch.float32, stream=True)
+    g = GraphedMicroBatch(torch.nn.Linear(2, 2), lambda m, b: b["input_ids"].sum())
     g.enabled = True  # as on a GPU
     stream = {k: torch.zeros(1, 8, dtype=torch.long) for k in ("input_ids", "labels", "position_ids")}
     assert g._key(stream) == ((1, 8), ("input_ids", "labels", "position_ids"))

@@ -1,17 +1,23 @@
-"""One CUDA graph per micro-batch shape: the forward and backward pass replayed, not re-launched from Python.
+"""One CUDA graph per micro-batch shape of loratune's decoder: the forward and backward pass replayed.
 
 Why: with the fused kernels the GPU work of a QLoRA step on an 8B model is short enough that the host
-needs longer than that to issue it: thousands of launches, each behind Python (HF's
-modules, peft, checkpointing, autograd). Captured once into a CUDA graph, the whole micro-batch (input
-embedding, decoder with checkpointing, head and loss, backward into the adapters' `.grad`) is one
-`replay()`; the host is then idle and the step runs at the GPU's speed.
+needs longer than that to issue it: thousands of launches, each behind Python (modules, checkpointing,
+autograd). Captured once into a CUDA graph, the whole micro-batch (input embedding, decoder with
+checkpointing, head and loss, backward into the adapters' `.grad`) is one `replay()`; the host is then idle
+and the step runs at the GPU's speed.
 
-When it applies (else the caller runs the micro-batch eagerly, as before):
+What is replayed: loratune's decoder on padding-free streams (input_ids, labels, position_ids) padded to the
+token budget, so every micro-batch has one shape; the loss function derives the sample boundaries from the
+position ids on the GPU (`loratune.decoder.attention.Boundaries.on_device`), so one graph serves every stream
+of that shape. The decoder computes in its own dtype (no autocast) and casts its adapters itself (its
+`frozen_adapters()`). The transformers + peft fallback is never graphed: it runs as transformers and peft
+ship, eagerly.
+
+When it applies (else the caller runs the micro-batch eagerly):
 - CUDA, `model.cuda_graphs` auto/true, no loss scaler (bf16 or fp32 compute), no active dropout (the
-  randomness of a replayed graph is not what checkpoints restore: exact resume comes first);
-- the batch holds input_ids, labels and an all-ones attention mask (no padding: equal-length rows, such
-  as plain text cut into max_length pieces), and the same shape was seen in the previous micro-batch.
-  Not packed batches (see `_key`), not in deterministic mode (train.run).
+  randomness of a replayed graph is not what checkpoints restore: exact resume comes first), not in
+  deterministic mode (`graphs_wanted`);
+- the same shape was seen in the previous micro-batch.
 The first micro-batch of a shape runs eagerly (warm-up: Triton compilation, cuBLAS/cuDNN plans), the
 second eagerly too, timed; at the third the shape is captured (after one more warm-up pass on a side
 stream with a zero loss scale, which adds nothing to the gradients) and one replay with a zero loss
@@ -26,16 +32,10 @@ fixed at capture. `run` re-attaches those tensors if someone replaced or cleared
 them when cleared), so `optimizer.zero_grad(set_to_none=True)` stays correct.
 The loss is computed over every row (no host-side dropping of unsupervised rows, which would need a
 sync); the sum is the same.
-
-loratune's decoder (`stream=True`): micro-batches are padding-free streams (input_ids, labels, position_ids)
-padded to the token budget, so they have one shape; the loss function derives the sample boundaries from
-the position ids on the GPU (`loratune.decoder.attention.Boundaries.on_device`), so one graph serves every
-stream of that shape. The decoder computes in its own dtype (no autocast) and casts its adapters itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -43,9 +43,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from loratune.kernels.causal_mask import causal_mask_skip
-
 log = logging.getLogger(__name__)
+
 
 def graphs_wanted(cfg, device: str) -> bool:
     """Whether `loratune train` tries CUDA graphs for `cfg` on `device` ("cuda" or "cpu"): only where a replay
@@ -80,12 +79,18 @@ def _flat_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     return views, list(flat.values())
 
 
+STREAM_KEYS = ("input_ids", "labels", "position_ids")  # a padding-free stream, as loratune.data.collate makes it
+
+
 class GraphedMicroBatch:
-    """`run(batch, scale)`: forward + `backward(loss_sum * scale)` of one micro-batch by graph replay, or None."""
+    """`run(batch, scale)`: forward + `backward(loss_sum * scale)` of one micro-batch by graph replay, or None.
+
+    `model`: loratune's decoder (anything with `parameters()`, `modules()` and a `frozen_adapters()` context);
+    `loss_fn(model, batch)`: the summed token loss of a stream on the device, reading nothing back to the host."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-                 compute_dtype: torch.dtype | None, enabled: bool = True, stream: bool = False) -> None:
-        self.model, self.loss_fn, self.compute_dtype, self.stream = model, loss_fn, compute_dtype, stream
+                 enabled: bool = True) -> None:
+        self.model, self.loss_fn = model, loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.enabled = enabled and torch.cuda.is_available() and bool(self.params) and self.params[0].is_cuda
         if self.enabled and _has_dropout(model):
@@ -96,7 +101,6 @@ class GraphedMicroBatch:
         self.last_key: tuple | None = None
         self.failed: set[tuple] = set()  # shapes that run eagerly (no graph captured, or none faster)
         self.static: dict[str, Tensor] = {}
-        self.ones: Tensor | None = None  # the captured batch's attention mask (no padding)
         self.scale: Tensor | None = None
         self.loss: Tensor | None = None
         self.grads: list[Tensor] = []
@@ -109,18 +113,10 @@ class GraphedMicroBatch:
     # ---------------------------------------------------------------------------------------- policy
 
     def _key(self, batch: dict[str, Tensor]) -> tuple | None:
-        if self.stream:  # the decoder's padding-free streams: their boundaries are read on the GPU
-            if not self.enabled or set(batch) != {"input_ids", "labels", "position_ids"}:
-                return None
-            return tuple(batch["input_ids"].shape), tuple(sorted(batch))
-        # Packed batches (position_ids) stay eager: transformers derives their per-sample attention mask with
-        # a host-side check (masking_utils.find_packed_sequence_indices), which a capture cannot contain.
-        if not self.enabled or set(batch) - {"input_ids", "labels", "attention_mask"}:
+        """The shape and keys of a stream (its boundaries are read on the GPU); None: not a stream, run eagerly."""
+        if not self.enabled or set(batch) != set(STREAM_KEYS):
             return None
-        mask = batch.get("attention_mask")
-        if mask is not None and not bool(mask.all()):  # padding: eager (host tensors, no GPU sync)
-            return None
-        return tuple(batch["input_ids"].shape), tuple(sorted(k for k in batch if k != "attention_mask"))
+        return tuple(batch["input_ids"].shape), STREAM_KEYS
 
     def run(self, batch: dict[str, Tensor], scale: float) -> Tensor | None:
         """Replay (capturing first when due) for this host-side batch; None: run it eagerly instead.
@@ -183,18 +179,8 @@ class GraphedMicroBatch:
     # ---------------------------------------------------------------------------------------- capture
 
     def _forward_backward(self) -> Tensor:
-        from loratune.kernels import frozen_adapters
-
-        if self.stream:  # the decoder: its own dtype and adapter casts (fresh ones, made inside the graph)
-            with self.model.frozen_adapters():
-                loss = self.loss_fn(self.model, dict(self.static))
-                (loss * self.scale).backward()
-            return loss.detach()
-        with frozen_adapters(self.model):  # fresh adapter casts, made inside the graph
-            with torch.autocast("cuda", dtype=self.compute_dtype or torch.float32,
-                                enabled=self.compute_dtype in (torch.bfloat16, torch.float16), cache_enabled=False):
-                # the captured batch is unpadded: an all-ones mask (never copied), SDPA's causal kernels
-                loss = self.loss_fn(self.model, {**self.static, "attention_mask": self.ones})
+        with self.model.frozen_adapters():  # fresh adapter casts, made inside the graph
+            loss = self.loss_fn(self.model, dict(self.static))
             (loss * self.scale).backward()
         return loss.detach()
 
@@ -224,14 +210,13 @@ class GraphedMicroBatch:
                 p.grad = g
 
     def _release(self) -> None:
-        self.graph, self.key, self.loss, self.static, self.scale, self.ones = None, None, None, {}, None, None
+        self.graph, self.key, self.loss, self.static, self.scale = None, None, None, {}, None
 
     def _capture(self, key: tuple, batch: dict[str, Tensor]) -> bool:
         self._release()
         torch.cuda.empty_cache()
         dev = self.params[0].device
         self.static = {k: batch[k].to(dev).clone() for k in key[1]}
-        self.ones = None if self.stream else torch.ones_like(self.static["input_ids"])
         self.scale = torch.zeros((), dtype=torch.float32, device=dev)
         self.grads, self.flat = _flat_grads(self.params)
         for p, g in zip(self.params, self.grads):
@@ -239,16 +224,14 @@ class GraphedMicroBatch:
                 g.copy_(p.grad)
             p.grad = g
         try:
-            # causal_mask_skip: SDPA's causal kernels inside the capture too (loratune.kernels.causal_mask)
-            with contextlib.nullcontext() if self.stream else causal_mask_skip(self.model, unpadded=True):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits stay out of the graph)
-                    self._forward_backward()  # scale 0: adds nothing to the gradients
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    loss = self._forward_backward()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits stay out of the graph)
+                self._forward_backward()  # scale 0: adds nothing to the gradients
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                loss = self._forward_backward()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this shape eagerly
             self._release()
             torch.cuda.synchronize()

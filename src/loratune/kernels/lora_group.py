@@ -11,26 +11,35 @@ gate/up, per layer and backward pass. As one node:
     backward:  gxa_i = g_i (s_i B_i);  dB_i = s_i g_i^T xa_i
                [dA_1; ...; dA_n] = [gxa_1 ... gxa_n]^T x      one read of x for every dA
                dx = [gxa_1 ... gxa_n] [A_1; ...; A_n] + sum_i g_i W_i    accumulated in one buffer (beta = 1)
-It takes this path only when every layer would take the fused path on its own, with no adapter dropout (a
-dropout mask per layer means a separate input per layer). Otherwise each layer runs its own forward.
-The plain reference is the layers run one by one (tests compare the two).
+The caller (`loratune.decoder.lora.project_group`) takes this path only when every layer has an active adapter
+with no adapter dropout (a dropout mask per layer means a separate input per layer); otherwise each layer runs
+its own forward. The plain reference is the layers run one by one (tests compare the two).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from loratune.kernels.lora_linear import UNCACHED, FusedPlan, _mm_to, _update_then_base
+from loratune.kernels.lora_linear import _mm_to, _update_then_base
+
+
+class GroupMember(Protocol):
+    """What the node reads of each layer: its frozen weight (`weight_fn(dtype)`), `base.bias` and LoRA scale."""
+
+    weight_fn: Callable[[torch.dtype], Tensor]
+    base: Any
+    scale: float
 
 
 class LoRAGroup(torch.autograd.Function):
     """Outputs y_1..y_n of n LoRA layers on one input (module docstring). Saves x and xa."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, a_cat: Tensor, plans: tuple[FusedPlan, ...], *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, x: Tensor, a_cat: Tensor, plans: tuple[GroupMember, ...], *tensors: Tensor) -> tuple[Tensor, ...]:
         n = len(plans)
         lora_as, lora_bs, bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         xa = x @ a_cat.t()
@@ -74,21 +83,3 @@ class LoRAGroup(torch.autograd.Function):
                 dx.addmm_(g, plan.weight_fn(g.dtype))
         return (dx, None, None, *d_as, *d_bs, *([None] * n))
 
-
-def project_shared(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
-    """`[layer(x) for layer in layers]`, computed as one node when every layer is a swapped LoRA layer whose
-    fused path applies now, with one compute dtype, one adapter dtype, and no adapter dropout."""
-    plans = [getattr(layer, "_loratune_plan", None) for layer in layers]
-    if (len(layers) < 2 or any(p is None or not p.applies() or p.dropout_active() for p in plans)
-            or len({p.compute for p in plans}) != 1 or len({p.lora_a.dtype for p in plans}) != 1
-            or len({id(p.casts) for p in plans}) != 1):
-        return [layer(x) for layer in layers]
-    casts = plans[0].casts or UNCACHED
-    dt, shape = plans[0].compute, x.shape
-    xc = x.to(dt).reshape(-1, shape[-1])
-    lora_as = [p.lora_a for p in plans]
-    lora_bs = [p.lora_b for p in plans]
-    a_cat = casts.get_cat(lora_as, dt)
-    bs = [casts.get(p.lora_b, dt, p.scale) for p in plans]  # s B: the scale folded into the cast
-    ys = LoRAGroup.apply(xc, a_cat, tuple(plans), *lora_as, *lora_bs, *bs)
-    return [y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype) for y in ys]

@@ -6,7 +6,7 @@ and casts back: about 12 bytes per input value and 26 per output value moved for
 tiny (rank 16). Here everything runs in the compute dtype and the update costs no pass of its own: the
 rank-r product writes the output buffer first and the base product accumulates onto it inside the
 matrix multiply (`addmm_` with beta = 1, whose read of the buffer hides under the multiply's
-arithmetic). The 4-bit base is dequantized by `loratune.kernels.nf4.dequantize_nf4` (one Triton kernel
+arithmetic). loratune's decoder (`loratune.decoder.lora.QLoRALinear`) runs every LoRA layer through it. The 4-bit base is dequantized by `loratune.kernels.nf4.dequantize_nf4` (one Triton kernel
 on CUDA) in the forward pass and again in the backward pass; the bf16 copy is never kept.
 
 The math (x_l = dropout(x) or x itself, W [out, in] frozen, A [r, in], B [out, r], s = scale), one
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -263,11 +262,12 @@ def lora_linear(x: Tensor, weight_fn: Callable[[torch.dtype], Tensor], bias: Ten
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
-# ------------------------------------------------------------------------------------ peft layer swap
+# ------------------------------------------------------------------------------------ the frozen base weight
 
 
 def weight_fn_of(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
-    """The frozen weight of a bitsandbytes Linear4bit (dequantized on demand) or of an nn.Linear.
+    """The frozen weight of a layer that holds a bitsandbytes 4-bit weight (dequantized on demand) or a dense one
+    (loratune's `QLoRALinear`).
 
     For a 4-bit weight on CUDA the kernel's arguments are built once and reused while the packed
     weight stays the same tensor; nothing in a call waits for the GPU.
@@ -291,114 +291,3 @@ def weight_fn_of(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
         return dequantize_nf4_triton(w.data, qs, dtype, args=cache["args"])
 
     return weight
-
-
-def _cpu_packed(base: torch.nn.Module) -> bool:
-    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel (eval mode, no grad): not our layout."""
-    return getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False)
-
-
-def _compute_dtype(base: torch.nn.Module) -> torch.dtype:
-    qs = getattr(base.weight, "quant_state", None)
-    if qs is not None:
-        return getattr(base, "compute_dtype", None) or qs.dtype
-    return base.weight.dtype
-
-
-def is_swappable(layer: torch.nn.Module) -> bool:
-    """A peft LoRA linear over a plain or 4-bit base with one plain LoRA adapter and no extras."""
-    import bitsandbytes as bnb
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(layer, LoraLayer) or not hasattr(layer, "lora_A"):
-        return False
-    base = layer.get_base_layer()
-    four_bit = isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None \
-        and base.weight.quant_state.quant_type in ("nf4", "fp4") and not _cpu_packed(base)
-    plain = type(base) is torch.nn.Linear and base.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    if not (four_bit or plain) or len(layer.lora_A) != 1:
-        return False
-    name = next(iter(layer.lora_A))
-    return (name not in getattr(layer, "lora_variant", {}) and not layer.use_dora.get(name, False)
-            and layer.lora_B[name].bias is None and isinstance(layer.lora_A[name], torch.nn.Linear))
-
-
-@dataclass(frozen=True)
-class FusedPlan:
-    """What the fused path of one swapped peft LoRA layer needs (kept on the layer as `_loratune_plan`, also for
-    `loratune.kernels.lora_group`, which runs layers sharing an input as one node)."""
-
-    layer: torch.nn.Module
-    base: torch.nn.Module
-    weight_fn: Callable[[torch.dtype], Tensor]
-    compute: torch.dtype
-    name: str
-    casts: AdapterCasts | None
-
-    @property
-    def lora_a(self) -> Tensor:
-        return self.layer.lora_A[self.name].weight
-
-    @property
-    def lora_b(self) -> Tensor:
-        return self.layer.lora_B[self.name].weight
-
-    @property
-    def scale(self) -> float:
-        return float(self.layer.scaling[self.name])
-
-    def applies(self) -> bool:
-        """The fused path computes what peft would now (adapter active and unmerged, our weight layout)."""
-        layer = self.layer
-        return not (layer.disable_adapters or layer.merged or list(layer.active_adapters) != [self.name]
-                    or _cpu_packed(self.base))
-
-    def dropout_active(self) -> bool:
-        dropout = self.layer.lora_dropout[self.name]
-        return self.layer.training and getattr(dropout, "p", 0.0) > 0
-
-
-def fused_forward(layer: torch.nn.Module, original: Callable[..., Tensor],
-                  casts: AdapterCasts | None = None) -> Callable[..., Tensor]:
-    """A forward for one peft LoRA layer instance that takes the fused path when it applies.
-
-    Products run in the base's compute dtype (bnb's `compute_dtype`, or the 16-bit weight's dtype),
-    also under autocast, which would pick the same dtype for them; the output has the input's dtype.
-    """
-    base = layer.get_base_layer()
-    plan = FusedPlan(layer, base, weight_fn_of(base), _compute_dtype(base), next(iter(layer.lora_A)), casts)
-    layer._loratune_plan = plan
-
-    def forward(x: Tensor, *args, **kwargs) -> Tensor:
-        if args or kwargs or not plan.applies():
-            return original(x, *args, **kwargs)
-        xc = x.to(plan.compute)
-        x_lora = layer.lora_dropout[plan.name](xc) if plan.dropout_active() else None
-        y = lora_linear(xc, plan.weight_fn, base.bias, plan.lora_a, plan.lora_b, plan.scale, x_lora, casts,
-                        split=getattr(layer, "_loratune_last_in_block", False))
-        return y.to(x.dtype)
-
-    return forward
-
-
-def swap_lora_layers(model: torch.nn.Module) -> int:
-    """Give every swappable peft LoRA layer of `model` the fused forward (this instance only); returns the count.
-
-    The layers share one `AdapterCasts`, kept on the model as `_loratune_casts` (see `kernels.frozen_adapters`).
-    """
-    casts = getattr(model, "_loratune_casts", None) or AdapterCasts()
-    for module in model.modules():  # a gated MLP's down projection ends its decoder block (then a residual add)
-        if all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")):
-            module.down_proj._loratune_last_in_block = True
-    n = 0
-    for module in model.modules():
-        if is_swappable(module) and not getattr(module, "_loratune_fused", False):
-            original = module.forward
-            module.forward = fused_forward(module, original, casts)
-            module._loratune_fused = True
-            n += 1
-    if n:
-        model._loratune_casts = casts
-        plans = [m._loratune_plan for m in model.modules() if getattr(m, "_loratune_plan", None) is not None]
-        casts.track([w for p in plans for w in (p.lora_a, p.lora_b)], {id(p.lora_b): p.scale for p in plans})
-    return n

@@ -4,8 +4,9 @@
         load the base in the configured precision -> take its tensors into `loratune.decoder.Decoder`
         (Params4bit included, no copy; the transformers module tree is dropped) -> LoRA adapters
     transformers + peft (the fallback, and `build_model`, which benchmarks/bench_train.py calls):
-        load the base -> activation checkpointing -> peft adapters (or full fine-tuning) -> the fast paths
-        of `loratune.kernels` (CUDA only, `model.kernels: auto`)
+        load the base -> activation checkpointing -> peft adapters (or full fine-tuning), each through the
+        libraries' public API and run as they ship: SDPA (or the configured) attention, peft's LoRA forwards,
+        no forward replaced, nothing registered with transformers, no attribute of ours on their modules
 
 Either way the result is a `TrainModel`: the module whose parameters train, and the few facts the run needs
 beside them (how to write and read back its adapter, which modules carry adapters, the base's end-of-sequence
@@ -21,7 +22,6 @@ from typing import Any
 
 from torch import nn
 
-from loratune import kernels
 from loratune.config import Config
 from loratune.errors import LoratuneError
 from loratune.model.adapters import attach_adapters, count_parameters, is_peft, weight_precision
@@ -121,11 +121,11 @@ def _tied(model: nn.Module) -> set[str]:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The transformers + peft model: base + checkpointing + adapters + fast paths, on the GPU when there is one."""
+    """The transformers + peft model as the libraries ship it: base + checkpointing + adapters, on the GPU when
+    there is one."""
     model = load_base(cfg)
     enable_checkpointing(model, cfg)
     model = attach_adapters(model, cfg.adapter)
-    kernels.apply(model, cfg)
     _log_model(cfg, model)
     return model
 

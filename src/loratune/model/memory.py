@@ -17,8 +17,8 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
   weights      NF4: n/2, plus constants per 64-value block: fp32 absmax (4 B), or with double
                quantization a uint8 absmax (1 B) + one fp32 absmax per 256 blocks + a 256-entry code;
                8-bit: n + fp32 row scales; 16/32-bit: n x e. Embedding V x H x e, head the same unless
-               tied; the untied frozen input embedding of a CUDA run with `model.kernels: auto` lives in
-               host memory (loratune.kernels.offload) and costs the GPU nothing.
+               tied (`embed_on_host` replays older measurements of a path, removed, that kept the frozen
+               input embedding in host memory).
   adapters     LoRA: r (d_in + d_out) per adapted layer (+ d_out for DoRA), fp32 weights and gradients,
                AdamW states 8 B/param (2 B for the 8-bit variants). Full fine-tuning: every parameter,
                fp32 weights + gradients + states.
@@ -34,6 +34,11 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
                the previous chunk's (still referenced while the next is computed) and logsumexp's
                temporary, 3 x rows x V x 4 (2x with one chunk); plus 4 hidden-sized tensors (the final
                norm's input and output, the rows kept for the head, d(hidden)): 4 T H a.
+  stock        the transformers + peft fallback runs the libraries' own modules (no fused kernel): the plain
+               MLP (m = 6 above) and, per layer, peft's update of the largest adapted output (the base
+               output's clone and the scaled update, 2 T d_out a) and the plain RMSNorms' fp32 copies (two
+               norms, their fp32 input and normalised input: 16 T H). Counted from the modules' code, not yet
+               measured on a GPU.
   attention    loratune's decoder on CPU attends through SDPA over the whole stream with a dense [T, T]
                sample mask (loratune.decoder.attention): the mask (T^2 bytes) and one layer's scores
                (heads x T^2 x a). On CUDA FlexAttention's block mask is made from a dense [T, T] bool mask
@@ -47,13 +52,15 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
 peak = weights + adapters + saved activations + max(loss, layer working set) + graph pool + overhead: the loss
 (end of the forward pass) and the first layer's backward pass do not overlap; the larger is the peak.
 
-Calibrated on peaks measured on a GPU with the transformers path and its loratune.kernels fast paths
-(docs/benchmarks.md, "Figures behind the source's design notes"; tests/model/test_memory.py replays them):
-the estimate errs on the safe side, within +5%. loratune's decoder (the default model code) is planned with
+Calibrated on peaks measured on a GPU with a transformers path whose modules loratune's fused kernels
+replaced (removed since: loratune's decoder runs those kernels in its own modules; docs/benchmarks.md,
+"Figures behind the source's design notes"; tests/model/test_memory.py replays them): the estimate errs on
+the safe side, within +5%. The same formulas with the fused kernels plan loratune's decoder; the stock
+transformers + peft fallback adds the `stock` term above. loratune's decoder (the default model code) is planned with
 the same formulas, its embedding on the GPU and its attention's working set on CUDA (`_stream_attention`),
 calibrated on its eager peaks measured on the H200 (Llama-3-8B shape, 2 x 2048 and 1 x 16384, tests/model/
 test_memory_decoder.py replays them): also within +5%. Where its streams are graphed (`Resolved.graphs`) the
-graph pool is the transformers path's term, not yet measured on the decoder. Not modelled: the
+graph pool is the term measured on that earlier transformers path, not yet on the decoder. Not modelled: the
 paged optimizers' states live in managed memory and can spill to the host (counted as if on the GPU);
 architectures without Llama-style fields (hidden_size, intermediate_size, ...) are refused.
 """
@@ -321,8 +328,19 @@ def _stream_attention(shape: Shape, tokens: int, a: int) -> Component:
 
 
 def fused_mlp_default(cfg: Config, device: str) -> bool:
-    """Whether the SwiGLU MLPs run the fused kernel (loratune.kernels.norm_swiglu: CUDA, model.kernels on)."""
+    """Whether the SwiGLU MLPs run the fused kernel (loratune.kernels.norm_swiglu): loratune's decoder on CUDA with
+    model.kernels on (`Resolved.fused_mlp` says it for a run)."""
     return device == "cuda" and cfg.model.kernels in ("auto", True)
+
+
+def _stock_modules(cfg: Config, shape: Shape, tokens: int, a: int) -> Component:
+    """What the transformers + peft fallback's own modules hold beyond the fused path's working set (module
+    docstring, `stock`): counted from their code, not measured."""
+    outs = [o for _, o in adapted_layers(cfg, shape).values()] if cfg.adapter.type == "lora" else []
+    update = 2 * tokens * max(outs) * a if outs else 0
+    return Component("stock modules", update + 16 * tokens * shape.hidden,
+                     "transformers + peft as shipped: peft's update of the widest adapted layer, the plain RMSNorms' "
+                     "fp32 copies (not measured)")
 
 
 def _graph_pool(shape: Shape, tokens: int, a: int, grad_bytes: int) -> Component:
@@ -334,10 +352,10 @@ def _graph_pool(shape: Shape, tokens: int, a: int, grad_bytes: int) -> Component
 # -------------------------------------------------------------------------------------------- estimate
 
 
-def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool,
+def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, device: str, embed_on_host: bool = False,
              fused_mlp: bool | None = None, graphs: bool | None = None,
              chunk_elements: int = CHUNK_ELEMENTS, *, tokens: int | None = None, padding_free: bool = False,
-             dense_attention: bool = False, stream_attention: bool = False) -> MemoryPlan:
+             dense_attention: bool = False, stream_attention: bool = False, stock: bool = False) -> MemoryPlan:
     """The estimated peak memory of training `cfg` on `device` ("cuda" or "cpu") at batch_size x seq_len.
 
     `model_config`: a transformers config (or a `Shape`). `fused_mlp`: the fused SwiGLU is in use; `graphs`:
@@ -345,7 +363,9 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     `chunk_elements`: the loss's logit chunk (loratune.kernels.loss; other values to replay older runs).
     `tokens`: the micro-batch's tokens when it is not batch_size x seq_len (a padding-free token budget);
     `dense_attention`: attention materialises a [tokens, tokens] mask and scores (loratune's decoder on CPU);
-    `stream_attention`: loratune's decoder on CUDA (FlexAttention or SDPA rows, `_stream_attention`).
+    `stream_attention`: loratune's decoder on CUDA (FlexAttention or SDPA rows, `_stream_attention`);
+    `stock`: the transformers + peft fallback's own modules (`_stock_modules`; it also runs the plain MLP and no
+    graphs, which `plan_for` passes). `embed_on_host`: replays measurements of the removed host-embedding path.
     Pure: reads no weights, touches no device. `plan_for` gives the plan of a run's `Resolved` decisions.
     """
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
@@ -356,9 +376,11 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     tokens = batch_size * seq_len if tokens is None else tokens
     trainable, _, _ = _trainable(cfg, shape)
     saved, layer = _activations(cfg, shape, tokens, a, e, fused, checkpointing_on(cfg))
-    if dense_attention or stream_attention:
-        attn = (_dense_attention if dense_attention else _stream_attention)(shape, tokens, a)
-        layer = dataclasses.replace(layer, bytes=layer.bytes + attn.bytes, detail=f"{layer.detail}; {attn.detail}")
+    extra = [(_dense_attention if dense_attention else _stream_attention)(shape, tokens, a)] \
+        if dense_attention or stream_attention else []
+    extra += [_stock_modules(cfg, shape, tokens, a)] if stock else []
+    for c in extra:
+        layer = dataclasses.replace(layer, bytes=layer.bytes + c.bytes, detail=f"{layer.detail}; {c.detail}")
     head_trained = full or any("lm_head" in m for m in cfg.adapter.modules_to_save)
     loss = _loss(shape, tokens, a, head_trained, chunk_elements)
     loss_peak = loss.bytes >= layer.bytes
@@ -378,9 +400,9 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
 def plan_for(cfg: Config, shape: Any, r: Resolved) -> MemoryPlan:
     """The plan of the decisions `r` (its batch size resolved): the model code, kernels, graphs and micro-batch
     `loratune train` will use."""
-    return estimate(cfg, shape, r.batch_size, r.max_length, r.device, r.embed_on_host, r.fused_mlp, r.graphs,
+    return estimate(cfg, shape, r.batch_size, r.max_length, r.device, False, r.fused_mlp, r.graphs,
                     tokens=r.tokens, padding_free=r.padding_free, dense_attention=r.decoder and r.device == "cpu",
-                    stream_attention=r.decoder and r.device == "cuda")
+                    stream_attention=r.decoder and r.device == "cuda", stock=not r.decoder)
 
 
 def _size(n: int) -> str:

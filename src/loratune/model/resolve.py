@@ -3,14 +3,15 @@
 Why one place: the same questions (which model code trains, in what dtype, with activation checkpointing or
 not, fused kernels, CUDA graphs, padded or padding-free micro-batches of how many tokens) are asked by the
 memory plan, by model building and by the loop. Each asking on its own is how they drift apart (the plan
-counting an embedding in host memory that the model keeps on the GPU, say). `decide` answers them all from
+counting a fused MLP that the model runs plainly, say). `decide` answers them all from
 the config, the device and the model's own config.json; `Resolved` carries the answers.
 
 Which model code trains (`model.implementation`):
     loratune       loratune's own decoder (loratune.decoder): the architectures it covers (Llama, Mistral,
                    Qwen2/2.5/3, Gemma 1-3, Phi-3), LoRA on a 4-, 16- or 32-bit base
-    transformers   the transformers model with peft's adapters: everything else (8-bit bases, DoRA,
-                   modules_to_save, full fine-tuning, other architectures), and the numerical reference
+    transformers   the transformers model with peft's adapters, run as the libraries ship (no kernel, graph
+                   or attention of ours inside it): everything else (8-bit bases, DoRA, modules_to_save, full
+                   fine-tuning, other architectures), and the numerical reference
     auto           loratune where it covers the run, else transformers; `why` says which and why, in one line
 
 The batch size is the one decision that needs the memory plan (`train.batch_size: auto` is the largest that
@@ -43,10 +44,9 @@ class Resolved:
     implementation: str  # "loratune" (our decoder) or "transformers" (HF + peft)
     why: str  # the one line said at the start of a run
     checkpointing: bool  # activation checkpointing
-    kernels: bool  # the HF path's fused CUDA kernels (loratune.kernels.apply); our decoder always runs its own
-    graphs: bool  # micro-batches replayed as CUDA graphs (HF path: padded batches; decoder: padded streams)
-    embed_on_host: bool  # the frozen input embedding in host memory (HF path with kernels)
-    fused_mlp: bool  # SwiGLU through the fused kernel (CUDA)
+    kernels: bool  # our decoder's Triton kernels (loratune.kernels, CUDA); the transformers fallback has none
+    graphs: bool  # our decoder's fixed-shape streams replayed as CUDA graphs (never the transformers fallback)
+    fused_mlp: bool  # SwiGLU through the fused kernel (our decoder on CUDA)
     padding_free: bool  # train.batching
     max_length: int  # data.max_length: the longest sample
     # padding-free streams padded to the token budget (our decoder on CUDA, SFT): every micro-batch has one shape,
@@ -154,11 +154,6 @@ def choose_implementation(cfg: Config, model_config: Any | None) -> tuple[str, s
     return "transformers", f"model: transformers + peft, the fallback: {refusal}"
 
 
-def _tied(model_config: Any | None) -> bool:
-    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return bool(getattr(c, "tie_word_embeddings", False))
-
-
 def decide(cfg: Config, device: str | None = None, model_config: Any | None = None) -> Resolved:
     """The run's decisions for `cfg` on `device` (default: this machine's), from the model's transformers config
     (`model_config`; None when it cannot be read: the transformers path then)."""
@@ -168,18 +163,14 @@ def decide(cfg: Config, device: str | None = None, model_config: Any | None = No
     implementation, why = choose_implementation(cfg, model_config)
     decoder = implementation == "loratune"
     cuda = device == "cuda"
-    kernels = cuda and not decoder and cfg.model.kernels in ("auto", True)
-    trained_embedding = cfg.adapter.type == "none" or any("embed" in m for m in cfg.adapter.modules_to_save)
+    kernels = cuda and decoder and cfg.model.kernels in ("auto", True)
     padding_free = cfg.train.batching == "padding_free"
     batch = cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else None
     r = Resolved(
         device=device, compute_dtype=compute_dtype(cfg, device), implementation=implementation, why=why,
         checkpointing=checkpointing_on(cfg), kernels=kernels,
-        # graphs replay the HF path's unpadded padded-layout batches (transformers' packed-sequence check reads
-        # tensors on the host, which a capture cannot), and our decoder's fixed-shape streams (pad_streams)
-        graphs=graphs_wanted(cfg, device) and (padding_free and cfg.train.method == "sft" if decoder
-                                               else not padding_free),
-        embed_on_host=kernels and not _tied(model_config) and not trained_embedding,
-        fused_mlp=cuda and (decoder or kernels), padding_free=padding_free,
+        # graphs replay our decoder's fixed-shape streams (pad_streams); the transformers fallback runs eagerly
+        graphs=graphs_wanted(cfg, device) and decoder and padding_free and cfg.train.method == "sft",
+        fused_mlp=kernels, padding_free=padding_free,
         pad_streams=padding_free and decoder and cuda and cfg.train.method == "sft", max_length=cfg.data.max_length)
     return r if batch is None else r.with_batch(batch, cfg.train.tokens_per_batch)

@@ -106,14 +106,6 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], impl: str = "c
     return _head_loss_sum(model, batch, rows, impl), rows.numel()
 
 
-def lm_loss_sum_all_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed token loss like `lm_loss_sum`, without any host synchronisation (for CUDA graph capture):
-    every row goes through the head (unsupervised rows add 0), and the token count is not read back."""
-    if _head_has_bias(model):  # the plain path reads its count back: a capture of it fails and runs eagerly
-        return full_logits_loss_sum(model, batch)[0]
-    return _head_loss_sum(model, batch, None, "chunked")
-
-
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Reference: the model's own forward to full logits, then summed cross-entropy in fp32."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", TARGET_ROWS)}

@@ -43,7 +43,6 @@ from loratune.data.pipeline import prepare_data
 from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
-from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.model import neftune
 from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
@@ -59,7 +58,6 @@ from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clea
                                        read_meta, restore_training, rotate, write_checkpoint)
 from loratune.train.interrupt import GracefulStop
 from loratune.train.loop import Loop, LoopState, StepResult
-from loratune.train.loss import lm_loss_sum_all_rows
 from loratune.train.metrics import PLOT_FILE, MetricsLog, Window, plot_losses, span_text
 from loratune.train.optim import apply_schedule, build_optimizer
 from loratune.train.progress import Reporter, memory_gib
@@ -133,22 +131,14 @@ def make_runner(model: TrainModel, optimizer: torch.optim.Optimizer, cfg: Config
     r = model.resolved
     if r.decoder:
         # CUDA graph replay of its fixed-shape streams where resolved on (loratune.train.runner.decoder_graphs)
-        graphs = decoder_graphs(model.module, r.compute_dtype) if r.graphs else None
+        graphs = decoder_graphs(model.module) if r.graphs else None
         return DecoderRunner(model.module, acc.device, graphs), acc.prepare(optimizer)
     if acc.num_processes > 1:  # not wrapped in DDP: the loop sums the adapters' gradients itself, once per window
         # (loratune.train.distributed says why); accelerate still places the model and applies autocast
         prepared, optimizer = acc.prepare_model(model.module, evaluation_mode=True), acc.prepare(optimizer)
     else:
         prepared, optimizer = acc.prepare(model.module, optimizer)
-    graphs = None
-    if r.graphs and cfg.train.method == "sft":  # CUDA graph replay of repeated micro-batch shapes, where it is exact
-        # (loratune.kernels.graphs); the preference objectives are not graphed
-        graphs = GraphedMicroBatch(model.module, lm_loss_sum_all_rows, r.compute_dtype)
-        graphs = graphs if graphs.enabled else None
-    elif r.device == "cuda" and cfg.model.cuda_graphs is not False:
-        log.info("CUDA graphs off: they need train.batching padded, adapter.dropout 0, bf16 or fp32 compute and "
-                 "train.deterministic false")
-    return HFRunner(prepared, acc, graphs), optimizer
+    return HFRunner(prepared, acc), optimizer  # eager: the fallback runs as transformers and peft ship
 
 
 def make_batching(cfg: Config, r: Resolved, pad_id: int) -> Batching:

@@ -16,8 +16,9 @@ The loop (`loratune.train.loop`) and the benchmarks call a runner and never look
 (padded rows are samples of the row's length, their padding after each sample's end seen by none of its
 tokens); the decoder computes in its own compute dtype, so there is no autocast; its fixed-shape streams
 (CUDA) replay as CUDA graphs where the run resolved graphs on (`decoder_graphs`). `HFRunner` runs the
-transformers (+ peft) model as accelerate prepared it: autocast, SDPA's causal fast path for unpadded
-batches (`loratune.kernels.causal_mask`), and `loratune.kernels.graphs` where the run resolved graphs on.
+transformers (+ peft) model as accelerate prepared it and as the libraries ship it: autocast, the model's own
+attention and masks, peft's forwards, eagerly (no graphs; nothing of ours inside the model: the loss reads
+only its final hidden states and the head's weight, `loratune.train.loss.lm_loss_sum`).
 Both move the batch to the device from pinned memory without blocking, with the supervised rows counted
 on the host (`with_target_rows`), so the host does not wait for the GPU inside a step.
 """
@@ -36,8 +37,6 @@ from loratune.data.collate import segment_lengths
 from loratune.decoder.attention import Boundaries
 from loratune.decoder.lora import adapters_disabled
 from loratune.decoder.model import Decoder
-from loratune.kernels import frozen_adapters
-from loratune.kernels.causal_mask import causal_mask_for
 from loratune.kernels.graphs import GraphedMicroBatch
 from loratune.kernels.loss import fused_linear_cross_entropy_sum
 from loratune.train.loss import (
@@ -81,12 +80,12 @@ def decoder_stream_loss_sum(decoder: Decoder, batch: Batch) -> Tensor:
     return loss
 
 
-def decoder_graphs(decoder: Decoder, compute_dtype: torch.dtype) -> GraphedMicroBatch | None:
+def decoder_graphs(decoder: Decoder) -> GraphedMicroBatch | None:
     """CUDA graph replay of the decoder's fixed-shape streams (`Resolved.pad_streams`), None where unavailable
     (no CUDA, or dropout inside the model: a replay's randomness is not what checkpoints restore)."""
     if decoder.config.attention_dropout or decoder.config.residual_dropout:
         return None
-    graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum, compute_dtype, stream=True)
+    graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum)
     return graphs if graphs.enabled else None
 
 
@@ -125,26 +124,26 @@ class DecoderRunner:
 
 
 class HFRunner:
-    """The transformers (+ peft) model as accelerate prepared it."""
+    """The transformers (+ peft) model as accelerate prepared it, run as the libraries ship it (eagerly: `graphs`
+    is always None)."""
 
-    def __init__(self, model: nn.Module, accelerator: Accelerator, graphs: GraphedMicroBatch | None = None,
+    graphs: GraphedMicroBatch | None = None
+
+    def __init__(self, model: nn.Module, accelerator: Accelerator,
                  loss_fn: Callable[[nn.Module, Batch], tuple[Tensor, int]] = lm_loss_sum) -> None:
-        self.module, self.acc, self.graphs, self.loss_fn = model, accelerator, graphs, loss_fn
+        self.module, self.acc, self.loss_fn = model, accelerator, loss_fn
 
     def loss_sum(self, batch: Batch) -> tuple[Tensor, int]:
-        # decided on the host: an unpadded batch keeps SDPA's causal kernels without a mask check on the GPU
-        skip = causal_mask_for(self.module, batch)
         moved = to_device(batch if TARGET_ROWS in batch else with_target_rows(batch), self.acc.device)
-        with self.acc.autocast(), skip:
+        with self.acc.autocast():
             return self.loss_fn(self.module, moved)
 
     def frozen_adapters(self) -> contextlib.AbstractContextManager:
-        return frozen_adapters(self.module)
+        return contextlib.nullcontext()  # peft casts its adapters itself, in every pass
 
     def head_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, float | None]:
-        skip = causal_mask_for(self.module, batch)
         moved = to_device({k: v for k, v in batch.items() if k != "labels"}, self.acc.device)
-        with self.acc.autocast(), skip:
+        with self.acc.autocast():
             hidden = hidden_states(self.module, moved)
         base = unwrap_model(self.module)
         return (hidden.reshape(-1, hidden.shape[-1]), base.get_output_embeddings().weight,
