@@ -18,10 +18,9 @@ length) and marks those slots as the pass's. Every layer writes its keys and val
 - otherwise (a chunk continuing a prompt): slot by slot, each run of new tokens to its slot's cache.
 `commit` advances the slots' lengths once all layers have run.
 
-Lengths live on the host (each pass builds its `Boundaries` from them). A CUDA-graphed decode step over a
-fixed bucket of slots needs them as a device tensor instead (positions, write indices and the key mask
-computed on the device, no host tensor per step); the tensors, the per-slot layout and the step over a
-batch of slots stay as they are.
+Lengths live on the host (each pass builds its `Boundaries` from them) and, mirrored, on the device
+(`device_lengths`, int64 [slots]): the CUDA-graphed decode step (`loratune.decoder.decode_step`) reads its
+positions there and advances them itself, then tells the host mirror (`advanced`), which needs no read back.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.lengths = [0] * batch
+        self.device_lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.capacity = capacity
         # the pass in progress: its boundaries, its slots, and each stream token's slot on the device
         self._pass: tuple[Boundaries, tuple[int, ...], Tensor] | None = None
@@ -143,9 +143,27 @@ class KVCache:
         slots, _ = self._current(b)
         for slot, have, n in zip(slots, b.offsets, b.lengths):
             self.lengths[slot] = have + n
+        self._sync_device(slots)
         self._pass = None
+
+    def _sync_device(self, slots: Sequence[int]) -> None:
+        """Copy these slots' host lengths to `device_lengths` (one small host-to-device copy)."""
+        device = self.device_lengths.device
+        index = torch.tensor(list(slots), dtype=torch.long, device=device)
+        self.device_lengths[index] = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long, device=device)
+
+    def advanced(self, slots: Sequence[int]) -> None:
+        """A decode step advanced `device_lengths` of these (distinct) slots by one: do the same on the host."""
+        over = [s for s in slots if self.lengths[s] + 1 > self.capacity]
+        if over:
+            raise CacheFull(f"row {over[0]} would hold {self.lengths[over[0]] + 1} tokens; the cache was made for "
+                            f"{self.capacity}")
+        for s in slots:
+            self.lengths[s] += 1
 
     def release(self, slots: Sequence[int]) -> None:
         """Empty these slots (their next tokens start at position 0); the tensors stay allocated."""
         for s in slots:
             self.lengths[int(s)] = 0
+        if len(slots):
+            self._sync_device([int(s) for s in slots])

@@ -9,8 +9,8 @@ token of every row it was given (the only logits generation needs; the output he
                               cost nothing), attending to each slot's cache
 
 A slot is emptied with `release` and can take a new prompt while others decode (continuous batching).
-The decode step has one shape per number of slots stepped, which a later CUDA graph per batch bucket can
-capture.
+The decode step is `loratune.decoder.decode_graphs.DecodeRunner`'s: padded to a batch bucket, positions on
+the device, replayed from one CUDA graph per bucket on CUDA (`graphs`: None = there), run eagerly elsewhere.
 
 `greedy` follows the rules of `loratune.infer.engine.decode_steps` with temperature 0 for one prompt.
 """
@@ -23,16 +23,18 @@ import torch
 from torch import Tensor
 
 from loratune.decoder.cache import KVCache
+from loratune.decoder.decode_graphs import DecodeRunner
 from loratune.decoder.model import Decoder
 
 
 class SlotDecoder:
     """A decoder and its per-slot KV cache (`slots` rows of `capacity` tokens)."""
 
-    def __init__(self, decoder: Decoder, slots: int, capacity: int) -> None:
+    def __init__(self, decoder: Decoder, slots: int, capacity: int, graphs: bool | None = None) -> None:
         self.decoder = decoder
         self.device = decoder.embed.weight.device
         self.cache: KVCache = decoder.new_cache(slots, capacity)
+        self.runner = DecodeRunner(decoder, self.cache, graphs)
 
     def _last_logits(self, ids: Tensor, lengths: Sequence[int], slots: Sequence[int]) -> Tensor:
         b = self.cache.boundaries(lengths, slots)
@@ -49,7 +51,7 @@ class SlotDecoder:
 
     def step(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
         """One new token per slot ([len(slots)] ids, on any device); logits [len(slots), V]."""
-        return self._last_logits(tokens.to(self.device, torch.long).reshape(-1), [1] * len(slots), slots)
+        return self.runner.step(slots, tokens)
 
     def release(self, slots: Sequence[int]) -> None:
         self.cache.release(slots)

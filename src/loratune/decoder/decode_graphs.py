@@ -1,0 +1,126 @@
+"""Decode steps replayed from CUDA graphs, one per (batch bucket, key bucket); the same steps run eagerly on CPU.
+
+Why: a decode step of an 8B model launches about 600 small kernels; issued from Python each costs more host
+time than its GPU time, so a step without graphs runs at the host's speed. Captured once, a step is one
+`replay()`.
+
+`DecodeRunner.step(slots, tokens)` pads the rows to the next batch bucket (1, 2, 4, 8, 16, 32; more rows go
+in pieces of 32) by repeating the first row (same slot, token and position: the padding rows write the
+same keys and values to the same place), picks the key bucket (the next power of two >= the longest row's
+length + 1, at least 64, at most the cache's capacity), copies slots and tokens into the bucket's static
+device tensors and runs `decode_step.decode_step` on them: captured into a graph the first time a
+(bucket, key bucket) is met on CUDA (after one eager warm-up run that compiles the kernels; the lengths it
+advanced are put back), replayed after. Off CUDA, or with `graphs=False`, the same function runs eagerly
+on the same padded inputs, so CPU tests cover the logic the graphs hold. The logits of the real rows are
+returned (a view of the graph's output: read them before the next step).
+
+The graphs read the adapter casts of `StepWeights` and the cache's tensors by address; when the decoder's
+adapters change (another adapter put on, weights edited) the casts are made again and every graph is
+dropped (captured again on demand). Rows on several adapters in one pass (`decoder.multi_lora`, whose row
+plan is host data made per pass) step eagerly and unpadded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from loratune.decoder.cache import KVCache
+from loratune.decoder.decode_step import StepWeights, decode_step, mixed_rows
+from loratune.decoder.model import Decoder
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+MIN_KEYS = 64
+
+
+def batch_bucket(rows: int) -> int:
+    """The smallest bucket holding `rows` (1 <= rows <= 32)."""
+    return next(b for b in BUCKETS if b >= rows)
+
+
+def key_bucket(longest: int, capacity: int) -> int:
+    """Keys attended for rows whose longest holds `longest` tokens after this step."""
+    return min(capacity, max(MIN_KEYS, 1 << max(longest - 1, 0).bit_length()))
+
+
+class _Graph:
+    """One captured step: its static inputs (slots, tokens) and its output logits."""
+
+    def __init__(self, slots: Tensor, tokens: Tensor) -> None:
+        self.slots, self.tokens = slots, tokens
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+
+
+class DecodeRunner:
+    """Decode steps of `decoder` over `cache` (see the module docstring). `graphs`: None = on CUDA."""
+
+    def __init__(self, decoder: Decoder, cache: KVCache, graphs: bool | None = None) -> None:
+        self.decoder, self.cache = decoder, cache
+        self.device = cache.keys[0].device
+        self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs and self.device.type == "cuda")
+        self.weights = StepWeights(decoder)
+        self._captured: dict[tuple[int, int], _Graph] = {}
+        self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+
+    def step(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
+        """Logits [len(slots), V] of one new token for each of these distinct slots (`tokens` [len(slots)])."""
+        slots = [int(s) for s in slots]
+        if not slots:
+            raise ValueError("a decode step needs at least one row")
+        if len(set(slots)) != len(slots) or any(not 0 <= s < self.cache.batch for s in slots):
+            raise ValueError(f"slots {slots}: expected distinct slots in [0, {self.cache.batch})")
+        empty = [s for s in slots if self.cache.lengths[s] == 0]
+        if empty:
+            raise ValueError(f"slots {empty} hold no prompt: prefill them first")
+        tokens = tokens.reshape(-1).to(torch.long)
+        if self.weights.refresh():
+            self._captured.clear()
+        # a row plan (several adapters) names the rows of the whole pass: one unpadded eager step, not pieces
+        mixed = any(mixed_rows(m) for m in self.decoder.linear_layers().values())
+        piece = len(slots) if mixed else BUCKETS[-1]
+        outs = [self._step(slots[i:i + piece], tokens[i:i + piece], mixed) for i in range(0, len(slots), piece)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _step(self, slots: list[int], tokens: Tensor, mixed: bool) -> Tensor:
+        n = len(slots)
+        bucket = n if mixed else batch_bucket(n)
+        kv_len = key_bucket(max(self.cache.lengths[s] for s in slots) + 1, self.cache.capacity)
+        self.cache.advanced(slots)  # checks the room first; the device lengths advance in the step itself
+        host_slots = torch.tensor(slots + [slots[0]] * (bucket - n), dtype=torch.long)
+        host_tokens = torch.cat([tokens.cpu(), tokens[:1].cpu().expand(bucket - n)])
+        if mixed or not self.graphs:
+            return decode_step(self.decoder, self.cache, host_tokens.to(self.device), host_slots.to(self.device),
+                               kv_len, self.weights)[:n]
+        g = self._captured.get((bucket, kv_len))
+        if g is None:
+            g = self._captured[(bucket, kv_len)] = _Graph(torch.empty(bucket, dtype=torch.long, device=self.device),
+                                                          torch.empty(bucket, dtype=torch.long, device=self.device))
+        g.slots.copy_(host_slots, non_blocking=True)
+        g.tokens.copy_(host_tokens, non_blocking=True)
+        if g.graph is None:
+            self._capture(g, kv_len)
+        assert g.graph is not None and g.logits is not None
+        g.graph.replay()
+        return g.logits[:n]
+
+    def _capture(self, g: _Graph, kv_len: int) -> None:
+        """Warm up (compiles the kernels; the lengths it advanced are put back), then capture the step."""
+        lengths = self.cache.device_lengths.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)
+            self.cache.device_lengths.copy_(lengths)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g.logits = decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)
+        g.graph = graph
+        self.captures += 1
+        log.debug("captured a decode step of %d rows over %d keys", g.slots.numel(), kv_len)
