@@ -165,7 +165,8 @@ def _serve(args: argparse.Namespace) -> None:
         limits["max_tokens"] = args.max_tokens
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, bits=args.bits,
           max_pending=args.max_pending, limits=limits, batch_slots=args.batch_slots,
-          slot_tokens=args.slot_tokens or None, rewards=args.reward)
+          slot_tokens=args.slot_tokens or None, rewards=args.reward, max_adapters=args.max_adapters or None,
+          adapter_dirs=args.adapter_dir)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -194,6 +195,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reward", action="append", default=[], metavar="[NAME=]RUN",
                    help="a reward model (a run of train.method rm) scoring conversations at POST /v1/rewards; "
                         "loaded as training built it, beside the served models (repeatable)")
+    p.add_argument("--max-adapters", type=int, default=0,
+                   help="adapters on the device at once (an LRU: the least recently used one not answering a "
+                        "request is dropped, and read again from its folder when asked for; 0: no limit)")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="a directory adapter run folders may be loaded from while serving (POST /v1/adapters; "
+                        "repeatable; none: loading at run time is off)")
     p.set_defaults(handler=_serve)
 
 

@@ -100,6 +100,14 @@ class AdapterBank:
             raise ModelError(f"the adapter could not be read again from {self.folders[key]}: {e}") from None
         self._put(key, adapter)
 
+    def limit(self, max_resident: int | None) -> None:
+        """At most `max_resident` adapters resident from now on (None: no limit): the least recently used ones no
+        request holds are dropped down to it (held ones stay until they are let go and room is needed)."""
+        self.max_resident = max_resident
+        if max_resident is not None:
+            for key in [k for k in self.resident if not self.pins[k]][:max(0, len(self.resident) - max_resident)]:
+                self._evict(key)
+
     def has_room(self, key: str | None) -> bool:
         """Whether `key` can be resident now without dropping an adapter a request holds (None: always)."""
         if key is None or key in self.resident or self.max_resident is None:

@@ -11,20 +11,27 @@ it. Each `step()`:
     `emit`; a finished row frees its slot at once, a request whose rows all finished is returned as done
 
 The rules are those of `engine.generate_text`, so a request answers the same in a batch as alone (greedy:
-token for token; sampling: the same draws, its generator being its own). The running batch serves one
-adapter name at a time (the adapter on the decoder is global state): a request for another name waits
-until the batch drains (`fits`), and the caller admits in arrival order, so it is not overtaken for ever.
-(Rows of several adapters in one batch need a segmented LoRA product: issue 15's next step.)
+token for token; sampling: the same draws, its generator being its own).
+
+Rows of one batch may answer as different adapters, or as the bare base. A pass whose rows all use one
+adapter runs with it on the decoder's layers (`Engine.serving`: the fused LoRA path, the graphed decode
+step); a pass mixing adapters runs with none on and each row's adapter applied by the segmented LoRA
+product (`loratune.decoder.multi_lora`: the base product once, one small product per adapter present),
+through the general forward pass. A request holds its adapter on the device from admission to its end
+(`Engine.hold`), so the LRU of resident adapters never drops one in use; a request whose adapter finds no
+room (every resident one held, `--max-adapters`) waits (`fits`), and the caller admits in arrival order.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from loratune.decoder.generate import SlotDecoder
+from loratune.decoder.multi_lora import RowPlan
 from loratune.errors import ModelError
 from loratune.infer.engine import Cancel, Delta, Finish, Sampler, TextRows, _never
 from loratune.infer.load import Engine
@@ -48,6 +55,7 @@ class Submission:
 @dataclass
 class _Running:
     sub: Submission
+    key: str | None  # the adapter it answers with (held from admission to its end; None: the base)
     slots: list[int]  # slot of each row
     sampler: Sampler
     text: TextRows
@@ -76,29 +84,30 @@ class Batcher:
         self.slots = slots
         self.free = list(range(slots))
         self.running: list[_Running] = []
-        self.name: str | None = None  # the model name the running batch answers as
+        self.mixed_passes = 0  # passes whose rows used several adapters (tests and benchmarks read it)
 
     @property
     def empty(self) -> bool:
         return not self.running
 
     def fits(self, sub: Submission) -> bool:
-        """Whether `sub` can join now: same model name as the running batch (or none running), enough free slots."""
-        return (self.empty or sub.name == self.name) and len(sub.prompts) <= len(self.free)
+        """Whether `sub` can join now: enough free slots, and room on the device for its adapter."""
+        return len(sub.prompts) <= len(self.free) and self.engine.has_room(sub.name)
 
     def admit(self, sub: Submission) -> None:
-        """Take `sub` into the batch (its prompts are prefilled at the next `step`)."""
-        if not self.fits(sub):
+        """Take `sub` into the batch (its prompts are prefilled at the next `step`). A name no longer served, or an
+        adapter that cannot be read again from its folder, is a `ModelError` (the submission is not taken)."""
+        if len(sub.prompts) > len(self.free):
             raise ValueError("the submission does not fit the running batch (see `fits`)")
         if not sub.prompts or any(not p for p in sub.prompts):
             raise ValueError("every prompt needs at least one token")
         fmt = self.engine.format(sub.name)
+        key = self.engine.hold(sub.name)
         stop_ids = frozenset() if sub.ignore_eos else fmt.stop_ids
         budget = min(sub.params.max_new_tokens, self.capacity - max(len(p) for p in sub.prompts))
         slots = [self.free.pop(0) for _ in sub.prompts]
-        self.running.append(_Running(sub, slots, Sampler(sub.prompts, sub.params, self.decoder.device),
+        self.running.append(_Running(sub, key, slots, Sampler(sub.prompts, sub.params, self.decoder.device),
                                      TextRows(sub.prompts, sub.params, fmt.decode, stop_ids), budget))
-        self.name = sub.name
 
     def _end(self, run: _Running, events: list[Delta | Finish]) -> None:
         for e in events:
@@ -134,12 +143,14 @@ class Batcher:
                 self._end(run, run.text.close("length"))
         live = [r for r in self.running if r.open_rows()]
         if live:
-            with self.engine.use(self.name) as model, model.frozen_adapters(), torch.inference_mode():
+            keys = {r.key for r in live}
+            with self.engine.serving(keys) as model, model.frozen_adapters(), torch.inference_mode():
                 fresh = [r for r in live if r.fresh]
                 going = [r for r in live if not r.fresh]
                 if fresh:
-                    logits = self.decoder.prefill([s for r in fresh for s in r.slots],
-                                                  [p for r in fresh for p in r.sub.prompts])
+                    prompts = [p for r in fresh for p in r.sub.prompts]
+                    with self._rows(keys, [r.key for r in fresh for _ in r.sub.prompts], [len(p) for p in prompts]):
+                        logits = self.decoder.prefill([s for r in fresh for s in r.slots], prompts)
                     start = 0
                     for r in fresh:
                         n = len(r.sub.prompts)
@@ -148,18 +159,31 @@ class Batcher:
                         start += n
                 if going:
                     rows = [(r, row) for r in going for row in r.open_rows()]
-                    logits = self.decoder.step([r.slots[row] for r, row in rows],
-                                               torch.tensor([r.last[row] for r, row in rows], dtype=torch.long))
+                    slots = [r.slots[row] for r, row in rows]
+                    tokens = torch.tensor([r.last[row] for r, row in rows], dtype=torch.long)
+                    if len(keys) == 1:
+                        logits = self.decoder.step(slots, tokens)
+                    else:
+                        with self._rows(keys, [r.key for r, _ in rows], [1] * len(rows)):
+                            logits = forward_step(self.decoder, slots, tokens)
                     start = 0
                     for r in going:
                         n = len(r.open_rows())
                         self._take(r, r.open_rows(), logits[start:start + n])
                         start += n
-        done = [r.sub for r in self.running if not r.open_rows()]
+        done = [r for r in self.running if not r.open_rows()]
         self.running = [r for r in self.running if r.open_rows()]
-        if self.empty:
-            self.name = None
-        return done
+        for r in done:
+            self.engine.release(r.key)
+        return [r.sub for r in done]
+
+    def _rows(self, keys: set[str | None], row_keys: list[str | None], lengths: list[int]):
+        """The pass's rows on their adapters when the batch mixes several (else the adapter is on the layers)."""
+        if len(keys) == 1:
+            return contextlib.nullcontext()
+        assert self.engine.bank is not None
+        self.mixed_passes += 1
+        return self.engine.bank.plan.rows(RowPlan.from_rows(row_keys, lengths, self.decoder.device))
 
     def fail(self) -> list[Submission]:
         """Drop every running request (after an error), freeing their slots; returns them."""
@@ -168,5 +192,15 @@ class Batcher:
             for row in range(len(r.slots)):
                 r.text.finished[row] = True
             self._release_finished(r)
-        self.running, self.name = [], None
+            self.engine.release(r.key)
+        self.running = []
         return subs
+
+
+def forward_step(decoder: SlotDecoder, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    """One token per slot ([len(slots)] ids) through the decoder's general forward pass; logits [len(slots), V].
+    For passes mixing adapters: the general pass applies each row's adapter (`multi_lora`), the graphed decode
+    step (`SlotDecoder.step`) only the adapter on the layers."""
+    b = decoder.cache.boundaries([1] * len(slots), slots)
+    hidden = decoder.decoder.hidden_states(tokens.to(decoder.device), b, cache=decoder.cache)
+    return decoder.decoder.logits(hidden)

@@ -46,10 +46,11 @@ try:
 except ModuleNotFoundError as e:  # `pip install loratune` without the [serve] extra
     raise missing_extra("serve", e) from None
 
+from loratune.infer.adapter_api import add_adapter_routes
 from loratune.infer.asgi import AccessLog, ApiKeyMiddleware, ErrorResponse, read_json
 from loratune.infer.batcher import Batcher, Submission
 from loratune.infer.engine import Delta, Finish
-from loratune.infer.load import Engine, ToolsNotRendered
+from loratune.infer.load import Engine, ToolsNotRendered, UnknownModel
 from loratune.infer.openai_api import (APIError, ChatRequest, CompletionRequest, Limits, check_unsupported,
                                        model_card, new_id, now, parse, rows, sampling_params, usage)
 from loratune.infer.reward_api import add_reward_routes, load_reward_models
@@ -211,7 +212,15 @@ class Worker:
                         job.put(_END)
                         continue
                     job.state, self.running = "running", self.running + 1
-                batcher.admit(self._submission(job))
+                try:
+                    batcher.admit(self._submission(job))
+                except LoratuneError as e:  # its model was unloaded while it waited, or its adapter cannot be read
+                    job.put(APIError(404 if isinstance(e, UnknownModel) else 500, str(e),
+                                     type="invalid_request_error" if isinstance(e, UnknownModel) else "server_error"))
+                    job.put(_END)
+                    with self._lock:
+                        self.running -= 1
+                        self._release(job, "completed")
             if batcher.empty:
                 if closing:
                     return
@@ -246,10 +255,11 @@ def _sse(obj: dict) -> str:
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int = 8,
                limits: Limits | None = None, batch_slots: int = 1, slot_tokens: int | None = None,
-               rewards: dict | None = None) -> FastAPI:
+               rewards: dict | None = None, adapter_dirs: list[str] | tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI application serving `engine`'s models. `batch_slots` > 1 (on loratune's decoder): requests
     decode together in that many KV-cache rows of `slot_tokens` tokens each (default: the context length).
-    `rewards`: reward models (name -> `loratune.pref.scoring.RewardScorer`) answering /v1/rewards."""
+    `rewards`: reward models (name -> `loratune.pref.scoring.RewardScorer`) answering /v1/rewards.
+    `adapter_dirs`: directories adapters may be loaded from at run time (`/v1/adapters`; none: loading off)."""
     limits = limits or Limits(max_tokens=engine.context_length)
     worker = Worker(engine, max_pending, batch_slots, slot_tokens)
     created = now()
@@ -450,6 +460,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_pending: int =
                 worker.cancel(job)
 
     add_reward_routes(app, rewards or {}, max_body_bytes=limits.max_body_bytes)  # infer/reward_api.py
+    add_adapter_routes(app, engine, adapter_dirs, max_body_bytes=limits.max_body_bytes)  # infer/adapter_api.py
     return app
 
 
@@ -493,9 +504,11 @@ def _check_bindable(host: str, port: int) -> None:
 
 def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           bits: int | None = None, max_pending: int = 8, limits: dict | None = None, batch_slots: int = 1,
-          slot_tokens: int | None = None, rewards: list[str] | tuple[str, ...] = ()) -> None:
-    """Load the models and run the server until interrupted (`batch_slots`, `slot_tokens`: `create_app`;
-    `rewards`: reward-model runs as `[NAME=]FOLDER`, `loratune.infer.reward_api`)."""
+          slot_tokens: int | None = None, rewards: list[str] | tuple[str, ...] = (), max_adapters: int | None = None,
+          adapter_dirs: list[str] | tuple[str, ...] = ()) -> None:
+    """Load the models and run the server until interrupted (`batch_slots`, `slot_tokens`, `adapter_dirs`:
+    `create_app`; `rewards`: reward-model runs as `[NAME=]FOLDER`, `loratune.infer.reward_api`; `max_adapters`:
+    adapters on the device at once, an LRU, None: no limit)."""
     try:
         import uvicorn
     except ModuleNotFoundError as e:
@@ -506,15 +519,20 @@ def serve(sources: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_
     if batch_slots < 1 or (slot_tokens is not None and slot_tokens < 1):
         raise LoratuneError(f"--batch-slots must be >= 1 and --slot-tokens >= 1 (0: the context), got {batch_slots} "
                             f"and {slot_tokens}")
+    if max_adapters is not None and max_adapters < 1:
+        raise LoratuneError(f"--max-adapters must be >= 1 (0: no limit), got {max_adapters}")
+    missing = [d for d in adapter_dirs if not os.path.isdir(d)]
+    if missing:
+        raise LoratuneError(f"--adapter-dir {missing[0]!r} is not a directory")
     quiet_library_noise()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     _check_bindable(host, port)  # before minutes of model loading, not after
     with quiet_loading():
-        engine = load_engine(sources, bits=bits, implementation=None)
+        engine = load_engine(sources, bits=bits, implementation=None, max_adapters=max_adapters)
         scorers = load_reward_models(rewards)
     app = create_app(engine, api_key=api_key, max_pending=max_pending,
                      limits=Limits(**{"max_tokens": engine.context_length, **(limits or {})}),
-                     batch_slots=batch_slots, slot_tokens=slot_tokens, rewards=scorers)
+                     batch_slots=batch_slots, slot_tokens=slot_tokens, rewards=scorers, adapter_dirs=adapter_dirs)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     print(f"loratune serve: models {', '.join(engine.names)}"
