@@ -25,6 +25,10 @@ batching keeps the two together, in one forward pass, with their boundaries; the
 (`loratune.pref.objective`) reads the numbered supervised sequences of a batch as (chosen, rejected) in order.
 A KTO sample is likewise the completion, then the same prompt with the completion of the previous record of the
 dataset (cyclically): the mismatched pair from which KTO estimates its reference point, as TRL builds it.
+
+The rendered and tokenized sides of a local dataset's records (before length limits) are cached as SFT's are
+(`loratune.data.preference_cache`, with `data.cache`): a rerun with the same files, settings and tokenizer
+does not tokenize again.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratune.config import ColumnsConfig, DataConfig, DatasetConfig
+from loratune.data import preference_cache
 from loratune.data.formats import _conversation, _Row, _tools
 from loratune.data.lengths import fit_conversation
 from loratune.data.pipeline import PreparedData, _eval_holdout, _weighted
@@ -197,16 +202,27 @@ def read_records(ds: DatasetConfig, streaming: bool = False):
 # -------------------------------------------------------------------------------------------- samples
 
 
+def _render(prompt: list[dict], answer: dict, tools: list | None, where: str, template: ChatTemplate, tokenizer,
+            info: TokenizerInfo) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + answer, labels on the answer (its final assistant turn), before length limits."""
+    try:
+        plan = plan_conversation([*prompt, answer], template, tokenizer, "last", tools)
+        return encode([plan], tokenizer, info)[0]
+    except RenderError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _fit(side: tuple[list[int], list[int]], cfg: DataConfig,
+         info: TokenizerInfo) -> tuple[tuple[list[int], list[int]] | None, str]:
+    """A rendered side fitted to the length limits as an SFT conversation is (None if dropped); the outcome."""
+    kept, outcome = fit_conversation(side[0], side[1], cfg, info.bos_id)
+    return (kept[0] if kept else None), outcome
+
+
 def _side(prompt: list[dict], answer: dict, tools: list | None, where: str, template: ChatTemplate, tokenizer,
           info: TokenizerInfo, cfg: DataConfig) -> tuple[tuple[list[int], list[int]] | None, str]:
     """((ids, labels) of prompt + answer fitted to the length limits, or None if dropped; the outcome)."""
-    try:
-        plan = plan_conversation([*prompt, answer], template, tokenizer, "last", tools)
-        ids, labels = encode([plan], tokenizer, info)[0]
-    except RenderError as e:
-        raise DataError(f"{where}: {e}") from None
-    kept, outcome = fit_conversation(ids, labels, cfg, info.bos_id)
-    return (kept[0] if kept else None), outcome
+    return _fit(_render(prompt, answer, tools, where, template, tokenizer, info), cfg, info)
 
 
 def pair_sample(pair: Pair, where: str, template: ChatTemplate, tokenizer, info: TokenizerInfo,
@@ -233,42 +249,69 @@ def _keep(a: tuple, b: tuple, desirable: bool | None, d: DatasetStats, stats: Da
                             list(range(len(first[0]))) + list(range(len(second[0]))), desirable)
 
 
-def _dataset(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemplate, tokenizer,
-             info: TokenizerInfo, stats: DataStats) -> tuple[list[PreferenceSample | None], DatasetStats]:
-    """One dataset's samples in record order (None where a record was dropped) and its statistics."""
-    d = DatasetStats(ds.path, "kto (prompt, completion, label)" if method == "kto" else "preference pairs")
+def _rendered(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemplate, tokenizer,
+              info: TokenizerInfo) -> preference_cache.Rendered:
+    """One dataset's records read, validated, rendered and tokenized (both sides of each), before length limits."""
     records = read_records(ds, cfg.streaming)
     if ds.max_samples:
         records = itertools.islice(records, ds.max_samples)
-    out: list[PreferenceSample | None] = []
+    out = preference_cache.Rendered([], [], [])
 
-    def side(prompt, answer, tools, where):
-        return _side(prompt, answer, tools, where, template, tokenizer, info, cfg)
+    def render(prompt, answer, tools, where):
+        return _render(prompt, answer, tools, where, template, tokenizer, info)
 
     if method == "kto":
         items = [(r, read_unpaired(r, ds.columns, ds.system)) for r in records]
         for k, (r, u) in enumerate(items):
             where = f"{r.source}: row {r.row}"
             mismatched = items[k - 1][1].completion  # the previous record's (the last one's for the first)
-            out.append(_keep(side(u.prompt, u.completion, u.tools, where), side(u.prompt, mismatched, u.tools, where),
-                             u.desirable, d, stats))
-    else:
-        same: list[str] = []
-        for r in records:
-            try:
-                p = read_pair(r, ds.columns, ds.system)
-            except SamePair as e:  # public sets hold some (Anthropic HH): dropped, counted and reported
-                same.append(str(e))
-                d.outcomes["identical"] += 1
-                stats.outcomes["identical"] += 1
-                out.append(None)
-                continue
+            out.sides.append((render(u.prompt, u.completion, u.tools, where), render(u.prompt, mismatched, u.tools, where)))
+            out.desirable.append(u.desirable)
+        return out
+    for r in records:
+        try:
+            p = read_pair(r, ds.columns, ds.system)
+        except SamePair as e:  # public sets hold some (Anthropic HH): dropped, counted and reported
+            out.identical.append(str(e))
+            out.sides.append(None)
+        else:
             where = f"{r.source}: row {r.row}"
-            out.append(_keep(side(p.prompt, p.chosen, p.tools, where), side(p.prompt, p.rejected, p.tools, where),
-                             None, d, stats))
-        if same:
-            log.warning("%s: %d pairs dropped: their chosen and rejected answers are the same (first: %s)", ds.path,
-                        len(same), same[0])
+            out.sides.append((render(p.prompt, p.chosen, p.tools, where), render(p.prompt, p.rejected, p.tools, where)))
+        out.desirable.append(None)
+    return out
+
+
+def _cached_rendering(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemplate, tokenizer,
+                      info: TokenizerInfo) -> tuple[preference_cache.Rendered, bool]:
+    """`_rendered`, from the tokenization cache when it holds it (local files, data.cache on); whether it did."""
+    files = dataset_files(ds.path) if cfg.cache and Path(ds.path).exists() else None
+    if files is None:
+        return _rendered(ds, cfg, method, template, tokenizer, info), False
+    k = preference_cache.key(files, ds, "kto" if method == "kto" else "pairs", template, tokenizer, info)
+    hit = preference_cache.load(k)
+    if hit is not None:
+        return hit, True
+    rendered = _rendered(ds, cfg, method, template, tokenizer, info)
+    preference_cache.save(k, rendered)
+    return rendered, False
+
+
+def _dataset(ds: DatasetConfig, cfg: DataConfig, method: str, template: ChatTemplate, tokenizer,
+             info: TokenizerInfo, stats: DataStats) -> tuple[list[PreferenceSample | None], DatasetStats]:
+    """One dataset's samples in record order (None where a record was dropped) and its statistics."""
+    d = DatasetStats(ds.path, "kto (prompt, completion, label)" if method == "kto" else "preference pairs")
+    rendered, d.cached = _cached_rendering(ds, cfg, method, template, tokenizer, info)
+    out: list[PreferenceSample | None] = []
+    for sides, desirable in zip(rendered.sides, rendered.desirable):
+        if sides is None:  # a pair whose answers are the same
+            d.outcomes["identical"] += 1
+            stats.outcomes["identical"] += 1
+            out.append(None)
+        else:
+            out.append(_keep(_fit(sides[0], cfg, info), _fit(sides[1], cfg, info), desirable, d, stats))
+    if rendered.identical:
+        log.warning("%s: %d pairs dropped: their chosen and rejected answers are the same (first: %s)", ds.path,
+                    len(rendered.identical), rendered.identical[0])
     d.records = len(out)
     if not out:
         raise DataError(f"{ds.path}: no records; expected at least one")
