@@ -8,6 +8,10 @@ BLOCK_N x BLOCK_K/2 bytes, looks both nibbles up in the 16-entry code table, sca
 them to x's dtype (the values bitsandbytes' dequantization produces) and multiplies them with the even and
 the odd columns of x (no interleave: the high nibbles meet x[:, 0::2], the low ones x[:, 1::2]).
 
+Scales: when every slice holds whole blocks of one row (K and BLOCK_K multiples of BLOCKSIZE: `ALIGNED`, every
+Llama/Qwen/Gemma width) the BLOCK_K / BLOCKSIZE scales of each row's slice are loaded once and broadcast;
+otherwise each value's block is computed and its scale gathered.
+
 Rows: BLOCK_M == 1 multiplies and sums in fp32 (one row: the matrix units would idle); BLOCK_M >= 16 runs
 `tl.dot` (fp32 accumulation). With SPLIT_K > 1 each program writes fp32 partial sums [SPLIT_K, M, N]
 (summed by the caller, no atomics: the result is the same on every run, so a replayed CUDA graph and an
@@ -26,7 +30,8 @@ def _nf4_matvec_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr, absma
                        M, N, K, K_CHUNK, R, stride_xm, stride_xam, stride_bn, stride_os, stride_om,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr,
+                       ALIGNED: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HALF: tl.constexpr = BLOCK_K // 2
@@ -47,15 +52,30 @@ def _nf4_matvec_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr, absma
         kb_ok = kb < k_end // 2
         w_ok = n_ok[:, None] & kb_ok[None, :]
         byte = tl.load(packed_ptr + rn64[:, None] * half_k + kb[None, :], mask=w_ok, other=0).to(tl.int32)
-        block = (rn64[:, None] * K + 2 * kb[None, :]) // BLOCKSIZE  # both values of a byte share a block
+        if ALIGNED:  # the slice holds whole blocks of one row: one scale per block, broadcast over its values
+            NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+            SPB: tl.constexpr = BLOCKSIZE // 2  # bytes per block
+            block = (rn64[:, None] * K + k0) // BLOCKSIZE + tl.arange(0, NB)[None, :]  # [BLOCK_N, NB]
+            b_ok = n_ok[:, None]
+        else:
+            block = (rn64[:, None] * K + 2 * kb[None, :]) // BLOCKSIZE  # both values of a byte share a block
+            b_ok = w_ok
         if NESTED:
-            q = tl.load(absmax_ptr + block, mask=w_ok, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=w_ok, other=0.0)
+            q = tl.load(absmax_ptr + block, mask=b_ok, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=b_ok, other=0.0)
             scale = scale + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=w_ok, other=0.0)
-        hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(x_ptr.dtype.element_ty)
-        lo = (tl.load(code_ptr + (byte & 15)) * scale).to(x_ptr.dtype.element_ty)
+            scale = tl.load(absmax_ptr + block, mask=b_ok, other=0.0)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 15))
+        if ALIGNED:
+            hi = tl.reshape(tl.reshape(hi, [BLOCK_N, NB, SPB]) * scale[:, :, None], [BLOCK_N, HALF])
+            lo = tl.reshape(tl.reshape(lo, [BLOCK_N, NB, SPB]) * scale[:, :, None], [BLOCK_N, HALF])
+        else:
+            hi = hi * scale
+            lo = lo * scale
+        hi = hi.to(x_ptr.dtype.element_ty)
+        lo = lo.to(x_ptr.dtype.element_ty)
         if BLOCK_M == 1:
             xe = tl.load(x_ptr + 2 * kb, mask=kb_ok, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + 2 * kb + 1, mask=kb_ok, other=0.0).to(tl.float32)
@@ -80,9 +100,14 @@ def _nf4_matvec_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr, absma
             rr = tl.arange(0, R_PAD)
             r_ok = rr < R
             xa = tl.load(xa_ptr + rm[:, None] * stride_xam + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                         other=0.0).to(tl.float32)
+                         other=0.0)
             bs = tl.load(b_ptr + rn64[:, None] * stride_bn + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(xa[:, None, :] * bs[None, :, :], axis=2)
+                         other=0.0)
+            if BLOCK_M == 1:
+                acc += tl.sum(xa.to(tl.float32) * bs.to(tl.float32), axis=1)[None, :]
+            elif IEEE:
+                acc = tl.dot(xa, tl.trans(bs), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, tl.trans(bs), acc)
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -90,5 +90,6 @@ def _triton_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None, lora: tup
         out.stride(0), out.stride(1),
         BLOCKSIZE=int(qs.blocksize), BLOCKSIZE2=bs2, NESTED=bool(qs.nested), HAS_BIAS=bias is not None,
         HAS_LORA=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        R_PAD=max(16, 1 << max(r - 1, 0).bit_length()), IEEE=x.dtype == torch.float32, num_warps=4)
+        R_PAD=max(16, 1 << max(r - 1, 0).bit_length()), IEEE=x.dtype == torch.float32,
+        ALIGNED=k % block_k == 0 and block_k % int(qs.blocksize) == 0, num_warps=4)
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
