@@ -33,27 +33,54 @@ REQUIRED = "<required>"
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling for contexts longer than the base was pretrained on (see loratune.model.rope_scaling)."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"] = _f(
+        "linear", "`linear` (position interpolation: positions divided by factor), `dynamic` (NTK: the base grows "
+                  "with a sample's length past the pretraining length; nothing changes below it), `yarn` (NTK-by-parts "
+                  "interpolation plus an attention factor) or `llama3` (Llama 3.1's wavelength-dependent scaling).")
+    factor: float = _f(0.0, "How many times longer than the pretraining length the context becomes (> 1); "
+                                 "max_position_embeddings becomes original x factor (dynamic keeps it).")
+    original_max_position_embeddings: int = _f(0, "The pretraining context length; 0 reads the model's "
+                                                  "max_position_embeddings.")
+    low_freq_factor: float = _f(1.0, "llama3 only: wavelengths longer than original / low_freq_factor are scaled "
+                                     "by factor.")
+    high_freq_factor: float = _f(4.0, "llama3 only: wavelengths shorter than original / high_freq_factor stay "
+                                      "unscaled (in between they are blended).")
+    beta_fast: float = _f(32.0, "yarn only: rotations at which the interpolation ramp starts (high frequencies "
+                                "stay unscaled).")
+    beta_slow: float = _f(1.0, "yarn only: rotations at which the ramp ends (low frequencies fully interpolated).")
+    attention_factor: float = _f(0.0, "yarn only: scale of cos/sin (attention temperature); 0 uses "
+                                      "0.1 ln(factor) + 1, as the YaRN paper.")
+
+
+@dataclass
 class ModelConfig:
     path: str = _f(REQUIRED, "Base model: a local folder or a hub id (or `demo://llama` for the built-in offline demo model).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     tokenizer: str | None = _f(None, "Tokenizer folder or hub id, if not the model's own.")
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off by default: only enable it for models you trust.")
+    rope_scaling: RopeScalingConfig | None = _f(
+        None, "Stretch the base's RoPE to train and run on longer sequences than it was pretrained on, e.g. "
+              "`{type: yarn, factor: 4}`; written into the model's config (transformers and loratune's decoder "
+              "both compute it) and kept by the adapter's run, its exports and the memory plan, which plans "
+              "data.max_length tokens. Only for a base whose RoPE is not scaled already.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f(
         "auto", "Attention kernel passed to transformers; `auto` lets transformers pick the best one the architecture "
                 "supports (PyTorch SDPA for most, eager for Gemma 2, whose soft-capped attention has no SDPA path).")
     kernels: Union[Literal["auto"], bool] = _f(
-        "auto", "The transformers path's fast training paths on a CUDA GPU (loratune.kernels; loratune's decoder, "
-                "the default model code, always runs its own fused layers and ignores this key): each LoRA linear as "
-                "one fused computation "
-                "over the base weight (4-bit weights dequantized by loratune's Triton kernel), loratune's own Triton "
-                "RMSNorm and SwiGLU kernels, the frozen input embedding in host memory, and liger-kernel's fused RoPE "
-                "if liger-kernel is installed (otherwise RoPE keeps its plain forward). `auto` (or true) uses them on "
-                "a GPU; false (or off) keeps the plain transformers/peft forwards. No effect on CPU.")
+        "auto", "loratune's own Triton kernels in loratune's decoder on a CUDA GPU (loratune.kernels): 4-bit weights "
+                "dequantized in one pass, RMSNorm and SwiGLU in one kernel per direction, the loss's cross-entropy "
+                "rows turned into their gradient in place. `auto` (or true) uses them; false runs their plain-PyTorch "
+                "references instead (same math, slower; for checking numbers). No effect on CPU. The transformers + "
+                "peft fallback always runs as transformers and peft ship and ignores this key.")
     cuda_graphs: Union[Literal["auto"], bool] = _f(
-        "auto", "On a CUDA GPU, capture each repeated micro-batch shape's forward and backward pass once as a CUDA "
-                "graph and replay it (no Python per launch): `auto` (or true) does so where it is exact (no padding "
-                "in the batch, not packed, no adapter dropout, bf16/fp32 compute, not deterministic) and measured "
-                "faster than eager, false never. See loratune.kernels.graphs.")
+        "auto", "On a CUDA GPU, capture the forward and backward pass of loratune's decoder on its fixed-shape "
+                "padding-free micro-batches once as a CUDA graph and replay it (no Python per launch): `auto` (or "
+                "true) does so where it is exact (SFT, train.batching padding_free, no adapter dropout, bf16/fp32 "
+                "compute, not deterministic) and measured faster than eager, false never. The transformers + peft "
+                "fallback always runs eagerly. See loratune.kernels.graphs.")
     implementation: Literal["auto", "loratune", "transformers"] = _f(
         "auto", "Which model code trains: `loratune` is loratune's own decoder (loratune.decoder: Llama, Mistral, "
                 "Qwen2/2.5/3, Gemma 1-3, Phi-3; LoRA adapters on a 4-, 16- or 32-bit base), `transformers` the "
@@ -472,6 +499,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def validate(cfg: Config) -> None:
     """Reject values and combinations that cannot work, naming the keys involved."""
+    if cfg.model.rope_scaling is not None:
+        from loratune.model.rope_scaling import check_rope_scaling
+
+        check_rope_scaling(cfg.model.rope_scaling)
     q, a, t, d = cfg.quantization, cfg.adapter, cfg.train, cfg.data
     from loratune.model.lora_init import check_init
 

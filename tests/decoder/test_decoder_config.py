@@ -68,8 +68,8 @@ def test_rope_frequencies_equal_transformers(kind, quiet):
 
 @pytest.mark.parametrize(("model_type", "extra", "message"), [
     ("gpt2", {}, "does not cover model_type 'gpt2'"),
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
-     "rope_type 'dynamic' is not computed"),
+    ("llama", {"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_type 'proportional' is not computed"),
     ("llama", {"hidden_act": "relu"}, "hidden_act='relu'"),
     ("gemma2", {"use_bidirectional_attention": True}, "causal only"),
 ])

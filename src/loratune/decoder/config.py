@@ -19,7 +19,7 @@ from typing import Any, Literal
 from loratune.errors import ModelError
 
 Activation = Literal["silu", "gelu_tanh", "gelu"]
-RopeKind = Literal["default", "linear", "llama3", "yarn", "longrope"]
+RopeKind = Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"]
 
 # HF activation names -> the gated product the MLP computes (silu: SwiGLU, gelu*: GeGLU)
 ACTIVATIONS: dict[str, Activation] = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -35,7 +35,7 @@ class RopeConfig:
     theta: float
     rotary_dim: int  # rotated leading dims of each head (head_dim * partial_rotary_factor)
     factor: float = 1.0
-    original_max_position: int | None = None  # llama3, yarn, longrope
+    original_max_position: int | None = None  # llama3, yarn, longrope; dynamic: max_position_embeddings
     low_freq_factor: float | None = None  # llama3
     high_freq_factor: float | None = None  # llama3
     beta_fast: float = 32.0  # yarn
@@ -164,6 +164,8 @@ def _rope(hf: Any, params: dict | None, head_dim: int, where: str = "rope_parame
         return RopeConfig("default", **base)
     if kind == "linear":
         return RopeConfig("linear", factor=float(p["factor"]), **base)
+    if kind == "dynamic":  # transformers scales from max_position_embeddings (it stays the pretraining length)
+        return RopeConfig("dynamic", factor=float(p["factor"]), original_max_position=int(max_pos), **base)
     if kind == "llama3":
         return RopeConfig("llama3", factor=float(p["factor"]), low_freq_factor=float(p["low_freq_factor"]),
                           high_freq_factor=float(p["high_freq_factor"]), original_max_position=int(original), **base)
@@ -189,8 +191,8 @@ def _rope(hf: Any, params: dict | None, head_dim: int, where: str = "rope_parame
         return RopeConfig("longrope", factor=float(factor), original_max_position=int(original),
                           attention_factor=float(attention), short_factor=short, long_factor=long, **base)
     raise ModelError(f"config.json {where}: rope_type {kind!r} is not computed by loratune's decoder (it computes "
-                     "default, linear, llama3, yarn and longrope; 'dynamic' rescales with the sequence length at "
-                     "run time and is not supported); such models train through the HF + peft path")
+                     "default, linear, dynamic, llama3, yarn and longrope); such models train through the HF + peft "
+                     "path")
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

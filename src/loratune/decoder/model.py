@@ -94,6 +94,7 @@ class GatedMLP(nn.Module):
             setattr(self, leaf, QLoRALinear(w[p + leaf + ".weight"], w.get(p + leaf + ".bias"), dtype))
         self.down_proj.ends_block = True  # a residual add follows: its fused backward may skip the recompute
         self.cfg = cfg
+        self.kernels = True  # the SwiGLU Triton kernel on CUDA (False: its plain-PyTorch path)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.cfg.fused_gate_up:
@@ -104,7 +105,7 @@ class GatedMLP(nn.Module):
             separate = True
         act = self.cfg.activation
         if act == "silu":
-            h = silu_mul(gate, up, reuse_inputs=separate)  # separate outputs feed only this product
+            h = silu_mul(gate, up, reuse_inputs=separate, triton=self.kernels)  # outputs feed only this product
         else:
             h = F.gelu(gate, approximate="tanh" if act == "gelu_tanh" else "none") * up
         return self.down_proj(h)
@@ -192,6 +193,7 @@ class Decoder(nn.Module):
         self.attention, self.checkpointing = attention, checkpointing
         resolve_backend(attention, embed.device, dtype)  # an impossible choice fails here, not mid-run
         self.casts = AdapterCasts()
+        self.kernels = True  # loratune's Triton kernels on CUDA (`use_kernels`)
         self.neftune_alpha = 0.0  # > 0: NEFTune noise on the embeddings in training mode (loratune.model.neftune)
 
     # ------------------------------------------------------------------------------------------ forward
@@ -220,7 +222,7 @@ class Decoder(nn.Module):
 
             x = add_noise(x, token_lengths(b.positions), self.neftune_alpha)
         backend = resolve_backend(self.attention, x.device, x.dtype)
-        extent = b.extent() if any(r.long_inv_freq is not None for r in self.ropes) else None
+        extent = b.extent() if any(r.needs_extent for r in self.ropes) else None
         tables = [rope(b.positions, x.dtype, extent) for rope in self.ropes]
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for block, r in zip(self.layers, self.rope_of_layer):
@@ -271,6 +273,14 @@ class Decoder(nn.Module):
             layers[name].add_adapter(rank, alpha, dropout, rslora, self.casts, generator)
         self.track_adapters()
         return chosen
+
+    def use_kernels(self, on: bool) -> None:
+        """loratune's Triton kernels (RMSNorm, SwiGLU, NF4 dequantization, the loss's cross-entropy rows) on CUDA for
+        this decoder's modules, or their plain-PyTorch references (model.kernels false). No effect off CUDA."""
+        self.kernels = on
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, GatedMLP, QLoRALinear)):
+                m.kernels = on
 
     def track_adapters(self) -> None:
         """Tell the shared adapter casts which weights (and scales) exist: after adding or loading adapters."""

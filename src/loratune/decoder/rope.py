@@ -4,8 +4,11 @@ Why our own: the decoder must compute the same numbers whatever transformers ver
 variants are written out here from their definitions (the same formulas as transformers'
 `ROPE_INIT_FUNCTIONS`, which the tests compare against): default, linear (position interpolation),
 llama3 (Llama 3.1's wavelength-dependent scaling), yarn (NTK-by-parts + attention factor) and longrope
-(Phi-3: per-dimension factors, the long set once a sample is longer than the pretraining length).
-'dynamic' NTK is refused in `loratune.decoder.config` (its frequencies change with the batch's length).
+(Phi-3: per-dimension factors, the long set once a sample is longer than the pretraining length) and
+dynamic NTK (the base theta grows with the sample's length beyond the pretraining length). Dynamic NTK is
+decided per sample from its extent, as longrope's factors are: a sample gets what transformers computes
+for it alone (transformers keeps the frequencies of the longest batch seen until a batch shorter than the
+pretraining length comes, so there its result also depends on earlier batches).
 
 Conventions (as in transformers): the first `rotary_dim` dims of each head rotate in two halves
 (rotate_half); angles are computed in fp32 from the token's position, cos and sin are multiplied by the
@@ -62,9 +65,26 @@ def _longrope(rc: RopeConfig, factors: tuple[float, ...]) -> Tensor:
     return 1.0 / (torch.tensor(factors, dtype=torch.float32) * rc.theta ** shape)
 
 
+def dynamic_ntk(rc: RopeConfig, extent: Tensor) -> Tensor:
+    """Dynamic NTK inverse frequencies [N, rotary_dim/2] for samples reaching `extent` [N] positions: the base
+    becomes theta * (factor * L / original - (factor - 1)) ** (dim / (dim - 2)), L = max(extent, original),
+    in fp32 as transformers computes it (so up to the pretraining length it is the plain RoPE)."""
+    dim, old = rc.rotary_dim, rc.original_max_position
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=extent.device).float() / dim
+    lengths, which = torch.unique(torch.clamp_min(extent, old), return_inverse=True)
+    # one row per distinct length, each computed as transformers does (a 0-d base): a batched pow may round
+    # differently in its last bit, which positions in the thousands turn into visible cos/sin differences
+    rows = []
+    for length in lengths:
+        base = rc.theta * ((rc.factor * length.float() / old) - (rc.factor - 1)) ** (dim / (dim - 2))
+        rows.append(1.0 / (base ** exponent))
+    return torch.stack(rows)[which]
+
+
 def inverse_frequencies(rc: RopeConfig) -> tuple[Tensor, Tensor | None]:
-    """(inv_freq [rotary_dim/2] fp32, and for longrope the long-context set, else None)."""
-    if rc.kind == "default":
+    """(inv_freq [rotary_dim/2] fp32, and for longrope the long-context set, else None). For dynamic NTK
+    these are the frequencies up to the pretraining length; longer samples get `dynamic_ntk`'s."""
+    if rc.kind in ("default", "dynamic"):
         return _base_inv_freq(rc.theta, rc.rotary_dim), None
     if rc.kind == "linear":
         return _base_inv_freq(rc.theta, rc.rotary_dim) / rc.factor, None
@@ -87,16 +107,23 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
         self.register_buffer("long_inv_freq", None if long is None else long.to(device), persistent=False)
 
+    @property
+    def needs_extent(self) -> bool:
+        """The frequencies depend on each sample's length (longrope, dynamic NTK)."""
+        return self.long_inv_freq is not None or self.rc.kind == "dynamic"
+
     def forward(self, positions: Tensor, dtype: torch.dtype, extent: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`positions` [N] (int); `extent` [N]: one past the last position of each token's sample, needed by
         longrope, whose long factors apply to a sample longer than the pretraining length (decided per
-        sample, so samples laid end to end get what each gets alone)."""
+        sample, so samples laid end to end get what each gets alone), and by dynamic NTK."""
         inv = self.inv_freq
+        if self.needs_extent and extent is None:
+            raise ValueError(f"{self.rc.kind} RoPE needs each token's sample extent")
         if self.long_inv_freq is not None:
-            if extent is None:
-                raise ValueError("longrope needs each token's sample extent")
             long = (extent > self.rc.original_max_position)[:, None]
             inv = torch.where(long, self.long_inv_freq[None, :], inv[None, :])
+        elif self.rc.kind == "dynamic":
+            inv = dynamic_ntk(self.rc, extent)
         freqs = positions.float()[:, None] * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.rc.attention_factor

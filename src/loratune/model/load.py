@@ -131,6 +131,10 @@ def load_base(cfg: Config) -> PreTrainedModel:
     )
     if not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings
         kwargs["quantization_config"] = bnb_config(q, compute)
+    if cfg.model.rope_scaling is not None:  # the config stretched before the model (and its RoPE) is built
+        from loratune.model.rope_scaling import scaled_config
+
+        kwargs["config"] = scaled_config(source, cfg.model, where.local_files_only)
     if torch.cuda.is_available():  # straight to the GPU: no full-size copy in host memory first
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:

@@ -460,11 +460,14 @@ def load_model_config(cfg: Config) -> Any:
     source = resolve_model_path(cfg.model.path)
     where = locate(source, cfg.model.revision, config_file_ok=True)  # a bare config.json is enough here
     try:
-        return AutoConfig.from_pretrained(where.path, revision=cfg.model.revision,
-                                          local_files_only=where.local_files_only,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+        hf = AutoConfig.from_pretrained(where.path, revision=cfg.model.revision,
+                                        local_files_only=where.local_files_only,
+                                        trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read the model config of {source!r}: {e}".splitlines()[0]) from None
+    from loratune.model.rope_scaling import apply_rope_scaling
+
+    return apply_rope_scaling(hf, cfg.model.rope_scaling)  # the plan sees the context the run trains at
 
 
 def default_device() -> str:
@@ -509,6 +512,7 @@ class RunPlan:
     budget: int | None
     note: str  # how the batch size was chosen
     resolved: Resolved | None = None  # every decision of the run, the batch size included
+    context: str = ""  # data.max_length against the model's context (RoPE scaling included)
 
 
 def plan_run(cfg: Config, device: str | None = None, budget: int | None = None,
@@ -555,7 +559,23 @@ def plan_run(cfg: Config, device: str | None = None, budget: int | None = None,
                           f"{_advice(cfg, plan_for_batch, batch, resolved)}. The plan above shows where the memory "
                           "goes", plan)
     resolved_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
-    return RunPlan(resolved_cfg, plan, budget, note, resolved)
+    return RunPlan(resolved_cfg, plan, budget, note, resolved, context_note(cfg, model_config))
+
+
+def context_note(cfg: Config, model_config: Any) -> str:
+    """One line: the sequence length planned (data.max_length) against the model's context, RoPE scaling
+    included; a warning when the samples may run past what the model was made for."""
+    from loratune.model.rope_scaling import context_length
+
+    ctx = context_length(model_config)
+    if ctx is None:
+        return ""
+    rs = cfg.model.rope_scaling
+    scaled = f" (RoPE {rs.type} x{rs.factor:g})" if rs is not None else ""
+    text = f"context: data.max_length {cfg.data.max_length:,} tokens of the model's {ctx:,}{scaled}"
+    if cfg.data.max_length > ctx:
+        text += "; warning: longer than the model's context, set model.rope_scaling to stretch it"
+    return text
 
 
 def describe(rp: RunPlan, cfg: Config) -> str:
@@ -564,6 +584,8 @@ def describe(rp: RunPlan, cfg: Config) -> str:
     text = render(rp.plan, title) + f"\n  batch size: {rp.note}"
     if rp.resolved is not None:
         text += f"\n  {rp.resolved.describe()}"
+    if rp.context:
+        text += f"\n  {rp.context}"
     if rp.budget is not None:
         text += f"\n  free: {_size(rp.budget)} ({100 * rp.plan.total / max(rp.budget, 1):.0f}% of it planned)"
     return text

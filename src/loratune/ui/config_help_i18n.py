@@ -37,16 +37,19 @@ HELP: dict[str, dict[str, str]] = {
         "model.revision": "基础模型在 Hub 上的版本（分支、标签或提交）。",
         "model.tokenizer": "分词器文件夹或 Hub ID（若不使用模型自带的分词器）。",
         "model.trust_remote_code": "运行模型附带的 Python 代码。默认关闭：只对你信任的模型开启。",
+        "model.rope_scaling": "拉伸基座的 RoPE，以便在比预训练更长的序列上训练和运行，例如 `{type: yarn, factor: 4}`；"
+                              "写入模型的配置（transformers 与 loratune 的解码器都会计算它），并由适配器的运行记录、"
+                              "其导出以及按 data.max_length 个 token 规划的内存计划保留。仅适用于 RoPE 尚未缩放的基座。",
         "model.attn_implementation": "传给 transformers 的注意力内核；`auto` 让 transformers 选择该架构支持的最佳实现"
                                      "（大多数为 PyTorch SDPA，Gemma 2 为 eager，因为其软截断注意力没有 SDPA 实现）。",
-        "model.kernels": "transformers 路径在 CUDA GPU 上的快速训练路径（loratune.kernels；loratune 自己的解码器，即默认的"
-                         "模型代码，始终运行自己的融合层并忽略此键）：每个 LoRA 线性层与基座权重作为一次融合计算"
-                         "（4 位权重由 loratune 的 Triton 内核反量化），loratune 自己的 Triton RMSNorm 和 SwiGLU 内核，"
-                         "冻结的输入嵌入放在主机内存中，若已安装 liger-kernel 则使用其融合 RoPE（否则 RoPE 保持普通前向）。"
-                         "`auto`（或 true）在 GPU 上使用它们；false（或 off）保留普通的 transformers/peft 前向。在 CPU 上无效。",
-        "model.cuda_graphs": "在 CUDA GPU 上，将每种重复出现的微批次形状的前向和反向传播捕获一次为 CUDA 图并重放"
-                             "（每次启动不经过 Python）：`auto`（或 true）在精确的情况下这样做（批次中无填充、未打包、"
-                             "无适配器 dropout、bf16/fp32 计算、非确定性模式）且实测比 eager 更快时才使用，false 从不使用。"
+        "model.kernels": "在 CUDA GPU 上，loratune 解码器中 loratune 自己的 Triton 内核（loratune.kernels）：4 位权重一次"
+                         "完成反量化，RMSNorm 和 SwiGLU 每个方向一个内核，损失的交叉熵各行就地转换为其梯度。`auto`"
+                         "（或 true）使用它们；false 改为运行它们的纯 PyTorch 参考实现（数学相同，较慢；用于核对数值）。"
+                         "在 CPU 上无效。transformers + peft 回退路径始终按 transformers 和 peft 发布的原样运行，忽略此键。",
+        "model.cuda_graphs": "在 CUDA GPU 上，将 loratune 解码器在其固定形状的无填充微批次上的前向和反向传播捕获一次为 "
+                             "CUDA 图并重放（每次启动不经过 Python）：`auto`（或 true）在精确的情况下这样做（SFT、"
+                             "train.batching 为 padding_free、无适配器 dropout、bf16/fp32 计算、非确定性模式）且实测比 "
+                             "eager 更快时才使用，false 从不使用。transformers + peft 回退路径始终以 eager 方式运行。"
                              "参见 loratune.kernels.graphs。",
         "model.implementation": "由哪套模型代码训练：`loratune` 是 loratune 自己的解码器（loratune.decoder：Llama、Mistral、"
                                 "Qwen2/2.5/3、Gemma 1-3、Phi-3；在 4、16 或 32 位基座上的 LoRA 适配器），`transformers` 是 "
@@ -187,21 +190,26 @@ HELP: dict[str, dict[str, str]] = {
                            "модели.",
         "model.trust_remote_code": "Выполнять код на Python, поставляемый с моделью. По умолчанию выключено: включайте "
                                    "только для моделей, которым доверяете.",
+        "model.rope_scaling": "Растянуть RoPE базы, чтобы обучать и запускать её на последовательностях длиннее, чем при "
+                              "предобучении, например `{type: yarn, factor: 4}`; записывается в конфигурацию модели "
+                              "(её вычисляют и transformers, и декодер loratune) и сохраняется в запуске адаптера, его "
+                              "экспортах и плане памяти, который рассчитан на data.max_length токенов. Только для базы, "
+                              "чья RoPE ещё не масштабирована.",
         "model.attn_implementation": "Ядро внимания, передаваемое в transformers; `auto` позволяет transformers выбрать "
                                      "лучшее из поддерживаемых архитектурой (PyTorch SDPA для большинства, eager для "
                                      "Gemma 2, у которой для внимания с мягким ограничением нет пути SDPA).",
-        "model.kernels": "Быстрые пути обучения для пути transformers на GPU CUDA (loratune.kernels; собственный декодер "
-                         "loratune, код модели по умолчанию, всегда использует свои слитые слои и игнорирует этот ключ): "
-                         "каждый линейный слой LoRA как одно слитое вычисление над базовым весом (4-битные веса "
-                         "деквантуются Triton-ядром loratune), собственные Triton-ядра RMSNorm и SwiGLU от loratune, "
-                         "замороженный входной эмбеддинг в памяти хоста и слитый RoPE из liger-kernel, если liger-kernel "
-                         "установлен (иначе RoPE сохраняет обычный прямой проход). `auto` (или true) использует их на GPU; "
-                         "false (или off) оставляет обычные прямые проходы transformers/peft. На CPU не действует.",
-        "model.cuda_graphs": "На GPU CUDA один раз записать прямой и обратный проход каждой повторяющейся формы "
-                             "микропакета как граф CUDA и затем воспроизводить его (без Python при каждом запуске): "
-                             "`auto` (или true) делает это там, где это точно (нет паддинга в пакете, нет упаковки, нет "
-                             "dropout адаптера, вычисления в bf16/fp32, не детерминированный режим) и по измерению быстрее "
-                             "eager, false — никогда. См. loratune.kernels.graphs.",
+        "model.kernels": "Собственные Triton-ядра loratune в декодере loratune на GPU CUDA (loratune.kernels): 4-битные "
+                         "веса деквантуются за один проход, RMSNorm и SwiGLU — одно ядро на каждое направление, строки "
+                         "перекрёстной энтропии функции потерь на месте превращаются в свой градиент. `auto` (или true) "
+                         "использует их; false вместо них запускает их эталонные реализации на чистом PyTorch (та же "
+                         "математика, медленнее; для проверки чисел). На CPU не действует. Запасной путь transformers + "
+                         "peft всегда работает так, как поставляются transformers и peft, и игнорирует этот ключ.",
+        "model.cuda_graphs": "На GPU CUDA один раз записать прямой и обратный проход декодера loratune на его микропакетах "
+                             "без паддинга фиксированной формы как граф CUDA и затем воспроизводить его (без Python при "
+                             "каждом запуске): `auto` (или true) делает это там, где это точно (SFT, train.batching "
+                             "padding_free, нет dropout адаптера, вычисления в bf16/fp32, не детерминированный режим) и по "
+                             "измерению быстрее eager, false — никогда. Запасной путь transformers + peft всегда работает "
+                             "eager. См. loratune.kernels.graphs.",
         "model.implementation": "Какой код модели обучает: `loratune` — собственный декодер loratune (loratune.decoder: "
                                 "Llama, Mistral, Qwen2/2.5/3, Gemma 1-3, Phi-3; адаптеры LoRA на 4-, 16- или 32-битной "
                                 "базе), `transformers` — модель transformers с адаптерами peft. `auto` берёт декодер "
