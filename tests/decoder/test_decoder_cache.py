@@ -104,3 +104,25 @@ def test_slots_step_alone_and_a_released_slot_takes_a_new_prompt(checkpoint, qui
             slots.prefill([2], [a])
         with pytest.raises(ValueError, match="distinct slots"):
             slots.cache.boundaries([1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "mistral"])
+def test_runs_continuing_several_slots_equal_full_forward(name, checkpoint, quiet):
+    """Runs of different lengths continuing slots of different lengths (a subset of the slots, out of order) are
+    attended in one masked pass; each token's logits equal the full forward's over its row (windows, soft-caps)."""
+    _, dec = load_pair(run_config(checkpoint(name)))
+    prompts, runs = (7, 3, 5), (2, 6, 1)
+    rows = sample_ids(prompts, seed=3)
+    more = sample_ids(runs, seed=4)
+    cache = dec.new_cache(batch=3, capacity=16)
+    with torch.no_grad():
+        dec(torch.cat(rows), cache.boundaries(prompts), cache=cache)
+        order = (2, 0, 1)
+        got = dec(torch.cat([more[s] for s in order]), cache.boundaries([runs[s] for s in order], order), cache=cache)
+        start = 0
+        for s in order:
+            full = dec(torch.cat([rows[s], more[s]]))
+            want = full[prompts[s]:]
+            assert (got[start:start + runs[s]] - want).abs().max().item() < TOL
+            start += runs[s]
+    assert cache.lengths == [p + r for p, r in zip(prompts, runs)]

@@ -30,10 +30,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize(("bits", "tol"), [(32, 1e-4), (4, None)])
 def test_decoder_scoring_on_cuda_equals_transformers(bits: int, tol: float | None, tiny_llama: Path,
-                                                     mmlu_dir: Path, tmp_path: Path) -> None:
+                                                     mmlu_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     folder = make_adapter_dir(tiny_llama, tmp_path / "a", bits=bits, seed=4)
     (group,) = plan([EvalModelConfig(name="tuned", path=str(folder), bits=bits)])
-    loaded = load(group, "transformers")
+    # a transformers engine chosen by the environment (as a run trained there would be): the decoder scores over its
+    # tensors; load(group, "transformers") would ask for transformers alone, no decoder view
+    monkeypatch.setenv("LORATUNE_IMPLEMENTATION", "transformers")
+    loaded = load(group)
     assert next(loaded.engine.model.parameters()).is_cuda
     task = MCTaskConfig(name="mmlu", path=str(mmlu_dir), shots=2, style="cloze")  # multi-token choices
     prepared = prepare(load_benchmark(task), task, loaded.engine.format("tuned").tokenizer, 2048)

@@ -184,6 +184,10 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
     eager attention."""
     groups = q.shape[1] // k.shape[1]
     if softcap is None:
+        if groups > 1 and q.is_cuda:
+            # SDPA takes grouped heads (enable_gqa) only in its flash and math kernels, and flash takes no mask:
+            # with a mask that would be the math kernel; repeated heads keep the memory-efficient one
+            k, v, groups = _repeat_kv(k, groups), _repeat_kv(v, groups), 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
                                               enable_gqa=groups > 1)
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)

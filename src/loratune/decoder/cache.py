@@ -15,7 +15,8 @@ length) and marks those slots as the pass's. Every layer writes its keys and val
   cached token exists yet;
 - one new token per slot (a decode step): one batched attention over the slots' cached keys, keys past
   each slot's end (and outside the sliding window) masked;
-- otherwise (a chunk continuing a prompt): slot by slot, each run of new tokens to its slot's cache.
+- otherwise (runs continuing cached prompts): one masked attention over the slots, each run's queries padded
+  to the longest run.
 `commit` advances the slots' lengths once all layers have run.
 
 Lengths live on the host (each pass builds its `Boundaries` from them) and, mirrored, on the device
@@ -106,20 +107,34 @@ class KVCache:
                           backend="flash" if backend == "flash" else "sdpa")
         if all(n == 1 for n in b.lengths):
             return self._step(keys, values, q, b, slots, scale, window, softcap)
-        outs, start = [], 0
-        for slot, have, n in zip(slots, b.offsets, b.lengths):
-            total = have + n
-            qpos = torch.arange(have, total, device=q.device)
-            kpos = torch.arange(total, device=q.device)
-            mask = kpos[None, :] <= qpos[:, None]
-            if window is not None:
-                mask &= (qpos[:, None] - kpos[None, :]) < window
-            qr = q[start:start + n].transpose(0, 1)[None]
-            out = dense_attention(qr, keys[slot:slot + 1, :, :total], values[slot:slot + 1, :, :total],
-                                  mask[None, None], scale, softcap)
-            outs.append(out[0].transpose(0, 1))
-            start += n
-        return torch.cat(outs, dim=0)
+        return self._continue(keys, values, q, b, slots, scale, window, softcap)
+
+    def _continue(self, keys: Tensor, values: Tensor, q: Tensor, b: Boundaries, slots: tuple[int, ...], scale: float,
+                  window: int | None, softcap: float | None) -> Tensor:
+        """Runs of new tokens continuing their slots: one masked attention over the slots, each run's queries
+        padded to the longest run (a padding query repeats its run's last one and is dropped), keys past each
+        query's position (and outside the window) masked."""
+        device = q.device
+        total = max(o + n for o, n in zip(b.offsets, b.lengths))
+        longest = max(b.lengths)
+        if slots == tuple(range(self.batch)):
+            k, v = keys[:, :, :total], values[:, :, :total]
+        else:
+            rows = torch.tensor(slots, dtype=torch.long, device=device)
+            k, v = keys[rows, :, :total], values[rows, :, :total]
+        offsets = torch.tensor(b.offsets, dtype=torch.long, device=device)
+        within = b.positions - offsets[b.sample_ids]  # each token's place in its run
+        qr = q.new_zeros(len(slots), longest, q.shape[1], q.shape[2])
+        qr[b.sample_ids, within] = q
+        last = offsets + torch.tensor(b.lengths, dtype=torch.long, device=device) - 1
+        # [S, longest]; a padding query takes its run's last position (never a row with every key masked)
+        qpos = torch.minimum(offsets[:, None] + torch.arange(longest, device=device)[None, :], last[:, None])
+        kpos = torch.arange(total, device=device)
+        mask = kpos[None, None, :] <= qpos[:, :, None]
+        if window is not None:
+            mask &= (qpos[:, :, None] - kpos[None, None, :]) < window
+        out = dense_attention(qr.transpose(1, 2), k, v, mask[:, None], scale, softcap)  # [S, H, longest, D]
+        return out.transpose(1, 2)[b.sample_ids, within]
 
     def _step(self, keys: Tensor, values: Tensor, q: Tensor, b: Boundaries, slots: tuple[int, ...], scale: float,
               window: int | None, softcap: float | None) -> Tensor:
