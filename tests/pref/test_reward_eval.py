@@ -1,7 +1,8 @@
 """`loratune eval` reward tasks: a trained reward model's pairwise accuracy on held-out pairs equals the count made
 here from its scores (each answer scored alone, as serve scores it), with the Wilson interval of that count, the
 mean margin, ties, truncated pairs and left-out identical pairs; the examples are the most confident right and
-wrong pairs; a second run loads nothing, a stopped one scores only what is missing; bad configs are named."""
+wrong pairs; a second run loads nothing, a stopped one scores only what is missing; a DPO policy is scored by its
+implicit reward exactly as its training's evaluation scored the same pairs; bad configs are named."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from loratune.eval.run import run_eval
 from loratune.eval.stats import wilson
 from loratune.pref.reward import pairwise_accuracy
 from loratune.pref.scoring import RewardScorer
+from loratune.train.metrics import read_rows
+from loratune.train.run import train
 
+PAIRS = Path(__file__).parents[2] / "examples" / "data" / "preference.jsonl"
 LONG = "a long answer " * 80  # over the run's data.max_length (128): cut as training cuts it
 
 
@@ -117,12 +121,38 @@ def test_a_rerun_loads_nothing_and_a_stopped_one_scores_what_is_missing(tmp_path
 
 def test_bad_reward_tasks_are_named(tmp_path: Path, reward_run, pairs_file: Path, tiny_llama: Path) -> None:
     folder, _ = reward_run
-    with pytest.raises(ConfigError, match=r"reward\.0\.models: name at least one reward model"):
+    with pytest.raises(ConfigError, match=r"reward\.0\.models: name at least one run to score the pairs"):
         _config(tmp_path, folder, pairs_file, "reward.0.models=[]")
     with pytest.raises(ConfigError, match="models: name at least one model to evaluate"):
         _config(tmp_path, folder, pairs_file, "reward=[]")
     with pytest.raises(ConfigError, match=r"reward\.0\.models: names must be unique"):
         _config(tmp_path, folder, pairs_file, "reward.0.models.1.name=rm")
-    with pytest.raises(ConfigError, match=r"reward\.0\.models\.1\.path: .* is not a reward model"):
+    with pytest.raises(ConfigError, match=r"reward\.0\.models\.1\.path: .* is no run to score"):
         run_eval(_config(tmp_path, folder, pairs_file, f"reward.0.models.1.path={tiny_llama}"))
     assert not (tmp_path / "eval").exists()  # nothing loaded, nothing written
+
+
+def test_a_dpo_policy_is_scored_by_its_implicit_reward_as_training_scored_it(tmp_path: Path, tiny_llama: Path,
+                                                                            reward_run) -> None:
+    from train_helpers import config, write_run_yaml
+
+    held = reward_run[1]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:32]))
+    path = write_run_yaml(tmp_path, tiny_llama, data={"datasets": [{"path": str(train_file)}],
+                                                      "eval_datasets": [{"path": str(held)}], "eval_split": 0},
+                          train={"method": "dpo", "optimizer": "adamw", "lr": 5e-3, "max_steps": 6, "eval_every": 6,
+                                 "save_every": 0})
+    run = train(config(path)).out_dir
+    last = [r for r in read_rows(run / "metrics.jsonl") if "eval_loss" in r][-1]
+    assert last["step"] == 6 and last["eval_margin"] != 0
+    out = tmp_path / "eval.yaml"
+    out.write_text(json.dumps({"reward": [{"name": "heldout", "path": str(held),
+                                           "models": [{"name": "dpo", "path": str(run)}]}],
+                               "output": {"dir": str(tmp_path / "eval"), "plots": False}}))
+    dpo = run_eval(load_eval_config(out))["reward"]["heldout"]["models"]["dpo"]
+    assert dpo["reward"] == "dpo: 0.1 x log-ratio to the base"
+    assert dpo["pairs"] == 8 and dpo["accuracy"]["value"] == last["eval_accuracy"]
+    assert dpo["margin"]["value"] == pytest.approx(last["eval_margin"], abs=1e-5)
+    assert dpo["mean_reward_chosen"] == pytest.approx(last["eval_rewards_chosen"], abs=1e-5)
+    assert dpo["mean_reward_rejected"] == pytest.approx(last["eval_rewards_rejected"], abs=1e-5)

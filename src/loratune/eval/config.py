@@ -144,8 +144,10 @@ class PerplexityTaskConfig:
 @dataclass
 class RewardModelConfig:
     name: str = _f(REQUIRED, "Column name of this reward model in the report (letters, digits, `.`, `_`, `-`).")
-    path: str = _f(REQUIRED, "Output folder of a `loratune train` run with `train.method: rm` (its adapter and "
-                             "`reward_head.safetensors`); loaded as training built it.")
+    path: str = _f(REQUIRED, "Output folder of a `loratune train` run, loaded as training built it: a reward model "
+                             "(`train.method: rm`, scored by its head), or a policy (dpo, kto, simpo, orpo, sft: "
+                             "scored by the implicit reward its training reports; for DPO beta x the log-ratio of "
+                             "the policy to its base).")
 
 
 @dataclass
@@ -160,8 +162,8 @@ class RewardTaskConfig:
     split: str = _f("test", "Split to load from a hub dataset.")
     system: str | None = _f(None, "System message given to every pair whose prompt has none.")
     limit: int = _f(0, "Use at most the first N records; 0: all.")
-    models: list[RewardModelConfig] = _f([], "Reward models scoring the pairs, side by side (the first is the "
-                                             "reference of the differences shown).")
+    models: list[RewardModelConfig] = _f([], "Runs scoring the pairs (reward models, policies), side by side (the "
+                                             "first is the reference of the differences shown).")
 
 
 @dataclass
@@ -209,8 +211,9 @@ class EvalConfig:
     mc: list[MCTaskConfig] = _f([], "Multiple-choice benchmarks.")
     generate: list[GenerateTaskConfig] = _f([], "Generate-and-score test sets.")
     perplexity: list[PerplexityTaskConfig] = _f([], "Held-out text for perplexity and bits per byte.")
-    reward: list[RewardTaskConfig] = _f([], "Pairwise accuracy of reward models (`train.method: rm` runs, listed "
-                                            "per task) on held-out preference pairs.")
+    reward: list[RewardTaskConfig] = _f([], "Pairwise accuracy of reward models (`train.method: rm` runs) and "
+                                            "policies (implicit rewards), listed per task, on held-out preference "
+                                            "pairs.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={
         "help": "Pairwise judgments of the models' answers by an OpenAI-compatible model, and Elo ratings."})
     output: EvalOutputConfig = field(default_factory=EvalOutputConfig, metadata={"help": "Where the report goes."})
@@ -313,8 +316,8 @@ def _perplexity_checks(tasks: list[PerplexityTaskConfig]) -> list[tuple[bool, st
 def _reward_checks(tasks: list[RewardTaskConfig]) -> list[tuple[bool, str]]:
     checks = []
     for i, t in enumerate(tasks):
-        checks += [(not t.models, f"reward.{i}.models: name at least one reward model (a train.method rm run) "
-                                  "to score the pairs"),
+        checks += [(not t.models, f"reward.{i}.models: name at least one run to score the pairs (a reward model "
+                                  "of train.method rm, or a policy)"),
                    (t.limit < 0, f"reward.{i}.limit must be >= 0, got {t.limit}"),
                    *_names(f"reward.{i}.models", [m.name for m in t.models])]
     return checks

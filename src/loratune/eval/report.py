@@ -127,7 +127,9 @@ def _reward_section(name: str, task: dict) -> list[str]:
     first, others = models[0], models[1:]
     left = f" ({task['identical']} more have the same chosen and rejected answers: left out)" if task["identical"] else ""
     lines = [f"## Reward models: {name}", "",
-             f"{task['records'] - task['identical']} preference pairs from `{task['path']}`{left}. Accuracy: the share "
+             f"{task['records'] - task['identical']} preference pairs from `{task['path']}`{left}. Rewards: a reward "
+             "model's head, or a policy's implicit reward as its training reports it (the `reward` column below). "
+             "Accuracy: the share "
              "of pairs whose chosen answer gets the higher reward (a tie counts as wrong), Wilson interval; margin: "
              "the mean of reward(chosen) - reward(rejected), bootstrap interval; differences: paired bootstrap over "
              "the pairs both scored.", ""]
@@ -143,8 +145,9 @@ def _reward_section(name: str, task: dict) -> list[str]:
             ["dropped by the length limits", *(str(sum(task["models"][x]["dropped"].values())) for x in models),
              *("" for _ in others)]]
     lines += _table(["metric", *models, *(f"{m} − {first}" for m in others)], rows)
-    lines += _table(["model", "path", "fingerprint"],
-                    [[x, f"`{task['models'][x]['path']}`", f"`{task['models'][x]['fingerprint']}`"] for x in models])
+    lines += _table(["model", "path", "reward", "fingerprint"],
+                    [[x, f"`{task['models'][x]['path']}`", task["models"][x]["reward"],
+                      f"`{task['models'][x]['fingerprint']}`"] for x in models])
     for x in models:
         for kind, title in (("right", "most confident right"), ("wrong", "most confident wrong")):
             examples = task["models"][x]["examples"][kind]

@@ -1,4 +1,6 @@
-"""`loratune eval` reward tasks: reward models' (train.method rm runs') pairwise accuracy on held-out pairs.
+"""`loratune eval` reward tasks: the pairwise accuracy of reward models (train.method rm runs) on held-out pairs,
+and of policies (dpo, kto, simpo, orpo, sft runs) by the implicit reward their training reports
+(`loratune.pref.scoring`: for DPO, beta x the log-ratio of the policy to its base, the adapter disabled).
 
     read the pairs before any model loads (inputs.py: a malformed row, or a model folder that is no reward
         model, fails at once); pairs whose two answers are the same are counted and left out
@@ -31,6 +33,7 @@ from loratune.eval.progress import bar
 from loratune.eval.stats import mean_ci, paired_difference, wilson
 from loratune.eval.store import ResultStore, store_for
 from loratune.eval.store import fingerprint as key_of
+from loratune.pref.scoring import RewardScorer, reward_kind
 
 log = logging.getLogger("loratune.eval")
 
@@ -58,14 +61,8 @@ class PairSet:
 
 def read_pairs(t: RewardTaskConfig, index: int) -> PairSet:
     """The task's pairs, validated as training validates them; its reward models checked to be reward models."""
-    from loratune.model.load import resolve_model_path
-    from loratune.pref.reward import HEAD_FILE
-
     for j, m in enumerate(t.models):
-        folder = Path(resolve_model_path(m.path))
-        if not (folder / HEAD_FILE).is_file():
-            raise ConfigError(f"reward.{index}.models.{j}.path: {m.path} is not a reward model: expected the output "
-                              f"folder of a `loratune train` run with train.method rm (holding {HEAD_FILE})")
+        run_config(m, f"reward.{index}.models.{j}.path")
     ds = DatasetConfig(path=t.path, columns=t.columns, split=t.split, system=t.system)
     records = read_records(ds)
     if t.limit:
@@ -80,6 +77,24 @@ def read_pairs(t: RewardTaskConfig, index: int) -> PairSet:
         raise DataError(f"{t.path}: no preference pairs to score" + (f" ({identical} have the same chosen and "
                                                                       "rejected answers)" if identical else ""))
     return PairSet(items, identical, dataset_files(t.path) if Path(t.path).exists() else [])
+
+
+def run_config(m: RewardModelConfig, key: str = "path"):
+    """The training config of a scored run; a `ConfigError` naming `key` unless it is a `loratune train` output
+    folder (a reward model with its head, or a policy)."""
+    from loratune.config import load_config
+    from loratune.model.load import resolve_model_path
+    from loratune.pref.reward import HEAD_FILE
+    from loratune.train.run_folder import CONFIG_FILE
+
+    folder = Path(resolve_model_path(m.path))
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"{key}: {m.path} is no run to score: expected the output folder of `loratune train` (a "
+                          f"reward model of train.method rm, or a policy), holding {CONFIG_FILE}")
+    cfg = load_config(folder / CONFIG_FILE)
+    if cfg.train.method == "rm" and not (folder / HEAD_FILE).is_file():
+        raise ConfigError(f"{key}: {m.path} is a reward model (train.method rm) without its {HEAD_FILE}")
+    return cfg
 
 
 def model_fingerprint(m: RewardModelConfig) -> str:
@@ -116,8 +131,6 @@ def score_pairs(scorer, items: list[PairItem], store: ResultStore, batch_size: i
 def run_tasks(cfg: EvalConfig, pairs: dict[str, PairSet], digests: dict[str, str]) -> tuple[dict, dict]:
     """Every reward task on each of its reward models, each model loaded once (or not at all when the cache holds
     all its results). Returns ({task: {model: [record per pair]}}, {task: {model: fingerprint}})."""
-    from loratune.pref.scoring import RewardScorer
-
     out = Path(cfg.output.dir)
     by_path: dict[str, list[tuple[RewardTaskConfig, RewardModelConfig, ResultStore]]] = {}
     prints: dict[str, dict[str, str]] = {}
@@ -190,6 +203,7 @@ def report(cfg: EvalConfig, pairs: dict[str, PairSet], results: dict, prints: di
                                                           **kw).to_json()}
         out[t.name] = {"path": t.path, "records": len(items) + pairs[t.name].identical, "identical": pairs[t.name].identical,
                        "models": {m.name: {"path": m.path, "fingerprint": prints[t.name][m.name],
+                                           "reward": reward_kind(run_config(m)),
                                            **summarize(items, recs[m.name], examples=cfg.output.examples, **kw)}
                                   for m in t.models},
                        "differences": diffs}

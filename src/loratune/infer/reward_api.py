@@ -1,7 +1,7 @@
 """`POST /v1/rewards`: `loratune serve --reward NAME=RUN` scores conversations with reward models.
 
-A reward model (a run of train.method rm) is loaded as training built it (`loratune.pref.scoring`), beside the
-chat engine, and answers only this route. A request names it in `model` and gives the items to score:
+A reward model (a run of train.method rm; a policy run scores by its implicit reward) is loaded as training built
+it (`loratune.pref.scoring`), beside the chat engine, and answers only this route. A request names it in `model` and gives the items to score:
 
     {"model": "rm", "messages": [{"role": "user", ...}, {"role": "assistant", ...}]}     one conversation
     {"model": "rm", "messages": [[...], [...]]}                                          several

@@ -119,10 +119,10 @@ class RewardModel:
                             "margin": ((c - r).sum(), n), "accuracy": ((c > r).sum(), n)}
 
 
-def load_reward_model(folder: Path, device: str | None = None):
-    """A reward model written by `loratune train` (train.method rm), ready to score: (runner, config, tokenizer,
-    tokenizer info). Built as training builds it (same model code and precision), then the adapter and the head
-    loaded from `folder`."""
+def load_run_model(folder: Path, device: str | None = None):
+    """A run written by `loratune train`, ready to score (eval mode): (runner, config, tokenizer, tokenizer info).
+    Built as training builds it (same model code and precision), then the adapter loaded from `folder`, and for
+    a reward model (train.method rm) its head."""
     from loratune.config import load_config
     from loratune.model.build import build_trainable
     from loratune.model.load import load_tokenizer
@@ -132,20 +132,33 @@ def load_reward_model(folder: Path, device: str | None = None):
     from loratune.train.run_folder import CONFIG_FILE
 
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / HEAD_FILE).is_file():
-        raise ModelError(f"{folder} is not a reward model written by `loratune train` (train.method rm): it needs "
-                         f"{CONFIG_FILE} and {HEAD_FILE}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelError(f"{folder} is not a run written by `loratune train`: it has no {CONFIG_FILE}")
     cfg = load_config(folder / CONFIG_FILE)
     resolved = decide(cfg, device, load_model_config(cfg))
     model = build_trainable(cfg, resolved)
-    attach_reward_head(model.module, cfg.train.seed)
+    if cfg.train.method == "rm":
+        attach_reward_head(model.module, cfg.train.seed)
     model.load_weights(folder)
-    load_reward_head(model.module, folder)
+    if cfg.train.method == "rm":
+        load_reward_head(model.module, folder)
     model.module.eval()
-    runner, _ = make_runner(model, torch.optim.SGD(reward_head(model.module).parameters(), lr=0.0), cfg,
-                            make_accelerator(resolved))
+    params = [p for p in model.module.parameters() if p.requires_grad][:1] or [nn.Parameter(torch.zeros(1))]
+    runner, _ = make_runner(model, torch.optim.SGD(params, lr=0.0), cfg, make_accelerator(resolved))
     tokenizer, info = load_tokenizer(cfg.model)
     return runner, cfg, tokenizer, info
+
+
+def load_reward_model(folder: Path, device: str | None = None):
+    """A reward model written by `loratune train` (train.method rm), ready to score: (runner, config, tokenizer,
+    tokenizer info), as `load_run_model` loads it."""
+    from loratune.train.run_folder import CONFIG_FILE
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / HEAD_FILE).is_file():
+        raise ModelError(f"{folder} is not a reward model written by `loratune train` (train.method rm): it needs "
+                         f"{CONFIG_FILE} and {HEAD_FILE}")
+    return load_run_model(folder, device)
 
 
 def pairwise_accuracy(folder: Path, pairs: str, batch_size: int = 8, device: str | None = None) -> dict[str, float]:
