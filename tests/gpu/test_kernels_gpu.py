@@ -242,3 +242,44 @@ def test_graphed_streams_equal_eager(tiny_llama: Path, caplog) -> None:
     assert graphs.replays == 4
     padded = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     assert graphs.run(padded, 1.0) is None
+
+
+def test_model_kernels_false_is_the_same_decoder_without_triton(tiny_llama: Path, monkeypatch) -> None:
+    """model.kernels false: no Triton kernel of loratune runs (each would raise here), and the loss and LoRA
+    gradients are those of the default decoder (bf16, 4-bit base) within bf16 rounding."""
+    from loratune.config import load_config
+    from loratune.decoder import Boundaries
+    from loratune.decoder.load import build_decoder
+    from loratune.train.loss import decoder_loss_sum
+
+    def run(kernels: str):
+        cfg = load_config(None, [f"model.path={tiny_llama}", "adapter.rank=8", "adapter.dropout=0",
+                                 "quantization.bits=4", "quantization.compute_dtype=bf16", f"model.kernels={kernels}"])
+        torch.manual_seed(0)
+        decoder = build_decoder(cfg).train()
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for n, p in decoder.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        ids = torch.randint(5, 400, (1, 96), generator=torch.Generator().manual_seed(5)).cuda()
+        with decoder.frozen_adapters():
+            loss, n = decoder_loss_sum(decoder, ids, Boundaries.from_lengths([40, 56], "cuda"), ids)
+        params = [p for p in decoder.parameters() if p.requires_grad]
+        return loss / n, torch.autograd.grad(loss / n, params)
+
+    want_loss, want = run("auto")
+
+    def refuse(*a, **k):
+        raise AssertionError("a Triton kernel ran with model.kernels false")
+
+    import loratune.kernels._ce_triton as ce
+    import loratune.kernels._nf4_triton as nf4
+    import loratune.kernels._norm_triton as norm
+
+    for mod, name in ((norm, "rmsnorm_forward"), (norm, "rmsnorm_backward"), (norm, "swiglu_forward"),
+                      (norm, "swiglu_backward"), (nf4, "dequantize_nf4_triton"), (ce, "ce_rows_inplace")):
+        monkeypatch.setattr(mod, name, refuse)
+    got_loss, got = run("false")
+    assert _rel(got_loss, want_loss) < 2e-3
+    assert _rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])) < 3e-2

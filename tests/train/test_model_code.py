@@ -114,3 +114,27 @@ def test_a_checkpoint_resumes_only_on_the_model_code_that_wrote_it(tmp_path: Pat
     with pytest.raises(LoratuneError, match="trained by the transformers model code, this run resolved loratune"):
         train(config(path))
     assert train(config(path, "model.implementation=transformers", "train.allow_config_change=true")).steps == 8
+
+
+def test_model_kernels_false_runs_the_decoders_plain_pytorch_paths(tiny_llama: Path) -> None:
+    """model.kernels is the decoder's Triton kernels (CUDA) on or off: off, every one of its modules and its loss
+    take the plain-PyTorch path, the plan counts the plain MLP; the transformers fallback never has our kernels."""
+    from loratune.decoder.lora import QLoRALinear
+    from loratune.decoder.model import GatedMLP
+    from loratune.decoder.norm import RMSNorm
+
+    cfg = load_config(None, [f"model.path={tiny_llama}", "model.kernels=false", "adapter.rank=4"])
+    decoder = build_trainable(cfg, decide(cfg, "cpu", load_model_config(cfg))).module
+    switched = [m for m in decoder.modules() if isinstance(m, (RMSNorm, GatedMLP, QLoRALinear))]
+    layers = decoder.config.num_layers
+    assert len(switched) >= layers * (2 + 1 + 7) + 1 and not decoder.kernels and not any(m.kernels for m in switched)
+    decoder.use_kernels(True)
+    assert decoder.kernels and all(m.kernels for m in switched)
+    assert not _decide(tiny_llama, "model.implementation=loratune").kernels  # on CPU: nothing to switch
+    cuda = {k: decide(load_config(None, [f"model.path={tiny_llama}", f"model.kernels={k}"]), "cuda",
+                      load_model_config(cfg)) for k in ("auto", "false")}
+    assert (cuda["auto"].kernels, cuda["auto"].fused_mlp) == (True, True)
+    assert (cuda["false"].kernels, cuda["false"].fused_mlp) == (False, False)
+    hf = decide(load_config(None, [f"model.path={tiny_llama}", "model.implementation=transformers"]), "cuda",
+                load_model_config(cfg))
+    assert (hf.kernels, hf.fused_mlp, hf.graphs) == (False, False, False)

@@ -81,8 +81,8 @@ class BaseFacts:
 
 def load_decoder(cfg: Config, path: str | None = None, *, attention: str = "auto", seed: int | None = None,
                  checkpointing: bool | None = None) -> tuple[Decoder, BaseFacts]:
-    """The decoder `loratune train` would train for `cfg` (base precision, checkpointing, adapters), from the
-    checkpoint at `path` (default `cfg.model.path`: a folder, a hub id or `demo://...`), and the base's facts.
+    """The decoder `loratune train` would train for `cfg` (base precision, checkpointing, adapters, model.kernels),
+    from the checkpoint at `path` (default `cfg.model.path`: a folder, a hub id or `demo://...`), and the base's facts.
     `checkpointing`: activation checkpointing (default: as train.gradient_checkpointing decides)."""
     from transformers import AutoConfig
 
@@ -107,6 +107,7 @@ def load_decoder(cfg: Config, path: str | None = None, *, attention: str = "auto
                               checkpointing=checkpointing_on(cfg) if checkpointing is None else checkpointing,
                               train_base=cfg.adapter.type == "none")
     del model  # the HF module tree goes; its tensors live on in the decoder
+    decoder.use_kernels(cfg.model.kernels is not False)  # model.kernels: the Triton kernels on CUDA, or plain PyTorch
     if cfg.adapter.type == "lora":
         a = cfg.adapter
         decoder.add_adapters(a.rank, a.alpha, a.dropout, a.rslora, a.target_modules, tuple(a.exclude_modules),

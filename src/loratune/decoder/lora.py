@@ -88,6 +88,7 @@ class QLoRALinear(nn.Module):
         self.casts: AdapterCasts | None = None
         self.adapter_enabled = True  # False inside `adapters_disabled`: the base layer alone (a reference policy)
         self.ends_block = False  # the last layer before a residual add: its fused backward may be split
+        self.kernels = True  # a 4-bit base dequantized by the Triton kernel on CUDA (False: the plain reference)
         # adapters applied per row of a pass (several in one batch, `loratune.decoder.multi_lora`); None: unused
         self.mixed: LayerAdapters | None = None
         self._weight = (weakref.ref(self), weight_fn_of(self))

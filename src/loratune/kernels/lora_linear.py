@@ -270,7 +270,8 @@ def weight_fn_of(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
     (loratune's `QLoRALinear`).
 
     For a 4-bit weight on CUDA the kernel's arguments are built once and reused while the packed
-    weight stays the same tensor; nothing in a call waits for the GPU.
+    weight stays the same tensor; nothing in a call waits for the GPU. A layer whose `kernels` is False
+    (model.kernels false, `loratune.decoder.Decoder.use_kernels`) is dequantized by the plain-PyTorch reference.
     """
     from loratune.kernels.nf4 import dequantize_nf4, triton_available
 
@@ -281,8 +282,8 @@ def weight_fn_of(base: torch.nn.Module) -> Callable[[torch.dtype], Tensor]:
         qs = getattr(w, "quant_state", None)
         if qs is None:
             return w.to(dtype)
-        if not (w.is_cuda and triton_available()):
-            return dequantize_nf4(w.data, qs, dtype)
+        if not (w.is_cuda and getattr(base, "kernels", True) and triton_available()):
+            return dequantize_nf4(w.data, qs, dtype, triton=False)
         from loratune.kernels._nf4_triton import dequantize_nf4_triton, kernel_args
 
         key = (w.data.data_ptr(), id(qs))

@@ -65,7 +65,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-                softcap: float | None, chunk_elements: int) -> Tensor:
+                softcap: float | None, chunk_elements: int, triton: bool = True) -> Tensor:
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -74,7 +74,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         rows = _chunk_rows(n, vocab, chunk_elements)
-        fused = _triton_rows_available(hidden, weight) and not need_w
+        fused = triton and _triton_rows_available(hidden, weight) and not need_w
         for start in range(0, n, rows):
             h = hidden[start:start + rows]
             y = labels[start:start + rows]
@@ -115,12 +115,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * g).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, ignore_index: int = -100,
                                    softcap: float | None = None, chunk_elements: int = CHUNK_ELEMENTS,
-                                   impl: str = "chunked") -> tuple[Tensor, Tensor]:
+                                   impl: str = "chunked", triton: bool = True) -> tuple[Tensor, Tensor]:
     """Sum of token cross-entropies of `hidden @ lm_head_weight.T` against `labels`, never holding all logits.
 
     hidden [N, H] (or [B, S, H]), lm_head_weight [V, H], labels [N] (or [B, S]) already aligned with
@@ -129,6 +129,7 @@ def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, label
     fp32 logits and a copy; on CUDA with 16-bit weights and a frozen head, one chunk of 16-bit logits that a
     Triton kernel turns into their gradient in place (`_ce_triton`). `impl="liger"`: liger-kernel's fused
     linear cross-entropy (CUDA, Triton softmax kernels), for comparison in benchmarks/bench_train.py.
+    `triton=False` (model.kernels false): the chunked path without `_ce_triton`.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
@@ -140,5 +141,5 @@ def fused_linear_cross_entropy_sum(hidden: Tensor, lm_head_weight: Tensor, label
         loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, lm_head_weight, labels, None, None, ignore_index,
                                                           0.0, 0.0, "sum", softcap)[0]
     else:
-        loss = _ChunkedLinearCE.apply(hidden, lm_head_weight, labels, ignore_index, softcap, chunk_elements)
+        loss = _ChunkedLinearCE.apply(hidden, lm_head_weight, labels, ignore_index, softcap, chunk_elements, triton)
     return loss, (labels != ignore_index).sum()

@@ -40,10 +40,11 @@ def reference_dequantize_nf4(packed: Tensor, qs) -> Tensor:
     return (values * scale).reshape(qs.shape).to(qs.dtype)
 
 
-def dequantize_nf4(packed: Tensor, qs, dtype: torch.dtype | None = None) -> Tensor:
-    """Dequantize a bitsandbytes 4-bit weight to [out, in]: one Triton kernel on CUDA, the reference elsewhere."""
+def dequantize_nf4(packed: Tensor, qs, dtype: torch.dtype | None = None, triton: bool = True) -> Tensor:
+    """Dequantize a bitsandbytes 4-bit weight to [out, in]: one Triton kernel on CUDA (unless `triton` is False),
+    the reference elsewhere."""
     dtype = dtype or qs.dtype
-    if packed.is_cuda and triton_available():
+    if triton and packed.is_cuda and triton_available():
         from loratune.kernels._nf4_triton import dequantize_nf4_triton
 
         return dequantize_nf4_triton(packed, qs, dtype)

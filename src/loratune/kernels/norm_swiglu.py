@@ -11,7 +11,8 @@ exist because liger's Python wrappers cost more host time per call than the kern
 The math (also the plain-PyTorch path used on CPU and by the tests as the reference):
     RMSNorm  r = 1/sqrt(mean(x^2) + eps),  y = w * dtype(x r);  dx = r (u - x r mean(u x r)), u = g w
     SwiGLU   y = a sigmoid(a) b;  da = g b s (1 + a (1 - s)),  db = g a s,  s = sigmoid(a)
-The RMSNorm weight must be frozen (LoRA): no dw is computed; the swap checks it.
+The RMSNorm weight must be frozen (LoRA): no dw is computed; the caller checks it (loratune's decoder norms).
+`triton=False` (model.kernels false) runs the plain-PyTorch path on CUDA too.
 """
 
 from __future__ import annotations
@@ -49,26 +50,26 @@ def _swiglu_bwd_torch(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return (gf * bf * s * (1 + af * (1 - s))).to(a.dtype), (gf * af * s).to(b.dtype)
 
 
-def _triton(t: Tensor) -> bool:
-    return t.is_cuda
+def _triton(t: Tensor, on: bool) -> bool:
+    return on and t.is_cuda
 
 
 class RMSNormFunction(torch.autograd.Function):
     """y = RMSNorm(x) with a frozen weight; one kernel forward, one backward (plain PyTorch off CUDA)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, triton: bool = True) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        if _triton(x2):
+        if _triton(x2, triton):
             from loratune.kernels._norm_triton import rmsnorm_forward
 
             y, r = rmsnorm_forward(x2, weight, eps)
         else:
             y, r = _rms_fwd_torch(x2, weight, eps)
         ctx.save_for_backward(x2, weight, r)
-        ctx.shape = shape
+        ctx.shape, ctx.triton = shape, triton
         return y.view(shape)
 
     @staticmethod
@@ -76,13 +77,13 @@ class RMSNormFunction(torch.autograd.Function):
         x2, w, r = ctx.saved_tensors
         g2 = g.reshape(x2.shape)
         g2 = g2 if g2.is_contiguous() else g2.contiguous()
-        if _triton(x2):
+        if _triton(x2, ctx.triton):
             from loratune.kernels._norm_triton import rmsnorm_backward
 
             dx = rmsnorm_backward(g2, x2, w, r)
         else:
             dx = _rms_bwd_torch(g2, x2, w, r)
-        return dx.view(ctx.shape), None, None
+        return dx.view(ctx.shape), None, None, None
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -95,10 +96,10 @@ class SwiGLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, reuse_inputs: bool = False) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, reuse_inputs: bool = False, triton: bool = True) -> Tensor:
         a = a if a.is_contiguous() else a.contiguous()
         b = b if b.is_contiguous() else b.contiguous()
-        if _triton(a):
+        if _triton(a, triton):
             from loratune.kernels._norm_triton import swiglu_forward
 
             y = swiglu_forward(a, b)
@@ -106,28 +107,30 @@ class SwiGLUFunction(torch.autograd.Function):
             y = _swiglu_fwd_torch(a, b)
         ctx.save_for_backward(a, b)
         ctx.reuse = reuse_inputs and a.data_ptr() != b.data_ptr()
+        ctx.triton = triton
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
         a, b = ctx.saved_tensors
         g = g if g.is_contiguous() else g.contiguous()
-        if _triton(a):
+        if _triton(a, ctx.triton):
             from loratune.kernels._norm_triton import swiglu_backward
 
             da, db = swiglu_backward(g, a, b, in_place=ctx.reuse)
             if ctx.reuse:
                 torch.autograd.graph.increment_version(a)
                 torch.autograd.graph.increment_version(b)
-            return da, db, None
-        return (*_swiglu_bwd_torch(g, a, b), None)
+            return da, db, None, None
+        return (*_swiglu_bwd_torch(g, a, b), None, None)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return RMSNormFunction.apply(x, weight, float(eps))
+def rms_norm(x: Tensor, weight: Tensor, eps: float, triton: bool = True) -> Tensor:
+    """RMSNorm with a frozen weight; `triton`: the Triton kernels on CUDA (False: the plain-PyTorch path)."""
+    return RMSNormFunction.apply(x, weight, float(eps), triton)
 
 
-def silu_mul(a: Tensor, b: Tensor, reuse_inputs: bool = False) -> Tensor:
+def silu_mul(a: Tensor, b: Tensor, reuse_inputs: bool = False, triton: bool = True) -> Tensor:
     """silu(a) * b; `reuse_inputs`: a and b feed nothing else, so the backward may overwrite them (see
-    SwiGLUFunction)."""
-    return SwiGLUFunction.apply(a, b, reuse_inputs)
+    SwiGLUFunction); `triton`: the Triton kernels on CUDA (False: the plain-PyTorch path)."""
+    return SwiGLUFunction.apply(a, b, reuse_inputs, triton)

@@ -129,7 +129,8 @@ def decoder_loss_sum(decoder: Decoder, input_ids: torch.Tensor, boundaries: Boun
     targets = shift_labels(labels).reshape(-1)
     if rows.numel() != targets.numel():  # rows with no target: dropped before the head
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
-    loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap)
+    loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap,
+                                             triton=decoder.kernels)
     return loss, rows.numel()
 
 

@@ -76,7 +76,8 @@ def decoder_stream_loss_sum(decoder: Decoder, batch: Batch) -> Tensor:
     b = Boundaries.on_device(batch["position_ids"])
     hidden = decoder.hidden_states(batch["input_ids"].reshape(-1), b)
     targets = shift_labels(batch["labels"]).reshape(-1)
-    loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap)
+    loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap,
+                                             triton=decoder.kernels)
     return loss
 
 
