@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry[name + "_tokens"] = toks[0][:32]
             log(f"{rows} rows {name}: {entry[name]['tokens_per_s']:.1f} tokens/s")
             del sd
+        hf_generate(model, p, 2, device)  # warm-up
         seconds, toks = hf_generate(model, p, args.hf_new, device)
         entry["transformers"] = {"tokens_per_s": rows * args.hf_new / seconds}
         entry["transformers_tokens"] = toks[0][:32]

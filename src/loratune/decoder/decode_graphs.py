@@ -12,7 +12,8 @@ device tensors and runs `decode_step.decode_step` on them: captured into a graph
 (bucket, key bucket) is met on CUDA (after one eager warm-up run that compiles the kernels; the lengths it
 advanced are put back), replayed after. Off CUDA, or with `graphs=False`, the same function runs eagerly
 on the same padded inputs, so CPU tests cover the logic the graphs hold. The logits of the real rows are
-returned (a view of the graph's output: read them before the next step).
+returned (a view of the graph's output: read them before the next step). All graphs of a runner share one
+memory pool, so a runner's graphs hold about one step's activations, not one per (bucket, key bucket).
 
 The graphs read the adapter casts of `StepWeights` and the cache's tensors by address; when the decoder's
 adapters change (another adapter put on, weights edited) the casts are made again and every graph is
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from loratune.decoder.cache import KVCache
-from loratune.decoder.decode_step import StepWeights, decode_step, mixed_rows
+from loratune.decoder.decode_step import StepWeights, decode_step
 from loratune.decoder.model import Decoder
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class DecodeRunner:
         self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs and self.device.type == "cuda")
         self.weights = StepWeights(decoder)
         self._captured: dict[tuple[int, int], _Graph] = {}
+        self._pool = None  # one memory pool for every graph of this runner (see `_capture`)
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
 
     def step(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
@@ -82,7 +84,7 @@ class DecodeRunner:
         if self.weights.refresh():
             self._captured.clear()
         # a row plan (several adapters) names the rows of the whole pass: one unpadded eager step, not pieces
-        mixed = any(mixed_rows(m) for m in self.decoder.linear_layers().values())
+        mixed = self.weights.mixed()
         piece = len(slots) if mixed else BUCKETS[-1]
         outs = [self._step(slots[i:i + piece], tokens[i:i + piece], mixed) for i in range(0, len(slots), piece)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -118,8 +120,13 @@ class DecodeRunner:
             decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)
             self.cache.device_lengths.copy_(lengths)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # The graphs share one memory pool: a replay may overwrite what another graph left in it, which is safe
+        # here because replays run one after another on one stream and each one's logits are read before the
+        # next replay (a graph's own output stays allocated: no other capture is given its memory).
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             g.logits = decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)
         g.graph = graph
         self.captures += 1

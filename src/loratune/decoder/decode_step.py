@@ -52,30 +52,34 @@ class LayerWeights:
     args: tuple | None
 
 
-def adapter_signature(decoder: Decoder) -> tuple:
+def adapter_signature(layers: list[QLoRALinear]) -> tuple:
     """What the step's weight casts depend on: each layer's adapter tensors (identity and in-place version),
     scale and whether it is enabled."""
     return tuple((id(m.lora_A), id(m.lora_B), m.lora_A._version if m.lora_A is not None else 0,
-                  m.lora_B._version if m.lora_B is not None else 0, m.scale, m.adapter_enabled)
-                 for m in decoder.linear_layers().values())
+                  m.lora_B._version if m.lora_B is not None else 0, m.rank, m.alpha, m.rslora, m.adapter_enabled)
+                 for m in layers)
 
 
 class StepWeights:
     """The compute-dtype casts `decode_linear` uses, one `LayerWeights` per projection, made by `refresh`."""
 
     def __init__(self, decoder: Decoder) -> None:
-        self.decoder = decoder
+        self.modules = list(decoder.linear_layers().values())
         self.signature: tuple | None = None
         self.layers: dict[int, LayerWeights] = {}
 
     def refresh(self) -> bool:
         """Recast if the decoder's adapters changed since the last call; True when it did (graphs are stale)."""
-        sig = adapter_signature(self.decoder)
+        sig = adapter_signature(self.modules)
         if sig == self.signature:
             return False
-        self.layers = {id(m): self._cast(m) for m in self.decoder.linear_layers().values()}
+        self.layers = {id(m): self._cast(m) for m in self.modules}
         self.signature = sig
         return True
+
+    def mixed(self) -> bool:
+        """Whether the pass in progress puts rows on adapters of their own (`decoder.multi_lora`)."""
+        return any(mixed_rows(m) for m in self.modules)
 
     @staticmethod
     def _cast(m: QLoRALinear) -> LayerWeights:

@@ -18,6 +18,8 @@ weight value to x's dtype and accumulate in fp32; they differ in summation order
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,10 +38,13 @@ def reference_nf4_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None = No
     return y
 
 
+_triton_here = functools.cache(triton_available)  # asked for every layer of every eager step
+
+
 def fits_kernel(x: Tensor, qs) -> bool:
     """Whether `nf4_matvec` runs the Triton kernel for x [M, in] (else the dequantize-and-multiply path)."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.shape[1] % 2 == 0
-            and int(qs.blocksize) % 2 == 0 and triton_available())
+            and int(qs.blocksize) % 2 == 0 and _triton_here())
 
 
 def nf4_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None = None, lora: tuple[Tensor, Tensor] | None = None,
