@@ -105,6 +105,7 @@ def test_a_changed_adapter_is_captured_again(small_bf16) -> None:
 
     dec = small_bf16
     sd = SlotDecoder(dec, 1, 100, graphs=True)
+    sd.runner.eager_steps = 0  # captured at the first step
     prompt = _prompts(1, 20, seed=4)[0]
     layer = next(iter(dec.adapted_layers().values()))
     saved = layer.lora_B.detach().clone()

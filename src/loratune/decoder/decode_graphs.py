@@ -8,9 +8,11 @@ time than its GPU time, so a step without graphs runs at the host's speed. Captu
 in pieces of 32) by repeating the first row (same slot, token and position: the padding rows write the
 same keys and values to the same place), picks the key bucket (the next power of two >= the longest row's
 length + 1, at least 64, at most the cache's capacity), copies slots and tokens into the bucket's static
-device tensors and runs `decode_step.decode_step` on them: captured into a graph the first time a
-(bucket, key bucket) is met on CUDA (after one eager warm-up run that compiles the kernels; the lengths it
-advanced are put back), replayed after. Off CUDA, or with `graphs=False`, the same function runs eagerly
+device tensors and runs `decode_step.decode_step` on them: eagerly for the first `EAGER_STEPS` steps of a
+(bucket, key bucket), then captured into a graph on CUDA (after a warm-up run on a side stream, whose
+advanced lengths are put back) and replayed from then on. Each generation makes its own runner, so an
+answer of a few tokens never pays for a capture (about as long as a few eager steps); a capture that fails
+is logged and that key stays eager. Off CUDA, or with `graphs=False`, the same function runs eagerly
 on the same padded inputs, so CPU tests cover the logic the graphs hold. The logits of the real rows are
 returned (a view of the graph's output: read them before the next step). All graphs of a runner share one
 memory pool, so a runner's graphs hold about one step's activations, not one per (bucket, key bucket).
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_KEYS = 64
+EAGER_STEPS = 2  # steps of a (bucket, key bucket) run eagerly before it is captured: short answers never capture
 
 
 def batch_bucket(rows: int) -> int:
@@ -56,6 +59,8 @@ class _Graph:
         self.slots, self.tokens = slots, tokens
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
+        self.steps = 0  # steps taken with this key (the first `DecodeRunner.eager_steps` run eagerly)
+        self.failed = False  # the capture failed: eager for good
 
 
 class DecodeRunner:
@@ -68,6 +73,7 @@ class DecodeRunner:
         self.weights = StepWeights(decoder)
         self._captured: dict[tuple[int, int], _Graph] = {}
         self._pool = None  # one memory pool for every graph of this runner (see `_capture`)
+        self.eager_steps = EAGER_STEPS
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
 
     def step(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
@@ -96,29 +102,44 @@ class DecodeRunner:
         self.cache.advanced(slots)  # checks the room first; the device lengths advance in the step itself
         host_slots = torch.tensor(slots + [slots[0]] * (bucket - n), dtype=torch.long)
         host_tokens = torch.cat([tokens.cpu(), tokens[:1].cpu().expand(bucket - n)])
-        if mixed or not self.graphs:
+        key = (bucket, kv_len)
+        g = self._captured.get(key)
+        if g is None:
+            g = self._captured[key] = _Graph(torch.empty(bucket, dtype=torch.long, device=self.device),
+                                             torch.empty(bucket, dtype=torch.long, device=self.device))
+        g.steps += 1
+        if mixed or not self.graphs or g.failed or g.steps <= self.eager_steps:
             return decode_step(self.decoder, self.cache, host_tokens.to(self.device), host_slots.to(self.device),
                                kv_len, self.weights)[:n]
-        g = self._captured.get((bucket, kv_len))
-        if g is None:
-            g = self._captured[(bucket, kv_len)] = _Graph(torch.empty(bucket, dtype=torch.long, device=self.device),
-                                                          torch.empty(bucket, dtype=torch.long, device=self.device))
         g.slots.copy_(host_slots, non_blocking=True)
         g.tokens.copy_(host_tokens, non_blocking=True)
-        if g.graph is None:
-            self._capture(g, kv_len)
+        if g.graph is None and not self._capture(g, kv_len):
+            return decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)[:n]
         assert g.graph is not None and g.logits is not None
         g.graph.replay()
         return g.logits[:n]
 
-    def _capture(self, g: _Graph, kv_len: int) -> None:
-        """Warm up (compiles the kernels; the lengths it advanced are put back), then capture the step."""
+    def _capture(self, g: _Graph, kv_len: int) -> bool:
+        """Warm up on a side stream (the lengths it advanced are put back), then capture the step. A capture
+        that fails is logged and its key stays eager (False)."""
+        try:
+            self._record(g, kv_len)
+        except RuntimeError as e:
+            log.warning("decode step of %d rows over %d keys not captured (%s); it runs eagerly",
+                        g.slots.numel(), kv_len, e)
+            g.failed, g.graph, g.logits = True, None, None
+            return False
+        return True
+
+    def _record(self, g: _Graph, kv_len: int) -> None:
         lengths = self.cache.device_lengths.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)
-            self.cache.device_lengths.copy_(lengths)
+            try:
+                decode_step(self.decoder, self.cache, g.tokens, g.slots, kv_len, self.weights)
+            finally:
+                self.cache.device_lengths.copy_(lengths)
         torch.cuda.current_stream(self.device).wait_stream(side)
         # The graphs share one memory pool: a replay may overwrite what another graph left in it, which is safe
         # here because replays run one after another on one stream and each one's logits are read before the
