@@ -11,6 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from loratune.data.preference import read_pair
+from loratune.errors import LoratuneError
 from loratune.data.readers import iter_file
 from loratune.infer.load import load_engine
 from loratune.infer.reward_api import load_reward_models
@@ -112,3 +113,23 @@ def test_no_reward_models_served_says_how_to_add_one(served) -> None:
     with TestClient(create_app(load_engine([str(folder)], implementation=None))) as client:
         r = _post(client, {"model": "rm", "prompt": "q", "completion": "a"})
     assert r.status_code == 404 and "--reward NAME=RUN" in r.json()["error"]["message"]
+
+
+def test_the_cli_passes_reward_models_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    import loratune.infer.server as server
+    from loratune.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda sources, **kw: seen.update(sources=sources, **kw))
+    assert main(["serve", "outputs/chat", "--reward", "rm=outputs/rm", "--reward", "outputs/rm2"]) == 0
+    assert seen["sources"] == ["outputs/chat"] and seen["rewards"] == ["rm=outputs/rm", "outputs/rm2"]
+
+
+def test_bad_reward_model_specs_are_named(reward_run: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, _ = reward_run
+    with pytest.raises(LoratuneError, match="the name 'rm' is taken"):
+        load_reward_models([f"rm={folder}", f"rm={folder}"])
+    with pytest.raises(LoratuneError, match="the name before '=' is empty"):
+        load_reward_models([f"={folder}"])
+    with pytest.raises(LoratuneError, match="is not a run written by `loratune train`"):
+        load_reward_models([f"rm={tmp_path}"])

@@ -95,15 +95,15 @@ def _score(scorer: RewardScorer, items: list[tuple[str, list[dict]]], tools: lis
 
 def load_reward_models(specs: list[str] | tuple[str, ...]) -> dict[str, RewardScorer]:
     """`[NAME=]FOLDER` reward-model runs, loaded (named after their folder unless NAME= is given)."""
-    scorers: dict[str, RewardScorer] = {}
-    for spec in specs:
+    folders: dict[str, str] = {}
+    for spec in specs:  # every name checked before anything loads
         name, sep, folder = spec.partition("=")
         name, folder = (name, folder) if sep else (Path(spec).resolve().name, spec)
-        if not name or name in scorers:
+        if not name or name in folders:
             raise LoratuneError(f"--reward {spec}: " + ("the name before '=' is empty" if not name else
                                 f"the name {name!r} is taken; give each reward model its own NAME="))
-        scorers[name] = RewardScorer.load(folder)
-    return scorers
+        folders[name] = folder
+    return {name: RewardScorer.load(folder) for name, folder in folders.items()}
 
 
 def add_reward_routes(app: Any, scorers: dict[str, RewardScorer], *, max_body_bytes: int, max_items: int = 64,
