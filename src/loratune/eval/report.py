@@ -41,6 +41,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _models_section(report: dict) -> list[str]:
+    if not report["models"]:  # only reward tasks: their runs are listed in their sections
+        return []
     rows = [[m["name"], f"`{m['path']}`", m["kind"], str(m["bits"]), f"`{m['fingerprint']}`"] for m in report["models"]]
     return ["## Models", "", *_table(["model", "path", "kind", "quantization.bits", "fingerprint"], rows)]
 
