@@ -89,6 +89,8 @@ class QLoRALinear(nn.Module):
         self.adapter_enabled = True  # False inside `adapters_disabled`: the base layer alone (a reference policy)
         self.ends_block = False  # the last layer before a residual add: its fused backward may be split
         self.kernels = True  # a 4-bit base dequantized by the Triton kernel on CUDA (False: the plain reference)
+        # a 4-bit weight held as plain tensors (its constants here, not on the weight): shardable by FSDP
+        self.nf4: nn.Module | None = None  # (`loratune.decoder.plain_nf4`)
         # adapters applied per row of a pass (several in one batch, `loratune.decoder.multi_lora`); None: unused
         self.mixed: LayerAdapters | None = None
         self._weight = (weakref.ref(self), weight_fn_of(self))
@@ -96,6 +98,8 @@ class QLoRALinear(nn.Module):
     def weight_fn(self, dtype: torch.dtype) -> Tensor:
         """The base weight in `dtype`: dequantized (4-bit; on CUDA one Triton kernel, its arguments kept while the
         packed weight stays put) or cast. Rebuilt for a copy of this layer (a deep copy shares no closure)."""
+        if self.nf4 is not None:  # plain tensors (loratune.decoder.plain_nf4): read as they are at call time
+            return self.nf4.dequantize(self.weight, dtype)
         owner, fn = self._weight
         if owner() is not self:
             fn = weight_fn_of(self)

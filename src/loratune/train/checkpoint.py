@@ -209,6 +209,8 @@ class Parts:
     tokenizer: object
     template: object
     info: object
+    # train.strategy fsdp: the sharded model's checkpoint I/O (`loratune.train.fsdp.ShardedState`), else None
+    sharding: object | None = None
 
 
 def fill(folder: Path, parts: Parts, state: LoopState, cfg: Config, fingerprints: dict[str, str],
@@ -218,7 +220,8 @@ def fill(folder: Path, parts: Parts, state: LoopState, cfg: Config, fingerprints
     `config_hash` and `fingerprints` (of the data splits) identify the run (resume.config_hash,
     resume.data_fingerprint)."""
     save_run(folder, parts.model, parts.tokenizer, parts.template, parts.info, cfg, extra=run_facts, card=card)
-    opt_tensors, opt_meta = optimizer_state(parts.optimizer)
+    opt_tensors, opt_meta = (parts.sharding.optimizer_state() if parts.sharding is not None
+                             else optimizer_state(parts.optimizer))
     if not all_finite(opt_tensors):
         raise NonFiniteWeights("refusing to save: the optimizer state contains NaN or inf")
     rng_tensors, rng_meta = rng_state()
@@ -240,9 +243,12 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def load_weights(model: TrainModel, folder: Path) -> None:
-    """Load the trainable weights saved in `folder` into `model`, exactly."""
-    model.load_weights(folder)
+def load_weights(model: TrainModel, folder: Path, sharding: object | None = None) -> None:
+    """Load the trainable weights saved in `folder` into `model` (or its shards: `sharding`), exactly."""
+    if sharding is not None:
+        sharding.load_weights(folder)
+    else:
+        model.load_weights(folder)
 
 
 def restore_training(folder: Path, meta: dict, parts: Parts) -> LoopState:
@@ -256,8 +262,11 @@ def restore_training(folder: Path, meta: dict, parts: Parts) -> LoopState:
                             f"{parts.model.resolved.implementation}: its optimizer state does not transfer; set "
                             f"model.implementation={saved} to resume it")
     tensors = load_file(str(folder / STATE_TENSORS))
-    load_weights(parts.model, folder)
-    load_optimizer_state(parts.optimizer, tensors, meta["optimizer"])
+    load_weights(parts.model, folder, parts.sharding)
+    if parts.sharding is not None:
+        parts.sharding.load_optimizer(tensors, meta["optimizer"])
+    else:
+        load_optimizer_state(parts.optimizer, tensors, meta["optimizer"])
     load_scheduler_state(parts.scheduler, meta["scheduler"])
     load_scaler_state(parts.scaler, meta["scaler"])
     known = {f.name for f in dataclasses.fields(LoopState)}

@@ -26,7 +26,7 @@ class StateError(RuntimeError):
     """A saved state does not fit the optimizer it is loaded into."""
 
 
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The real optimizer under accelerate's wrapper."""
     while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
         optimizer = optimizer.optimizer
@@ -44,8 +44,13 @@ def _plain(value: Any) -> Any:
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[Tensors, dict]:
     """Every state tensor under `optimizer.{param index}.{key}`; group settings and scalars in meta."""
-    opt = _inner(optimizer)
-    sd = opt.state_dict()
+    opt = inner_optimizer(optimizer)
+    return state_dict_tensors(opt.state_dict(), type(opt).__name__)
+
+
+def state_dict_tensors(sd: dict, class_name: str) -> tuple[Tensors, dict]:
+    """`optimizer_state` of an optimizer state dict (by parameter index) of the optimizer class `class_name`
+    (also for one gathered from shards: `loratune.train.fsdp`)."""
     tensors: Tensors = {}
     state: dict[str, dict] = {}
     for idx, entry in sd["state"].items():
@@ -60,10 +65,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[Tensors, dict]:
                 scalars[key] = value
         state[str(idx)] = scalars
     groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"class": type(opt).__name__, "param_groups": groups, "state": state}
+    return tensors, {"class": class_name, "param_groups": groups, "state": state}
 
 
-def _saved_entries(tensors: Tensors, meta: dict) -> dict[int, dict[str, Any]]:
+def saved_entries(tensors: Tensors, meta: dict) -> dict[int, dict[str, Any]]:
+    """{param index: {key: saved value}} of a state `optimizer_state` wrote."""
     entries: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in meta["state"].items()}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -86,10 +92,10 @@ def _restore_groups(opt: torch.optim.Optimizer, saved: list[dict]) -> None:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Tensors, meta: dict) -> None:
     """Put a saved state back into a freshly built optimizer of the same class and parameters."""
-    opt = _inner(optimizer)
+    opt = inner_optimizer(optimizer)
     if meta["class"] != type(opt).__name__:
         raise StateError(f"the checkpoint's optimizer is {meta['class']}, this run's is {type(opt).__name__}")
-    entries = _saved_entries(tensors, meta)
+    entries = saved_entries(tensors, meta)
     _restore_groups(opt, meta["param_groups"])
     if not _is_bnb(opt):
         opt.load_state_dict({"state": entries, "param_groups": meta["param_groups"]})
