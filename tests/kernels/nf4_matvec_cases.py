@@ -34,8 +34,12 @@ def run_case(out_f: int, in_f: int, rows: int, nested: bool, quant_type: str, dt
     got = _triton_matvec(x, packed, qs, bias, lora, None).float()
     bare = _triton_matvec(x, packed, qs, None, None, None).float()
     bare_ref = reference_nf4_matvec(x.float(), packed, qs)
+    # x A^T given by the caller as a column slice of a wider product (layers sharing x stack their A matrices)
+    wide = torch.cat([torch.randn(rows, 3, generator=g).to(dtype), torch.nn.functional.linear(x, lora[0])], dim=1)
+    given = _triton_matvec(x, packed, qs, bias, lora, None, wide[:, 3:]).float()
     return {"case": [out_f, in_f, rows, nested, quant_type, str(dtype)], "shape": list(got.shape),
             "err": float((got - ref).abs().max()), "bare_err": float((bare - bare_ref).abs().max()),
+            "given_xa_err": float((given - got).abs().max()),
             "scale": float(ref.abs().max())}
 
 

@@ -38,6 +38,7 @@ def test_kernel_under_the_interpreter_matches_the_reference() -> None:
         tol = 5e-5 if dtype == "torch.float32" else 2e-3
         assert r["err"] < tol * r["scale"], r
         assert r["bare_err"] < tol * r["scale"], r
+        assert r["given_xa_err"] == 0.0, r  # the same product, whoever made x A^T
 
 
 def test_off_cuda_nf4_matvec_is_the_reference() -> None:

@@ -65,8 +65,10 @@ class StepWeights:
 
     def __init__(self, decoder: Decoder) -> None:
         self.modules = list(decoder.linear_layers().values())
+        self.groups = [g for block in decoder.layers for g in _input_groups(block)]
         self.signature: tuple | None = None
         self.layers: dict[int, LayerWeights] = {}
+        self.stacked: dict[tuple[int, ...], Tensor] = {}  # layers reading one input: their A matrices stacked
 
     def refresh(self) -> bool:
         """Recast if the decoder's adapters changed since the last call; True when it did (graphs are stale)."""
@@ -74,8 +76,26 @@ class StepWeights:
         if sig == self.signature:
             return False
         self.layers = {id(m): self._cast(m) for m in self.modules}
+        self.stacked = {}
+        for group in self.groups:
+            loras = [self.layers[id(m)].lora for m in group]
+            if all(lo is not None for lo in loras):
+                self.stacked[tuple(id(m) for m in group)] = torch.cat([lo[0] for lo in loras]).contiguous()
         self.signature = sig
         return True
+
+    def project(self, layers: tuple[QLoRALinear, ...], x: Tensor) -> list[Tensor]:
+        """`[decode_linear(m, x, ...) for m in layers]`, x A^T made once for all of them when each has an adapter."""
+        stacked = self.stacked.get(tuple(id(m) for m in layers))
+        if stacked is None:
+            return [decode_linear(m, x, self[m]) for m in layers]
+        xa = F.linear(x, stacked)
+        outs, start = [], 0
+        for m in layers:
+            r = self[m].lora[0].shape[0]
+            outs.append(decode_linear(m, x, self[m], xa[:, start:start + r]))
+            start += r
+        return outs
 
     def mixed(self) -> bool:
         """Whether the pass in progress puts rows on adapters of their own (`decoder.multi_lora`)."""
@@ -103,15 +123,26 @@ class StepWeights:
         return self.layers[id(m)]
 
 
-def decode_linear(m: QLoRALinear, x: Tensor, w: LayerWeights) -> Tensor:
-    """y = x W^T + b + (x A^T)(s B)^T for a few rows x [B, in] (compute dtype); see the module docstring."""
+def _input_groups(block: Block) -> list[tuple[QLoRALinear, ...]]:
+    """The separate projections of a block that read one input: (q, k, v) and (gate, up)."""
+    groups = []
+    if not block.attn.cfg.fused_qkv:
+        groups.append((block.attn.q_proj, block.attn.k_proj, block.attn.v_proj))
+    if not block.mlp.cfg.fused_gate_up:
+        groups.append((block.mlp.gate_proj, block.mlp.up_proj))
+    return groups
+
+
+def decode_linear(m: QLoRALinear, x: Tensor, w: LayerWeights, xa: Tensor | None = None) -> Tensor:
+    """y = x W^T + b + (x A^T)(s B)^T for a few rows x [B, in] (compute dtype); see the module docstring.
+    `xa`: x A^T when the caller made it (`StepWeights.project`)."""
     qs = getattr(m.weight, "quant_state", None)
     if qs is not None and fits_kernel(x, qs):
-        y = nf4_matvec(x, m.weight.data, qs, w.bias, w.lora, w.args)
+        y = nf4_matvec(x, m.weight.data, qs, w.bias, w.lora, w.args, xa)
     else:
         y = F.linear(x, m.weight_fn(x.dtype), w.bias)
         if w.lora is not None:
-            y = y + F.linear(F.linear(x, w.lora[0]), w.lora[1])
+            y = y + F.linear(F.linear(x, w.lora[0]) if xa is None else xa, w.lora[1])
     if mixed_rows(m):  # rows on several adapters (`decoder.multi_lora`): each row's update on the base product
         y = m.mixed.add_to(y, x)
     return y
@@ -123,7 +154,7 @@ def mixed_rows(m: QLoRALinear) -> bool:
 
 
 def _attention(block: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, slots: Tensor, positions: Tensor,
-               kv_len: int, weights: StepWeights) -> Tensor:
+               masks: dict[int | None, Tensor], weights: StepWeights) -> Tensor:
     attn = block.attn
     cfg = attn.cfg
     n = x.shape[0]
@@ -131,7 +162,7 @@ def _attention(block: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache
         q, k, v = decode_linear(attn.qkv_proj, x, weights[attn.qkv_proj]).split(
             [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     else:
-        q, k, v = (decode_linear(p, x, weights[p]) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = weights.project((attn.q_proj, attn.k_proj, attn.v_proj), x)
     q = q.reshape(n, cfg.num_heads, cfg.head_dim)
     k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
@@ -141,15 +172,22 @@ def _attention(block: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache
     keys, values = cache.keys[attn.layer], cache.values[attn.layer]
     keys[slots, :, positions] = k.to(keys.dtype)
     values[slots, :, positions] = v.to(values.dtype)
-    kpos = torch.arange(kv_len, device=x.device)[None, :]
-    mask = kpos <= positions[:, None]
-    if attn.window is not None:
-        mask = mask & ((positions[:, None] - kpos) < attn.window)
+    mask = masks[attn.window]
+    kv_len = mask.shape[-1]
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim)  # query head j*G + g reads kv head j
-    out = dense_attention(qg, keys[slots, :, :kv_len], values[slots, :, :kv_len], mask[:, None, None, :],
-                          cfg.attn_scale, cfg.attn_softcap)
+    out = dense_attention(qg, keys[slots, :, :kv_len], values[slots, :, :kv_len], mask, cfg.attn_scale,
+                          cfg.attn_softcap)
     return decode_linear(attn.o_proj, out.reshape(n, cfg.q_size), weights[attn.o_proj])
+
+
+def _masks(positions: Tensor, kv_len: int, windows: set[int | None]) -> dict[int | None, Tensor]:
+    """{window: [B, 1, 1, kv_len] bool}: the keys each row attends (up to its position, within the window), made
+    once per step for every window the layers use."""
+    kpos = torch.arange(kv_len, device=positions.device)[None, :]
+    causal = kpos <= positions[:, None]
+    return {w: (causal if w is None else causal & ((positions[:, None] - kpos) < w))[:, None, None, :]
+            for w in windows}
 
 
 def _mlp(block: Block, x: Tensor, weights: StepWeights) -> Tensor:
@@ -158,8 +196,7 @@ def _mlp(block: Block, x: Tensor, weights: StepWeights) -> Tensor:
     if cfg.fused_gate_up:
         gate, up = decode_linear(mlp.gate_up_proj, x, weights[mlp.gate_up_proj]).chunk(2, dim=-1)
     else:
-        gate, up = decode_linear(mlp.gate_proj, x, weights[mlp.gate_proj]), decode_linear(mlp.up_proj, x,
-                                                                                          weights[mlp.up_proj])
+        gate, up = weights.project((mlp.gate_proj, mlp.up_proj), x)
     if cfg.activation == "silu":
         h = silu_mul(gate.contiguous(), up.contiguous())
     else:
@@ -177,9 +214,10 @@ def decode_step(decoder: Decoder, cache: KVCache, tokens: Tensor, slots: Tensor,
     extent = positions + 1 if any(getattr(r, "needs_extent", r.long_inv_freq is not None) for r in decoder.ropes) \
         else None
     tables = [rope(positions, x.dtype, extent) for rope in decoder.ropes]
+    masks = _masks(positions, kv_len, {block.attn.window for block in decoder.layers})
     for block, r in zip(decoder.layers, decoder.rope_of_layer):
         cos, sin = tables[r]
-        h = _attention(block, block.attn_norm(x), cos, sin, cache, slots, positions, kv_len, weights)
+        h = _attention(block, block.attn_norm(x), cos, sin, cache, slots, positions, masks, weights)
         if block.sandwich:
             h = block.post_attn_norm(h)
         x = x + h

@@ -111,3 +111,15 @@ def _nf4_matvec_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, code2_ptr, absma
                 acc = tl.dot(xa, tl.trans(bs), acc)
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, SPLIT, MN, BLOCK: tl.constexpr):
+    """out[i] = sum over s of part[s, i] (fp32, in split order), stored in out's dtype: the partial sums of a split
+    reduction in one launch (not a sum and a cast)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(part_ptr + s * MN + idx, mask=ok, other=0.0)
+    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=ok)

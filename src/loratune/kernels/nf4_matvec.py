@@ -48,15 +48,18 @@ def fits_kernel(x: Tensor, qs) -> bool:
 
 
 def nf4_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None = None, lora: tuple[Tensor, Tensor] | None = None,
-               args: tuple | None = None) -> Tensor:
+               args: tuple | None = None, xa: Tensor | None = None) -> Tensor:
     """y [M, out] in x's dtype (see the module docstring); `args`: `kernels._nf4_triton.kernel_args(packed, qs)`,
-    kept by the caller so that nothing is rebuilt per call."""
+    kept by the caller so that nothing is rebuilt per call. `xa`: x A^T [M, r] when the caller made it already
+    (layers reading the same x: one product with their A matrices stacked), else made here."""
+    if lora is not None and xa is None:
+        xa = F.linear(x, lora[0])
     if not fits_kernel(x, qs):
         y = F.linear(x, dequantize_nf4(packed, qs, x.dtype), bias)
         if lora is not None:
-            y = y + F.linear(F.linear(x, lora[0]), lora[1])
+            y = y + F.linear(xa, lora[1])
         return y
-    return _triton_matvec(x.contiguous(), packed, qs, bias, lora, args)
+    return _triton_matvec(x.contiguous(), packed, qs, bias, lora, args, xa)
 
 
 def _split_k(n_blocks: int, k: int, block_k: int) -> int:
@@ -69,8 +72,10 @@ def _split_k(n_blocks: int, k: int, block_k: int) -> int:
 
 
 def _triton_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None, lora: tuple[Tensor, Tensor] | None,
-                   args: tuple | None) -> Tensor:
-    from loratune.kernels._nf4_matvec_triton import _nf4_matvec_kernel
+                   args: tuple | None, xa: Tensor | None = None) -> Tensor:
+    import triton
+
+    from loratune.kernels._nf4_matvec_triton import _nf4_matvec_kernel, _sum_splits_kernel
     from loratune.kernels._nf4_triton import kernel_args
 
     m, k = x.shape
@@ -85,7 +90,11 @@ def _triton_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None, lora: tup
     chunk = -(-k // (split * block_k)) * block_k
     split = -(-k // chunk)
     out = torch.empty((split, m, n), dtype=x.dtype if split == 1 else torch.float32, device=x.device)
-    xa, b = (None, None) if lora is None else (F.linear(x, lora[0]).contiguous(), lora[1].contiguous())
+    if lora is not None and xa is None:
+        xa = F.linear(x, lora[0])
+    b = None if lora is None else lora[1].contiguous()
+    if xa is not None and xa.stride(1) != 1:
+        xa = xa.contiguous()
     r = 0 if b is None else int(b.shape[1])
     dummy = x
     _nf4_matvec_kernel[(n_blocks, split)](
@@ -97,4 +106,8 @@ def _triton_matvec(x: Tensor, packed: Tensor, qs, bias: Tensor | None, lora: tup
         HAS_LORA=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         R_PAD=max(16, 1 << max(r - 1, 0).bit_length()), IEEE=x.dtype == torch.float32,
         ALIGNED=k % block_k == 0 and block_k % int(qs.blocksize) == 0, num_warps=4)
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+    if split == 1:
+        return out[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, split, m * n, BLOCK=1024, num_warps=4)
+    return y
