@@ -9,9 +9,11 @@ through `from_pretrained`, as users load real checkpoints):
    `loratune.model.build.build_trainable` -> `loratune.train.run.make_runner`) and stepped by the training
    loop itself (`loratune.train.loop.Loop.step`, one micro-batch per step), so the benchmark runs the same
    micro-batch runner interface (eager or graphed) as training and copies none of it (see VARIANTS):
-   `decoder` is loratune's own decoder on padding-free streams (the default of `loratune train`), `hf` the
-   transformers + peft model with loratune.kernels and CUDA graphs (the fallback's fastest form), `hf-eager`
-   the same without graphs, `hf-plain` without kernels.
+   `decoder` is loratune's own decoder on padding-free streams (the default of `loratune train`, CUDA graphs
+   where they apply), `decoder-eager` the same without graphs, `decoder-plain` without loratune's Triton kernels
+   (model.kernels false: their plain-PyTorch references), `hf` the transformers + peft fallback as the libraries
+   ship it (padded batches, eager, no kernel of loratune inside the model; only the loss is loratune's, from the
+   final hidden states and the head's weight).
 Every run of a case sees the same random batches and starts from LoRA B = 0 (the first loss of every path is the
 base model's), and each variant's LoRA weights are restored before each case: the table reports the largest
 relative difference to the reference over the first `--steps` losses (A is drawn by each path's own seed).
@@ -68,9 +70,9 @@ SHAPES: dict[str, dict] = {
 # builds it and stepped by its loop (loratune.train.loop.Loop).
 VARIANTS: dict[str, list[str]] = {
     "decoder": ["model.implementation=loratune"],  # the default of `loratune train`: our decoder, padding-free
-    "hf": ["model.implementation=transformers", "train.batching=padded"],  # + loratune.kernels + CUDA graphs
-    "hf-eager": ["model.implementation=transformers", "train.batching=padded", "model.cuda_graphs=false"],
-    "hf-plain": ["model.implementation=transformers", "train.batching=padded", "model.kernels=false"],
+    "decoder-eager": ["model.implementation=loratune", "model.cuda_graphs=false"],
+    "decoder-plain": ["model.implementation=loratune", "model.kernels=false"],  # plain-PyTorch kernel references
+    "hf": ["model.implementation=transformers", "train.batching=padded"],  # stock transformers + peft, eager
 }
 
 

@@ -2,8 +2,9 @@
 
 The graphed 2 x 2048 step of the Llama-3-8B shape peaks ~0.35 GiB above the eager one (runs 9 and 11,
 docs/benchmarks.md); the planner carries that as a fitted term. This script finds out what those bytes are.
-It builds a variant as bench_train.py does (`load_variant`, default `hf`: the transformers path with its
-graphs; `decoder`: loratune's decoder), steps it with the training loop (`variant_loop`), records the CUDA caching allocator's history
+It builds a variant as bench_train.py does (`load_variant`, default `decoder`: loratune's decoder, whose
+fixed-shape streams are graphed; the transformers fallback is never graphed since issue 12), steps it with the
+training loop (`variant_loop`), records the CUDA caching allocator's history
 (`torch.cuda.memory._record_memory_history`, Python stacks), runs two eager steps, then the steps in which
 `GraphedMicroBatch` captures and replays, and replays the allocator's event trace on the host: for each
 phase it reports the moment of the highest allocated total, and the allocations alive then (made after
@@ -11,7 +12,7 @@ recording started: weights and other long-lived tensors are the baseline), group
 in loratune, peft or transformers code. Prints text only (nothing pickled leaves the machine).
 
 Usage (GPU machine, wheels installed as in benchmarks/gpu_run.sh):
-    python benchmarks/memory_peak.py --shape llama3-8b --case 2x2048 [--variant decoder]
+    python benchmarks/memory_peak.py --shape llama3-8b --case 2x2048 [--variant decoder-eager]
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
     p.add_argument("--case", default="2x2048")
     p.add_argument("--model-dir", default="/tmp/loratune-bench")
-    p.add_argument("--variant", default="hf", choices=sorted(bench.VARIANTS))
+    p.add_argument("--variant", default="decoder", choices=sorted(bench.VARIANTS))
     args = p.parse_args(argv)
     bench.ARGS = bench.parse_args(["--shape", args.shape, "--device", "cuda", "--model-dir", args.model_dir])
     folder = Path(bench.ARGS.model_dir) / args.shape

@@ -10,8 +10,9 @@ consecutive GPU activities with what ran before and after each. The chrome trace
 
 Usage (GPU machine, wheels installed as in benchmarks/gpu_run.sh):
     python benchmarks/trace_step.py --shape llama3-8b --case 2x2048 --out-dir $OUT
-Variants (--variants, bench_train.VARIANTS): decoder (loratune's decoder, the default), eager (the transformers
-path with loratune.kernels, no graphs: bench_train's hf-eager), graphed (the same with CUDA graphs: hf).
+Variants (--variants, bench_train.VARIANTS): decoder (loratune's decoder, the default: CUDA graphs where they
+apply), eager (the decoder without graphs: bench_train's decoder-eager), hf (the transformers + peft fallback as
+the libraries ship it: bench_train's hf).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(bench.SHAPES))
     p.add_argument("--case", default="2x2048")
-    p.add_argument("--variants", default="decoder,eager,graphed", help="comma list of decoder, eager, graphed")
+    p.add_argument("--variants", default="decoder,eager,hf", help="comma list of decoder, eager, hf")
     p.add_argument("--steps", type=int, default=5, help="steps before the traced one (capture happens in these)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "trace-out"))
     p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (shape tiny)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         bench.free()
 
 
-VARIANTS = {"decoder": "decoder", "eager": "hf-eager", "graphed": "hf"}  # trace name -> bench_train variant
+VARIANTS = {"decoder": "decoder", "eager": "decoder-eager", "hf": "hf"}  # trace name -> bench_train variant
 
 
 if __name__ == "__main__":
