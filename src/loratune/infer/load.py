@@ -7,8 +7,10 @@ prompts with the same template and special tokens as training, and stops at the 
 
 Which model code answers is decided as for training (`loratune.model.resolve.choose_implementation`):
 loratune's decoder where it covers the model and its adapters, else transformers + peft; one line says
-which and why. Several adapters share one base: on the decoder, each adapter's tensors are kept aside and
-put on its layers when that name answers (`loratune.infer.adapters.AdapterBank`); on the transformers
+which and why. Several adapters share one base: on the decoder, each adapter's tensors are kept aside (an LRU
+on the device, `loratune.infer.adapters.AdapterBank`) and put on its layers when that name answers, or applied
+per row when one batch mixes adapters (`loratune.infer.batcher`); adapters may be added and removed while
+serving (`Engine.add_adapter`, `remove_adapter`); on the transformers
 model, peft's multi-adapter API (`load_adapter`, then `set_adapter` per request). The base alone is served
 too, with no adapter on. `Engine` is the handle chat, serve, eval and training's sample answers use: it
 owns the model, a lock (one generation at a time: the adapter on is global state of the model; `use`),

@@ -3,10 +3,11 @@
 One worker thread owns the model. By default it runs one generation at a time (a batch is the n answers
 of one request). With `batch_slots` > 1 on loratune's decoder it batches continuously
 (`infer/batcher.py`): requests join the running batch at step boundaries and leave when they finish, in
-arrival order, one adapter name per running batch (the adapter on the model is global state), each
-request in slots of `slot_tokens` tokens (a larger request is a 400). Requests are admitted up to `max_pending`
-(running plus waiting); beyond it the answer is 429 at once, so a flood cannot pile up unbounded work.
-Each admitted request becomes a `Job` with a cancel flag the engine checks between tokens: a client that
+arrival order, rows of different adapters (and the base) in one batch (`decoder/multi_lora.py`), each
+request in slots of `slot_tokens` tokens (a larger request is a 400). Adapters are loaded and unloaded at
+run time through `/v1/adapters` (`infer/adapter_api.py`), from the `adapter_dirs` only. Requests are admitted
+up to `max_pending` (running plus waiting); beyond it the answer is 429 at once, so a flood cannot pile up
+unbounded work. Each admitted request becomes a `Job` with a cancel flag the engine checks between tokens: a client that
 disconnects (stream closed, or a non-streaming request abandoned) sets it, and its slot frees within a
 step. Events cross from the worker thread to the event loop through `call_soon_threadsafe`.
 
