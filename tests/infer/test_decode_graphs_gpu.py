@@ -70,7 +70,11 @@ def _schedule(dec, graphs: bool, steps: int = 40) -> tuple[list[list[int]], list
 def test_graphed_equals_eager_while_rows_join_and_leave(small_bf16) -> None:
     eager_toks, eager_logits, none = _schedule(small_bf16, graphs=False)
     toks, logits, captures = _schedule(small_bf16, graphs=True)
-    assert none == 0 and captures >= 3  # buckets 4 (3 rows), 8 (5 rows); keys 64 and 128
+    # batch buckets 4 (3 rows) and 8 (5 rows); one graph each with the Triton decode attention, else also one per
+    # key bucket (64, 128)
+    from loratune.decoder.decode_step import attention_kernel
+
+    assert none == 0 and captures == (2 if attention_kernel(small_bf16, torch.device("cuda")) else 3)
     assert toks == eager_toks
     for a, b in zip(logits, eager_logits):
         assert (a - b).abs().max() <= 1e-3 * b.abs().max()

@@ -7,7 +7,8 @@ time than its GPU time, so a step without graphs runs at the host's speed. Captu
 `DecodeRunner.step(slots, tokens)` pads the rows to the next batch bucket (1, 2, 4, 8, 16, 32; more rows go
 in pieces of 32) by repeating the first row (same slot, token and position: the padding rows write the
 same keys and values to the same place), picks the key bucket (the next power of two >= the longest row's
-length + 1, at least 64, at most the cache's capacity), copies slots and tokens into the bucket's static
+length + 1, at least 64, at most the cache's capacity; with the Triton decode attention, which reads each
+row up to its own position, the capacity: one graph per batch bucket), copies slots and tokens into the bucket's static
 device tensors and runs `decode_step.decode_step` on them: eagerly for the first `EAGER_STEPS` steps of a
 (bucket, key bucket), then captured into a graph on CUDA (after a warm-up run on a side stream, whose
 advanced lengths are put back) and replayed from then on. Each generation makes its own runner, so an
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from loratune.decoder.cache import KVCache
-from loratune.decoder.decode_step import StepWeights, decode_step
+from loratune.decoder.decode_step import StepWeights, attention_kernel, decode_step
 from loratune.decoder.model import Decoder
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class DecodeRunner:
         self.device = cache.keys[0].device
         self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs and self.device.type == "cuda")
         self.weights = StepWeights(decoder)
+        # the Triton decode attention reads each row up to its own position: one graph per batch bucket serves
+        # every length (the key bucket is then the capacity)
+        self.kernel_attention = attention_kernel(decoder, self.device)
         self._captured: dict[tuple[int, int], _Graph] = {}
         self._pool = None  # one memory pool for every graph of this runner (see `_capture`)
         self.eager_steps = EAGER_STEPS
@@ -98,7 +102,8 @@ class DecodeRunner:
     def _step(self, slots: list[int], tokens: Tensor, mixed: bool) -> Tensor:
         n = len(slots)
         bucket = n if mixed else batch_bucket(n)
-        kv_len = key_bucket(max(self.cache.lengths[s] for s in slots) + 1, self.cache.capacity)
+        kv_len = self.cache.capacity if self.kernel_attention else \
+            key_bucket(max(self.cache.lengths[s] for s in slots) + 1, self.cache.capacity)
         self.cache.advanced(slots)  # checks the room first; the device lengths advance in the step itself
         host_slots = torch.tensor(slots + [slots[0]] * (bucket - n), dtype=torch.long)
         host_tokens = torch.cat([tokens.cpu(), tokens[:1].cpu().expand(bucket - n)])

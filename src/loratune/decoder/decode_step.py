@@ -9,8 +9,10 @@ the longest row's length), and every per-step value lives on the device:
     x = embed(tokens);  per block, as `decoder.model.Block`:
         q, k, v = projections (`decode_linear`),  qk-norm,  RoPE(positions)
         keys[slots, :, positions] = k  (values likewise)        one indexed write per layer
-        attention of q over keys[slots, :, :L], keys past each row's position (and outside the sliding
-        window) masked: the G = H / H_kv query heads of each kv head as G queries (no repeated keys)
+        attention of q over each row's keys up to its position (`kernels.decode_attention`): on CUDA a
+        Triton kernel reading the cache in place; elsewhere keys[slots, :, :L] gathered, those past each
+        row's position (and outside the sliding window) masked, the G = H / H_kv query heads of each kv
+        head as G queries (no repeated keys)
         o_proj;  MLP (`decode_linear` for gate/up/down)
     cache.device_lengths[slots] = positions + 1;  logits = head(norm(x))  [B, V]
 
@@ -33,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loratune.decoder.attention import dense_attention
 from loratune.decoder.cache import KVCache
 from loratune.decoder.lora import QLoRALinear
 from loratune.decoder.model import Block, Decoder
 from loratune.decoder.rope import apply_rope
+from loratune.kernels.decode_attention import decode_attention
+from loratune.kernels.decode_attention import fits_kernel as fits_kernel_attention
 from loratune.kernels.nf4_matvec import fits_kernel, nf4_matvec
 from loratune.kernels.norm_swiglu import silu_mul
 
@@ -172,13 +175,14 @@ def _attention(block: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache
     keys, values = cache.keys[attn.layer], cache.values[attn.layer]
     keys[slots, :, positions] = k.to(keys.dtype)
     values[slots, :, positions] = v.to(values.dtype)
-    mask = masks[attn.window]
-    kv_len = mask.shape[-1]
-    groups = cfg.num_heads // cfg.num_kv_heads
-    qg = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim)  # query head j*G + g reads kv head j
-    out = dense_attention(qg, keys[slots, :, :kv_len], values[slots, :, :kv_len], mask, cfg.attn_scale,
-                          cfg.attn_softcap)
+    out = decode_attention(q, keys, values, slots, positions, cfg.attn_scale, attn.window, cfg.attn_softcap,
+                           masks.get(attn.window))
     return decode_linear(attn.o_proj, out.reshape(n, cfg.q_size), weights[attn.o_proj])
+
+
+def attention_kernel(decoder: Decoder, device: torch.device) -> bool:
+    """Whether the step attends through the Triton decode kernel (no key masks, no key bucket needed)."""
+    return fits_kernel_attention(device, decoder.config.head_dim)
 
 
 def _masks(positions: Tensor, kv_len: int, windows: set[int | None]) -> dict[int | None, Tensor]:
@@ -214,7 +218,8 @@ def decode_step(decoder: Decoder, cache: KVCache, tokens: Tensor, slots: Tensor,
     extent = positions + 1 if any(getattr(r, "needs_extent", r.long_inv_freq is not None) for r in decoder.ropes) \
         else None
     tables = [rope(positions, x.dtype, extent) for rope in decoder.ropes]
-    masks = _masks(positions, kv_len, {block.attn.window for block in decoder.layers})
+    masks = {} if attention_kernel(decoder, x.device) else \
+        _masks(positions, kv_len, {block.attn.window for block in decoder.layers})
     for block, r in zip(decoder.layers, decoder.rope_of_layer):
         cos, sin = tables[r]
         h = _attention(block, block.attn_norm(x), cos, sin, cache, slots, positions, masks, weights)
