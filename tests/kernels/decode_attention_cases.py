@@ -25,7 +25,8 @@ def run_case(rows: int, heads: int, kv_heads: int, dim: int, window: int | None,
     slots_total, capacity = 5, 150
     keys = torch.randn(slots_total, kv_heads, capacity, dim, generator=g).to(dtype)
     values = torch.randn(slots_total, kv_heads, capacity, dim, generator=g).to(dtype)
-    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    # q as a view of a wider [rows, heads + kv heads, dim] tensor (the decode step rotates q and k as one)
+    q = torch.randn(rows, heads + kv_heads, dim, generator=g).to(dtype)[:, :heads]
     slots = torch.tensor([4, 0, 2][:rows])
     positions = torch.tensor([130, 3, 64][:rows])  # the first row crosses two key blocks of 64
     kv_len = 140

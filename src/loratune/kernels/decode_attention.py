@@ -61,8 +61,9 @@ def triton_decode_attention(q: Tensor, keys: Tensor, values: Tensor, slots: Tens
     n, heads, dim = q.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty((n, heads, dim), dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(n, kv_heads)](
         q, keys, values, slots, positions, out,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
