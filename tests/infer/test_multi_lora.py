@@ -13,7 +13,8 @@ import torch
 from run_folder import make_adapter_dir
 
 from loratune.decoder.generate import SlotDecoder
-from loratune.decoder.multi_lora import LoRAPair, RowPlan, reference_segmented_lora, segmented_lora
+from loratune.decoder.multi_lora import (LoRAPair, RowPlan, Stack, reference_segmented_lora, segmented_lora,
+                                         stacked_lora)
 from loratune.errors import ModelError
 from loratune.infer.batcher import Batcher, Submission, forward_step
 from loratune.infer.engine import Delta, Finish
@@ -47,7 +48,8 @@ def test_segmented_lora_equals_the_per_token_reference() -> None:
     # rows of 3, 2, 4, 2 tokens on a, base, b, c (c: an adapter that leaves this layer out)
     keys, lengths = ["a", None, "b", "c"], [3, 2, 4, 2]
     token_keys = [k for k, m in zip(keys, lengths) for _ in range(m)]
-    groups = RowPlan.from_rows(keys, lengths, "cpu")
+    rows = RowPlan.from_rows(keys, lengths, "cpu")
+    groups = rows.groups
     assert [k for k, _ in groups] == ["a", "b", "c"]
     assert groups[0][1].tolist() == [0, 1, 2] and groups[1][1].tolist() == [5, 6, 7, 8]
     got = segmented_lora(y.clone(), x, pairs, groups)
@@ -56,10 +58,20 @@ def test_segmented_lora_equals_the_per_token_reference() -> None:
     assert torch.equal(got[3:5], y[3:5]) and torch.equal(got[9:], y[9:])  # base rows, and c's, untouched
     assert (got[:3] - y[:3]).abs().max() > 0.1  # a's rows changed
     # one adapter for every token: one group without an index (no gather), the same numbers
-    whole = RowPlan.from_rows(["b", "b"], [5, 6], "cpu")
+    whole = RowPlan.from_rows(["b", "b"], [5, 6], "cpu").groups
     assert len(whole) == 1 and whole[0][1] is None
     torch.testing.assert_close(segmented_lora(y.clone(), x, pairs, whole),
                                reference_segmented_lora(y, x, pairs, ["b"] * n), rtol=1e-5, atol=1e-5)
+    # stacked: both adapters side by side, a mask per token; c (not on this layer) and base rows masked out
+    plan = RowPlan()
+    stack = Stack.of(pairs)
+    assert stack.layout == (("a", 4), ("b", 8)) and stack.a.shape == (12, d_in) and stack.b.shape == (d_out, 12)
+    with plan.rows(rows):
+        mask = plan.mask(stack.layout, torch.float32)
+        assert plan.mask(stack.layout, torch.float32) is mask  # once per pass and layout
+    assert mask[:3].tolist() == [[1.0] * 4 + [0.0] * 8] * 3 and mask[5:9].tolist() == [[0.0] * 4 + [1.0] * 8] * 4
+    assert not mask[3:5].any() and not mask[9:].any()
+    torch.testing.assert_close(stacked_lora(y.clone(), x, stack, mask), want, rtol=1e-5, atol=1e-5)
 
 
 def _alone_logits(engine, key: str | None, prompt: list[int], tokens: list[int]) -> torch.Tensor:
@@ -72,8 +84,10 @@ def _alone_logits(engine, key: str | None, prompt: list[int], tokens: list[int])
     return torch.stack(out)
 
 
-def test_mixed_rows_give_the_logits_of_each_adapter_alone(mixed_engine) -> None:
+@pytest.mark.parametrize("stacked_tokens", [0, 1000], ids=["grouped", "stacked"])
+def test_mixed_rows_give_the_logits_of_each_adapter_alone(mixed_engine, stacked_tokens: int) -> None:
     engine = mixed_engine
+    engine.bank.plan.stacked_tokens = stacked_tokens  # every pass grouped, or every pass stacked
     names = ["base", "alpha", "beta", "gamma"]
     keys = [engine.key_of(n) for n in names]
     fmt = engine.format("base")
@@ -101,6 +115,7 @@ def test_mixed_rows_give_the_logits_of_each_adapter_alone(mixed_engine) -> None:
     # the adapters really differ: each row's logits are far from the base row's answer to the same prompt
     base_of_alpha = _alone_logits(engine, None, prompts[1], [])
     assert (base_of_alpha[0] - alone[1][1][0]).abs().max() > 1e-2
+    engine.bank.plan.stacked_tokens = 64
 
 
 def _run(batcher: Batcher, subs: list[Submission]) -> int:

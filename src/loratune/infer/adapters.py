@@ -147,8 +147,7 @@ class AdapterBank:
             b = nn.Parameter(w.lora_B.to(device, torch.float32), requires_grad=False)
             states[name] = AdapterState(a, b, w.rank, w.alpha, adapter.rslora, adapter.dropout)
             layer = self.layers[name]
-            layer.mixed.pairs[key] = LoRAPair.of(a, b, lora_scale(w.rank, w.alpha, adapter.rslora),
-                                                 layer.compute_dtype)
+            layer.mixed.put(key, LoRAPair.of(a, b, lora_scale(w.rank, w.alpha, adapter.rslora), layer.compute_dtype))
         self.resident[key] = _Resident(states)
         self.loads += 1
 
@@ -156,7 +155,7 @@ class AdapterBank:
         if self.resident.pop(key, None) is None:
             return
         for layer in self.layers.values():
-            layer.mixed.pairs.pop(key, None)
+            layer.mixed.drop(key)
         if self.active == key:
             self._clear()
 
