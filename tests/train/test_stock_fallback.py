@@ -59,9 +59,9 @@ def _untouched(model: nn.Module) -> None:
 def test_the_fallback_trains_two_steps_as_transformers_and_peft_ship(tiny_llama: Path, batching: str) -> None:
     registries = _registries()
     loop = build_loop(tiny_llama, _samples(), "model.implementation=transformers", "adapter.rank=4",
-                      "adapter.dropout=0", f"train.batching={batching}", "data.max_length=64", "train.batch_size=4",
-                      "train.grad_accum=2", "train.max_steps=2", "train.optimizer=adamw", "train.max_grad_norm=0",
-                      "train.lr=1e-2")
+                      "adapter.dropout=0", "quantization.compute_dtype=fp32", f"train.batching={batching}",
+                      "data.max_length=64", "train.batch_size=4", "train.grad_accum=2", "train.max_steps=2",
+                      "train.optimizer=adamw", "train.max_grad_norm=0", "train.lr=1e-2")
     model = loop.runner.module
     assert is_peft(model) and loop.graphs is None
     _untouched(model)

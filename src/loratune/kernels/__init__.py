@@ -9,6 +9,8 @@ transformers or peft object (the transformers + peft fallback runs as those libr
 - `norm_swiglu`: RMSNorm with a frozen weight and the SiLU-gated product (one Triton kernel per direction);
 - `loss`: linear cross-entropy in row chunks with the gradient computed in the forward pass (every run's
   loss, on any device, both model codes: it reads only the final hidden states and the head's weight);
-- `graphs`: CUDA graph replay of the decoder's fixed-shape padding-free micro-batches.
+- `graphs`: CUDA graph replay of the decoder's fixed-shape padding-free micro-batches;
+- decoding (`loratune.infer`): `nf4_matvec` (a 4-bit linear for a few rows, LoRA update included) and
+  `decode_attention` (one new token per row over the decoder's KV cache).
 Off CUDA every kernel runs its plain-PyTorch reference.
 """
