@@ -60,6 +60,13 @@ class ModelConfig:
     path: str = _f(REQUIRED, "Base model: a local folder or a hub id (or `demo://llama` for the built-in offline demo model).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     tokenizer: str | None = _f(None, "Tokenizer folder or hub id, if not the model's own.")
+    add_tokens: list[str] = _f([], "Tokens added to the vocabulary (e.g. domain words): the embedding and the output "
+                                   "head grow to the new vocabulary (new rows at the mean of the old ones) and are "
+                                   "trained in full (adapter.type lora: saved in the adapter as modules_to_save); the "
+                                   "tokenizer is saved with the run. Trains through transformers + peft. "
+                                   "loratune.model.new_tokens")
+    add_special_tokens: list[str] = _f([], "Special tokens added the same way (never split; left out of decoded "
+                                           "answers), e.g. new chat markers.")
     trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off by default: only enable it for models you trust.")
     rope_scaling: RopeScalingConfig | None = _f(
         None, "Stretch the base's RoPE to train and run on longer sequences than it was pretrained on, e.g. "
@@ -102,7 +109,10 @@ class QuantizationConfig:
 
 @dataclass
 class AdapterConfig:
-    type: Literal["lora", "none"] = _f("lora", "`lora` trains adapters on a frozen base; `none` is full fine-tuning (needs bits 16 or 32).")
+    type: Literal["lora", "none", "freeze"] = _f(
+        "lora", "`lora` trains adapters on a frozen base; `none` is full fine-tuning (needs bits 16 or 32); `freeze` "
+                "is freeze-tuning: the last adapter.freeze_layers decoder layers and adapter.freeze_modules trained "
+                "in full, the rest frozen (bits 16 or 32; the whole model is written, as with `none`).")
     rank: int = _f(64, "LoRA rank r (paper: 64).")
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rslora). Paper: 16.")
     dropout: float = _f(0.1, "Dropout on the adapter input (paper: 0.1 up to 13B, 0.05 for 33B and 65B).")
@@ -119,6 +129,9 @@ class AdapterConfig:
                    "`olora` (QR-based), both on a 16- or 32-bit base, their saved adapters converted to plain "
                    "LoRA of rank 2r on the original base; or `loftq` on a 4-bit base (the adapter starts at the "
                    "rank-r SVD of the quantization error W - Q(W), W read from the checkpoint's safetensors).")
+    freeze_layers: int = _f(2, "adapter.type freeze: how many decoder layers, the last ones, train in full.")
+    freeze_modules: list[str] = _f([], "adapter.type freeze: more modules trained in full, by name suffix (e.g. "
+                                       "`embed_tokens`, `norm`, `lm_head`, or `mlp` for every layer's MLP).")
 
 
 @dataclass
@@ -510,6 +523,11 @@ def validate(cfg: Config) -> None:
     checks = [
         (a.type == "none" and q.bits in (4, 8),
          f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
+        (a.type == "freeze" and q.bits in (4, 8),
+         f"adapter.type 'freeze' (freeze-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
+        (a.type == "freeze" and (a.freeze_layers < 0 or (a.freeze_layers == 0 and not a.freeze_modules)),
+         f"adapter.type 'freeze' needs adapter.freeze_layers > 0 or adapter.freeze_modules, got {a.freeze_layers} and "
+         f"{a.freeze_modules}"),
         (a.rank < 1, f"adapter.rank must be >= 1, got {a.rank}"),
         (a.alpha <= 0, f"adapter.alpha must be > 0, got {a.alpha}"),
         (not 0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}"),
@@ -523,7 +541,7 @@ def validate(cfg: Config) -> None:
         (t.max_grad_norm < 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}"),
         (t.warmup_steps < 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
         (t.loraplus_ratio < 0, f"train.loraplus_ratio must be >= 0, got {t.loraplus_ratio}"),
-        (t.loraplus_ratio > 0 and a.type == "none", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
+        (t.loraplus_ratio > 0 and a.type != "lora", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
         (t.max_nonfinite < 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}"),
         (t.neftune_alpha < 0, f"train.neftune_alpha must be >= 0, got {t.neftune_alpha}"),
         (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
@@ -581,7 +599,7 @@ def _preference_checks(cfg: Config) -> list[tuple[bool, str]]:
                                                                 "must be > 0"),
         (cfg.data.pack, f"data.pack does not apply to train.method {m}: each pair (or completion) is laid out with "
                         "its own boundaries already; set data.pack false"),
-        (m in ("dpo", "kto") and cfg.adapter.type == "none",
+        (m in ("dpo", "kto") and cfg.adapter.type != "lora",
          f"train.method {m} needs a reference policy, the base with the adapter disabled: use adapter.type lora"),
         *[(ds.format != "auto", f"data.{g}.{i}.format is {ds.format!r}: preference data is read by its keys "
                                 "(prompt/chosen/rejected, or prompt/completion/label for kto); leave format auto")

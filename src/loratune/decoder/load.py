@@ -65,6 +65,9 @@ def check_supported(cfg: Config) -> None:
         raise ModelError("quantization.bits=8 (LLM.int8) trains through the HF + peft path, not loratune's decoder")
     if a.type == "lora" and a.dora:
         raise ModelError("adapter.dora=true trains through the HF + peft path, not loratune's decoder")
+    if cfg.model.add_tokens or cfg.model.add_special_tokens:
+        raise ModelError("model.add_tokens/add_special_tokens (trained embedding rows) train through the HF + peft "
+                         "path, not loratune's decoder")
     if a.type == "lora" and a.modules_to_save:
         raise ModelError("adapter.modules_to_save trains through the HF + peft path, not loratune's decoder")
 

@@ -44,6 +44,7 @@ from loratune.infer.sampling import SamplingParams
 from loratune.infer.tools import CallSyntax, call_syntax
 from loratune.model.adapters import is_peft
 from loratune.model.load import TokenizerInfo, load_base, load_tokenizer, resolve_model_path
+from loratune.model.new_tokens import resize_for_tokens
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +470,8 @@ def load_engine(sources: Sequence[str], bits: int | None = None, base_name: str 
         raise ModelError(f"model names must be unique and differ from {base_name!r}: {names}")
 
     model = _load_base(cfg, plain)
+    if runs:  # runs that added tokens: the base grown to their tokenizer first (loratune.model.new_tokens)
+        resize_for_tokens(model, max(len(load_tokenizer(ModelConfig(path=str(r.path)))[0]) for _, r in runs))
     if torch.cuda.is_available() and cfg.quantization.bits in (16, 32):
         model = model.to("cuda")
     chosen, why = _choose_implementation(cfg, runs, model.config)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from loratune.config import AdapterConfig
 from loratune.errors import ConfigError, ModelError
+from loratune.model.freeze import freeze_tune
 from loratune.model.lora_init import peft_init_value
 from loratune.model.quant import keep_standard_4bit_layout, repacked_4bit_layers
 
@@ -79,6 +80,9 @@ def attach_adapters(model: PreTrainedModel, cfg: AdapterConfig) -> nn.Module:
     if cfg.type == "none":
         for p in model.parameters():
             p.requires_grad_(True)
+        return model
+    if cfg.type == "freeze":  # the last layers and named modules trained in full (loratune.model.freeze)
+        freeze_tune(model, cfg.freeze_layers, cfg.freeze_modules)
         return model
     _refuse_repacked_base(model)
     keep_standard_4bit_layout(model)

@@ -15,6 +15,7 @@ ids for sample answers). Nothing is attached to the model instance itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from torch import nn
 from loratune.config import Config
 from loratune.errors import LoratuneError
 from loratune.model.adapters import attach_adapters, count_parameters, is_peft, weight_precision
-from loratune.model.load import enable_checkpointing, load_base
+from loratune.model.load import enable_checkpointing, load_base, load_tokenizer
+from loratune.model.new_tokens import resize_for_tokens, trained_modules
 from loratune.model.lora_init import InitialAdapter, convert_saved, init_decoder, init_peft, unconverted
 from loratune.model.resolve import Resolved
 
@@ -124,8 +126,14 @@ def build_model(cfg: Config) -> nn.Module:
     """The transformers + peft model as the libraries ship it: base + checkpointing + adapters, on the GPU when
     there is one."""
     model = load_base(cfg)
+    adapter = cfg.adapter
+    if cfg.model.add_tokens or cfg.model.add_special_tokens:  # grown to the tokenizer, trained (new_tokens.py)
+        resize_for_tokens(model, len(load_tokenizer(cfg.model)[0]))
+        if adapter.type == "lora":
+            adapter = dataclasses.replace(adapter, modules_to_save=list(dict.fromkeys(
+                adapter.modules_to_save + trained_modules(model))))
     enable_checkpointing(model, cfg)
-    model = attach_adapters(model, cfg.adapter)
+    model = attach_adapters(model, adapter)
     _log_model(cfg, model)
     return model
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from loratune.config import Config, ModelConfig
 from loratune.errors import ModelError
 from loratune.model.hub import locate
+from loratune.model.new_tokens import add_to_tokenizer
 from loratune.model.quant import bnb_config, keep_standard_4bit_layout, resolve_compute_dtype
 from loratune.model.resolve import checkpointing_on
 
@@ -79,6 +80,7 @@ def load_tokenizer(mcfg: ModelConfig):
                                             local_files_only=where.local_files_only)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer from {source!r}: {e}".splitlines()[0]) from None
+    add_to_tokenizer(tok, mcfg.add_tokens, mcfg.add_special_tokens)  # model.add_tokens (loratune.model.new_tokens)
     if tok.eos_token_id is None:
         raise ModelError(f"the tokenizer of {source!r} has no eos token; set one in its tokenizer_config.json")
     pad_is_eos = False
@@ -120,7 +122,7 @@ def load_base(cfg: Config) -> PreTrainedModel:
     # their statistics in fp32 inside the model's RMSNorm (their weights stay in the compute dtype, since an
     # fp32 norm weight would promote the whole residual stream to fp32), the trainable adapters and their
     # optimizer state are fp32 (adapters.py), and the loss's log-softmax runs in fp32 (train/loss.py).
-    weight_dtype = torch.float32 if (cfg.adapter.type == "none" or q.bits == 32) else compute
+    weight_dtype = torch.float32 if (cfg.adapter.type in ("none", "freeze") or q.bits == 32) else compute
     where = locate(resolve_model_path(cfg.model.path), cfg.model.revision)
     source = where.path
     kwargs = dict(

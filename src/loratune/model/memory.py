@@ -229,7 +229,7 @@ def lora_params(cfg: Config, shape: Shape) -> int:
 
 
 def _weights(cfg: Config, shape: Shape, device: str, embed_on_host: bool, e: int) -> list[Component]:
-    q, full = cfg.quantization, cfg.adapter.type == "none"
+    q, full = cfg.quantization, cfg.adapter.type in ("none", "freeze")  # freeze: planned as full (an upper bound)
     mats = [i * o for i, o in shape.linears().values()]
     n = sum(mats) * shape.layers
     if q.bits == 4 and not full:
@@ -264,7 +264,7 @@ def _trainable(cfg: Config, shape: Shape) -> tuple[list[Component], int, str]:
     """Adapter (or full) weights, gradients and optimizer states; returns also the count and its detail."""
     eight_bit = cfg.train.optimizer in ("paged_adamw_8bit", "adamw_8bit")
     state = 2 if eight_bit else 8
-    if cfg.adapter.type == "none":
+    if cfg.adapter.type in ("none", "freeze"):
         emb = shape.vocab * shape.hidden * (1 if shape.tied else 2)
         n = sum(i * o for i, o in shape.linears().values()) * shape.layers + emb + (2 * shape.layers + 1) * shape.hidden
         what = f"full fine-tuning: all {_count(n)} parameters, fp32"
@@ -371,7 +371,7 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
     fused = fused_mlp_default(cfg, device) if fused_mlp is None else fused_mlp
     a = _dtype_bytes(cfg.quantization.compute_dtype, device)
-    full = cfg.adapter.type == "none"
+    full = cfg.adapter.type in ("none", "freeze")
     e = 4 if (full or cfg.quantization.bits == 32) else a  # 16/32-bit weights: as loratune.model.load
     tokens = batch_size * seq_len if tokens is None else tokens
     trainable, _, _ = _trainable(cfg, shape)

@@ -116,6 +116,8 @@ def decoder_refusal(cfg: Config, model_config: Any | None) -> str | None:
 
     if cfg.adapter.type == "none":
         return "full fine-tuning (adapter.type none) trains through transformers"
+    if cfg.adapter.type == "freeze":
+        return "freeze-tuning (adapter.type freeze) trains through transformers"
     try:
         check_supported(cfg)
     except ModelError as e:

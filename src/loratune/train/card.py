@@ -78,7 +78,7 @@ def render(cfg: Config, facts: CardFacts) -> str:
 
 
 def _full(cfg: Config) -> bool:
-    return cfg.adapter.type == "none"
+    return cfg.adapter.type in ("none", "freeze")  # the whole model is written
 
 
 def _compute(cfg: Config) -> str:

@@ -36,6 +36,10 @@ HELP: dict[str, dict[str, str]] = {
         "model.path": "基础模型：本地文件夹或 Hub ID（或内置的离线演示模型 `demo://llama`）。",
         "model.revision": "基础模型在 Hub 上的版本（分支、标签或提交）。",
         "model.tokenizer": "分词器文件夹或 Hub ID（若不使用模型自带的分词器）。",
+        "model.add_tokens": "加入词表的词元（例如领域词汇）：嵌入和输出头扩展到新词表（新行取旧行的均值）并完整训练"
+                            "（adapter.type lora 时作为 modules_to_save 保存在适配器中）；分词器随运行保存。通过 "
+                            "transformers + peft 训练。loratune.model.new_tokens",
+        "model.add_special_tokens": "以同样方式加入的特殊词元（不会被切分；解码回答时省略），例如新的对话标记。",
         "model.trust_remote_code": "运行模型附带的 Python 代码。默认关闭：只对你信任的模型开启。",
         "model.rope_scaling": "拉伸基座的 RoPE，以便在比预训练更长的序列上训练和运行，例如 `{type: yarn, factor: 4}`；"
                               "写入模型的配置（transformers 与 loratune 的解码器都会计算它），并由适配器的运行记录、"
@@ -62,7 +66,12 @@ HELP: dict[str, dict[str, str]] = {
         "quantization.double_quant": "对量化常数也进行量化（每个权重约节省 0.37 位）。",
         "quantization.compute_dtype": "矩阵乘法和 16 位权重的数据类型。auto：在支持 bf16 的 GPU 上用 bf16（论文设置），"
                                       "较旧的 GPU 上用 fp16，CPU 上用 fp32。",
-        "adapter.type": "`lora` 在冻结的基座上训练适配器；`none` 为全量微调（需要 bits 为 16 或 32）。",
+        "adapter.type": "`lora` 在冻结的基座上训练适配器；`none` 为全量微调（需要 bits 为 16 或 32）；`freeze` 为冻结微调："
+                        "最后 adapter.freeze_layers 个解码层和 adapter.freeze_modules 完整训练，其余冻结（bits 16 或 32；"
+                        "与 `none` 一样写出整个模型）。",
+        "adapter.freeze_layers": "adapter.type freeze：完整训练的解码层数（最后几层）。",
+        "adapter.freeze_modules": "adapter.type freeze：按名称后缀额外完整训练的模块（例如 `embed_tokens`、`norm`、"
+                                  "`lm_head`，或 `mlp` 表示每层的 MLP）。",
         "adapter.rank": "LoRA 秩 r（论文：64）。",
         "adapter.alpha": "LoRA alpha；更新按 alpha/r 缩放（使用 rslora 时为 alpha/sqrt(r)）。论文：16。",
         "adapter.dropout": "适配器输入上的 dropout（论文：13B 及以下为 0.1，33B 和 65B 为 0.05）。",
@@ -188,6 +197,12 @@ HELP: dict[str, dict[str, str]] = {
         "model.revision": "Ревизия базовой модели в хабе (ветка, тег или коммит).",
         "model.tokenizer": "Папка токенизатора или его идентификатор в хабе, если используется не собственный токенизатор "
                            "модели.",
+        "model.add_tokens": "Токены, добавляемые в словарь (например, термины предметной области): эмбеддинги и выходная "
+                            "голова расширяются до нового словаря (новые строки — среднее старых) и обучаются полностью "
+                            "(при adapter.type lora сохраняются в адаптере как modules_to_save); токенизатор сохраняется "
+                            "вместе с запуском. Обучается через transformers + peft. loratune.model.new_tokens",
+        "model.add_special_tokens": "Специальные токены, добавляемые так же (не разбиваются; опускаются в "
+                                    "декодированных ответах), например новые маркеры чата.",
         "model.trust_remote_code": "Выполнять код на Python, поставляемый с моделью. По умолчанию выключено: включайте "
                                    "только для моделей, которым доверяете.",
         "model.rope_scaling": "Растянуть RoPE базы, чтобы обучать и запускать её на последовательностях длиннее, чем при "
@@ -224,7 +239,13 @@ HELP: dict[str, dict[str, str]] = {
         "quantization.double_quant": "Квантовать также и константы квантования (экономит около 0,37 бита на вес).",
         "quantization.compute_dtype": "Тип данных матричных умножений и 16-битных весов. auto: bf16 на GPU, который его "
                                       "поддерживает (как в статье), fp16 на более старых GPU, fp32 на CPU.",
-        "adapter.type": "`lora` обучает адаптеры на замороженной базе; `none` — полное дообучение (нужны bits 16 или 32).",
+        "adapter.type": "`lora` обучает адаптеры на замороженной базе; `none` — полное дообучение (нужны bits 16 или 32); "
+                        "`freeze` — обучение с заморозкой: последние adapter.freeze_layers слоёв декодера и "
+                        "adapter.freeze_modules обучаются полностью, остальное заморожено (bits 16 или 32; записывается вся "
+                        "модель, как при `none`).",
+        "adapter.freeze_layers": "adapter.type freeze: сколько слоёв декодера (последних) обучаются полностью.",
+        "adapter.freeze_modules": "adapter.type freeze: дополнительные модули, обучаемые полностью, по суффиксу имени "
+                                  "(например, `embed_tokens`, `norm`, `lm_head` или `mlp` для MLP каждого слоя).",
         "adapter.rank": "Ранг LoRA r (в статье: 64).",
         "adapter.alpha": "Alpha LoRA; обновление масштабируется на alpha/r (или alpha/sqrt(r) с rslora). В статье: 16.",
         "adapter.dropout": "Dropout на входе адаптера (в статье: 0.1 до 13B, 0.05 для 33B и 65B).",
