@@ -177,6 +177,8 @@ class Worker:
                         if isinstance(event, Finish) and event.reason == "cancelled":
                             outcome = "cancelled"
                         job.put(event)
+            except UnknownModel as e:  # its adapter was unloaded while it waited
+                job.put(APIError(404, str(e), param="model", code="model_not_found"))
             except Exception as e:  # a bug or an out-of-memory: the request fails, the server stays up
                 log.exception("generation failed")
                 job.put(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
@@ -216,8 +218,9 @@ class Worker:
                 try:
                     batcher.admit(self._submission(job))
                 except LoratuneError as e:  # its model was unloaded while it waited, or its adapter cannot be read
-                    job.put(APIError(404 if isinstance(e, UnknownModel) else 500, str(e),
-                                     type="invalid_request_error" if isinstance(e, UnknownModel) else "server_error"))
+                    gone = isinstance(e, UnknownModel)
+                    job.put(APIError(404, str(e), param="model", code="model_not_found") if gone
+                            else APIError(500, str(e), type="server_error"))
                     job.put(_END)
                     with self._lock:
                         self.running -= 1
