@@ -131,3 +131,31 @@ def test_an_engine_on_the_decoder_scores_as_the_decoder_view(tiny_llama: Path, t
     for name in ("tuned", "base"):
         assert got["loratune", name] == pytest.approx(got["transformers", name], abs=1e-5)
     assert max(abs(a - b) for a, b in zip(got["loratune", "tuned"], got["loratune", "base"])) > 1e-2
+
+
+def test_continuations_sharing_their_inputs_run_once_and_score_as_the_reference(tiny_models: dict[str, Path]) -> None:
+    """Letter answers whose space is a token of its own (" A" = [space, A]): the four continuations of a context
+    share their input, which runs once per context; contexts with several distinct inputs take rounds. Every score
+    equals the plain reference's."""
+    decoder, ref_model = _pair(tiny_models["llama"])
+    rng = random.Random(5)
+    preamble = tuple(rng.randrange(5, 500) for _ in range(20))
+    requests = []
+    for q in range(6):
+        ctx = preamble + tuple(rng.randrange(5, 500) for _ in range(3 + q))
+        requests += [Request(ctx, (4, letter)) for letter in (11, 12, 13, 14)]  # shared input (4,)
+        requests += [Request(ctx, (rng.randrange(5, 500), rng.randrange(5, 500), 9))]  # a second, longer input
+    ref = score_reference(ref_model, requests)
+    calls = []
+    original = decoder.hidden_states
+
+    def counting(ids, boundaries=None, cache=None):
+        calls.append(len(boundaries.lengths) if boundaries is not None else 0)
+        return original(ids, boundaries, cache=cache)
+
+    decoder.hidden_states = counting  # the test's own instance: count the passes
+    got = DecoderScorer(decoder, batch_size=8).score(requests)
+    assert [g.logprob for g in got] == pytest.approx([r.logprob for r in ref], abs=1e-5)
+    assert [g.greedy for g in got] == [r.greedy for r in ref]
+    # prefix, contexts, then two rounds of continuation inputs (one per context each), not one row per request
+    assert calls == [1, 6, 6, 6]

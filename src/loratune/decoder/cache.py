@@ -176,6 +176,16 @@ class KVCache:
         for s in slots:
             self.lengths[s] += 1
 
+    def rewind(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Shorten these slots to `lengths` tokens (no longer than they are): the tokens after are forgotten, their
+        keys and values overwritten by the next pass (scoring several continuations of one cached context)."""
+        for s, n in zip(slots, lengths):
+            if not 0 <= int(n) <= self.lengths[int(s)]:
+                raise ValueError(f"slot {s} holds {self.lengths[int(s)]} tokens: cannot rewind it to {n}")
+            self.lengths[int(s)] = int(n)
+        if len(slots):
+            self._sync_device([int(s) for s in slots])
+
     def release(self, slots: Sequence[int]) -> None:
         """Empty these slots (their next tokens start at position 0); the tensors stay allocated."""
         for s in slots:

@@ -10,8 +10,10 @@ token streams with sample boundaries instead of padded rows:
       ├─ contexts: the cache's row copied to one row per context (a copy, no compute); each context's own
       │            tokens after the prefix laid end to end in one stream into those rows, no padding; the head
       │            runs only on each context's last token, whose log-probs give every continuation's first token
-      └─ continuations longer than one token: their tokens after the context, one stream, on a cache whose
-                   rows are the contexts' rows selected per continuation
+      └─ continuations longer than one token: their tokens but the last, after their context's row, in place
+                   (one stream over the rows; continuations of one context that share those tokens, as " A" and
+                   " B" do when the space is a token of its own, run once), the rows rewound to the context after
+                   each round; a context with several distinct continuations takes one per round
 
 Exact: a token's keys and values depend only on the tokens before it, and positions continue each row's
 cache, so every log-probability is the one of a full forward over context + continuation. Log-probs are
@@ -116,42 +118,64 @@ class DecoderScorer:
         ids = self._tensor([t for r in rest for t in r])
         # always through a KV cache, even with nothing shared: its attention needs no compilation per stream length
         # (the training decoder's compiled FlexAttention would), and the rows are kept for longer continuations
-        capacity = max(len(c) for c in chunk)
+        capacity = max(len(c) + max((len(requests[i].continuation) - 1 for i in grouped[c]), default=0)
+                       for c in chunk)
         cache = (_rows_of(dec, self._prefix_cache(chunk[0][:shared]), [0] * len(chunk), shared, capacity)
                  if shared else dec.new_cache(len(chunk), capacity))
         hidden = dec.hidden_states(ids, cache.boundaries(lengths), cache=cache)
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         last = F.log_softmax(dec.logits(hidden[ends]).float(), dim=-1)
         best = last.argmax(dim=-1).tolist()
+        asked = [(row, i) for row, c in enumerate(chunk) for i in grouped[c]]
+        firsts = last[self._tensor([row for row, _ in asked]),
+                      self._tensor([requests[i].continuation[0] for _, i in asked])].tolist()  # one read back
         out: dict[int, Score] = {}
-        for row, c in enumerate(chunk):
-            for i in grouped[c]:
-                token = requests[i].continuation[0]
-                out[i] = Score(float(last[row, token]), best[row] == token, float(last[row, token]))
-        for s in range(0, len(multi), self.batch_size):
-            part = multi[s:s + self.batch_size]
-            for (_, i), (lp, greedy) in zip(part, self._continuations(cache, chunk, part, requests)):
-                first = out[i]
-                out[i] = Score(first.logprob + lp, first.greedy and greedy, first.first)
+        for (row, i), lp in zip(asked, firsts):
+            out[i] = Score(lp, best[row] == requests[i].continuation[0], lp)
+        for i, (lp, greedy) in self._continuations(cache, chunk, multi, requests).items():
+            first = out[i]
+            out[i] = Score(first.logprob + lp, first.greedy and greedy, first.first)
         return out
 
-    def _continuations(self, cache: KVCache, chunk: list[tuple[int, ...]], part: list[tuple[int, int]],
-                       requests: Sequence[Request]) -> list[tuple[float, bool]]:
-        """(sum of log-probs, greedy) of tokens 2.. of each continuation, after its context's cached row."""
+    def _continuations(self, cache: KVCache, chunk: list[tuple[int, ...]], multi: list[tuple[int, int]],
+                       requests: Sequence[Request]) -> dict[int, tuple[float, bool]]:
+        """{request: (sum of log-probs, greedy)} of tokens 2.. of each continuation, after its context's row.
+
+        The inputs (a continuation but its last token) are run once per (row, inputs), in place on the rows,
+        which are rewound to their contexts after each round."""
         dec = self.decoder
-        conts = [requests[i].continuation for _, i in part]
-        starts = [len(chunk[row]) for row, _ in part]
-        capacity = max(s + len(c) - 1 for s, c in zip(starts, conts))
-        rows = _rows_of(dec, cache, [row for row, _ in part], starts, capacity)
-        inputs = [c[:-1] for c in conts]
-        hidden = dec.hidden_states(self._tensor([t for x in inputs for t in x]),
-                                   rows.boundaries([len(x) for x in inputs]), cache=rows)
-        logprobs = F.log_softmax(dec.logits(hidden).float(), dim=-1)
-        out, start = [], 0
-        for c in conts:
-            n = len(c) - 1
-            targets = self._tensor(c[1:])
-            lp = logprobs[start:start + n]
-            out.append((float(lp.gather(1, targets.unsqueeze(1)).sum()), bool((lp.argmax(dim=-1) == targets).all())))
-            start += n
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        for row, i in multi:
+            groups.setdefault((row, tuple(requests[i].continuation[:-1])), []).append(i)
+        pending = list(groups.items())
+        out: dict[int, tuple[float, bool]] = {}
+        while pending:
+            taken: set[int] = set()
+            now, later = [], []
+            for item in pending:
+                (row, _), _ = item
+                (later if row in taken else now).append(item)
+                taken.add(row)
+            pending = later
+            slots = [row for (row, _), _ in now]
+            inputs = [x for (_, x), _ in now]
+            hidden = dec.hidden_states(self._tensor([t for x in inputs for t in x]),
+                                       cache.boundaries([len(x) for x in inputs], slots), cache=cache)
+            logprobs = F.log_softmax(dec.logits(hidden).float(), dim=-1)
+            cache.rewind(slots, [len(chunk[row]) for row in slots])
+            where, tokens, owners = [], [], []  # every (stream position, target token) asked, read back at once
+            start = 0
+            for (_, x), members in now:
+                for i in members:
+                    for j, t in enumerate(requests[i].continuation[1:]):
+                        where.append(start + j)
+                        tokens.append(t)
+                        owners.append(i)
+                start += len(x)
+            at, want = self._tensor(where), self._tensor(tokens)
+            lps = logprobs[at, want].tolist()
+            hits = (logprobs.argmax(dim=-1)[at] == want).tolist()
+            for i, lp, hit in zip(owners, lps, hits):
+                total, greedy = out.get(i, (0.0, True))
+                out[i] = (total + lp, greedy and hit)
         return out
