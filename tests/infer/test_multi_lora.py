@@ -16,7 +16,7 @@ from loratune.decoder.generate import SlotDecoder
 from loratune.decoder.multi_lora import (LoRAPair, RowPlan, Stack, reference_segmented_lora, segmented_lora,
                                          stacked_lora)
 from loratune.errors import ModelError
-from loratune.infer.batcher import Batcher, Submission, forward_step
+from loratune.infer.batcher import Batcher, Submission
 from loratune.infer.engine import Delta, Finish
 from loratune.infer.sampling import SamplingParams
 
@@ -80,7 +80,7 @@ def _alone_logits(engine, key: str | None, prompt: list[int], tokens: list[int])
         sd = SlotDecoder(model, 1, 64)
         out = [sd.prefill([0], [prompt])[0]]
         for t in tokens:
-            out.append(forward_step(sd, [0], torch.tensor([t]))[0])
+            out.append(sd.step([0], torch.tensor([t]))[0])
     return torch.stack(out)
 
 
@@ -107,7 +107,7 @@ def test_mixed_rows_give_the_logits_of_each_adapter_alone(mixed_engine, stacked_
             mixed = [sd.prefill(range(4), prompts)]
         for i in range(steps - 1):
             with engine.bank.plan.rows(RowPlan.from_rows(keys, [1] * 4, sd.device)):
-                mixed.append(forward_step(sd, [0, 1, 2, 3], torch.tensor([seq[i] for seq, _ in alone])))
+                mixed.append(sd.step([0, 1, 2, 3], torch.tensor([seq[i] for seq, _ in alone])))
     mixed_t = torch.stack(mixed, dim=1)  # [rows, steps, V]
     for row, (seq, logits) in enumerate(alone):
         torch.testing.assert_close(mixed_t[row], logits, rtol=0, atol=1e-5)

@@ -16,8 +16,8 @@ token for token; sampling: the same draws, its generator being its own).
 Rows of one batch may answer as different adapters, or as the bare base. A pass whose rows all use one
 adapter runs with it on the decoder's layers (`Engine.serving`: the fused LoRA path, the graphed decode
 step); a pass mixing adapters runs with none on and each row's adapter applied by the segmented LoRA
-product (`loratune.decoder.multi_lora`: the base product once, one small product per adapter present),
-through the general forward pass. A request holds its adapter on the device from admission to its end
+product (`loratune.decoder.multi_lora`: the base product once, each adapter's update on its rows; the
+decode step then runs eagerly, `decoder.decode_graphs`). A request holds its adapter on the device from admission to its end
 (`Engine.hold`), so the LRU of resident adapters never drops one in use; a request whose adapter finds no
 room (every resident one held, `--max-adapters`) waits (`fits`), and the caller admits in arrival order.
 """
@@ -161,11 +161,8 @@ class Batcher:
                     rows = [(r, row) for r in going for row in r.open_rows()]
                     slots = [r.slots[row] for r, row in rows]
                     tokens = torch.tensor([r.last[row] for r, row in rows], dtype=torch.long)
-                    if len(keys) == 1:
+                    with self._rows(keys, [r.key for r, _ in rows], [1] * len(rows)):
                         logits = self.decoder.step(slots, tokens)
-                    else:
-                        with self._rows(keys, [r.key for r, _ in rows], [1] * len(rows)):
-                            logits = forward_step(self.decoder, slots, tokens)
                     start = 0
                     for r in going:
                         n = len(r.open_rows())
@@ -196,11 +193,3 @@ class Batcher:
         self.running = []
         return subs
 
-
-def forward_step(decoder: SlotDecoder, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
-    """One token per slot ([len(slots)] ids) through the decoder's general forward pass; logits [len(slots), V].
-    For passes mixing adapters: the general pass applies each row's adapter (`multi_lora`), the graphed decode
-    step (`SlotDecoder.step`) only the adapter on the layers."""
-    b = decoder.cache.boundaries([1] * len(slots), slots)
-    hidden = decoder.decoder.hidden_states(tokens.to(decoder.device), b, cache=decoder.cache)
-    return decoder.decoder.logits(hidden)
