@@ -205,10 +205,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from loratune.export.merge import export
+    from loratune.export.cli_export import run_export
 
-    export(args.adapter, args.out, dtype=args.dtype, quantize_4bit=args.quantize_4bit, shard_size=args.shard_size,
-           overwrite=args.overwrite, min_agreement=args.min_agreement)
+    run_export(args)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -217,13 +216,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "safetensors shards with the tokenizer, chat template and generation config, "
                                    "and verify the merged model against the adapter on the dequantized base.")
     p.add_argument("adapter", help="adapter folder from `loratune train`")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (required unless --adapter-only)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="merged weights dtype")
     p.add_argument("--quantize-4bit", metavar="DIR", help="also save the merged model re-quantized to NF4 here")
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
     p.add_argument("--min-agreement", type=float, default=0.9,
                    help="fail if top-1 agreement of merged vs adapter model is below this (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    from loratune.export.cli_export import add_arguments
+
+    add_arguments(p)  # --gguf, --push-to-hub and their options
     p.set_defaults(handler=_export)
 
 

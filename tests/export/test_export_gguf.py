@@ -1,0 +1,230 @@
+"""GGUF export: the file as llama.cpp reads it (names, shapes, metadata, vocabulary), our Q4_K against the
+`gguf` package's dequantizer, RoPE scaling in llama.cpp's terms, the Ollama Modelfile's template; and, where
+llama-cpp-python is installed, llama.cpp's logits against the merged model's for each family.
+
+The files are read back with `gguf.GGUFReader` (the package llama.cpp's own tools use) and dequantized
+with `gguf.quants.dequantize`, independently of the writer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, quants
+
+from loratune.data.templates import TEMPLATES, render_text
+from loratune.export.gguf import convert, llama3_rope_factors, permute_rows
+from loratune.export.gguf_quant import quantize_q4_k
+from loratune.export.modelfile import measure, modelfile
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma": "gemma"}
+
+
+def _field(reader: GGUFReader, key: str):
+    f = reader.fields[key]
+    return f.contents()
+
+
+def _tensor(reader: GGUFReader, name: str) -> np.ndarray:
+    t = next(t for t in reader.tensors if t.name == name)
+    return quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+
+
+@pytest.fixture(scope="module")
+def q8_files(tiny_models: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    return {fam: convert(tiny_models[fam], root / f"{fam}.gguf", "q8_0").path for fam in FAMILIES}
+
+
+def test_q4_k_blocks_decode_with_the_gguf_package():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 0.05, (16, 512)).astype(np.float32)
+    blocks = quantize_q4_k(x)
+    assert blocks.dtype == np.uint8 and blocks.shape == (16, 2 * 144)
+    back = quants.dequantize(blocks, GGMLQuantizationType.Q4_K)
+    rel = float(np.sqrt(((back - x) ** 2).mean()) / x.std())
+    assert rel < 0.09  # 4 bits per value: llama.cpp's own Q4_K is near 0.07 on Gaussian weights
+    legacy = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert rel < float(np.sqrt(((legacy - x) ** 2).mean()) / x.std())  # better than Q4_0 at the same 4 bits
+    # values on a sub-block's grid come back exactly
+    grid = np.tile(np.arange(16, dtype=np.float32) * 0.01 - 0.05, 16)[None, :]
+    assert np.allclose(quants.dequantize(quantize_q4_k(grid), GGMLQuantizationType.Q4_K), grid, atol=2e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensors_and_metadata_as_llama_cpp_reads_them(family, tiny_models, q8_files):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    reader = GGUFReader(q8_files[family])
+    hf = AutoConfig.from_pretrained(tiny_models[family])
+    tok = AutoTokenizer.from_pretrained(tiny_models[family])
+    arch = ARCH[family]
+    assert _field(reader, "general.architecture") == arch
+    assert _field(reader, f"{arch}.block_count") == hf.num_hidden_layers
+    assert _field(reader, f"{arch}.attention.head_count") == hf.num_attention_heads
+    assert _field(reader, f"{arch}.attention.head_count_kv") == hf.num_key_value_heads
+    assert _field(reader, f"{arch}.context_length") == hf.max_position_embeddings
+    assert math.isclose(_field(reader, f"{arch}.rope.freq_base"), hf.rope_parameters["rope_theta"])
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert tokens[:len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert len(tokens) == hf.vocab_size
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2" and _field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    types = _field(reader, "tokenizer.ggml.token_type")
+    assert types[tok.eos_token_id] == 3  # CONTROL: matched only when special tokens are parsed
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert _field(reader, "tokenizer.ggml.add_bos_token") == (tok.bos_token_id is not None)
+    assert _field(reader, "tokenizer.chat_template") == tok.chat_template
+
+    weights = load_file(tiny_models[family] / "model.safetensors")
+    q = _tensor(reader, "blk.1.attn_q.weight")
+    want_q = weights["model.layers.1.self_attn.q_proj.weight"]
+    if arch == "llama":  # llama.cpp's llama rotates adjacent pairs: rows permuted per head
+        want_q = permute_rows(want_q, hf.num_attention_heads)
+    assert np.abs(q - want_q.numpy()).max() < 0.01 * float(want_q.abs().max())  # Q8_0 resolution
+    norm = _tensor(reader, "blk.0.attn_norm.weight")
+    want_norm = weights["model.layers.0.input_layernorm.weight"].numpy() + (1.0 if family == "gemma" else 0.0)
+    assert np.array_equal(norm, want_norm)  # F32, exact
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not hf.tie_word_embeddings)
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+
+
+def test_permutation_turns_rotate_half_into_adjacent_pairs():
+    """With rows permuted, llama.cpp's adjacent-pair rotation of q equals transformers' rotate-half of q."""
+    heads, head_dim, hidden = 2, 8, 16
+    w = torch.randn(heads * head_dim, hidden)
+    x = torch.randn(hidden)
+    angle = torch.rand(head_dim // 2) * 3
+    cos, sin = angle.cos(), angle.sin()
+    q = (w @ x).reshape(heads, head_dim)
+    a, b = q[:, : head_dim // 2], q[:, head_dim // 2:]
+    theirs = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)  # rotate_half
+    p = (permute_rows(w, heads) @ x).reshape(heads, head_dim // 2, 2)
+    ours = torch.stack([p[..., 0] * cos - p[..., 1] * sin, p[..., 1] * cos + p[..., 0] * sin], dim=-1)
+    # the same numbers, in llama.cpp's order: pair i is (x_i, x_{i + d/2})
+    assert torch.allclose(ours.reshape(heads, head_dim // 2, 2).transpose(1, 2).reshape(heads, head_dim), theirs,
+                          atol=1e-6)
+
+
+def test_rope_scaling_in_llama_cpp_terms(tmp_path, quiet_warnings):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loratune.decoder.config import decoder_config
+    from loratune.decoder.rope import inverse_frequencies
+    from loratune.model.tiny import build_tokenizer
+
+    tok = build_tokenizer("llama", 300)
+    params = {"llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+              "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+              "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                       "rope_theta": 10000.0}}
+    for kind, rope in params.items():
+        hf = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                                  max_position_embeddings=256, rope_parameters=rope)
+        folder = tmp_path / kind
+        AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        reader = GGUFReader(convert(folder, tmp_path / f"{kind}.gguf", "f16").path)
+        if kind == "llama3":  # llama.cpp divides the plain frequencies by rope_freqs
+            rc = decoder_config(hf).rope[0]
+            plain = 1.0 / (rc.theta ** (np.arange(0, rc.rotary_dim, 2) / rc.rotary_dim))
+            scaled, _ = inverse_frequencies(rc)
+            assert np.allclose(plain / _tensor(reader, "rope_freqs.weight"), scaled.numpy(), rtol=1e-5)
+            assert np.array_equal(_tensor(reader, "rope_freqs.weight"), llama3_rope_factors(rc))
+        else:
+            assert _field(reader, "llama.rope.scaling.type") == kind
+            assert _field(reader, "llama.rope.scaling.factor") == 4.0
+        if kind == "yarn":
+            assert _field(reader, "llama.rope.scaling.original_context_length") == 64
+
+
+@pytest.fixture
+def quiet_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_modelfile_template_renders_as_the_chat_template(name, tiny_models):
+    """The measured pieces re-render multi-turn chats exactly as the Jinja template does, or the template is
+    reported as not reducible (Alpaca's and Vicuna's default system text)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    jinja = TEMPLATES[name].jinja
+    fmt = measure(lambda m, g: render_text(tok, jinja, m, add_generation_prompt=g))
+    if name in ("alpaca", "vicuna"):
+        assert fmt is None
+        return
+    assert fmt is not None
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    assert fmt.render(chat, True) == render_text(tok, jinja, chat, add_generation_prompt=True)
+    assert (fmt.system is None) == (name in ("mistral", "gemma"))  # folded into the first user turn
+
+
+def test_modelfile_text(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    fmt = measure(lambda m, g: render_text(tok, TEMPLATES["llama3"].jinja, m, add_generation_prompt=g))
+    text = modelfile("run-q8_0.gguf", fmt=fmt, bos_text="<|begin_of_text|>", add_bos=True, stops=["<|eot_id|>"],
+                     num_ctx=4096, source="outputs/run", parameters={"temperature": 0.7})
+    assert "FROM ./run-q8_0.gguf\n" in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert not template.startswith("<|begin_of_text|>")  # llama.cpp adds BOS itself
+    assert template.startswith('{{ range .Messages }}{{ if eq .Role "system" }}<|start_header_id|>system')
+    assert template.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert 'PARAMETER stop "<|eot_id|>"\n' in text and "PARAMETER num_ctx 4096\n" in text
+    assert "PARAMETER temperature 0.7\n" in text
+    mistral = measure(lambda m, g: render_text(tok, TEMPLATES["mistral"].jinja, m, add_generation_prompt=g))
+    go = mistral.go_template()
+    assert go.startswith('{{ $sys := "" }}') and "{{ if $sys }}{{ $sys }}\n\n{{ $sys = \"\" }}{{ end }}" in go
+
+
+# ------------------------------------------------------------------------------ llama.cpp itself
+
+def _needs_llama_cpp():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'loratune[gguf]')")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llama_cpp_logits_follow_the_model(family, kind, tiny_models, tmp_path):
+    """llama.cpp (llama-cpp-python) on the GGUF against transformers on the same folder: top-1 agreement at
+    every position of the probes (f16 >= 99%, q8_0 >= 95%) and the same token ids for the probe texts."""
+    _needs_llama_cpp()
+    import shutil
+
+    from loratune.export.gguf_export import export_gguf
+
+    folder = tmp_path / family
+    shutil.copytree(tiny_models[family], folder)
+    report = export_gguf(folder, kind, stops=[], source="test")
+    assert report.checked
+    assert report.tokenizer_same == report.tokenizer_total == 6
+    assert report.agreement.top1 >= (0.99 if kind == "f16" else 0.95)
+    assert report.agreement.positions > 100
+
+
+def test_llama_cpp_q4_k_on_a_model_with_256_wide_rows(tmp_path):
+    """Q4_K needs rows of 256 values: the demo-size model (hidden 256, MLP 512) gets Q4_K matrices."""
+    _needs_llama_cpp()
+    from loratune.export.gguf_export import export_gguf
+    from loratune.model.tiny import build_tiny
+
+    folder = build_tiny("llama", tmp_path / "demo", size="demo")
+    report = export_gguf(folder, "q4_K", stops=[], source="test")
+    assert report.types.get("Q4_K", 0) == 4 * 7  # every layer matrix; embeddings and head stay Q8_0
+    assert report.agreement.top1 >= 0.80
