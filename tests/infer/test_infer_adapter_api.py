@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import openai
@@ -123,3 +124,35 @@ def test_loading_is_off_without_adapter_dirs(engine, adapter_b: Path) -> None:
     with LiveServer(create_app(engine, api_key=KEY)) as live:
         err = _err(raw(live, "POST", "/v1/adapters", {"name": "z", "path": str(adapter_b)}), 403)
         assert "--adapter-dir" in err["message"] and err["code"] == "adapter_loading_off"
+
+
+def test_more_adapters_asked_at_once_than_fit_on_the_device_wait_their_turn(adapter_a: Path, adapter_b: Path,
+                                                                             runs: Path) -> None:
+    """--max-adapters 1 and requests for three adapters and the base at once: each waits until its adapter has
+    room (no request is refused or answered with another adapter), and each answers as alone."""
+    engine = load_engine([str(adapter_a), str(adapter_b), f"gamma={runs / 'alpha'}"], implementation=None,
+                         max_adapters=1)
+    jobs = [(name, prompt) for name in ("alpha", "beta", "base", "gamma") for prompt in ("Hi", "Tell me a story")]
+    want = {}
+    for name, prompt in jobs:
+        events = engine.generate([engine.format(name).encode(prompt)], SamplingParams(max_new_tokens=10), name,
+                                 ignore_eos=True)
+        want[name, prompt] = "".join(e.text for e in events if isinstance(e, Delta))
+    with LiveServer(create_app(engine, api_key=KEY, batch_slots=4, max_pending=16)) as live:
+        client = openai.OpenAI(api_key=KEY, base_url=live.url + "/v1", max_retries=0, timeout=120)
+        got: dict = {}
+
+        def ask(name: str, prompt: str) -> None:
+            r = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            got[name, prompt] = r.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == want
+        assert len(engine.bank.resident) == 1 and not engine.bank.pins
+        h = raw(live, "GET", "/health").json()
+        assert h["completed"] == len(jobs) and h["running"] == 0
