@@ -313,6 +313,14 @@ class TrainConfig:
     deterministic: bool = _f(False, "Use only deterministic algorithms (torch.use_deterministic_algorithms): runs and "
                                     "resumed runs give bit-identical adapters on CPU; slower on GPU.")
     tensorboard: bool = _f(False, "Also write TensorBoard logs to output.dir/tensorboard (needs the tensorboard package).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [], "Trackers that get every metrics.jsonl row (same steps, TensorBoard's names such as `train/loss`), the "
+            "config and, at the end, the sample answers: `tensorboard` (as train.tensorboard), `wandb` (Weights & "
+            "Biases; WANDB_MODE=offline keeps the run in output.dir/wandb), `mlflow` (MLFLOW_TRACKING_URI, else a "
+            "local store in output.dir). wandb and mlflow need `pip install 'loratune[trackers]'`; one that "
+            "cannot start is a warning. loratune.train.trackers")
+    tracker_project: str = _f("loratune", "The wandb project and the MLflow experiment of train.report_to; the run "
+                                          "is named after output.dir's folder.")
     plot: bool = _f(True, "Draw output.dir/loss.png (train and eval loss) at each evaluation and at the end (needs matplotlib).")
     eval_benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig, metadata={
         "help": "A multiple-choice benchmark scored during training, as the QLoRA paper did with MMLU (5-shot): its "

@@ -27,13 +27,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
+
+from loratune.train.trackers import Tracker
 
 log = logging.getLogger("loratune.train")
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object from `path`; {} if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -95,8 +106,8 @@ def span_text(steps: list[int] | None) -> str:
 class MetricsLog:
     """Append-only metrics for one run, continued exactly from a checkpoint's step when resuming."""
 
-    def __init__(self, out: Path, tensorboard: bool, resume_step: int | None) -> None:
-        self.path = out / METRICS_FILE
+    def __init__(self, out: Path, tensorboard: bool, resume_step: int | None, trackers: Sequence[Tracker] = ()) -> None:
+        self.path, self.out, self.trackers = out / METRICS_FILE, out, list(trackers)  # wandb, mlflow (trackers.py)
         kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
@@ -123,6 +134,8 @@ class MetricsLog:
                     group = "eval/" if key.startswith(("eval", "benchmark")) else "train/"
                     self.writer.add_scalar(group + key, value, step)
             self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def rows(self) -> list[dict]:
         return read_rows(self.path)
@@ -130,6 +143,12 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        samples = read_json_file(self.out / "samples.json").get("samples") or []
+        for tracker in self.trackers:
+            if any(s.get("after") is not None for s in samples):  # a finished run's answers
+                tracker.log_samples(samples)
+            tracker.close()
+        self.trackers = []
 
 
 def plot_losses(rows: list[dict], path: Path) -> str | None:

@@ -44,6 +44,7 @@ from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
 from loratune.model import neftune
+from loratune.train.trackers import open_trackers
 from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
@@ -225,7 +226,10 @@ class Run:
         self.window = Window(cfg.train.log_every, self.state.window)  # the reported loss and tokens/s
         self.reporter = Reporter(self.loop.total, self.state.step) if self.world.main else distributed.Quiet()
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
-        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
+        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard or "tensorboard" in cfg.train.report_to,
+                                   None if self.fresh else self.state.step,
+                                   open_trackers(cfg.train.report_to, self.out, to_dict(cfg), cfg.train.tracker_project,
+                                                 resume=not self.fresh))
                         if self.world.main else distributed.Quiet())
         self.has_eval = bool(self.data.eval)
         self.benchmark, self.benchmark_step = None, -1  # train.eval_benchmark (read and tokenized now: a bad

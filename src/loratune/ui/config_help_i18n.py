@@ -166,6 +166,12 @@ HELP: dict[str, dict[str, str]] = {
         "train.deterministic": "只使用确定性算法（torch.use_deterministic_algorithms）：在 CPU 上，运行和恢复的运行得到逐位"
                                "相同的适配器；在 GPU 上更慢。",
         "train.tensorboard": "同时把 TensorBoard 日志写到 output.dir/tensorboard（需要 tensorboard 包）。",
+        "train.report_to": "接收每一行 metrics.jsonl（相同步数，TensorBoard 的名称，如 `train/loss`）、配置以及结束时的"
+                           "示例回答的跟踪器：`tensorboard`（同 train.tensorboard）、`wandb`（Weights & Biases；"
+                           "WANDB_MODE=offline 时运行保存在 output.dir/wandb）、`mlflow`（MLFLOW_TRACKING_URI，否则为 "
+                           "output.dir 中的本地存储）。wandb 和 mlflow 需要 `pip install 'loratune[trackers]'`；无法启动的"
+                           "跟踪器只给出警告。loratune.train.trackers",
+        "train.tracker_project": "train.report_to 的 wandb 项目和 MLflow 实验；运行以 output.dir 的文件夹名命名。",
         "train.plot": "在每次评估和结束时绘制 output.dir/loss.png（训练和评估损失）（需要 matplotlib）。",
         "train.eval_benchmark": "训练期间评分的多项选择基准，如 QLoRA 论文中对 MMLU（5-shot）所做的：其准确率写入 "
                                 "metrics.jsonl、loss.png、摘要和模型卡。除非设置了 train.eval_benchmark.path，否则关闭；"
@@ -378,6 +384,14 @@ HELP: dict[str, dict[str, str]] = {
                                "запуски и возобновлённые запуски дают побитово одинаковые адаптеры на CPU; на GPU "
                                "медленнее.",
         "train.tensorboard": "Также писать журналы TensorBoard в output.dir/tensorboard (нужен пакет tensorboard).",
+        "train.report_to": "Трекеры, получающие каждую строку metrics.jsonl (те же шаги, имена TensorBoard, например "
+                           "`train/loss`), конфигурацию и в конце ответы на примерные запросы: `tensorboard` (как "
+                           "train.tensorboard), `wandb` (Weights & Biases; при WANDB_MODE=offline запуск хранится в "
+                           "output.dir/wandb), `mlflow` (MLFLOW_TRACKING_URI, иначе локальное хранилище в output.dir). "
+                           "Для wandb и mlflow нужен `pip install 'loratune[trackers]'`; трекер, который не может "
+                           "запуститься, даёт лишь предупреждение. loratune.train.trackers",
+        "train.tracker_project": "Проект wandb и эксперимент MLflow для train.report_to; запуск называется по имени "
+                                 "папки output.dir.",
         "train.plot": "Рисовать output.dir/loss.png (потери на обучении и оценке) при каждой оценке и в конце (нужен "
                       "matplotlib).",
         "train.eval_benchmark": "Тест с выбором ответа, оцениваемый во время обучения, как в статье о QLoRA с MMLU "
