@@ -264,8 +264,13 @@ class TrainConfig:
                 "docs/multi-gpu.md")
     strategy: Literal["auto", "ddp", "fsdp"] = _f(
         "auto", "How several processes share the work. `ddp`: each holds a full copy of the (quantized) base, the "
-                "adapters' gradients are all-reduced once per step. `fsdp`: FSDP2 sharding (not available yet: "
-                "docs/multi-gpu.md says what blocks it). auto: ddp.")
+                "adapters' gradients are all-reduced once per step. `fsdp`: FSDP2 shards the 4-bit base, adapters, "
+                "gradients and optimizer states over the processes (loratune's decoder, train.method sft). auto: ddp "
+                "when a full 4-bit copy and the activations fit one GPU (the memory plan), else fsdp. docs/multi-gpu.md")
+    fsdp_offload: bool = _f(
+        False, "With train.strategy fsdp: keep each process's shards of the weights, their gradients and the optimizer "
+               "states in host memory (PyTorch's CPUOffloadPolicy; the optimizer steps on the CPU). Less GPU memory, "
+               "slower steps.")
     batching: Literal["padding_free", "padded"] = _f(
         "padding_free", "How a step's samples reach the model. Either way an optimizer step trains on batch_size x "
                         "grad_accum samples (the effective batch), in the same order, with the loss normalised per "
@@ -313,14 +318,6 @@ class TrainConfig:
     deterministic: bool = _f(False, "Use only deterministic algorithms (torch.use_deterministic_algorithms): runs and "
                                     "resumed runs give bit-identical adapters on CPU; slower on GPU.")
     tensorboard: bool = _f(False, "Also write TensorBoard logs to output.dir/tensorboard (needs the tensorboard package).")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
-        [], "Trackers that get every metrics.jsonl row (same steps, TensorBoard's names such as `train/loss`), the "
-            "config and, at the end, the sample answers: `tensorboard` (as train.tensorboard), `wandb` (Weights & "
-            "Biases; WANDB_MODE=offline keeps the run in output.dir/wandb), `mlflow` (MLFLOW_TRACKING_URI, else a "
-            "local store in output.dir). wandb and mlflow need `pip install 'loratune[trackers]'`; one that "
-            "cannot start is a warning. loratune.train.trackers")
-    tracker_project: str = _f("loratune", "The wandb project and the MLflow experiment of train.report_to; the run "
-                                          "is named after output.dir's folder.")
     plot: bool = _f(True, "Draw output.dir/loss.png (train and eval loss) at each evaluation and at the end (needs matplotlib).")
     eval_benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig, metadata={
         "help": "A multiple-choice benchmark scored during training, as the QLoRA paper did with MMLU (5-shot): its "

@@ -137,9 +137,10 @@ def test_nonfinite_on_one_rank_skips_the_step_on_all(tmp_path: Path, tiny_llama:
 def test_a_launch_must_match_train_devices() -> None:
     with pytest.raises(ConfigError, match="train.devices is 2 but 1 process"):
         check_world(2, "auto", World(0, 1))
-    with pytest.raises(ConfigError, match="fsdp is not available"):
-        check_world("auto", "fsdp", World(0, 2))
-    assert check_world("auto", "auto", World(1, 2)) == "ddp"
+    assert check_world("auto", "fsdp", World(0, 2)) == "fsdp"
+    assert check_world("auto", "ddp", World(1, 2)) == "ddp"
+    assert check_world("auto", "auto", World(1, 2)) == "auto"  # decided from the memory plan (test_plan.py)
+    assert check_world("auto", "fsdp", World(0, 1)) == "single"  # one process, no process group: nothing to shard
 
 
 def test_shares_cover_the_window_in_order() -> None:

@@ -53,6 +53,26 @@ def test_cli_plans_per_gpu(capsys) -> None:
     assert main(["plan", QUICKSTART, "--device", "cuda", "--budget-gib", "80", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "2 GPUs: a step trains on 4 x 1 (grad_accum) x 2 samples" in out
-    assert "per GPU, ddp:" in out and "per GPU, fsdp (not available for training yet" in out
+    assert "per GPU, ddp:" in out and "per GPU, fsdp:" in out
     assert "train.strategy auto would pick: ddp" in out
     assert main(["plan", QUICKSTART, "--device", "cuda", "--budget-gib", "0.0001", "--gpus", "2"]) == 2
+
+
+def test_auto_picks_fsdp_only_when_one_gpu_does_not_fit(tiny_llama: Path) -> None:
+    """train.strategy auto on the tiny model's real plan: ddp while one process's plan fits the budget, fsdp when
+    only the sharded plan fits (the per-GPU fsdp plan then is the run's plan), ddp with one process."""
+    from loratune.model.memory import load_model_config, plan_run
+    from loratune.model.parallel_plan import choose_strategy, fsdp_run_plan
+
+    cfg = load_config(None, [f"model.path={tiny_llama}", "train.batch_size=2", "data.max_length=128"])
+    one = plan_run(cfg, device="cpu", budget=1 << 40).plan
+    shape = Shape.from_config(load_model_config(cfg))
+    sharded = per_gpu(one, shape, 2, "fsdp")
+    assert sharded.total < one.total
+    between = (sharded.total + one.total) // 2
+    assert choose_strategy(cfg, 2, budget=one.total) == "ddp"
+    assert choose_strategy(cfg, 2, budget=between) == "fsdp"
+    assert choose_strategy(cfg, 1, budget=between) == "ddp"
+    rp = fsdp_run_plan(cfg, 2, budget=between)
+    assert rp is not None and rp.plan.total == sharded.total and rp.cfg.train.batch_size == 2
+    assert fsdp_run_plan(cfg, 2, budget=sharded.total - 1) is None

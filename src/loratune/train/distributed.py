@@ -22,6 +22,7 @@ barrier. Each rank's RNG state goes into the checkpoint (`rng_file`), so resume 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Callable
@@ -44,6 +45,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    sharded: bool = False  # train.strategy fsdp: FSDP reduces the gradients, every rank runs the same passes
 
     @property
     def main(self) -> bool:
@@ -81,7 +83,7 @@ class World:
 
         A parameter without a gradient on this rank (its share of the window was empty) contributes zeros and
         receives the sum, so every rank leaves with the same gradients."""
-        if not self.active or not params:
+        if not self.active or not params or self.sharded:  # FSDP reduce-scattered them already
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -95,6 +97,11 @@ class World:
             else:
                 p.grad.copy_(summed)
             offset += n
+
+    def passes(self, n: int, device: torch.device) -> int:
+        """How many passes this rank runs for its `n` micro-batches: `n`, or sharded, the most any rank has
+        (each FSDP pass is a collective: a rank with fewer runs idle passes, `loratune.train.fsdp`)."""
+        return self.max_int(n, device) if self.sharded and self.active else n
 
     def max_int(self, n: int, device: torch.device) -> int:
         """The largest of an integer over all ranks (a stop request: the number of the signal that asked)."""
@@ -147,13 +154,17 @@ def bind_device(world: World) -> None:
         torch.cuda.set_device(int(local))
 
 
-def join(world: World) -> None:
+def join(world: World, host_collectives: bool = False) -> None:
     """Several processes: join the launcher's process group now, through accelerate's shared state (the
-    `Accelerator` made later reuses it), so the ranks can agree on where the run starts (`main_first`)."""
+    `Accelerator` made later reuses it), so the ranks can agree on where the run starts (`main_first`).
+    `host_collectives` (fsdp with its shards in host memory): on GPUs the group gets gloo for host tensors beside
+    NCCL (gradient clipping and the weight check reduce over host-side shards), as accelerate's own FSDP
+    offload does."""
     if world.several:
         from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available())
+        cpu = not torch.cuda.is_available()
+        PartialState(cpu=cpu, **({"backend": "cuda:nccl,cpu:gloo"} if host_collectives and not cpu else {}))
 
 
 def main_first(world: World, fn: Callable[[], T]) -> T:
@@ -171,16 +182,21 @@ def main_first(world: World, fn: Callable[[], T]) -> T:
 
 
 def check_world(devices: int | str, strategy: str, world: World) -> str:
-    """The strategy this run uses for `world` (train.devices / train.strategy checked against the launch)."""
+    """The strategy this run uses for `world` (train.devices / train.strategy checked against the launch):
+    single, ddp, fsdp, or auto (several processes; the run decides it from the memory plan)."""
     if devices != "auto" and devices != world.size:
         how = (f"launch {devices} processes: `torchrun --nproc-per-node {devices} -m loratune train CONFIG` "
                f"(or `accelerate launch --multi_gpu --num_processes {devices} -m loratune train CONFIG` on GPUs)")
         raise ConfigError(f"train.devices is {devices} but {world.size} process(es) were launched; {how}, or set "
                           "train.devices=auto")
-    if strategy == "fsdp":
-        raise ConfigError("train.strategy fsdp is not available yet (docs/multi-gpu.md says what blocks it); use "
-                          "train.strategy ddp (or auto)")
-    return "ddp" if world.several else "single"
+    if strategy == "fsdp" and world.active:  # a process group of one shards too (the path's own GPU test)
+        return "fsdp"
+    if not world.several:
+        if strategy == "fsdp":
+            logging.getLogger("loratune.train").info(
+                "train.strategy fsdp with one process and no launcher: nothing to shard, it trains as one process")
+        return "single"
+    return strategy  # ddp, fsdp, or auto: decided from the memory plan (`parallel_plan.choose_strategy`)
 
 
 def rng_file(rank: int) -> str:
@@ -226,17 +242,52 @@ def check_launch(processes: int, world: World) -> None:
         raise ConfigError(f"accelerate sees {processes} process(es) but the launcher set {ENV_WORLD}={world.size}")
 
 
-def check_checkpoint_world(world: World, checkpoint: Path | None) -> None:
-    """A checkpoint resumes on as many processes as wrote it (checked before anything loads)."""
+def check_checkpoint_world(world: World, checkpoint: Path | None, grad_accum: int,
+                           saved_grad_accum: int | None) -> int:
+    """How many processes wrote `checkpoint` (this world's size when there is none), checked before anything loads.
+
+    Another number of processes resumes it when the global batch stays: a step's window is grad_accum x processes
+    index lists of the epoch's order, and the checkpoint records how many lists were consumed, so with
+    grad_accum x processes unchanged every later window holds the same samples, normalised by the same global
+    token count. Otherwise the error says which train.grad_accum keeps it."""
     if checkpoint is None:
-        return
+        return world.size
     saved = saved_world(checkpoint)
-    if saved != world.size:
-        raise ConfigError(
-            f"the checkpoint {checkpoint} was written by {saved} process(es), this run has {world.size}: a step's "
-            f"window holds grad_accum x processes index lists, so the data position and the per-rank RNG states do "
-            f"not carry over; resume with {saved} process(es) (e.g. `torchrun --nproc-per-node {saved} -m loratune "
-            "train CONFIG`)")
+    if saved == world.size:
+        return saved
+    window = saved * (saved_grad_accum or grad_accum)
+    if grad_accum * world.size == window:
+        return saved
+    fix = (f"set train.grad_accum={window // world.size} (the checkpoint's {saved_grad_accum} x {saved} processes)"
+           if window % world.size == 0 else
+           f"resume with a number of processes that divides {window} and set train.grad_accum to match")
+    raise ConfigError(
+        f"the checkpoint {checkpoint} was written by {saved} process(es), this run has {world.size}: a step's window "
+        f"holds grad_accum x processes index lists ({saved_grad_accum} x {saved} = {window} there, {grad_accum} x "
+        f"{world.size} = {grad_accum * world.size} here), so the data position would not carry over; {fix}, or "
+        f"resume with {saved} process(es) (e.g. `torchrun --nproc-per-node {saved} -m loratune train CONFIG`)")
+
+
+def restore_rank_rng(folder: Path, world: World, seed: int, step: int) -> bool:
+    """This rank's own RNG state from the checkpoint (rank 0's is restored with the training state); a rank the
+    checkpoint has none for (it was written by fewer processes) is seeded from (seed, rank, step). Returns
+    whether the rank's saved state was there."""
+    import random
+
+    import numpy as np
+
+    from loratune.train.trainer_state import load_rng_state
+
+    if world.main:
+        return True
+    if (folder / rng_file(world.rank)).is_file():
+        load_rng_state(*load_rank_rng(folder, world.rank))
+        return True
+    mixed = (seed * 1_000_003 + world.rank * 7_919 + step) % (2**32)
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+    return False
 
 
 class Quiet:

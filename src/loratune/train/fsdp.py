@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,8 +58,16 @@ from loratune.train.trainer_state import Tensors, inner_optimizer, saved_entries
 log = logging.getLogger("loratune.train")
 
 
-def check_supported(implementation_is_decoder: bool, method: str) -> None:
+def check_supported(implementation_is_decoder: bool, method: str, adapter_type: str = "lora",
+                    compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """What train.strategy fsdp trains (before anything loads)."""
+    if compute_dtype == torch.float16:  # the loss scaler would judge overflow on each rank's shards alone
+        raise ConfigError("train.strategy fsdp trains in bf16 or fp32 compute: fp16's loss scaler is not shared "
+                          "between the shards yet; set quantization.compute_dtype=bf16 (or fp32), or use "
+                          "train.strategy ddp")
+    if adapter_type != "lora":
+        raise ConfigError("train.strategy fsdp shards adapter training (adapter.type lora); full fine-tuning "
+                          "(adapter.type none) is not supported under it yet: use train.strategy ddp")
     if not implementation_is_decoder:
         raise ConfigError("train.strategy fsdp shards loratune's decoder: this run resolved the transformers "
                           "(+ peft) model code; set model.implementation=decoder (or auto on a supported family), "
@@ -90,11 +99,14 @@ def shard_decoder(decoder: Decoder, world: World, offload: bool = False) -> int:
         layer.casts = None  # per-call casts: FSDP's gathered tensors are new each pass (module docstring)
     device = decoder.embed.weight.device
     mesh = init_device_mesh(device.type, (world.size,))
-    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for block in decoder.layers:
         fully_shard(block, mesh=mesh, offload_policy=policy)
     fully_shard(decoder, mesh=mesh, offload_policy=policy)
     register_fsdp_forward_method(decoder, "hidden_states")  # the runner's entry point drives the root's hooks
+    # FSDP warns that the root returns a view (the final norm's output), against in-place ops on it: the loss
+    # and the idle pass only read it
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDecoder\) returned a view tensor")
     for unit in fsdp_units(decoder):
         unit.set_gradient_divide_factor(1.0)  # summed: the losses are divided by the global count already
         unit.set_force_sum_reduction_for_comms(True)  # plain sums (gloo has no pre-multiplied sum)

@@ -175,6 +175,7 @@ class Loop:
             return float("nan"), 0
         total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         stats: dict[str, list] = {}
+        passes = self.world.passes(len(batches), self.acc.device)  # sharded (FSDP): as many as the busiest rank
         for i, b in enumerate(batches):
             replayed = self.graphs.run(b, 1.0 / n_window) if self.graphs is not None else None
             if replayed is not None:  # forward and backward done by one graph replay
@@ -184,7 +185,7 @@ class Loop:
             if timed:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-            with self.runner.accumulating(last=i == len(batches) - 1):
+            with self.runner.accumulating(last=i == passes - 1):
                 loss_sum, metrics = self.objective.loss_sum(self.runner, b)
                 _add_stats(stats, metrics)
                 if fault("loss"):
@@ -196,6 +197,9 @@ class Loop:
             fault("step.backward")
             total += loss_sum.detach()
             del loss_sum  # drop this micro-batch's autograd graph now: a CUDA graph capture must not meet it
+        for i in range(len(batches), passes):  # sharded: this rank's share ran out; it joins the others' passes
+            with self.runner.accumulating(last=i == passes - 1):
+                self.runner.idle_pass()
         self.world.sum_grads(self.params)  # several processes: every rank's gradients summed, in place
         value = float(self.world.sum_loss(total))  # non-finite on any rank: skipped on all
         if not isinstance(self.objective, SFT):  # a preference objective's metrics: over every rank's share
@@ -275,14 +279,16 @@ class Loop:
         total, n = 0.0, 0
         stats: dict[str, list] = {}
         world = self.world  # several processes: each evaluates every world-th batch, the sums are all-reduced
+        mine = [b for i, b in enumerate(self.batching.eval_batches(samples)) if i % world.size == world.rank]
+        passes = world.passes(len(mine), self.acc.device)  # sharded: as many passes as rank 0 (before any pass)
         with torch.no_grad(), self.runner.frozen_adapters():
-            for i, b in enumerate(self.batching.eval_batches(samples)):
-                if i % world.size != world.rank:
-                    continue
+            for b in mine:
                 k = self.objective.units(b)
                 s, metrics = self.objective.loss_sum(self.runner, b)
                 _add_stats(stats, metrics)
                 total, n = total + float(s), n + k
+            for _ in range(len(mine), passes):  # sharded: this rank's share ran out; it joins the others' passes
+                self.runner.idle_pass()
         module.train()
         if world.active:
             total = float(world.sum_loss(torch.tensor(total, dtype=torch.float64, device=self.acc.device)))

@@ -44,17 +44,17 @@ from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
 from loratune.model import neftune
-from loratune.train.trackers import open_trackers
 from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
+from loratune.model.parallel_plan import choose_strategy
 from loratune.model.resolve import Resolved, decide
 from loratune.pref.batching import PreferenceBatching
 from loratune.pref.objective import make_objective
 from loratune.pref.reference import precompute_reference
 from loratune.pref.reward import attach_reward_head, load_reward_head, save_reward_head
 from loratune.train import card, faults
-from loratune.train import distributed
+from loratune.train import distributed, fsdp
 from loratune.train.checkpoint import (CHECKPOINTS, Parts, checkpoint_name, clean_leftovers, fill, load_weights,
                                        read_meta, restore_training, rotate, write_checkpoint)
 from loratune.train.interrupt import GracefulStop
@@ -65,7 +65,7 @@ from loratune.train.progress import Reporter, memory_gib
 from loratune.train.resume import (AlreadyFinished, FinishedRun, Start, check_compatible, config_diff, config_hash,
                                    continue_message, data_diff, data_fingerprint, drop_newer, judge_length,
                                    length_message, plan_start, resume_mode)
-from loratune.train.trainer_state import load_rng_state, rng_state
+from loratune.train.trainer_state import rng_state
 from loratune.train.run_folder import RUN_FILE, library_versions, save_run
 from loratune.train.runner import DecoderRunner, HFRunner, Runner, decoder_graphs
 from loratune.train.samples import answer, format_before, format_comparison, read_samples, write_samples
@@ -174,17 +174,35 @@ class Run:
             logging.getLogger("loratune").setLevel(logging.WARNING)
         self.strategy = distributed.check_world(cfg.train.devices, cfg.train.strategy, self.world)
         distributed.bind_device(self.world)
-        distributed.join(self.world)
+        distributed.join(self.world, host_collectives=cfg.train.fsdp_offload)
         start = distributed.main_first(self.world, lambda: plan_start(cfg, self.say))  # it may clear the folder
         meta = read_meta(start.checkpoint) if start.checkpoint is not None else None
-        distributed.check_checkpoint_world(self.world, start.checkpoint)
+        saved_accum = (meta or {}).get("config", {}).get("train", {}).get("grad_accum")
+        # another process count resumes when grad_accum x processes stays (the global batch)
+        self.saved_world = distributed.check_checkpoint_world(self.world, start.checkpoint, cfg.train.grad_accum,
+                                                              saved_accum if isinstance(saved_accum, int) else None)
         # before anything is loaded: print the memory plan, resolve batch_size auto, refuse a run that won't fit
         saved_batch = (meta or {}).get("config", {}).get("train", {}).get("batch_size")
+        saved_batch = saved_batch if isinstance(saved_batch, int) else None
         with contextlib.nullcontext() if self.world.main else contextlib.redirect_stdout(io.StringIO()):
-            cfg, self.resolved = check_memory(cfg, saved_batch if isinstance(saved_batch, int) else None)
+            if self.strategy == "auto":  # ddp when a full 4-bit copy fits one GPU, else fsdp (the memory plan)
+                self.strategy = choose_strategy(planned(cfg), self.world.size, saved_batch)
+                log.info("train.strategy auto: %s (%s)", self.strategy,
+                         "a full 4-bit copy and the activations fit one GPU" if self.strategy == "ddp"
+                         else "one GPU's plan does not fit; sharded over the processes it does")
+            cfg, self.resolved = check_memory(cfg, saved_batch, self.world.size if self.strategy == "fsdp" else 1)
         self.cfg = cfg
+        if self.strategy == "fsdp":
+            fsdp.check_supported(self.resolved.decoder, cfg.train.method, cfg.adapter.type,
+                                 self.resolved.compute_dtype)
+            self.world = dataclasses.replace(self.world, sharded=True)
         if meta is not None:  # before the slow part, so a refused resume fails at once
-            check_compatible(config_diff(meta["config"], to_dict(cfg)), cfg, start.checkpoint)
+            current = to_dict(cfg)
+            if self.saved_world != self.world.size:  # grad_accum x processes is what must stay (checked above)
+                current["train"]["grad_accum"] = meta["config"]["train"].get("grad_accum")
+                log.info("resuming on %d process(es) a checkpoint written by %d: the same global batch (%s)",
+                         self.world.size, self.saved_world, "grad_accum x processes unchanged")
+            check_compatible(config_diff(meta["config"], current), cfg, start.checkpoint)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.world.main:
             clean_leftovers(self.out)
@@ -206,7 +224,13 @@ class Run:
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
-        runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, self.acc)
+        self.model_facts = card.model_facts(model)  # read once (before sharding): the model's shape and storage
+        if self.world.sharded:  # FSDP2 over the processes (loratune.train.fsdp); the optimizer sees the shards
+            fsdp.shard_decoder(model.module, self.world, cfg.train.fsdp_offload)
+            optimizer = self.acc.prepare(build_optimizer(model.module, cfg.train))
+            runner = fsdp.ShardedRunner(model.module, self.acc.device)
+        else:
+            runner, optimizer = make_runner(model, build_optimizer(model.module, cfg.train), cfg, self.acc)
         r = self.resolved
         batching = make_batching(cfg, r, self.info.pad_id)
         self.loop = Loop(runner, self.data.train, cfg.train, optimizer, self.acc, batching,
@@ -215,8 +239,8 @@ class Run:
         if cfg.train.method in ("dpo", "kto") and cfg.preference.reference == "precomputed":
             precompute_reference(self.loop.objective, runner, batching, self.data.train + self.data.eval)
         self.parts = Parts(model, optimizer, self.loop.scheduler, self.acc.scaler, self.tokenizer,
-                           self.data.template, self.info)
-        self.model_facts = card.model_facts(model)  # read once: the model's shape and storage do not change
+                           self.data.template, self.info,
+                           fsdp.ShardedState(model.module, optimizer, self.world) if self.world.sharded else None)
         self.fingerprints = {"train": data_fingerprint(self.data.train), "eval": data_fingerprint(self.data.eval)}
         self.state, self.saved_step = LoopState(), -1
         self.fresh = start.checkpoint is None  # a resumed run's weights are trained: no "before" answers
@@ -226,10 +250,7 @@ class Run:
         self.window = Window(cfg.train.log_every, self.state.window)  # the reported loss and tokens/s
         self.reporter = Reporter(self.loop.total, self.state.step) if self.world.main else distributed.Quiet()
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
-        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard or "tensorboard" in cfg.train.report_to,
-                                   None if self.fresh else self.state.step,
-                                   open_trackers(cfg.train.report_to, self.out, to_dict(cfg), cfg.train.tracker_project,
-                                                 resume=not self.fresh))
+        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
                         if self.world.main else distributed.Quiet())
         self.has_eval = bool(self.data.eval)
         self.benchmark, self.benchmark_step = None, -1  # train.eval_benchmark (read and tokenized now: a bad
@@ -252,8 +273,12 @@ class Run:
         folder, done = start.checkpoint, start.continues
         self.state = restore_training(folder, meta, self.parts)
         self._load_head(folder)
-        if not self.world.main:  # restore_training set rank 0's RNG: this rank's own comes last
-            load_rng_state(*distributed.load_rank_rng(folder, self.world.rank))
+        # restore_training set rank 0's RNG: this rank's own comes last
+        distributed.restore_rank_rng(folder, self.world, self.cfg.train.seed, self.state.step)
+        if self.saved_world != self.world.size and self.cfg.adapter.dropout > 0:
+            log.warning("adapter.dropout %g: the dropout masks after this resume differ from those of an "
+                        "uninterrupted run (each rank's random stream belongs to the process count that saved it)",
+                        self.cfg.adapter.dropout)
         if done is not None:  # only now is the length known in epochs for a run that did not record it
             judge_length(self.cfg, done, self.loop.total)
         planned = meta.get("total_steps") or (done.total if done is not None else self.loop.total)
@@ -290,7 +315,7 @@ class Run:
 
     def fit(self) -> TrainResult:
         state = self.state
-        if self.fresh and self.cfg.output.sample_prompts and not self.finished and self.world.main:
+        if self.fresh and self.cfg.output.sample_prompts and not self.finished and self._answers():
             self._samples_before()
         if self.benchmark is not None and self.fresh and state.step == 0 and not self.finished:
             self._score_benchmark()  # the base's accuracy, before any training
@@ -440,7 +465,7 @@ class Run:
                 "tokens_per_batch": r.tokens_per_batch,
                 "steps": s.step, "total_steps": self.loop.total, "steps_per_epoch": self.loop.steps_per_epoch,
                 "epochs": round(self._epochs(), 4), "tokens": s.tokens, "seconds": round(s.seconds, 2),
-                "processes": self.world.size, "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
+                "processes": self.world.size, "strategy": self.strategy, "first_train_loss": s.first_loss, "first_train_loss_steps": s.first_loss_steps or None,
                 "train_loss": s.last_loss, "train_loss_steps": self.window.span(s.step) if s.last_loss is not None
                 else None, "eval_loss": s.last_eval if s.last_eval_step == s.step else None,
                 "best_eval_loss": s.best_eval, "best_step": s.best_step if s.best_step >= 0 else None,
@@ -480,15 +505,30 @@ class Run:
             return self.root / checkpoint_name(self.state.step)
         rngs = self.world.gather(rng_state())  # every rank's RNG (a collective: all ranks save together)
         path = self.root / checkpoint_name(self.state.step)
-        if self.world.main:
-            path = write_checkpoint(self.root, self.state.step,
-                                    lambda folder: self._fill(folder, rngs), fault=faults.fault)
+        with self._gathered():  # fsdp: the full adapter and optimizer state on rank 0 while it writes
+            if self.world.main:
+                path = write_checkpoint(self.root, self.state.step,
+                                        lambda folder: self._fill(folder, rngs), fault=faults.fault)
         self.world.barrier()  # the others wait until it is in place
         self.saved_step = self.state.step
         self._rotate()
         faults.fault("save.rotated")
         self.reporter.print(f"checkpoint saved: {path}")
         return path
+
+    def _gathered(self) -> contextlib.AbstractContextManager:
+        """fsdp (all ranks): the full adapter and optimizer state gathered for rank 0 to write; else nothing."""
+        return self.parts.sharding.gathered() if self.parts.sharding is not None else contextlib.nullcontext()
+
+    def _answers(self) -> bool:
+        """Whether this process answers the sample prompts: rank 0, unless the model is sharded (a generation on
+        one rank alone would wait for the others' shards forever)."""
+        if self.world.sharded:
+            if self.world.main and not getattr(self, "_samples_noted", False):
+                self._samples_noted = True
+                log.info("output.sample_prompts: not answered under train.strategy fsdp (chat with the output)")
+            return False
+        return self.world.main
 
     def _rotate(self) -> None:
         """Keep the newest train.keep_last checkpoints and the best one (only after a save completed)."""
@@ -519,19 +559,20 @@ class Run:
         if self.cfg.output.adapter == "best" and 0 <= state.best_step != state.step:
             best = self.root / checkpoint_name(state.best_step)
             if best.is_dir():
-                load_weights(self.parts.model, best)
+                load_weights(self.parts.model, best, self.parts.sharding)
                 self._load_head(best)
                 which = f"best eval loss, step {state.best_step}"
             else:
                 log.warning("the best checkpoint (step %d) is gone; the output holds the last step", state.best_step)
-        samples = self._samples_after() if self.cfg.output.sample_prompts and self.world.main else ""
+        samples = self._samples_after() if self.cfg.output.sample_prompts and self._answers() else ""
         self._plot()  # before the card, which shows it
         facts = {**self._facts(), "adapter": which, "checkpoint": str(path)}
-        if self.world.main:
-            save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg,
-                     extra=facts, card=self._card(facts, final=True))
-            if self.cfg.train.method == "rm":
-                save_reward_head(self.parts.model.module, self.out)
+        with self._gathered():
+            if self.world.main:
+                save_run(self.out, self.parts.model, self.tokenizer, self.data.template, self.info, self.cfg,
+                         extra=facts, card=self._card(facts, final=True))
+                if self.cfg.train.method == "rm":
+                    save_reward_head(self.parts.model.module, self.out)
         self.world.barrier()  # the output folder is complete when any process returns
         self.metrics.close()
         result = self._result(path)
@@ -589,9 +630,10 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-def check_memory(cfg: Config, saved_batch_size: int | None = None) -> tuple[Config, Resolved]:
+def check_memory(cfg: Config, saved_batch_size: int | None = None, shards: int = 1) -> tuple[Config, Resolved]:
     """Resolve the run's decisions and print them with the memory plan; return `cfg` with its batch size
-    resolved, and the decisions (raises `WouldNotFit`).
+    resolved, and the decisions (raises `WouldNotFit`). `shards`: train.strategy fsdp over that many processes,
+    planned per GPU when one GPU's plan does not fit (`loratune.model.parallel_plan.fsdp_run_plan`).
 
     A model the planner does not know (no Llama-style config fields) trains without a plan, batch auto as 1.
     """
@@ -599,8 +641,12 @@ def check_memory(cfg: Config, saved_batch_size: int | None = None) -> tuple[Conf
     try:
         rp = plan_run(shaped, saved_batch_size=saved_batch_size)
     except WouldNotFit as e:
-        print(render(e.plan), flush=True)
-        raise
+        from loratune.model.parallel_plan import fsdp_run_plan
+
+        rp = fsdp_run_plan(shaped, shards, saved_batch_size) if shards > 1 else None
+        if rp is None:
+            print(render(e.plan), flush=True)
+            raise
     except ModelError as e:
         log.warning("no memory plan: %s", e)
         batch = cfg.train.batch_size if cfg.train.batch_size != "auto" else saved_batch_size or 1

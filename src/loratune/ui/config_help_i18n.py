@@ -128,7 +128,11 @@ HELP: dict[str, dict[str, str]] = {
                          "grad_accum 个：一步训练 batch_size x grad_accum x devices 个样本，样本相同、顺序相同、归一化相同，"
                          "与 grad_accum x devices 的单进程运行一致。见 docs/multi-gpu.md",
         "train.strategy": "多个进程如何分担工作。`ddp`：每个进程持有（量化的）基座的完整副本，适配器的梯度每步做一次 "
-                          "all-reduce。`fsdp`：FSDP2 分片（尚不可用：docs/multi-gpu.md 说明了阻碍所在）。auto：ddp。",
+                          "all-reduce。`fsdp`：FSDP2 将 4 位基座、适配器、梯度和优化器状态分片到各进程（loratune 的解码器，"
+                          "train.method sft）。auto：若完整的 4 位副本加激活能放进一块 GPU（内存计划）则 ddp，否则 fsdp。"
+                          "见 docs/multi-gpu.md",
+        "train.fsdp_offload": "配合 train.strategy fsdp：每个进程的权重分片、其梯度和优化器状态保存在主机内存中"
+                              "（PyTorch 的 CPUOffloadPolicy；优化器在 CPU 上更新）。占用更少 GPU 内存，步速更慢。",
         "train.batching": "一步的样本如何送入模型。无论哪种方式，一个优化器步都训练 batch_size x grad_accum 个样本"
                           "（有效批大小），顺序相同，损失按整步的监督词元归一化。`padding_free`：该步的样本首尾相接并"
                           "带有边界（注意力和标签从不跨越样本），组成每个最多 train.tokens_per_batch 个词元的微批次，因此"
@@ -166,12 +170,6 @@ HELP: dict[str, dict[str, str]] = {
         "train.deterministic": "只使用确定性算法（torch.use_deterministic_algorithms）：在 CPU 上，运行和恢复的运行得到逐位"
                                "相同的适配器；在 GPU 上更慢。",
         "train.tensorboard": "同时把 TensorBoard 日志写到 output.dir/tensorboard（需要 tensorboard 包）。",
-        "train.report_to": "接收每一行 metrics.jsonl（相同步数，TensorBoard 的名称，如 `train/loss`）、配置以及结束时的"
-                           "示例回答的跟踪器：`tensorboard`（同 train.tensorboard）、`wandb`（Weights & Biases；"
-                           "WANDB_MODE=offline 时运行保存在 output.dir/wandb）、`mlflow`（MLFLOW_TRACKING_URI，否则为 "
-                           "output.dir 中的本地存储）。wandb 和 mlflow 需要 `pip install 'loratune[trackers]'`；无法启动的"
-                           "跟踪器只给出警告。loratune.train.trackers",
-        "train.tracker_project": "train.report_to 的 wandb 项目和 MLflow 实验；运行以 output.dir 的文件夹名命名。",
         "train.plot": "在每次评估和结束时绘制 output.dir/loss.png（训练和评估损失）（需要 matplotlib）。",
         "train.eval_benchmark": "训练期间评分的多项选择基准，如 QLoRA 论文中对 MMLU（5-shot）所做的：其准确率写入 "
                                 "metrics.jsonl、loss.png、摘要和模型卡。除非设置了 train.eval_benchmark.path，否则关闭；"
@@ -332,8 +330,13 @@ HELP: dict[str, dict[str, str]] = {
                          "индексов шага: шаг обучается на batch_size x grad_accum x devices примерах — тех же, в том же "
                          "порядке и с той же нормировкой, что и один процесс с grad_accum x devices. docs/multi-gpu.md",
         "train.strategy": "Как несколько процессов делят работу. `ddp`: каждый держит полную копию (квантованной) "
-                          "базы, градиенты адаптеров суммируются all-reduce один раз за шаг. `fsdp`: шардирование FSDP2 "
-                          "(пока недоступно: что мешает, описано в docs/multi-gpu.md). auto: ddp.",
+                          "базы, градиенты адаптеров суммируются all-reduce один раз за шаг. `fsdp`: FSDP2 шардирует веса "
+                          "4-битной базы, адаптеров, градиентов и состояний оптимизатора по процессам (декодер loratune, "
+                          "train.method sft). auto: ddp, если полная 4-битная копия и активации помещаются на один GPU "
+                          "(план памяти), иначе fsdp. docs/multi-gpu.md",
+        "train.fsdp_offload": "С train.strategy fsdp: шарды весов каждого процесса, их градиенты и состояния "
+                              "оптимизатора хранятся в памяти хоста (CPUOffloadPolicy из PyTorch; оптимизатор шагает на "
+                              "CPU). Меньше памяти GPU, шаги медленнее.",
         "train.batching": "Как примеры шага попадают в модель. В обоих случаях шаг оптимизатора обучается на "
                           "batch_size x grad_accum примерах (эффективный пакет), в том же порядке, с потерями, "
                           "нормированными на обучаемый токен по всему шагу. `padding_free`: примеры шага выкладываются "
@@ -384,14 +387,6 @@ HELP: dict[str, dict[str, str]] = {
                                "запуски и возобновлённые запуски дают побитово одинаковые адаптеры на CPU; на GPU "
                                "медленнее.",
         "train.tensorboard": "Также писать журналы TensorBoard в output.dir/tensorboard (нужен пакет tensorboard).",
-        "train.report_to": "Трекеры, получающие каждую строку metrics.jsonl (те же шаги, имена TensorBoard, например "
-                           "`train/loss`), конфигурацию и в конце ответы на примерные запросы: `tensorboard` (как "
-                           "train.tensorboard), `wandb` (Weights & Biases; при WANDB_MODE=offline запуск хранится в "
-                           "output.dir/wandb), `mlflow` (MLFLOW_TRACKING_URI, иначе локальное хранилище в output.dir). "
-                           "Для wandb и mlflow нужен `pip install 'loratune[trackers]'`; трекер, который не может "
-                           "запуститься, даёт лишь предупреждение. loratune.train.trackers",
-        "train.tracker_project": "Проект wandb и эксперимент MLflow для train.report_to; запуск называется по имени "
-                                 "папки output.dir.",
         "train.plot": "Рисовать output.dir/loss.png (потери на обучении и оценке) при каждой оценке и в конце (нужен "
                       "matplotlib).",
         "train.eval_benchmark": "Тест с выбором ответа, оцениваемый во время обучения, как в статье о QLoRA с MMLU "
