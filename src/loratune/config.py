@@ -128,7 +128,9 @@ class AdapterConfig:
                    "`pissa_niter_N` (the same by a randomized SVD of N iterations, faster on large weights), "
                    "`olora` (QR-based), both on a 16- or 32-bit base, their saved adapters converted to plain "
                    "LoRA of rank 2r on the original base; or `loftq` on a 4-bit base (the adapter starts at the "
-                   "rank-r SVD of the quantization error W - Q(W), W read from the checkpoint's safetensors).")
+                   "rank-r SVD of the quantization error W - Q(W), W read from the checkpoint's safetensors); or "
+                   "`eva` on any base (A from the top-r principal directions of each layer's inputs on the first "
+                   "32 training samples, B zero).")
     freeze_layers: int = _f(2, "adapter.type freeze: how many decoder layers, the last ones, train in full.")
     freeze_modules: list[str] = _f([], "adapter.type freeze: more modules trained in full, by name suffix (e.g. "
                                        "`embed_tokens`, `norm`, `lm_head`, or `mlp` for every layer's MLP).")
@@ -318,6 +320,14 @@ class TrainConfig:
     deterministic: bool = _f(False, "Use only deterministic algorithms (torch.use_deterministic_algorithms): runs and "
                                     "resumed runs give bit-identical adapters on CPU; slower on GPU.")
     tensorboard: bool = _f(False, "Also write TensorBoard logs to output.dir/tensorboard (needs the tensorboard package).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [], "Trackers that get every metrics.jsonl row (same steps, TensorBoard's names such as `train/loss`), the "
+            "config and, at the end, the sample answers: `tensorboard` (as train.tensorboard), `wandb` (Weights & "
+            "Biases; WANDB_MODE=offline keeps the run in output.dir/wandb), `mlflow` (MLFLOW_TRACKING_URI, else a "
+            "local store in output.dir). wandb and mlflow need `pip install 'loratune[trackers]'`; one that "
+            "cannot start is a warning. loratune.train.trackers")
+    tracker_project: str = _f("loratune", "The wandb project and the MLflow experiment of train.report_to; the run "
+                                          "is named after output.dir's folder.")
     plot: bool = _f(True, "Draw output.dir/loss.png (train and eval loss) at each evaluation and at the end (needs matplotlib).")
     eval_benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig, metadata={
         "help": "A multiple-choice benchmark scored during training, as the QLoRA paper did with MMLU (5-shot): its "

@@ -44,6 +44,7 @@ from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
 from loratune.model import neftune
+from loratune.train.trackers import open_trackers
 from loratune.model.build import TrainModel, build_trainable
 from loratune.model.load import load_tokenizer
 from loratune.model.memory import WouldNotFit, describe, load_model_config, plan_run, render
@@ -221,6 +222,10 @@ class Run:
         model = build_trainable(cfg, self.resolved)
         if cfg.train.method == "sft":  # NEFTune noise on the input embeddings, in training mode only
             neftune.attach(model.module, cfg.train.neftune_alpha)
+        if cfg.adapter.type == "lora" and cfg.adapter.init == "eva" and start.checkpoint is None:
+            from loratune.model.eva import init_eva  # LoRA A from the training data's activations
+
+            init_eva(model.module, self.data.train)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
@@ -250,7 +255,10 @@ class Run:
         self.window = Window(cfg.train.log_every, self.state.window)  # the reported loss and tokens/s
         self.reporter = Reporter(self.loop.total, self.state.step) if self.world.main else distributed.Quiet()
         self.base_seconds, self.t_start = self.state.seconds, time.perf_counter()
-        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard, None if self.fresh else self.state.step)
+        self.metrics = (MetricsLog(self.out, cfg.train.tensorboard or "tensorboard" in cfg.train.report_to,
+                                   None if self.fresh else self.state.step,
+                                   open_trackers(cfg.train.report_to, self.out, to_dict(cfg), cfg.train.tracker_project,
+                                                 resume=not self.fresh))
                         if self.world.main else distributed.Quiet())
         self.has_eval = bool(self.data.eval)
         self.benchmark, self.benchmark_step = None, -1  # train.eval_benchmark (read and tokenized now: a bad

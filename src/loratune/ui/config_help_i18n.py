@@ -84,7 +84,8 @@ HELP: dict[str, dict[str, str]] = {
                         "适配器起始时不起作用）、`gaussian`（A ~ N(0, 1/r)）、`pissa`（每个权重的前 r 个奇异方向移入适配器，"
                         "基座保留残差）、`pissa_niter_N`（同上，用 N 次迭代的随机 SVD，大权重更快）、`olora`（基于 QR），"
                         "这两者需要 16 或 32 位基座，保存的适配器被转换为原始基座上秩为 2r 的普通 LoRA；或在 4 位基座上用 "
-                        "`loftq`（适配器从量化误差 W - Q(W) 的秩 r SVD 开始，W 从检查点的 safetensors 读取）。",
+                        "`loftq`（适配器从量化误差 W - Q(W) 的秩 r SVD 开始，W 从检查点的 safetensors 读取）；或在任何基座上用 "
+                        "`eva`（A 取每层在前 32 个训练样本上输入的前 r 个主方向，B 为零）。",
         "data.datasets": "训练数据集，按各自的权重混合。",
         "data.eval_datasets": "留出的评估数据集（代替 eval_split）。",
         "data.eval_split": "从训练数据中留出这一比例（0 < x < 1）或这么多条样本（x >= 1）用于评估，按 train.seed 选取；"
@@ -170,6 +171,12 @@ HELP: dict[str, dict[str, str]] = {
         "train.deterministic": "只使用确定性算法（torch.use_deterministic_algorithms）：在 CPU 上，运行和恢复的运行得到逐位"
                                "相同的适配器；在 GPU 上更慢。",
         "train.tensorboard": "同时把 TensorBoard 日志写到 output.dir/tensorboard（需要 tensorboard 包）。",
+        "train.report_to": "接收每一行 metrics.jsonl（相同步数，TensorBoard 的名称，如 `train/loss`）、配置以及结束时的"
+                           "示例回答的跟踪器：`tensorboard`（同 train.tensorboard）、`wandb`（Weights & Biases；"
+                           "WANDB_MODE=offline 时运行保存在 output.dir/wandb）、`mlflow`（MLFLOW_TRACKING_URI，否则为 "
+                           "output.dir 中的本地存储）。wandb 和 mlflow 需要 `pip install 'loratune[trackers]'`；无法启动的"
+                           "跟踪器只给出警告。loratune.train.trackers",
+        "train.tracker_project": "train.report_to 的 wandb 项目和 MLflow 实验；运行以 output.dir 的文件夹名命名。",
         "train.plot": "在每次评估和结束时绘制 output.dir/loss.png（训练和评估损失）（需要 matplotlib）。",
         "train.eval_benchmark": "训练期间评分的多项选择基准，如 QLoRA 论文中对 MMLU（5-shot）所做的：其准确率写入 "
                                 "metrics.jsonl、loss.png、摘要和模型卡。除非设置了 train.eval_benchmark.path，否则关闭；"
@@ -267,7 +274,8 @@ HELP: dict[str, dict[str, str]] = {
                         "через рандомизированное SVD из N итераций, быстрее на больших весах), `olora` (на основе QR); "
                         "эти два требуют базу 16 или 32 бита, а сохранённый адаптер преобразуется в обычный LoRA ранга 2r "
                         "на исходной базе; или `loftq` на 4-битной базе (адаптер начинается с SVD ранга r ошибки "
-                        "квантования W - Q(W), W читается из safetensors чекпойнта).",
+                        "квантования W - Q(W), W читается из safetensors чекпойнта); или `eva` на любой базе (A — "
+                        "верхние r главных направлений входов каждого слоя на первых 32 обучающих образцах, B ноль).",
         "data.datasets": "Обучающие наборы данных, смешиваемые согласно их весам.",
         "data.eval_datasets": "Отложенные наборы данных для оценки (вместо eval_split).",
         "data.eval_split": "Отложить для оценки эту долю (0 < x < 1) или это число примеров (x >= 1) обучающих данных, "
@@ -387,6 +395,14 @@ HELP: dict[str, dict[str, str]] = {
                                "запуски и возобновлённые запуски дают побитово одинаковые адаптеры на CPU; на GPU "
                                "медленнее.",
         "train.tensorboard": "Также писать журналы TensorBoard в output.dir/tensorboard (нужен пакет tensorboard).",
+        "train.report_to": "Трекеры, получающие каждую строку metrics.jsonl (те же шаги, имена TensorBoard, например "
+                           "`train/loss`), конфигурацию и в конце ответы на примерные запросы: `tensorboard` (как "
+                           "train.tensorboard), `wandb` (Weights & Biases; при WANDB_MODE=offline запуск хранится в "
+                           "output.dir/wandb), `mlflow` (MLFLOW_TRACKING_URI, иначе локальное хранилище в output.dir). "
+                           "Для wandb и mlflow нужен `pip install 'loratune[trackers]'`; трекер, который не может "
+                           "запуститься, даёт лишь предупреждение. loratune.train.trackers",
+        "train.tracker_project": "Проект wandb и эксперимент MLflow для train.report_to; запуск называется по имени "
+                                 "папки output.dir.",
         "train.plot": "Рисовать output.dir/loss.png (потери на обучении и оценке) при каждой оценке и в конце (нужен "
                       "matplotlib).",
         "train.eval_benchmark": "Тест с выбором ответа, оцениваемый во время обучения, как в статье о QLoRA с MMLU "
