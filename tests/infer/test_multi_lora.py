@@ -13,8 +13,8 @@ import torch
 from run_folder import make_adapter_dir
 
 from loratune.decoder.generate import SlotDecoder
-from loratune.decoder.multi_lora import (LoRAPair, RowPlan, Stack, reference_segmented_lora, segmented_lora,
-                                         stacked_lora)
+from loratune.decoder.multi_lora import (LayerAdapters, LoRAPair, PassRows, RowPlan, Stack, reference_segmented_lora,
+                                         segmented_lora, stacked_lora)
 from loratune.errors import ModelError
 from loratune.infer.batcher import Batcher, Submission
 from loratune.infer.engine import Delta, Finish
@@ -72,6 +72,28 @@ def test_segmented_lora_equals_the_per_token_reference() -> None:
     assert mask[:3].tolist() == [[1.0] * 4 + [0.0] * 8] * 3 and mask[5:9].tolist() == [[0.0] * 4 + [1.0] * 8] * 4
     assert not mask[3:5].any() and not mask[9:].any()
     torch.testing.assert_close(stacked_lora(y.clone(), x, stack, mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_are_kept_and_rewritten_when_a_pass_starts_and_padding_repeats_the_first_row() -> None:
+    """What a captured decode step relies on: the mask of a token count stays one buffer, rewritten in place as
+    each pass starts (a replay runs no Python to ask for it); padded rows use the first row's adapter."""
+    layout = (("a", 2), ("b", 3))
+    plan = RowPlan()
+    with plan.rows(PassRows.of(["a", "b", None], [1, 1, 1], "cpu")):
+        mask = plan.mask(layout, torch.float32)
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
+    with plan.rows(PassRows.of([None, "a", "a"], [1, 1, 1], "cpu")):
+        assert mask.tolist() == [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]  # before any layer asks
+        assert plan.mask(layout, torch.float32) is mask
+    padded = PassRows.of(["b", None, "a"], [1, 1, 1], "cpu").padded(4)
+    assert padded.token_keys == ("b", None, "a", "b") and [k for k, _ in padded.groups] == ["b", "a"]
+    assert padded.groups[0][1].tolist() == [0, 3]
+    pairs = LoRAPair.of(torch.ones(2, 4), torch.ones(3, 2), 1.0, torch.float32)
+    version = plan.version
+    layer = LayerAdapters(plan)
+    layer.put("a", pairs)
+    layer.drop("a")
+    assert plan.version == version + 2  # a captured mixed step over the old stack is stale
 
 
 def _alone_logits(engine, key: str | None, prompt: list[int], tokens: list[int]) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Rows of one batch on different adapters, on a CUDA GPU (decoder/multi_lora.py through the batcher).
 
-- fp32 (TF32 off): a batch mixing the base and three adapters answers token for token as each request alone;
+Mixed decode steps are padded to their bucket and replayed from CUDA graphs (the stacked product; graphs
+captured after `EAGER_STEPS`), which the tests check by the runner's capture count.
+- fp32 (TF32 off): a batch mixing the base and two adapters answers token for token as each request alone;
 - NF4 base in bf16: the same mix agrees with each alone on the first tokens of most requests (bf16 sums in
   another order can flip a near-tie; the agreement is printed, run with -s), and the seconds of a mixed and an
   unmixed batch of the same size are printed.
@@ -27,8 +29,8 @@ PROMPTS = ["Hello", "What is QLoRA?", "Write a haiku about GPUs", "Count to five
            "Why is the sky blue?", "Translate 'cat' to French", "Tell me a joke"]
 
 
-def _batch(engine, jobs: list[tuple[str, str]], n: int) -> tuple[list[list[int]], float, int]:
-    """Greedy token ids of each (name, prompt) decoded in one batch, the seconds it took, its mixed passes."""
+def _batch(engine, jobs: list[tuple[str, str]], n: int) -> tuple[list[list[int]], float, Batcher]:
+    """Greedy token ids of each (name, prompt) decoded in one batch, the seconds it took, the batcher."""
     got: list[list[int]] = [[] for _ in jobs]
     batcher = Batcher(engine, slots=len(jobs), capacity=128)
     for i, (name, prompt) in enumerate(jobs):
@@ -42,7 +44,7 @@ def _batch(engine, jobs: list[tuple[str, str]], n: int) -> tuple[list[list[int]]
     while not batcher.empty:
         batcher.step()
     torch.cuda.synchronize()
-    return got, time.perf_counter() - start, batcher.mixed_passes
+    return got, time.perf_counter() - start, batcher
 
 
 def _alone(engine, name: str, prompt: str, n: int) -> list[int]:
@@ -61,8 +63,8 @@ def test_fp32_mixed_batch_equals_each_alone(adapter_a, adapter_b) -> None:
     assert engine.decoder and engine.model.embed.weight.is_cuda
     names = ["base", "alpha", "beta"]
     jobs = [(names[i % 3], p) for i, p in enumerate(PROMPTS)]
-    got, _, mixed = _batch(engine, jobs, 16)
-    assert mixed > 0
+    got, _, batcher = _batch(engine, jobs, 16)
+    assert batcher.mixed_passes > 0 and batcher.decoder.runner.captures > 0  # mixed steps replayed from graphs
     for (name, prompt), ids in zip(jobs, got):
         assert ids == _alone(engine, name, prompt, 16), (name, prompt)
 
@@ -76,7 +78,7 @@ def test_nf4_mixed_batch_agrees_with_each_alone(adapter_4bit, adapter_4bit_b) ->
     _batch(engine, jobs, 4)  # warm-up (kernels, graphs)
     got, t_mixed, mixed = _batch(engine, jobs, n)
     _, t_one, unmixed = _batch(engine, [("q4", p) for p in PROMPTS], n)
-    assert mixed > 0 and unmixed == 0
+    assert mixed.mixed_passes > 0 and unmixed.mixed_passes == 0 and mixed.decoder.runner.captures > 0
     same = sum(ids[:16] == _alone(engine, name, prompt, 16) for (name, prompt), ids in zip(jobs, got))
     print(f"NF4 bf16: {same}/{len(jobs)} mixed rows equal alone on 16 tokens; {len(jobs)} rows x {n} tokens: "
           f"mixed {t_mixed:.3f}s, one adapter {t_one:.3f}s")

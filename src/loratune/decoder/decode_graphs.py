@@ -20,12 +20,16 @@ memory pool, so a runner's graphs hold about one step's activations, not one per
 
 The graphs read the adapter casts of `StepWeights` and the cache's tensors by address; when the decoder's
 adapters change (another adapter put on, weights edited) the casts are made again and every graph is
-dropped (captured again on demand). Rows on several adapters in one pass (`decoder.multi_lora`, whose row
-plan is host data made per pass) step eagerly and unpadded.
+dropped (captured again on demand). Rows on several adapters in one pass (`decoder.multi_lora`) are padded
+like the others, the row plan extended with copies of the first row's adapter, when the bucket takes the
+stacked product (every resident adapter side by side, a per-row mask in a buffer the plan keeps and rewrites
+when the pass starts): such steps are captured too, per (bucket, key bucket) and stack version (a graph of a
+mixed step is dropped once an adapter is put on or dropped). Larger mixed passes step eagerly and unpadded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -33,8 +37,9 @@ import torch
 from torch import Tensor
 
 from loratune.decoder.cache import KVCache
-from loratune.decoder.decode_step import StepWeights, attention_kernel, decode_step
+from loratune.decoder.decode_step import StepWeights, attention_kernel, decode_step, mixed_rows
 from loratune.decoder.model import Decoder
+from loratune.decoder.multi_lora import RowPlan
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ class DecodeRunner:
         # the Triton decode attention reads each row up to its own position: one graph per batch bucket serves
         # every length (the key bucket is then the capacity)
         self.kernel_attention = attention_kernel(decoder, self.device)
-        self._captured: dict[tuple[int, int], _Graph] = {}
+        self._captured: dict[tuple[int, int, int | None], _Graph] = {}  # (bucket, key bucket, stack version)
         self._pool = None  # one memory pool for every graph of this runner (see `_capture`)
         self.eager_steps = EAGER_STEPS
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
@@ -93,27 +98,48 @@ class DecodeRunner:
         tokens = tokens.reshape(-1).to(torch.long)
         if self.weights.refresh():
             self._captured.clear()
-        # a row plan (several adapters) names the rows of the whole pass: one unpadded eager step, not pieces
-        mixed = self.weights.mixed()
-        piece = len(slots) if mixed else BUCKETS[-1]
-        outs = [self._step(slots[i:i + piece], tokens[i:i + piece], mixed) for i in range(0, len(slots), piece)]
+        # a row plan (several adapters) names the rows of the whole pass: one step, not pieces
+        plan = self._row_plan()
+        if plan is not None:
+            stale = [k for k in self._captured if k[2] is not None and k[2] != plan.version]
+            for k in stale:  # graphs of mixed steps over stacks that have changed since
+                del self._captured[k]
+            return self._step(slots, tokens, plan)
+        outs = [self._step(slots[i:i + BUCKETS[-1]], tokens[i:i + BUCKETS[-1]], None)
+                for i in range(0, len(slots), BUCKETS[-1])]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _step(self, slots: list[int], tokens: Tensor, mixed: bool) -> Tensor:
+    def _row_plan(self) -> RowPlan | None:
+        """The decoder's row plan when the pass in progress puts rows on adapters of their own, else None."""
+        m = next((m for m in self.weights.modules if mixed_rows(m)), None)
+        return None if m is None else m.mixed.plan
+
+    def _step(self, slots: list[int], tokens: Tensor, plan: RowPlan | None) -> Tensor:
         n = len(slots)
-        bucket = n if mixed else batch_bucket(n)
+        # a mixed step is padded (and may be captured) when its bucket takes the stacked product
+        padded = plan is None or (n <= BUCKETS[-1] and batch_bucket(n) <= plan.stacked_tokens)
+        bucket = batch_bucket(n) if padded else n
+        assert plan is None or plan.current is not None
+        rows = plan.rows(plan.current.padded(bucket)) if plan is not None else contextlib.nullcontext()
+        with rows:
+            return self._run(slots, tokens, bucket, None if plan is None else plan.version if padded else -1)
+
+    def _run(self, slots: list[int], tokens: Tensor, bucket: int, version: int | None) -> Tensor:
+        """The step of `slots` padded to `bucket` rows; `version`: the stack version of a mixed step (-1: one
+        that is never captured), None for an unmixed one."""
+        n = len(slots)
         kv_len = self.cache.capacity if self.kernel_attention else \
             key_bucket(max(self.cache.lengths[s] for s in slots) + 1, self.cache.capacity)
         self.cache.advanced(slots)  # checks the room first; the device lengths advance in the step itself
         host_slots = torch.tensor(slots + [slots[0]] * (bucket - n), dtype=torch.long)
         host_tokens = torch.cat([tokens.cpu(), tokens[:1].cpu().expand(bucket - n)])
-        key = (bucket, kv_len)
+        key = (bucket, kv_len, version)
         g = self._captured.get(key)
         if g is None:
             g = self._captured[key] = _Graph(torch.empty(bucket, dtype=torch.long, device=self.device),
                                              torch.empty(bucket, dtype=torch.long, device=self.device))
         g.steps += 1
-        if mixed or not self.graphs or g.failed or g.steps <= self.eager_steps:
+        if version == -1 or not self.graphs or g.failed or g.steps <= self.eager_steps:
             return decode_step(self.decoder, self.cache, host_tokens.to(self.device), host_slots.to(self.device),
                                kv_len, self.weights)[:n]
         g.slots.copy_(host_slots, non_blocking=True)

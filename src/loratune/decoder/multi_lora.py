@@ -82,15 +82,29 @@ class PassRows:
         groups = tuple((key, torch.tensor(idx, dtype=torch.long, device=device)) for key, idx in where.items())
         return cls(token_keys, groups, device)
 
+    def padded(self, tokens: int) -> PassRows:
+        """These rows of one token each, then copies of the first up to `tokens` (a decode step padded to its
+        batch bucket repeats its first row: the copies must compute what it computes)."""
+        extra = tokens - len(self.token_keys)
+        if extra <= 0:
+            return self
+        return PassRows.of(self.token_keys + (self.token_keys[0],) * extra, [1] * tokens, self.device)
+
 
 class RowPlan:
     """The rows of the pass in progress (`PassRows`; None outside a pass). Passes of at most `stacked_tokens`
-    tokens take the stacked product, longer ones the grouped one (see the module docstring)."""
+    tokens take the stacked product, longer ones the grouped one (see the module docstring).
+
+    The stacked product's masks live in buffers kept across passes, one per (layout, dtype, tokens), written in
+    place when a pass starts (`rows`): a captured decode step reads them by address, and a replay, which runs
+    no Python, finds the masks of its own pass there. `version` counts changes of the layers' stacks (an
+    adapter put on or dropped): a captured step is stale once it moved."""
 
     def __init__(self, stacked_tokens: int = 64) -> None:
         self.current: PassRows | None = None
         self.stacked_tokens = stacked_tokens
-        self._masks: dict[tuple, Tensor] = {}
+        self.version = 0
+        self._masks: dict[tuple, Tensor] = {}  # (layout, dtype, tokens) -> [tokens, R] on the device
 
     @property
     def groups(self) -> Groups:
@@ -98,13 +112,14 @@ class RowPlan:
 
     @contextlib.contextmanager
     def rows(self, rows: PassRows) -> Iterator[None]:
-        """`rows` for the passes inside (one pass, usually)."""
-        outer, self.current = (self.current, self._masks), rows
-        self._masks = {}
+        """`rows` for the passes inside (one pass, usually); the kept masks of its token count rewritten."""
+        outer, self.current = self.current, rows
+        for layout, dtype, n in [k for k in self._masks if k[2] == len(rows.token_keys)]:
+            self._masks[layout, dtype, n].copy_(self._host_mask(layout, dtype), non_blocking=True)
         try:
             yield
         finally:
-            self.current, self._masks = outer
+            self.current = outer
 
     @staticmethod
     def from_rows(keys: Sequence[str | None], lengths: Sequence[int], device: torch.device | str) -> PassRows:
@@ -112,19 +127,23 @@ class RowPlan:
 
     def mask(self, layout: tuple[tuple[str, int], ...], dtype: torch.dtype) -> Tensor:
         """[tokens, R] of this pass for a stack laid out as ((key, rank), ...): 1 in each token's own adapter's
-        columns. Made once per pass and layout (layers with the same adapters share it)."""
-        found = self._masks.get((layout, dtype))
+        columns. One buffer per layout and token count (layers with the same adapters share it), kept."""
+        assert self.current is not None
+        key = (layout, dtype, len(self.current.token_keys))
+        found = self._masks.get(key)
         if found is None:
-            assert self.current is not None
-            index = {key: i for i, (key, _) in enumerate(layout)}
-            column = [0] + [r for _, r in layout]
-            starts = torch.tensor(column).cumsum(0).tolist()
-            host = torch.zeros(len(self.current.token_keys), starts[-1], dtype=dtype)
-            for t, key in enumerate(self.current.token_keys):
-                if key in index:
-                    host[t, starts[index[key]]:starts[index[key] + 1]] = 1
-            found = self._masks[(layout, dtype)] = host.to(self.current.device)
+            found = self._masks[key] = self._host_mask(layout, dtype).to(self.current.device)
         return found
+
+    def _host_mask(self, layout: tuple[tuple[str, int], ...], dtype: torch.dtype) -> Tensor:
+        assert self.current is not None
+        index = {key: i for i, (key, _) in enumerate(layout)}
+        starts = torch.tensor([0] + [r for _, r in layout]).cumsum(0).tolist()
+        host = torch.zeros(len(self.current.token_keys), starts[-1], dtype=dtype)
+        for t, key in enumerate(self.current.token_keys):
+            if key in index:
+                host[t, starts[index[key]]:starts[index[key] + 1]] = 1
+        return host.pin_memory() if self.current.device.type == "cuda" else host
 
 
 class LayerAdapters:
@@ -139,10 +158,12 @@ class LayerAdapters:
     def put(self, key: str, pair: LoRAPair) -> None:
         self.pairs[key] = pair
         self._stack = None
+        self.plan.version += 1
 
     def drop(self, key: str) -> None:
         if self.pairs.pop(key, None) is not None:
             self._stack = None
+            self.plan.version += 1
 
     @property
     def active(self) -> bool:
