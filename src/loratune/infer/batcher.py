@@ -16,8 +16,8 @@ token for token; sampling: the same draws, its generator being its own).
 Rows of one batch may answer as different adapters, or as the bare base. A pass whose rows all use one
 adapter runs with it on the decoder's layers (`Engine.serving`: the fused LoRA path, the graphed decode
 step); a pass mixing adapters runs with none on and each row's adapter applied by the segmented LoRA
-product (`loratune.decoder.multi_lora`: the base product once, each adapter's update on its rows; the
-decode step then runs eagerly, `decoder.decode_graphs`). A request holds its adapter on the device from admission to its end
+product (`loratune.decoder.multi_lora`: the base product once, each adapter's update on its rows; a decode
+step of up to 32 rows is still padded and graphed, `decoder.decode_graphs`). A request holds its adapter on the device from admission to its end
 (`Engine.hold`), so the LRU of resident adapters never drops one in use; a request whose adapter finds no
 room (every resident one held, `--max-adapters`) waits (`fits`), and the caller admits in arrival order.
 """
