@@ -1,6 +1,7 @@
 """GPU: the decode attention kernel (`loratune.kernels.decode_attention`) against its reference (gathered keys,
 masked SDPA) on Llama-3-8B's attention shape (32 heads, 8 kv heads, head size 128) in bf16, 1 and 32 rows at
-positions up to 1,500, with a sliding window and with a soft-cap (Gemma 2's head size 256).
+positions up to 1,500, with a sliding window and with a soft-cap (Gemma 2's head size 256); the cache of 1,600
+positions split in 4 ranges of keys (flash-decoding, the default there) and whole.
 
 Run on the GPU machine: `python -m pytest tests/gpu/test_decode_attention_gpu.py -q -m gpu`. Both sides
 accumulate in fp32 and round the output to bf16; asserted: within 1e-2 of outputs of order 1.
@@ -34,6 +35,8 @@ def test_kernel_matches_the_reference(rows, heads, kv_heads, dim, window, softca
     if window is not None:
         mask &= (positions[:, None] - kpos) < window
     ref = reference_decode_attention(q, keys, values, slots, mask[:, None, None, :], dim ** -0.5, softcap)
-    got = triton_decode_attention(q, keys, values, slots, positions, dim ** -0.5, window, softcap)
+    got = triton_decode_attention(q, keys, values, slots, positions, dim ** -0.5, window, softcap)  # 4 key splits
+    whole = triton_decode_attention(q, keys, values, slots, positions, dim ** -0.5, window, softcap, splits=1)
     assert got.shape == ref.shape and got.dtype == torch.bfloat16
     assert (got.float() - ref.float()).abs().max() < 1e-2
+    assert (whole.float() - ref.float()).abs().max() < 1e-2

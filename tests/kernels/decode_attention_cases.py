@@ -38,8 +38,11 @@ def run_case(rows: int, heads: int, kv_heads: int, dim: int, window: int | None,
     ref = reference_decode_attention(q.float(), keys.float(), values.float(), slots, mask[:, None, None, :], scale,
                                      softcap)
     got = triton_decode_attention(q, keys, values, slots, positions, scale, window, softcap).float()
+    # the keys split in 4 ranges of 64 (flash-decoding): rows whose keys lie in 1, 2 or 3 of them, empty splits
+    split = triton_decode_attention(q, keys, values, slots, positions, scale, window, softcap, splits=4).float()
     return {"case": [rows, heads, kv_heads, dim, window, softcap, str(dtype)], "shape": list(got.shape),
-            "err": float((got - ref).abs().max()), "scale": float(ref.abs().max())}
+            "err": float((got - ref).abs().max()), "split_err": float((split - ref).abs().max()),
+            "scale": float(ref.abs().max())}
 
 
 if __name__ == "__main__":
