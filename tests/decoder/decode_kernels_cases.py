@@ -43,9 +43,9 @@ def main() -> dict:
     decode_step.fits_kernel = nf4_matvec.fits_kernel = lambda x, qs: x.dim() == 2 and x.shape[0] <= nf4_matvec.MAX_ROWS
     decode_step.fits_kernel_attention = decode_attention.fits_kernel = lambda device, head_dim: True
     assert decode_graphs.attention_kernel is decode_step.attention_kernel
-    sd = SlotDecoder(dec, 4, 60, graphs=False)
+    sd = SlotDecoder(dec, 4, 600, graphs=False)  # 600 positions: the attention splits the keys in 2 (one empty)
     assert sd.runner.kernel_attention
-    ref = dec.new_cache(4, 60)
+    ref = dec.new_cache(4, 600)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14)]
     slots = [3, 0, 1]
