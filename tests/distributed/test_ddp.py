@@ -83,7 +83,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Pat
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(*evals))
     ckpt = two / "checkpoints" / f"step-{STEPS:08d}"
     assert (ckpt / "rng_rank1.safetensors").is_file()  # the other rank's RNG, for exact resume
-    assert json.loads((two / "loratune_run.json").read_text())["processes"] == 2
+    run = json.loads((two / "loratune_run.json").read_text())
+    assert run["processes"] == 2 and run["strategy"] == "ddp"  # auto: the tiny model fits one process's memory
 
 
 def test_dpo_on_two_ranks_equals_one_process(tmp_path: Path, tiny_llama: Path) -> None:
