@@ -23,6 +23,7 @@ attention: H a multiple of H_kv) and return [N, H, D]. A sliding window of w kee
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -211,9 +212,14 @@ def _sdpa_rows(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, win
     return out.transpose(1, 2)[valid]
 
 
+def _rows_pay(b: Boundaries) -> bool:
+    """The SDPA path attends in padded rows (`_sdpa_rows`): lengths known, and at least half the work saved."""
+    return not b.device_only and 2 * len(b.lengths) * b.max_seqlen ** 2 <= b.n_tokens ** 2
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
           softcap: float | None, dropout: float) -> Tensor:
-    if not b.device_only and 2 * len(b.lengths) * b.max_seqlen ** 2 <= b.n_tokens ** 2:  # half the work saved: rows
+    if _rows_pay(b):
         return _sdpa_rows(q, k, v, b, scale, window, softcap, dropout)
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, N, D]
     out = dense_attention(qh, kh, vh, b.dense_mask(window)[None, None], scale, softcap, dropout)
@@ -253,12 +259,34 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window:
                                   deterministic=torch.are_deterministic_algorithms_enabled())
 
 
+# FlexAttention's compiled versions one process may need (grad and no-grad, a few stream shapes and dtypes, the
+# runs of a test session or the web UI): past torch's default limit of 8, dynamo would run a call eagerly, and a
+# block checkpointed by a compiled call but recomputed by an eager one saves other tensors in another order
+# (torch.utils.checkpoint's CheckpointError)
+FLEX_RECOMPILES = 64
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    """Compiled once; torch.compile's automatic dynamic shapes take over after the first new length."""
+    """Compiled once; torch.compile's automatic dynamic shapes take over after the first new length.
+
+    The backward pass recomputes a checkpointed block on autograd's device thread, and dynamo guards on the
+    intra-op thread count: that thread count is made the process's own here (before the first backward pass
+    starts autograd's threads), so that the recompute finds the forward pass's compiled graph instead of
+    compiling another one."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch.set_num_threads(torch.get_num_threads())
     return torch.compile(flex_attention)
+
+
+def _recompile_budget():
+    """The context of a compiled FlexAttention call: dynamo's recompile limit at least FLEX_RECOMPILES."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(int(getattr(config, name)), FLEX_RECOMPILES)})
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
@@ -275,10 +303,14 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: 
 
         def score_mod(score, bi, h, qi, ki):
             return torch.tanh(score / cap) * cap
-    fn = _compiled_flex() if q.is_cuda else flex_attention  # unfused (and slow) off CUDA: for tests
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
-    out = fn(qh, kh, vh, score_mod=score_mod, block_mask=b.block_mask(window), scale=scale,
-             enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = {"score_mod": score_mod, "block_mask": b.block_mask(window), "scale": scale,
+              "enable_gqa": q.shape[1] != k.shape[1]}
+    if q.is_cuda:
+        with _recompile_budget():
+            out = _compiled_flex()(qh, kh, vh, **kwargs)
+    else:  # unfused (and slow) off CUDA: for tests
+        out = flex_attention(qh, kh, vh, **kwargs)
     return out[0].transpose(0, 1)
 
 
@@ -324,17 +356,45 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
+def route(b: Boundaries, window: int | None, softcap: float | None, backend: str) -> str:
+    """The implementation `attend` takes for these boundaries: rows of one length (`equal_rows`) take SDPA's
+    causal kernel ("rows"), a FlexAttention stream under FLEX_MIN_TOKENS tokens the SDPA path, boundaries made
+    on the device FlexAttention instead of flash (which needs the lengths on the host)."""
+    if backend == "flash" and b.device_only:
+        backend = "flex" if flex_available() else "sdpa"
+    if backend != "flash" and equal_rows(b, window, softcap):
+        return "rows"
+    if backend == "flex" and b.n_tokens < FLEX_MIN_TOKENS:
+        return "sdpa"
+    return backend
+
+
+def prepare(b: Boundaries, windows: Iterable[int | None], softcap: float | None, backend: str) -> None:
+    """Build every mask that `attend` will read from `b` for layers of these windows, now.
+
+    Called before the decoder's layers run, so that no mask is first built inside a checkpointed block: the
+    forward pass and its recomputation in the backward pass then do exactly the same work on the same tensors
+    (the recompute finds what the forward built, never builds it in a different order or on another path)."""
+    for window in dict.fromkeys(windows):
+        path = route(b, window, softcap, backend)
+        if path == "flex":
+            b.block_mask(window)
+        elif path == "sdpa":
+            if _rows_pay(b):
+                b.padded_layout()
+                b.padded_mask(window)
+            else:
+                b.dense_mask(window)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, *, scale: float, window: int | None = None,
            softcap: float | None = None, dropout: float = 0.0, backend: str = "sdpa") -> Tensor:
     """Causal attention within each sample of the stream: q [N, H, D], k/v [N, H_kv, D] -> [N, H, D].
 
     Whatever the backend, rows of one length (`equal_rows`) take SDPA's causal kernel, and a FlexAttention
     stream under FLEX_MIN_TOKENS tokens the SDPA path. Boundaries made on the device (`Boundaries.on_device`) go
-    to FlexAttention instead of flash (which needs the lengths on the host)."""
-    if backend == "flash" and b.device_only:
-        backend = "flex" if flex_available() else "sdpa"
-    if backend != "flash" and equal_rows(b, window, softcap):
+    to FlexAttention instead of flash (which needs the lengths on the host): see `route`."""
+    path = route(b, window, softcap, backend)
+    if path == "rows":
         return _equal_rows(q, k, v, b, scale, window, softcap, dropout)
-    if backend == "flex" and b.n_tokens < FLEX_MIN_TOKENS:
-        backend = "sdpa"
-    return _IMPLS[backend](q, k, v, b, scale, window, softcap, dropout)
+    return _IMPLS[path](q, k, v, b, scale, window, softcap, dropout)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from loratune.decoder.attention import Boundaries, attend, resolve_backend
+from loratune.decoder.attention import Boundaries, attend, prepare, resolve_backend
 from loratune.decoder.cache import KVCache
 from loratune.decoder.config import DecoderConfig
 from loratune.decoder.keys import (
@@ -225,6 +225,8 @@ class Decoder(nn.Module):
         extent = b.extent() if any(r.needs_extent for r in self.ropes) else None
         tables = [rope(b.positions, x.dtype, extent) for rope in self.ropes]
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
+        if cache is None:  # every mask the layers read, built here: never first inside a checkpointed block
+            prepare(b, self.config.windows, self.config.attn_softcap, backend)
         for block, r in zip(self.layers, self.rope_of_layer):
             cos, sin = tables[r]
             if recompute:
