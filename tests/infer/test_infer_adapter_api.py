@@ -13,6 +13,8 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from test_infer_server import KEY, LiveServer, raw
 
 from loratune.infer.engine import Delta
@@ -34,6 +36,11 @@ def runs(adapter_a: Path, adapter_b: Path, tmp_path_factory: pytest.TempPathFact
     shutil.copytree(adapter_b, root / "otherbase")
     yaml = (root / "otherbase" / "loratune.yaml").read_text()  # model.path is its first `path:`
     (root / "otherbase" / "loratune.yaml").write_text(yaml.replace("path: ", "path: /elsewhere", 1))
+    shutil.copytree(adapter_b, root / "othershapes")  # A one column wider than the layer's input
+    weights = load_file(str(root / "othershapes" / "adapter_model.safetensors"))
+    name = next(k for k in sorted(weights) if k.endswith("q_proj.lora_A.weight"))
+    weights[name] = torch.cat([weights[name], weights[name][:, :1]], dim=1)
+    save_file(weights, str(root / "othershapes" / "adapter_model.safetensors"))
     (root / "empty").mkdir()
     return root
 
@@ -106,6 +113,7 @@ def test_the_lru_drops_and_reloads_adapters_behind_the_api(served, runs: Path) -
     ({"name": "z", "path": "RUNS/empty"}, 400, "path", "not an adapter folder"),
     ({"name": "z", "path": "RUNS/othershape"}, 400, "path", "the config says r=4"),
     ({"name": "z", "path": "RUNS/otherbase"}, 400, "path", "this server's base is"),
+    ({"name": "z", "path": "RUNS/othershapes"}, 400, "path", "an adapter of another base model?"),
     ({"name": "alpha", "path": "RUNS/beta"}, 409, "name", "already served"),
     ({"name": "base", "path": "RUNS/beta"}, 409, "name", "already served"),
     ({"name": "a/b", "path": "RUNS/beta"}, 400, "name", "expected letters"),
