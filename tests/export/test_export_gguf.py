@@ -41,6 +41,52 @@ def q8_files(tiny_models: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     return {fam: convert(tiny_models[fam], root / f"{fam}.gguf", "q8_0").path for fam in FAMILIES}
 
 
+@pytest.fixture(scope="module")
+def spm_llama(tmp_path_factory) -> Path:
+    """A tiny Llama with a SentencePiece-style tokenizer (BPE with byte fallback, "▁" for spaces, as Llama 2's
+    and Mistral's tokenizer.json), trained on the tiny corpus."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from loratune.data.templates import TEMPLATES
+    from loratune.model.tiny import _corpus, _random_model
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                           show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf_tok.chat_template = TEMPLATES["mistral"].jinja
+    config = AutoConfig.for_model("llama", vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    folder = tmp_path_factory.mktemp("spm") / "spm-llama"
+    _random_model(config, seed=0).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+def test_sentencepiece_style_vocabulary(spm_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spm_llama)
+    reader = GGUFReader(convert(spm_llama, tmp_path / "spm.gguf", "q8_0").path)
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    types = _field(reader, "tokenizer.ggml.token_type")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    assert types[1] == types[2] == 3 and types[0] == 2  # <s>, </s> CONTROL; <unk> UNKNOWN
+    assert all(types[i] == 6 for i in range(3, 259))  # <0x00>..<0xFF> BYTE
+    normal = [i for i, t in enumerate(types) if t == 1]
+    assert normal and all(scores[a] > scores[b] for a, b in zip(normal, normal[1:]))  # earlier pieces merge first
+    assert _field(reader, "tokenizer.ggml.tokens")[:len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+
+
 def test_q4_k_blocks_decode_with_the_gguf_package():
     rng = np.random.default_rng(0)
     x = rng.normal(0.0, 0.05, (16, 512)).astype(np.float32)
@@ -216,6 +262,21 @@ def test_llama_cpp_logits_follow_the_model(family, kind, tiny_models, tmp_path):
     assert report.tokenizer_same == report.tokenizer_total == 6
     assert report.agreement.top1 >= (0.99 if kind == "f16" else 0.95)
     assert report.agreement.positions > 100
+
+
+def test_llama_cpp_sentencepiece_tokenizer_and_logits(spm_llama, tmp_path):
+    """The SentencePiece-style vocabulary tokenizes in llama.cpp exactly as in transformers (byte fallback for
+    characters outside the vocabulary, the space prefix), and the logits follow."""
+    _needs_llama_cpp()
+    import shutil
+
+    from loratune.export.gguf_export import export_gguf
+
+    folder = tmp_path / "spm"
+    shutil.copytree(spm_llama, folder)
+    report = export_gguf(folder, "q8_0", stops=[], source="test")
+    assert report.tokenizer_same == report.tokenizer_total
+    assert report.agreement.top1 >= 0.95
 
 
 def test_llama_cpp_q4_k_on_a_model_with_256_wide_rows(tmp_path):

@@ -145,6 +145,8 @@ def _add_rope(w, arch: Arch, rc, hf: Any, warnings: list[str]):
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(rc.factor)
         w.add_rope_scaling_orig_ctx_len(rc.original_max_position)
+        w.add_rope_scaling_yarn_beta_fast(rc.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(rc.beta_slow)
         default = 0.1 * math.log(rc.factor) + 1.0
         if not math.isclose(rc.attention_factor, default, rel_tol=1e-6):
             w.add_rope_scaling_attn_factors(rc.attention_factor / default)

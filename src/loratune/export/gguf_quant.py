@@ -6,7 +6,8 @@ GGML's block_q4_K, checked against `gguf.quants.dequantize` in the tests: 256 va
 sub-blocks of 32 with a 6-bit scale and a 6-bit min each (packed into 12 bytes), the super-block's fp16 scale
 `d` and min scale `dmin`, then the 4-bit values two per byte; a value is d * sc_j * q - dmin * m_j.
 The scale and min of each sub-block come from a small search (as llama.cpp's make_qkx2_quants does, in
-fewer steps): the range is shrunk from each end in a few steps and the least squared error kept.
+fewer steps): the range is shrunk from each end in a few steps and the least squared error kept. It runs in
+torch, on the GPU when there is one (about 24 passes over each matrix).
 
 Type choice per tensor (GGUF shape: the row is the fastest dimension):
 - 1-D tensors (norms, biases) and `rope_freqs`: F32, as llama.cpp expects;
@@ -19,7 +20,10 @@ Type choice per tensor (GGUF shape: the row is the fastest dimension):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 QK_K = 256
 Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # d, dmin, packed scales and mins, 4-bit values
@@ -66,46 +70,56 @@ def _pack_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sub_block_ranges(x: np.ndarray, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def _sub_block_ranges(x: torch.Tensor, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sub-block [n, 8, 32]: (scale, min >= 0) with x ~ scale * q - min, q in 0..15, chosen from a few
     shrunk ranges by least squared error."""
-    lo = np.minimum(x.min(axis=-1), 0.0)
-    hi = x.max(axis=-1)
-    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
-    best_scale, best_min = np.zeros_like(lo), -lo
+    lo = torch.clamp_max(x.amin(dim=-1), 0.0)
+    hi = x.amax(dim=-1)
+    best_err = torch.full_like(lo, math.inf)
+    best_scale, best_min = torch.zeros_like(lo), -lo
     for k in range(steps):
         shrink = 1.0 - 0.04 * k
         for a, b in ((lo * shrink, hi), (lo, hi * shrink), (lo * shrink, hi * shrink)):
             scale = (b - a) / 15.0
-            safe = np.where(scale > 0, scale, 1.0)
-            q = np.clip(np.rint((x - a[..., None]) / safe[..., None]), 0, 15)
-            err = (((q * scale[..., None] + a[..., None]) - x) ** 2).sum(axis=-1)
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.clamp(torch.round((x - a[..., None]) / safe[..., None]), 0, 15)
+            err = ((q * scale[..., None] + a[..., None]) - x).square().sum(dim=-1)
             better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_min = np.where(better, -a, best_min)
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_min = torch.where(better, -a, best_min)
     return best_scale, best_min
 
 
-def quantize_q4_k(data: np.ndarray) -> np.ndarray:
-    """Rows of `data` (last dimension a multiple of 256) as GGML Q4_K blocks: uint8 [..., row / 256 * 144]."""
+def quantize_q4_k(data: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
+    """Rows of `data` (last dimension a multiple of 256) as GGML Q4_K blocks: uint8 [..., row / 256 * 144].
+    Computed with torch (on the GPU when there is one), a chunk of rows at a time."""
     if data.shape[-1] % QK_K:
         raise ValueError(f"Q4_K needs rows of a multiple of {QK_K} values, got {data.shape[-1]}")
-    x = data.astype(np.float32).reshape(-1, 8, 32)
+    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, data.shape[-1])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = [_q4_k_blocks(torch.from_numpy(flat[i:i + rows_per_chunk]).to(device).reshape(-1, 8, 32))
+             for i in range(0, flat.shape[0], rows_per_chunk)]
+    blocks = np.concatenate(parts) if parts else np.zeros((0, Q4_K_BYTES), dtype=np.uint8)
+    return blocks.reshape(*data.shape[:-1], data.shape[-1] // QK_K * Q4_K_BYTES)
+
+
+def _q4_k_blocks(x: torch.Tensor) -> np.ndarray:
+    """Super-blocks x [n, 8, 32] (fp32) -> uint8 [n, 144]."""
     n = x.shape[0]
     scale, mins = _sub_block_ranges(x)
-    d = (scale.max(axis=1) / 63.0).astype(np.float16).astype(np.float32)
-    dmin = (mins.max(axis=1) / 63.0).astype(np.float16).astype(np.float32)
-    sd, sm = np.where(d > 0, d, 1.0), np.where(dmin > 0, dmin, 1.0)
-    sc = np.clip(np.rint(scale / sd[:, None]), 0, 63).astype(np.uint8)
-    mn = np.clip(np.rint(mins / sm[:, None]), 0, 63).astype(np.uint8)
+    d = (scale.amax(dim=1) / 63.0).half().float()
+    dmin = (mins.amax(dim=1) / 63.0).half().float()
+    one = torch.ones_like(d)
+    sc = torch.clamp(torch.round(scale / torch.where(d > 0, d, one)[:, None]), 0, 63)
+    mn = torch.clamp(torch.round(mins / torch.where(dmin > 0, dmin, one)[:, None]), 0, 63)
     step = d[:, None] * sc  # the scales as stored
     offset = dmin[:, None] * mn
-    safe = np.where(step > 0, step, 1.0)
-    q = np.clip(np.rint((x + offset[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.clamp(torch.round((x + offset[..., None]) / safe[..., None]), 0, 15).to(torch.uint8)
     q = q.reshape(n, 4, 2, 32)
-    packed = q[:, :, 0, :] | (q[:, :, 1, :] << 4)  # sub-blocks 2g (low nibble) and 2g + 1 (high) share bytes
-    blocks = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(n, 2),
-                             dmin.astype(np.float16).view(np.uint8).reshape(n, 2),
-                             _pack_scales(sc, mn), packed.reshape(n, 128)], axis=1)
-    return blocks.reshape(*data.shape[:-1], data.shape[-1] // QK_K * Q4_K_BYTES)
+    packed = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).cpu().numpy()  # sub-blocks 2g (low nibble), 2g + 1 (high)
+    sc, mn = sc.to(torch.uint8).cpu().numpy(), mn.to(torch.uint8).cpu().numpy()
+    return np.concatenate([d.half().cpu().numpy().view(np.uint8).reshape(n, 2),
+                           dmin.half().cpu().numpy().view(np.uint8).reshape(n, 2),
+                           _pack_scales(sc, mn), packed.reshape(n, 128)], axis=1)

@@ -105,10 +105,10 @@ def read_vocab(folder: Path, vocab_size: int, unk_id: int | None) -> Vocab:
             types.append(UNUSED)
             continue
         tokens.append(ids[i])
-        if i in added:
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
-        elif i == unk_id:
+        if i == unk_id:
             types.append(UNKNOWN)
+        elif i in added:
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         else:
             types.append(NORMAL)
     if _is_byte_level(spec):
@@ -117,8 +117,8 @@ def read_vocab(folder: Path, vocab_size: int, unk_id: int | None) -> Vocab:
     if not model.get("byte_fallback"):
         raise ExportError(f"{path}: a BPE tokenizer that is neither byte-level nor SentencePiece-style (byte "
                           "fallback); llama.cpp has no such tokenizer")
-    for i, t in enumerate(tokens):
-        if types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+    for i, t in enumerate(tokens):  # byte pieces, in the model's vocabulary or added as tokens
+        if types[i] != UNUSED and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
             types[i] = BYTE
     # SentencePiece BPE merges the highest-scoring pair first; its scores fall with the piece's id
     scores = [-float(i) if types[i] == NORMAL else 0.0 for i in range(vocab_size)]
