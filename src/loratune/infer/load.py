@@ -315,9 +315,11 @@ class Engine:
     def serving(self, keys: set[str | None]) -> Iterator[torch.nn.Module]:
         """The decoder for a pass whose rows use the adapters `keys` (held ones): one key, that adapter on its
         layers (the fused LoRA path); several, none on (the caller lays out rows with `bank.plan.rows`)."""
-        assert self.bank is not None
         with self._lock:
-            self.bank.activate(next(iter(keys)) if len(keys) == 1 else None)
+            if self.bank is not None:
+                self.bank.activate(next(iter(keys)) if len(keys) == 1 else None)
+            elif len(keys) > 1:  # (`engine_for`: one model as it is, no adapters kept aside)
+                raise ModelError(f"this engine serves one model as it is; rows asked for {sorted(map(str, keys))}")
             yield self.model
 
     @contextlib.contextmanager
