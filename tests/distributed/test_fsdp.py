@@ -29,6 +29,7 @@ STEPS = 4
 
 def _sections(accum: int, batching: str, strategy: str = "fsdp", **train_extra: object) -> dict:
     return {"adapter": {"dropout": 0.0},  # dropout draws differ between layouts: off for the comparison
+            "quantization": {"compute_dtype": "fp32"},
             "train": {"grad_accum": accum, "max_steps": STEPS, "save_every": 2, "lr": 1e-3, "batching": batching,
                       "strategy": strategy, **train_extra}}
 

@@ -25,7 +25,7 @@ def _plain_and_grouped(tmp_path: Path, model: Path, **train_extra: object) -> tu
     for name in ("plain", "grouped"):
         folder = tmp_path / name
         folder.mkdir()
-        sections = {**_sections(4, "padding_free", **train_extra), "quantization": {"compute_dtype": "fp32"}}
+        sections = _sections(4, "padding_free", **train_extra)  # fp32 compute
         path = write_run_yaml(folder, model, **sections)
         if name == "plain":
             result = train(config(path))
@@ -58,8 +58,7 @@ def test_two_sharded_gpus_train_what_one_gpu_trains(tmp_path: Path, tiny_llama: 
     for name, accum, world in (("one", 4, 1), ("two", 2, 2)):
         folder = tmp_path / name
         folder.mkdir()
-        sections = {**_sections(accum, "padding_free", "fsdp" if world == 2 else "auto", **extra),
-                    "quantization": {"compute_dtype": "fp32"}}
+        sections = _sections(accum, "padding_free", "fsdp" if world == 2 else "auto", **extra)  # fp32 compute
         path = write_run_yaml(folder, tiny_llama, **sections)
         if world == 1:
             train(config(path))
