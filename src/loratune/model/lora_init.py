@@ -11,6 +11,8 @@
                 approximation of the quantization error, s B A = SVD_r(W - Q(W)), so base + adapter is closer
                 to the original weights than the 4-bit base alone. W is read from the checkpoint's
                 safetensors files.
+    eva         EVA: A from the principal directions of each layer's inputs on training data, B = 0
+                (data-driven: `loratune.model.eva`, applied by the run once the data is read)
 
 The arithmetic follows peft (`LoraLayer.pissa_init`, `olora_init`, `loftq_utils._low_rank_decomposition`),
 written here once for both model codes: loratune's decoder gets its factors from these functions, and the
@@ -42,8 +44,8 @@ from torch import Tensor
 
 from loratune.errors import ConfigError, ModelError
 
-INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
-_PATTERN = re.compile(r"^(default|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora|loftq)$")
+INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq", "eva")
+_PATTERN = re.compile(r"^(default|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora|loftq|eva)$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -71,7 +73,7 @@ def changes_base(init: str) -> bool:
 
 def peft_init_value(init: str) -> bool | str:
     """`LoraConfig.init_lora_weights` for `adapter.init` on the transformers path (loftq is applied afterwards)."""
-    return {"default": True, "loftq": True}.get(init, init)
+    return {"default": True, "loftq": True, "eva": True}.get(init, init)
 
 
 # ------------------------------------------------------------------------------------------------ factors
@@ -261,7 +263,7 @@ def init_decoder(decoder, init: str, model_path: str, revision: str | None = Non
     initialisation they replace); returns the initial adapter where the base changed (PiSSA, OLoRA), else None."""
     from loratune.decoder.keys import PEFT_PREFIX
 
-    if init == "default":
+    if init in ("default", "eva"):  # eva is data-driven: loratune.model.eva, once the data is read
         return None
     originals = _originals(init, model_path, revision)
     kept: dict[str, Tensor] = {}
