@@ -138,3 +138,17 @@ def test_memory_plan_follows_max_length_and_context(plain_llama, quiet):
     assert stretched.context == "context: data.max_length 64 tokens of the model's 64 (RoPE yarn x4)"
     assert stretched.plan.seq_len == 64
     assert stretched.plan.total == short.plan.total  # the same shapes: RoPE scaling costs no memory
+
+
+def test_plan_through_the_cli_plans_the_stretched_context(plain_llama, tmp_path, capsys, quiet):
+    from loratune.cli import main
+
+    config = tmp_path / "long.yaml"
+    config.write_text(f"model:\n  path: {plain_llama}\n  rope_scaling: {{type: linear, factor: 8}}\n"
+                      "quantization: {bits: 32}\ndata:\n  max_length: 128\ntrain: {batch_size: 1}\n", encoding="utf-8")
+    assert main(["plan", str(config), "--device", "cpu", "--budget-gib", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "context: data.max_length 128 tokens of the model's 128 (RoPE linear x8)" in out
+    assert "1 x 128 tokens" in out
+    assert main(["plan", str(config), "--device", "cpu", "--budget-gib", "64", "model.rope_scaling.factor=0.5"]) == 2
+    assert "model.rope_scaling.factor must be > 1" in capsys.readouterr().err

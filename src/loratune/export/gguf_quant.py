@@ -91,13 +91,13 @@ def _sub_block_ranges(x: torch.Tensor, steps: int = 8) -> tuple[torch.Tensor, to
     return best_scale, best_min
 
 
-def quantize_q4_k(data: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
+def quantize_q4_k(data: np.ndarray, rows_per_chunk: int = 4096, device: str | None = None) -> np.ndarray:
     """Rows of `data` (last dimension a multiple of 256) as GGML Q4_K blocks: uint8 [..., row / 256 * 144].
-    Computed with torch (on the GPU when there is one), a chunk of rows at a time."""
+    Computed with torch on `device` (default: the GPU when there is one), a chunk of rows at a time."""
     if data.shape[-1] % QK_K:
         raise ValueError(f"Q4_K needs rows of a multiple of {QK_K} values, got {data.shape[-1]}")
     flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, data.shape[-1])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     parts = [_q4_k_blocks(torch.from_numpy(flat[i:i + rows_per_chunk]).to(device).reshape(-1, 8, 32))
              for i in range(0, flat.shape[0], rows_per_chunk)]
     blocks = np.concatenate(parts) if parts else np.zeros((0, Q4_K_BYTES), dtype=np.uint8)
