@@ -49,9 +49,10 @@ class Resolved:
     fused_mlp: bool  # SwiGLU through the fused kernel (our decoder on CUDA)
     padding_free: bool  # train.batching
     max_length: int  # data.max_length: the longest sample
-    # padding-free streams padded to the token budget (our decoder on CUDA, SFT): every micro-batch has one shape,
-    # so compiled attention compiles once instead of once per new length (and never meets a stream too short for
-    # its kernels); the padding is a segment of its own that no label and no other sample sees
+    # padding-free streams padded to the token budget (our decoder on CUDA, every method: SFT and the preference
+    # methods' pairs alike): every micro-batch has one shape, so compiled attention compiles once (per grad mode)
+    # instead of once per new length (and never meets a stream too short for its kernels); the padding is a segment
+    # of its own that no label, no numbered sequence and no other sample sees
     pad_streams: bool = False
     batch_size: int | None = None  # samples per padded micro-batch; batch_size x grad_accum samples per step
     tokens_per_batch: int | None = None  # padding-free: the token budget of one micro-batch
@@ -174,5 +175,5 @@ def decide(cfg: Config, device: str | None = None, model_config: Any | None = No
         # graphs replay our decoder's fixed-shape streams (pad_streams); the transformers fallback runs eagerly
         graphs=graphs_wanted(cfg, device) and decoder and padding_free and cfg.train.method == "sft",
         fused_mlp=kernels, padding_free=padding_free,
-        pad_streams=padding_free and decoder and cuda and cfg.train.method == "sft", max_length=cfg.data.max_length)
+        pad_streams=padding_free and decoder and cuda, max_length=cfg.data.max_length)
     return r if batch is None else r.with_batch(batch, cfg.train.tokens_per_batch)
