@@ -41,6 +41,10 @@ def runs(adapter_a: Path, adapter_b: Path, tmp_path_factory: pytest.TempPathFact
     name = next(k for k in sorted(weights) if k.endswith("q_proj.lora_A.weight"))
     weights[name] = torch.cat([weights[name], weights[name][:, :1]], dim=1)
     save_file(weights, str(root / "othershapes" / "adapter_model.safetensors"))
+    shutil.copytree(adapter_b, root / "othermodules")  # weights for a layer this decoder does not have
+    weights = load_file(str(root / "othermodules" / "adapter_model.safetensors"))
+    weights = {k.replace("layers.0.", "layers.99.", 1): v for k, v in weights.items()}
+    save_file(weights, str(root / "othermodules" / "adapter_model.safetensors"))
     (root / "empty").mkdir()
     return root
 
@@ -114,6 +118,7 @@ def test_the_lru_drops_and_reloads_adapters_behind_the_api(served, runs: Path) -
     ({"name": "z", "path": "RUNS/othershape"}, 400, "path", "the config says r=4"),
     ({"name": "z", "path": "RUNS/otherbase"}, 400, "path", "this server's base is"),
     ({"name": "z", "path": "RUNS/othershapes"}, 400, "path", "an adapter of another base model?"),
+    ({"name": "z", "path": "RUNS/othermodules"}, 400, "path", "which is not a projection of this llama decoder"),
     ({"name": "alpha", "path": "RUNS/beta"}, 409, "name", "already served"),
     ({"name": "base", "path": "RUNS/beta"}, 409, "name", "already served"),
     ({"name": "a/b", "path": "RUNS/beta"}, 400, "name", "expected letters"),
