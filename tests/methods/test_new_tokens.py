@@ -115,3 +115,16 @@ def test_decoder_refuses_new_tokens(tiny_llama: Path) -> None:
 
     with pytest.raises(ModelError, match="add_tokens"):
         check_supported(load_config(None, [f"model.path={tiny_llama}", "model.add_tokens=[x]"]))
+
+
+def test_export_merges_the_new_rows(run_with_tokens: Path, tmp_path: Path) -> None:
+    from loratune.export.merge import export
+
+    export(run_with_tokens, tmp_path / "merged", dtype="fp32")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok) == len(AutoTokenizer.from_pretrained(run_with_tokens))
+    weights = load_file(run_with_tokens / "adapter_model.safetensors")
+    emb = next(v for k, v in weights.items() if "embed_tokens" in k)
+    new_ids = tok.convert_tokens_to_ids(NEW + SPECIAL)
+    torch.testing.assert_close(merged.get_input_embeddings().weight[new_ids], emb[new_ids])

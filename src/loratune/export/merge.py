@@ -31,6 +31,7 @@ from loratune.config import Config, ModelConfig
 from loratune.errors import LoratuneError
 from loratune.infer.load import RunFolder, make_format, quiet_loading, read_run_folder
 from loratune.model.load import load_base, load_tokenizer
+from loratune.model.new_tokens import resize_for_tokens
 from loratune.model.quant import DTYPES
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,9 @@ def _probes(fmt, model: torch.nn.Module, sample_prompts: list[str], answer_token
 def _load_quantized_with_adapter(cfg: Config, run: RunFolder):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(cfg), str(run.path)).eval()
+    base = load_base(cfg)
+    resize_for_tokens(base, len(load_tokenizer(ModelConfig(path=str(run.path)))[0]))  # model.add_tokens runs
+    return PeftModel.from_pretrained(base, str(run.path)).eval()
 
 
 def export(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", quantize_4bit: str | Path | None = None,
@@ -191,6 +194,7 @@ def _export(adapter: str | Path, out: str | Path, dtype: str, quantize_4bit: str
         base = base.dequantize(dtype=torch_dtype)
     for p in base.parameters():  # parameters only: buffers such as rotary inv_freq stay as the model made them
         p.data = p.data.to(torch_dtype)
+    resize_for_tokens(base, len(tok))  # a run that added tokens: the base grown to its tokenizer (new_tokens.py)
     model = PeftModel.from_pretrained(base, str(run.path)).eval()  # adapter on the dequantized base
     fmt = make_format(tok, info, model, run.stop)
     if prompts is None:
