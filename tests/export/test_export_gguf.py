@@ -42,6 +42,27 @@ def q8_files(tiny_models: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def models(tiny_models: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """The tiny families, and a tiny Gemma 2 (soft-caps, sandwich norms, sliding window on even layers) around
+    the tiny Gemma's tokenizer."""
+    from loratune.model.tiny import build_tiny_arch
+
+    gemma2 = build_tiny_arch("gemma2", tiny_models["gemma"], tmp_path_factory.mktemp("gemma2") / "gemma2")
+    return {**tiny_models, "gemma2": gemma2}
+
+
+def test_gemma2_layout(models, tmp_path):
+    reader = GGUFReader(convert(models["gemma2"], tmp_path / "g2.gguf", "f16").path)
+    assert _field(reader, "general.architecture") == "gemma2"
+    assert _field(reader, "gemma2.attn_logit_softcapping") == 50.0
+    assert _field(reader, "gemma2.final_logit_softcapping") == 30.0
+    assert _field(reader, "gemma2.attention.sliding_window") == 16
+    names = {t.name for t in reader.tensors}
+    assert {"blk.1.post_attention_norm.weight", "blk.1.ffn_norm.weight", "blk.1.post_ffw_norm.weight"} <= names
+    assert "output.weight" not in names  # tied
+
+
+@pytest.fixture(scope="module")
 def spm_llama(tmp_path_factory) -> Path:
     """A tiny Llama with a SentencePiece-style tokenizer (BPE with byte fallback, "▁" for spaces, as Llama 2's
     and Mistral's tokenizer.json), trained on the tiny corpus."""
@@ -245,9 +266,9 @@ def _needs_llama_cpp():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'loratune[gguf]')")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["gemma2"])
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
-def test_llama_cpp_logits_follow_the_model(family, kind, tiny_models, tmp_path):
+def test_llama_cpp_logits_follow_the_model(family, kind, models, tmp_path):
     """llama.cpp (llama-cpp-python) on the GGUF against transformers on the same folder: top-1 agreement at
     every position of the probes (f16 >= 99%, q8_0 >= 95%) and the same token ids for the probe texts."""
     _needs_llama_cpp()
@@ -256,7 +277,7 @@ def test_llama_cpp_logits_follow_the_model(family, kind, tiny_models, tmp_path):
     from loratune.export.gguf_export import export_gguf
 
     folder = tmp_path / family
-    shutil.copytree(tiny_models[family], folder)
+    shutil.copytree(models[family], folder)
     report = export_gguf(folder, kind, stops=[], source="test")
     assert report.checked
     assert report.tokenizer_same == report.tokenizer_total == 6

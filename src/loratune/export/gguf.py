@@ -7,9 +7,11 @@ that model and how its tensors are laid out there:
 - Llama and Mistral run as llama.cpp's `llama`, whose RoPE rotates adjacent pairs of each head, where
   transformers rotates its two halves: q and k rows are permuted into llama.cpp's order (the attention
   scores are unchanged, so the logits are);
-- Qwen2 (`qwen2`, q/k/v biases) and Gemma (`gemma`) rotate halves, as transformers does: no permutation;
+- Qwen2 (`qwen2`, q/k/v biases), Gemma (`gemma`) and Gemma 2 (`gemma2`) rotate halves, as transformers
+  does: no permutation;
 - Gemma's norms compute x * (1 + w) where llama.cpp's compute x * w: the stored w gets + 1; the embedding
-  scale sqrt(hidden) and the tied head are llama.cpp's own for `gemma`.
+  scale sqrt(hidden) and the tied head are llama.cpp's own for `gemma`; Gemma 2 adds its sandwich norms,
+  attention and final soft-caps and the sliding window of its even layers.
 RoPE scaling goes in as llama.cpp defines it: linear and YaRN as `rope.scaling.*` keys, Llama 3.1's
 llama3 scaling as the `rope_freqs` tensor of per-frequency divisors. Dynamic NTK and longrope have no
 llama.cpp form and are refused. A sliding window (Mistral) is not applied by llama.cpp's `llama`; it is
@@ -45,6 +47,7 @@ class Arch:
     name: str  # llama.cpp's architecture
     permute_qk: bool  # rows of q/k reordered from rotate-half pairs to adjacent pairs
     norm_plus_one: bool  # Gemma: stored norm weight w means (1 + w)
+    sandwich: bool = False  # Gemma 2: norms after attention and around the MLP, soft-caps, alternating windows
 
 
 ARCHS = {
@@ -52,6 +55,7 @@ ARCHS = {
     "mistral": Arch("llama", permute_qk=True, norm_plus_one=False),
     "qwen2": Arch("qwen2", permute_qk=False, norm_plus_one=False),
     "gemma": Arch("gemma", permute_qk=False, norm_plus_one=True),
+    "gemma2": Arch("gemma2", permute_qk=False, norm_plus_one=True, sandwich=True),
 }
 
 LAYER_TENSORS = {
@@ -78,16 +82,39 @@ class GgufInfo:
     warnings: list[str]
 
 
-def gguf_name(hf_name: str) -> str | None:
+SANDWICH_TENSORS = {**LAYER_TENSORS, "post_attention_layernorm": "post_attention_norm",
+                    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def gguf_name(hf_name: str, sandwich: bool = False) -> str | None:
     """llama.cpp's name of a transformers tensor (None: not part of the GGUF)."""
     if hf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[hf_name]
+    table = SANDWICH_TENSORS if sandwich else LAYER_TENSORS
     parts = hf_name.split(".")
     if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
         module, leaf = ".".join(parts[3:-1]), parts[-1]
-        if module in LAYER_TENSORS and leaf in ("weight", "bias"):
-            return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.{leaf}"
+        if module in table and leaf in ("weight", "bias"):
+            return f"blk.{parts[2]}.{table[module]}.{leaf}"
     return None
+
+
+def _sandwich_keys(w, dc: Any, warnings: list[str]) -> None:
+    """Gemma 2's soft-caps and sliding window; llama.cpp's gemma2 slides on even layers and scales queries by
+    1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for its 27B shape), so other layouts are refused."""
+    if dc.attn_softcap:
+        w.add_attn_logit_softcapping(dc.attn_softcap)
+    if dc.final_softcap:
+        w.add_final_logit_softcapping(dc.final_softcap)
+    windows = {x for x in dc.windows if x is not None}
+    if windows:
+        if len(windows) > 1 or any((x is not None) != (i % 2 == 0) for i, x in enumerate(dc.windows)):
+            raise ExportError("llama.cpp's gemma2 slides its attention window on even layers only; this model's "
+                              f"layer_types/sliding_window differ ({dc.windows})")
+        w.add_sliding_window(windows.pop())
+    if not math.isclose(dc.attn_scale, dc.head_dim ** -0.5, rel_tol=1e-6):
+        raise ExportError(f"query_pre_attn_scalar gives a query scale of {dc.attn_scale:.6g}; llama.cpp's gemma2 "
+                          f"scales by 1/sqrt(head_dim) = {dc.head_dim ** -0.5:.6g} at this shape")
 
 
 def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -181,7 +208,7 @@ def convert(folder: str | Path, out: str | Path, kind: str, *, name: str = "", c
     warnings: list[str] = []
     windows = {w for w in dc.windows if w is not None}
     context = int(hf.max_position_embeddings)
-    if windows and min(windows) < context:
+    if windows and min(windows) < context and not arch.sandwich:
         warnings.append(f"the model attends within a sliding window of {min(windows)} tokens; llama.cpp's {arch.name} "
                         f"attends to the whole context (up to {context}), so prompts longer than the window differ")
     tok = AutoTokenizer.from_pretrained(folder)
@@ -204,6 +231,8 @@ def convert(folder: str | Path, out: str | Path, kind: str, *, name: str = "", c
     w.add_layer_norm_rms_eps(dc.rms_norm_eps)
     w.add_vocab_size(dc.vocab_size)
     rope_freqs = _add_rope(w, arch, rc, hf, warnings)
+    if arch.sandwich:
+        _sandwich_keys(w, dc, warnings)
 
     w.add_tokenizer_model(vocab.model)
     if vocab.pre is not None:
@@ -242,7 +271,7 @@ def convert(folder: str | Path, out: str | Path, kind: str, *, name: str = "", c
         add("rope_freqs.weight", rope_freqs)
     seen = set()
     for hf_name, t in _tensors(folder):
-        gname = gguf_name(hf_name)
+        gname = gguf_name(hf_name, arch.sandwich)
         if gname is None:
             raise ExportError(f"{folder}: tensor {hf_name!r} has no place in a llama.cpp {arch.name} model")
         if gname == "output.weight" and dc.tie_embeddings:
