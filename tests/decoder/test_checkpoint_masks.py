@@ -99,3 +99,24 @@ def test_prepare_builds_what_each_route_reads() -> None:
     assert not equal._derived  # SDPA's own causal kernel: no mask
     prepare(long, [None, 8], None, "flex")
     assert set(long._derived) == {("flex", None), ("flex", 8)}
+
+
+def test_the_recompute_runs_with_the_forward_passes_thread_count(checkpoint, quiet):
+    """On CUDA the recompute runs on autograd's own thread, whose intra-op thread count (which compiled
+    FlexAttention's guards read) may differ from the caller's; here the count changes between the passes."""
+    dec = _decoder(_base(checkpoint("llama"), torch.float32), checkpointing=True)
+    counts: list[int] = []
+    for block in dec.layers:
+        block.register_forward_pre_hook(lambda m, args: counts.append(torch.get_num_threads()))
+    lengths = ROUTES["dense"]
+    ids = torch.randint(3, 97, (sum(lengths),), generator=torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loss = dec(ids, Boundaries.from_lengths(lengths)).square().mean()
+        torch.set_num_threads(2)
+        loss.backward()
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert counts == [1] * (2 * len(dec.layers)) and after == 2  # recomputed with 1; the caller's 2 restored

@@ -268,15 +268,10 @@ FLEX_RECOMPILES = 64
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    """Compiled once; torch.compile's automatic dynamic shapes take over after the first new length.
-
-    The backward pass recomputes a checkpointed block on autograd's device thread, and dynamo guards on the
-    intra-op thread count: that thread count is made the process's own here (before the first backward pass
-    starts autograd's threads), so that the recompute finds the forward pass's compiled graph instead of
-    compiling another one."""
+    """Compiled once; torch.compile's automatic dynamic shapes take over after the first new length. (A checkpointed
+    block's recompute runs with its forward pass's thread count, which dynamo guards on: `model._recompute_as_forward`.)"""
     from torch.nn.attention.flex_attention import flex_attention
 
-    torch.set_num_threads(torch.get_num_threads())
     return torch.compile(flex_attention)
 
 

@@ -162,6 +162,28 @@ class OutputHead(nn.Module):
         return logits
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+
+
+def _recompute_as_forward() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Checkpoint contexts (forward, recompute): the recompute runs with the forward pass's intra-op thread count.
+
+    On CUDA the backward pass, and so the recompute of a checkpointed block, runs on autograd's device thread,
+    whose thread count was fixed when that thread started and may differ from the caller's. Compiled
+    FlexAttention's guards include the count: without this the recompute would compile another graph, or past
+    the recompile limit run eagerly and save other tensors than the forward pass (a CheckpointError)."""
+    return contextlib.nullcontext(), _intra_op_threads(torch.get_num_threads())
+
+
 class Decoder(nn.Module):
     """A causal LM over token streams: `forward(ids, boundaries) -> logits`; see the module docstring.
 
@@ -230,7 +252,7 @@ class Decoder(nn.Module):
         for block, r in zip(self.layers, self.rope_of_layer):
             cos, sin = tables[r]
             if recompute:
-                x = checkpoint(block, x, cos, sin, b, backend, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, b, backend, use_reentrant=False, context_fn=_recompute_as_forward)
             else:
                 x = block(x, cos, sin, b, backend, cache)
         if cache is not None:
