@@ -22,8 +22,9 @@ attention: H a multiple of H_kv) and return [N, H, D]. A sliding window of w kee
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -275,13 +276,23 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def _recompile_budget():
-    """The context of a compiled FlexAttention call: dynamo's recompile limit at least FLEX_RECOMPILES."""
+@contextlib.contextmanager
+def _recompile_budget() -> Iterator[None]:
+    """The context of a compiled FlexAttention call: dynamo's recompile limit at least FLEX_RECOMPILES (its
+    documented setting, raised for the call and put back after; a few microseconds)."""
     import torch._dynamo
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    return config.patch(**{name: max(int(getattr(config, name)), FLEX_RECOMPILES)})
+    before = int(getattr(config, name))
+    if before >= FLEX_RECOMPILES:
+        yield
+        return
+    setattr(config, name, FLEX_RECOMPILES)
+    try:
+        yield
+    finally:
+        setattr(config, name, before)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
