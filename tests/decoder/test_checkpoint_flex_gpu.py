@@ -72,3 +72,20 @@ def test_checkpointed_flex_after_many_compiled_variants(checkpoint, quiet):
                     if grad:
                         out.float().sum().backward()
     _check(checkpoint("llama"), torch.float16)
+
+
+def test_no_grad_calls_reuse_the_training_graph() -> None:
+    """A no-grad call (a preference reference pass, evaluation) after a training call of the same shape compiles
+    nothing and gives the training call's output bit for bit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    b = Boundaries.from_lengths((300, 212), "cuda")
+    g = torch.Generator("cuda").manual_seed(5)
+    q, k, v = (torch.randn(512, h, 16, device="cuda", dtype=torch.bfloat16, generator=g) for h in (4, 2, 2))
+    trained = attend(*(t.clone().requires_grad_() for t in (q, k, v)), b, scale=0.25, backend="flex")
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        plain = attend(q, k, v, b, scale=0.25, backend="flex")
+    assert counters["stats"]["unique_graphs"] == before
+    assert not plain.requires_grad and torch.equal(plain, trained.detach())

@@ -312,7 +312,14 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: 
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
     kwargs = {"score_mod": score_mod, "block_mask": b.block_mask(window), "scale": scale,
               "enable_gqa": q.shape[1] != k.shape[1]}
-    if q.is_cuda:
+    if q.is_cuda and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        # without gradient (a preference method's reference pass, evaluation): through the graph compiled for
+        # training (inputs that require grad, as LoRA on q, k and v makes them), its output detached, instead of
+        # compiling an inference graph as well: one FlexAttention compile per stream shape, not two
+        with torch.enable_grad(), _recompile_budget():
+            qg, kg, vg = (t.detach().requires_grad_() for t in (qh, kh, vh))
+            out = _compiled_flex()(qg, kg, vg, **kwargs).detach()
+    elif q.is_cuda:
         with _recompile_budget():
             out = _compiled_flex()(qh, kh, vh, **kwargs)
     else:  # unfused (and slow) off CUDA: for tests

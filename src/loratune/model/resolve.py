@@ -50,7 +50,7 @@ class Resolved:
     padding_free: bool  # train.batching
     max_length: int  # data.max_length: the longest sample
     # padding-free streams padded to the token budget (our decoder on CUDA, every method: SFT and the preference
-    # methods' pairs alike): every micro-batch has one shape, so compiled attention compiles once (per grad mode)
+    # methods' pairs alike): every micro-batch has one shape, so compiled attention compiles once
     # instead of once per new length (and never meets a stream too short for its kernels); the padding is a segment
     # of its own that no label, no numbered sequence and no other sample sees
     pad_streams: bool = False
