@@ -50,8 +50,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def check_init(init: str, bits: int, adapter_type: str) -> None:
-    """Refuse an `adapter.init` that is unknown or cannot work with the base's precision."""
+def check_init(init: str, bits: int, adapter_type: str, method: str = "sft") -> None:
+    """Refuse an `adapter.init` that is unknown or cannot work with the base's precision or the method."""
     if not _PATTERN.match(init):
         raise ConfigError(f"config key 'adapter.init': got {init!r}, expected one of {', '.join(INITS)} "
                           "(N a number of iterations, e.g. pissa_niter_4)")
@@ -61,6 +61,10 @@ def check_init(init: str, bits: int, adapter_type: str) -> None:
         raise ConfigError(f"adapter.init {init!r} moves the adapter's part of each weight out of the base, which a "
                           f"{bits}-bit base cannot hold exactly: use quantization.bits 16 or 32, or adapter.init "
                           "loftq for a 4-bit base")
+    if changes_base(init) and method in ("dpo", "kto"):
+        raise ConfigError(f"adapter.init {init!r} leaves a residual base, so the base with the adapter disabled (the "
+                          f"reference policy of train.method {method}) is not the model you started from: use "
+                          "adapter.init default, gaussian, loftq or eva")
     if init == "loftq" and bits != 4:
         raise ConfigError(f"adapter.init loftq absorbs the 4-bit quantization error into the adapter: it needs "
                           f"quantization.bits 4, got {bits}")
