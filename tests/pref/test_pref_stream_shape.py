@@ -74,3 +74,20 @@ def test_padding_to_the_budget_changes_no_loss_metric_or_gradient(tiny_llama: Pa
     assert stats1.keys() == stats0.keys() and all(stats1[k] == pytest.approx(stats0[k], rel=1e-5, abs=1e-7)
                                                   for k in stats0)
     assert float((g1 - g0).abs().max()) <= 1e-5 * float(g0.abs().max())
+
+
+def test_the_reference_pass_reuses_the_policy_passs_boundaries() -> None:
+    """The decoder runner keeps the last stream's boundaries (and the masks built on them) for another pass over
+    the same position ids, as a preference method's reference pass makes; another stream gets its own."""
+    from loratune.train.runner import DecoderRunner
+
+    runner = DecoderRunner(torch.nn.Module(), torch.device("cpu"))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    batch = {"input_ids": torch.zeros(1, 9, dtype=torch.long), "position_ids": pos}
+    first = runner.boundaries(batch)
+    assert first.lengths == (3, 2, 4)
+    first.dense_mask(None)
+    again = runner.boundaries({k: v for k, v in batch.items()})  # the objective's own dict of the same tensors
+    assert again is first and ("dense", None) in again._derived
+    other = runner.boundaries({**batch, "position_ids": pos.clone()})
+    assert other is not first and other.lengths == first.lengths

@@ -96,12 +96,19 @@ class DecoderRunner:
 
     def __init__(self, decoder: Decoder, device: torch.device, graphs: GraphedMicroBatch | None = None) -> None:
         self.module, self.device, self.graphs = decoder, torch.device(device), graphs
+        self._last: tuple[Tensor, Boundaries] | None = None  # (position ids, their boundaries): see `boundaries`
 
     def boundaries(self, batch: Batch) -> Boundaries:
-        """The samples of a host-side batch: a stream's segments, or one sample per padded row."""
+        """The samples of a host-side batch: a stream's segments, or one sample per padded row.
+
+        The boundaries of the last stream are kept (with the masks the decoder built on them) for another pass over
+        the same position ids: a preference method's reference pass reuses its policy pass's."""
         ids = batch["input_ids"]
         if "position_ids" in batch:
-            return Boundaries.from_lengths(segment_lengths(batch["position_ids"]), self.device)
+            pos = batch["position_ids"]
+            if self._last is None or self._last[0] is not pos:
+                self._last = (pos, Boundaries.from_lengths(segment_lengths(pos), self.device))
+            return self._last[1]
         return Boundaries.from_lengths([ids.shape[-1]] * (ids.shape[0] if ids.dim() == 2 else 1), self.device)
 
     def loss_sum(self, batch: Batch) -> tuple[Tensor, int]:
