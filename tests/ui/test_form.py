@@ -16,7 +16,7 @@ BASES = [{"model": {"path": "demo://llama-test"}},
          {"model": {"path": "demo://llama-test"}, "quantization": {"bits": 16}}]
 YAML_CANDIDATES = ["[q_proj, v_proj]", "{enable_thinking: false}", "8", "4096", "auto", "'off'", "true",
                    "runs/old", '["Hello?"]', "[{path: data/a.jsonl, weight: 2.0}]", "0.2", "[lm_head]",
-                   "{path: data/mmlu}"]
+                   "{path: data/mmlu}", "[tensorboard]", "{type: linear, factor: 2.0}"]
 
 
 def _config(data: dict) -> Config | None:
@@ -42,7 +42,7 @@ def _candidates(f: form.Field) -> list:
     if f.kind == "float":
         return [0.5, f.default * 2 + 0.25, 0.01, 2.0]
     if f.kind == "text":
-        return ["demo://llama", "runs/x", "chatml", "main"]
+        return ["demo://llama", "runs/x", "chatml", "main", "gaussian"]
     return [yaml.safe_load(c) for c in YAML_CANDIDATES]
 
 
