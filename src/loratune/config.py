@@ -534,7 +534,7 @@ def validate(cfg: Config) -> None:
     q, a, t, d = cfg.quantization, cfg.adapter, cfg.train, cfg.data
     from loratune.model.lora_init import check_init
 
-    check_init(a.init, q.bits, a.type, t.method)
+    check_init(a.init, q.bits, a.type, t.method, t.strategy)
     checks = [
         (a.type == "none" and q.bits in (4, 8),
          f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),

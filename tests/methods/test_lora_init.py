@@ -158,6 +158,7 @@ def test_resume_refuses_another_initialisation(tmp_path: Path, tiny_llama: Path)
     (["adapter.init=loftq", "quantization.bits=16"], "needs quantization.bits 4"),
     (["adapter.init=pissa", "adapter.type=none", "quantization.bits=32"], "adapter.type lora"),
     (["adapter.init=olora", "quantization.bits=16", "train.method=dpo"], "reference policy"),
+    (["adapter.init=pissa", "quantization.bits=16", "train.strategy=fsdp"], "strategy fsdp"),
 ])
 def test_config_refuses(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -50,7 +50,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def check_init(init: str, bits: int, adapter_type: str, method: str = "sft") -> None:
+def check_init(init: str, bits: int, adapter_type: str, method: str = "sft", strategy: str = "auto") -> None:
     """Refuse an `adapter.init` that is unknown or cannot work with the base's precision or the method."""
     if not _PATTERN.match(init):
         raise ConfigError(f"config key 'adapter.init': got {init!r}, expected one of {', '.join(INITS)} "
@@ -65,6 +65,9 @@ def check_init(init: str, bits: int, adapter_type: str, method: str = "sft") -> 
         raise ConfigError(f"adapter.init {init!r} leaves a residual base, so the base with the adapter disabled (the "
                           f"reference policy of train.method {method}) is not the model you started from: use "
                           "adapter.init default, gaussian, loftq or eva")
+    if changes_base(init) and strategy == "fsdp":
+        raise ConfigError(f"adapter.init {init!r} is not available with train.strategy fsdp yet (its saved adapter is "
+                          "converted to rank 2r, which the sharded resume does not read back): use train.strategy ddp")
     if init == "loftq" and bits != 4:
         raise ConfigError(f"adapter.init loftq absorbs the 4-bit quantization error into the adapter: it needs "
                           f"quantization.bits 4, got {bits}")
