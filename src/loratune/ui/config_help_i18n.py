@@ -61,7 +61,14 @@ HELP: dict[str, dict[str, str]] = {
                                 "transformers + peft（8 位基座、DoRA、modules_to_save、全量微调、其他架构）；运行开始时会用一行"
                                 "说明选了哪一个。两种方式写出的都是同样的 PEFT 适配器。环境变量 LORATUNE_IMPLEMENTATION"
                                 "（loratune 或 transformers）若已设置，则取代 `auto`（用于在任一路径上运行测试套件）。",
-        "quantization.bits": "冻结基座的精度：4（QLoRA）、8（LLM.int8）、16（以 `compute_dtype` 进行普通 LoRA）或 32。",
+        "quantization.bits": "冻结基座的精度：4（QLoRA）、8（LLM.int8）、16（以 `compute_dtype` 进行普通 LoRA）或 32；"
+                             "2 和 3 仅用于 quantization.method hqq。",
+        "quantization.method": "2/4/8 位基座在加载时如何量化。`bitsandbytes`：NF4/FP4（QLoRA）或 LLM.int8。`hqq`：HQQ"
+                               "（半二次量化，`hqq` 包：pip install 'loratune[hqq]'），2、3、4 或 8 位，每 "
+                               "quantization.group_size 个权重为一组，纯 PyTorch 实现，CPU 上也可运行；它通过 transformers "
+                               "+ peft 训练。quant_type 和 double_quant 仅适用于 bitsandbytes。",
+        "quantization.group_size": "仅用于 HQQ：共享一个缩放因子和零点的一组权重的数量（越小越精确，占用字节越多）；"
+                                   "必须整除每一层的输入维度。",
         "quantization.quant_type": "4 位数据类型；NF4 是 QLoRA 论文中的 NormalFloat。",
         "quantization.double_quant": "对量化常数也进行量化（每个权重约节省 0.37 位）。",
         "quantization.compute_dtype": "矩阵乘法和 16 位权重的数据类型。auto：在支持 bf16 的 GPU 上用 bf16（论文设置），"
@@ -245,7 +252,14 @@ HELP: dict[str, dict[str, str]] = {
                                 "тот же адаптер PEFT. Переменная окружения LORATUNE_IMPLEMENTATION (loratune или "
                                 "transformers), если задана, заменяет `auto` (чтобы прогнать набор тестов на любом из путей).",
         "quantization.bits": "Точность замороженной базы: 4 (QLoRA), 8 (LLM.int8), 16 (обычная LoRA в `compute_dtype`) "
-                             "или 32.",
+                             "или 32; 2 и 3 только с quantization.method hqq.",
+        "quantization.method": "Как квантуется 2/4/8-битная база при загрузке. `bitsandbytes`: NF4/FP4 (QLoRA) или "
+                               "LLM.int8. `hqq`: HQQ (полуквадратичное квантование, пакет `hqq`: pip install "
+                               "'loratune[hqq]'), 2, 3, 4 или 8 бит группами по quantization.group_size весов, на чистом "
+                               "PyTorch, в том числе на CPU; обучается через transformers + peft. quant_type и "
+                               "double_quant относятся только к bitsandbytes.",
+        "quantization.group_size": "Только для HQQ: число весов в группе с общим масштабом и нулевой точкой (меньше — "
+                                   "точнее, но больше байт); должно делить входную размерность каждого слоя.",
         "quantization.quant_type": "Тип данных для 4 бит; NF4 — это NormalFloat из статьи о QLoRA.",
         "quantization.double_quant": "Квантовать также и константы квантования (экономит около 0,37 бита на вес).",
         "quantization.compute_dtype": "Тип данных матричных умножений и 16-битных весов. auto: bf16 на GPU, который его "
