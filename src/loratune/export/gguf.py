@@ -212,7 +212,7 @@ def convert(folder: str | Path, out: str | Path, kind: str, *, name: str = "", c
         warnings.append(f"the model attends within a sliding window of {min(windows)} tokens; llama.cpp's {arch.name} "
                         f"attends to the whole context (up to {context}), so prompts longer than the window differ")
     tok = AutoTokenizer.from_pretrained(folder)
-    vocab = read_vocab(folder, dc.vocab_size, tok.unk_token_id)
+    vocab = read_vocab(tok, folder, dc.vocab_size)
     probe = tok("a").input_ids
     add_bos = tok.bos_token_id is not None and bool(probe) and probe[0] == tok.bos_token_id
 

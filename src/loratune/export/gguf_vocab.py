@@ -1,7 +1,7 @@
 """The tokenizer of a GGUF export: vocabulary, merges, token types and special ids, as llama.cpp reads them.
 
-Read from the exported folder's `tokenizer.json` (the file `transformers` saves for every fast tokenizer),
-so the GGUF tokenizes as the model was trained. Two kinds, told apart by the tokenizer's own definition:
+Read from the loaded tokenizer's definition (its `tokenizers` backend, what `tokenizer.json` holds once
+transformers has applied the family's tokenizer class), so the GGUF tokenizes as the model was trained. Two kinds, told apart by the tokenizer's own definition:
 - byte-level BPE (Llama 3, Qwen2, GPT-2 style; the `ByteLevel` pre-tokenizer): llama.cpp's `gpt2` model,
   with the merges and a named pre-tokenizer (`tokenizer.ggml.pre`). llama.cpp splits text with a regex of
   its own per name, so the name is chosen from the tokenizer's split regex (GPT-2's, Llama 3's or Qwen2's);
@@ -80,13 +80,19 @@ def _merges(model: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
-def read_vocab(folder: Path, vocab_size: int, unk_id: int | None) -> Vocab:
-    """The GGUF vocabulary of the tokenizer saved in `folder`, padded to the model's `vocab_size`."""
+def read_vocab(tokenizer, folder: Path, vocab_size: int) -> Vocab:
+    """The GGUF vocabulary of `tokenizer` (loaded from `folder`), padded to the model's `vocab_size`.
+
+    Read from the loaded tokenizer's backend, not from tokenizer.json: transformers' tokenizer class of a
+    family may set its own pre-tokenizer (Qwen2's splits digits one by one whatever the file says), and the
+    GGUF must split as the model was trained."""
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"{folder} has no tokenizer.json: GGUF export reads the fast tokenizer's definition "
-                          "(a slow-only tokenizer cannot be converted)")
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"{folder}: the tokenizer has no fast (tokenizers) backend; GGUF export reads its "
+                          "definition (a slow-only tokenizer cannot be converted)")
+    spec = json.loads(backend.to_str())
+    unk_id = tokenizer.unk_token_id
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise ExportError(f"{path}: tokenizer model {model.get('type')!r}; GGUF export converts BPE tokenizers "
