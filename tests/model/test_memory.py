@@ -128,7 +128,8 @@ def test_graphs_are_planned_where_train_would_use_them() -> None:
     grads = next(c.bytes for c in plan.components if c.name == "gradients")
     assert grads == 4 * 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # fp32, r=16
     assert _pool(plan) == grads + 5 * 4096 * 4096 * 2  # held through the capture + 5 T H a
-    for off in ("adapter.dropout=0.1", "model.cuda_graphs=false", "train.deterministic=true",
+    assert _pool(estimate(bench_cfg("adapter.dropout=0.1"), shape, 2, 2048, "cuda", True)) > 0  # dropout replays
+    for off in ("train.neftune_alpha=5", "model.cuda_graphs=false", "train.deterministic=true",
                 "quantization.compute_dtype=fp16"):
         assert _pool(estimate(bench_cfg(off), shape, 2, 2048, "cuda", True)) == 0, off
     assert _pool(estimate(bench_cfg(), shape, 2, 2048, "cpu", False)) == 0

@@ -47,8 +47,10 @@ def test_cuda_graphs_for_the_decoders_fixed_shape_streams(tiny_llama: Path) -> N
     assert _resolved(tiny_llama, "cuda", "model.implementation=loratune", "adapter.dropout=0")[1].graphs
     assert not _resolved(tiny_llama, "cpu", "model.implementation=loratune", "adapter.dropout=0")[1].graphs
     for off in ("train.batching=padded", "model.cuda_graphs=false", "train.deterministic=true",
-                "adapter.dropout=0.1"):
+                "train.neftune_alpha=5"):
         assert not _resolved(tiny_llama, "cuda", "model.implementation=loratune", "adapter.dropout=0", off)[1].graphs, off
+    # adapter dropout is replayed (its masks reseeded per micro-batch: loratune.train.dropout_seeds)
+    assert _resolved(tiny_llama, "cuda", "model.implementation=loratune", "adapter.dropout=0.1")[1].graphs
     # the transformers fallback runs as the libraries ship: never graphed, never our kernels
     for batching in ("padded", "padding_free"):
         r = _resolved(tiny_llama, "cuda", "model.implementation=transformers", "adapter.dropout=0",

@@ -14,9 +14,8 @@ of that shape. The decoder computes in its own dtype (no autocast) and casts its
 ship, eagerly.
 
 When it applies (else the caller runs the micro-batch eagerly):
-- CUDA, `model.cuda_graphs` auto/true, no loss scaler (bf16 or fp32 compute), no active dropout (the
-  randomness of a replayed graph is not what checkpoints restore: exact resume comes first), not in
-  deterministic mode (`graphs_wanted`);
+- CUDA, `model.cuda_graphs` auto/true, no loss scaler (bf16 or fp32 compute), not in deterministic mode, no
+  NEFTune noise (`graphs_wanted`); adapter dropout is replayed (see Randomness below);
 - the same shape was seen in the previous micro-batch.
 The first micro-batch of a shape runs eagerly (warm-up: Triton compilation, cuBLAS/cuDNN plans), the
 second eagerly too, timed; at the third the shape is captured (after one more warm-up pass on a side
@@ -32,6 +31,16 @@ fixed at capture. `run` re-attaches those tensors if someone replaced or cleared
 them when cleared), so `optimizer.zero_grad(set_to_none=True)` stays correct.
 The loss is computed over every row (no host-side dropping of unsupervised rows, which would need a
 sync); the sum is the same.
+
+Randomness (adapter dropout): the graph is captured with the device's default generator registered (as
+`torch.cuda.graph` does), so each replay reads that generator's seed and offset when it is launched and
+advances the offset by what its kernels draw: the masks of a replay are the masks an eager pass would draw
+from the same generator state, and the state after it the same. Activation checkpointing's recompute restores
+the offset inside the graph as it does eagerly (same masks in the backward pass). The extra passes of a
+capture (the side-stream warm-up, the capture itself, the timed replay) leave the generator as they found it
+(`_choose` puts its state back), and the loop reseeds it before every micro-batch
+(`loratune.train.dropout_seeds`), so the masks are a function of (seed, step, micro-batch) whether a
+micro-batch ran eagerly or replayed, in an uninterrupted run or a resumed one.
 """
 
 from __future__ import annotations
@@ -49,17 +58,14 @@ log = logging.getLogger(__name__)
 def graphs_wanted(cfg, device: str) -> bool:
     """Whether `loratune train` tries CUDA graphs for `cfg` on `device` ("cuda" or "cpu"): only where a replay
     is exact. Not in deterministic mode (bit-identical resume is promised there; replays and eager runs may
-    round apart), not with fp16's loss scaler, not with adapter dropout (the randomness of a replayed graph is
-    not what checkpoints restore). The memory plan asks the same question (loratune.model.memory)."""
+    round apart), not with fp16's loss scaler, not with NEFTune noise. Adapter dropout is replayed: its masks
+    are reseeded per micro-batch (module docstring). The memory plan asks the same question
+    (loratune.model.memory)."""
     from loratune.model.quant import resolve_compute_dtype
 
     return (device == "cuda" and cfg.model.cuda_graphs is not False and not cfg.train.deterministic
             and resolve_compute_dtype(cfg.quantization.compute_dtype) != torch.float16
-            and (cfg.adapter.type == "none" or cfg.adapter.dropout == 0) and not cfg.train.neftune_alpha)
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+            and not cfg.train.neftune_alpha)
 
 
 def _flat_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -93,9 +99,6 @@ class GraphedMicroBatch:
         self.model, self.loss_fn = model, loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.enabled = enabled and torch.cuda.is_available() and bool(self.params) and self.params[0].is_cuda
-        if self.enabled and _has_dropout(model):
-            log.info("CUDA graphs off: the model has active dropout (adapter.dropout > 0)")
-            self.enabled = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None
         self.last_key: tuple | None = None
@@ -155,7 +158,16 @@ class GraphedMicroBatch:
         return self.loss
 
     def _choose(self, key: tuple, batch: dict[str, Tensor]) -> bool:
-        """Capture this shape and time one replay; keep the graph only if it beats the eager time."""
+        """Capture this shape and time one replay; keep the graph only if it beats the eager time. The default
+        generator is left as found (the warm-up and timed replay draw dropout masks of their own)."""
+        dev = self.params[0].device
+        rng = torch.cuda.get_rng_state(dev)
+        try:
+            return self._capture_and_time(key, batch)
+        finally:
+            torch.cuda.set_rng_state(rng, dev)
+
+    def _capture_and_time(self, key: tuple, batch: dict[str, Tensor]) -> bool:
         if self._capture(key, batch):
             seconds = self._time_replay(batch)
             log.info("CUDA graph for shape %s: %.1f ms per micro-batch (eager %.1f ms)", key[0], 1e3 * seconds,

@@ -48,6 +48,7 @@ from loratune.data.pipeline import Sample
 from loratune.errors import LoratuneError
 from loratune.pref.objective import SFT, Objective
 from loratune.train.distributed import World
+from loratune.train.dropout_seeds import DropoutSeeds, draws_random
 from loratune.train.faults import fault
 from loratune.train.optim import build_scheduler
 from loratune.train.runner import Runner
@@ -128,6 +129,9 @@ class Loop:
         self.total = total_steps(cfg, self.steps_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
         self.params = [p for p in runner.module.parameters() if p.requires_grad]
+        # dropout masks drawn as a function of (seed, step, micro-batch, rank): reseeded before each micro-batch
+        self.seeds = (DropoutSeeds(cfg.seed, accelerator.device, self.world.rank, self.world.size)
+                      if draws_random(runner.module) else None)
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -160,8 +164,10 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------ step
 
-    def forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]], step: int = 0) -> tuple[float, int]:
         """Accumulate the window's gradients; returns (summed loss, supervised tokens); nan loss if non-finite.
+        `step`: the optimizer steps done before this one (with micro-batch index: what the dropout masks are
+        drawn from, `loratune.train.dropout_seeds`).
 
         The host never waits for the GPU inside the window: batches go over from pinned memory without
         blocking, the rows the loss keeps are counted on the host, and the losses are summed on the device
@@ -177,6 +183,8 @@ class Loop:
         stats: dict[str, list] = {}
         passes = self.world.passes(len(batches), self.acc.device)  # sharded (FSDP): as many as the busiest rank
         for i, b in enumerate(batches):
+            if self.seeds is not None:
+                self.seeds.before(step, i)
             replayed = self.graphs.run(b, 1.0 / n_window) if self.graphs is not None else None
             if replayed is not None:  # forward and backward done by one graph replay
                 total += replayed
@@ -214,7 +222,7 @@ class Loop:
         batches = self.batches(self.world.share(window))
         n_input = self.input_tokens(window)  # the whole window's, every rank's share
         with self.runner.frozen_adapters():  # no adapter weight changes until optimizer.step below
-            loss_sum, n_window = self.forward_backward(batches)
+            loss_sum, n_window = self.forward_backward(batches, state.step)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (set by the schedule's last step)
         finite, grad_norm, overflow = math.isfinite(loss_sum), float("nan"), False
         if finite:

@@ -83,7 +83,8 @@ def decoder_stream_loss_sum(decoder: Decoder, batch: Batch) -> Tensor:
 
 def decoder_graphs(decoder: Decoder) -> GraphedMicroBatch | None:
     """CUDA graph replay of the decoder's fixed-shape streams (`Resolved.pad_streams`), None where unavailable
-    (no CUDA, or dropout inside the model: a replay's randomness is not what checkpoints restore)."""
+    (no CUDA, or the decoder's attention or residual dropout; adapter dropout is replayed, its masks reseeded per
+    micro-batch: `loratune.train.dropout_seeds`)."""
     if decoder.config.attention_dropout or decoder.config.residual_dropout:
         return None
     graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum)
