@@ -61,6 +61,9 @@ def decoder_from_hf(model: nn.Module, *, attention: str = "auto", checkpointing:
 def check_supported(cfg: Config) -> None:
     """Refuse, before loading anything, what loratune's decoder does not do (the HF + peft path does)."""
     a = cfg.adapter
+    if cfg.quantization.method == "hqq" and cfg.quantization.bits < 16:
+        raise ModelError("quantization.method=hqq (an HQQ base) trains through the HF + peft path, not loratune's "
+                         "decoder")
     if cfg.quantization.bits == 8:
         raise ModelError("quantization.bits=8 (LLM.int8) trains through the HF + peft path, not loratune's decoder")
     if a.type == "lora" and a.dora:

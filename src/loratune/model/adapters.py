@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from loratune.config import AdapterConfig
 from loratune.errors import ConfigError, ModelError
 from loratune.model.freeze import freeze_tune
+from loratune.model.hqq_base import hqq_linear_type, hqq_weights
 from loratune.model.lora_init import peft_init_value
 from loratune.model.quant import keep_standard_4bit_layout, repacked_4bit_layers
 
@@ -26,7 +27,8 @@ from loratune.model.quant import keep_standard_4bit_layout, repacked_4bit_layers
 def _linear_types() -> tuple[type, ...]:
     import bitsandbytes as bnb
 
-    return (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    hqq = hqq_linear_type()  # an HQQ base's layers (loratune.model.hqq_base), when hqq is installed
+    return (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) + ((hqq,) if hqq is not None else ())
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -117,10 +119,13 @@ def _peft_reading_deprecated_alias() -> Iterator[None]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the number of values they hold."""
     trainable = total = 0
+    hqq = hqq_weights(model)
     for p in model.parameters():
         n = p.numel()
         if getattr(p, "quant_state", None) is not None:  # packed two 4-bit values per byte
             n = p.quant_state.shape.numel()
+        elif id(p) in hqq:  # an HQQ layer's packed weights
+            n = hqq[id(p)][0]
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -155,9 +160,12 @@ def weight_precision(model: nn.Module) -> str:
     """
     params = [p for p in model.parameters() if not p.requires_grad] or list(model.parameters())
     counts: Counter[str] = Counter()
+    hqq = hqq_weights(model)
     for p in params:
         state = getattr(p, "quant_state", None)
-        if state is not None:
+        if id(p) in hqq:
+            counts[hqq[id(p)][1]] += hqq[id(p)][0]
+        elif state is not None:
             nested = ", double-quantized" if getattr(state, "nested", False) else ""
             counts[f"4-bit {str(state.quant_type).upper()}{nested}"] += state.shape.numel()
         elif p.dtype == torch.int8:

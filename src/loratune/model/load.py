@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loratune.config import Config, ModelConfig
 from loratune.errors import ModelError
+from loratune.model.hqq_base import quantize_hqq
 from loratune.model.hub import locate
 from loratune.model.new_tokens import add_to_tokenizer
 from loratune.model.quant import bnb_config, keep_standard_4bit_layout, resolve_compute_dtype
@@ -111,6 +112,13 @@ def _saved_quantized(source: str) -> bool:
         return False
 
 
+def check_hqq_source(source: str) -> None:
+    """quantization.method hqq quantizes a full-precision checkpoint; one saved quantized already cannot be."""
+    if _saved_quantized(source):
+        raise ModelError(f"{source}: config.json holds a quantization_config (the checkpoint is quantized already); "
+                         "quantization.method hqq needs a 16/32-bit checkpoint")
+
+
 def load_base(cfg: Config) -> PreTrainedModel:
     """Load the frozen base in the precision `cfg.quantization` asks for."""
     q = cfg.quantization
@@ -131,19 +139,26 @@ def load_base(cfg: Config) -> PreTrainedModel:
         attn_implementation=None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation,
         dtype=weight_dtype,
     )
-    if not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings
+    hqq = q.method == "hqq" and q.bits < 16
+    if hqq:
+        check_hqq_source(source)
+    elif not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings
         kwargs["quantization_config"] = bnb_config(q, compute)
     if cfg.model.rope_scaling is not None:  # the config stretched before the model (and its RoPE) is built
         from loratune.model.rope_scaling import scaled_config
 
         kwargs["config"] = scaled_config(source, cfg.model, where.local_files_only)
-    if torch.cuda.is_available():  # straight to the GPU: no full-size copy in host memory first
+    if torch.cuda.is_available() and not hqq:  # straight to the GPU: no full-size copy in host memory first
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model from {source!r}: {e}".splitlines()[0]) from None
     model.config.use_cache = False
+    if hqq:  # loaded in host memory in the compute dtype, each linear layer quantized straight onto the device
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        quantize_hqq(model, q.bits, q.group_size, compute, device)
+        model.to(device)  # the rest (embedding, norms, head); HQQLinear stays where it was quantized to
     keep_standard_4bit_layout(model)  # before any forward: see loratune.model.quant
     return model
 

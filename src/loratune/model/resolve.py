@@ -105,9 +105,9 @@ def compute_dtype(cfg: Config, device: str) -> torch.dtype:
 
 
 def checkpointing_on(cfg: Config) -> bool:
-    """train.gradient_checkpointing: auto is on for 4- and 8-bit bases."""
+    """train.gradient_checkpointing: auto is on for quantized (2- to 8-bit) bases."""
     mode = cfg.train.gradient_checkpointing
-    return mode is True or (mode == "auto" and cfg.quantization.bits in (4, 8))
+    return mode is True or (mode == "auto" and cfg.quantization.bits <= 8)
 
 
 def decoder_refusal(cfg: Config, model_config: Any | None) -> str | None:
