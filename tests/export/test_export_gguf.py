@@ -344,3 +344,27 @@ def test_llama_cpp_q4_k_on_a_model_with_256_wide_rows(tmp_path):
           f"{report.agreement.top1:.1%}")
     assert faithful.top1 >= 0.95
     assert report.tokenizer_same == report.tokenizer_total
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+], ids=["linear", "yarn", "llama3"])
+def test_llama_cpp_follows_rope_scaling(rope, tiny_models, tmp_path):
+    """The tiny Llama with each RoPE scaling (pretraining length 16, so the probes run far past it): llama.cpp's
+    logits on the f16 GGUF follow transformers'."""
+    _needs_llama_cpp()
+    import json
+    import shutil
+
+    from loratune.export.gguf_export import export_gguf
+
+    folder = tmp_path / rope["rope_type"]
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {**rope, "rope_theta": config["rope_parameters"]["rope_theta"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    report = export_gguf(folder, "f16", stops=[], source="test")
+    assert report.agreement.top1 >= 0.99 and report.agreement.max_diff < 0.05
