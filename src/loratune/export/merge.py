@@ -30,6 +30,7 @@ import torch
 from loratune.config import Config, ModelConfig
 from loratune.errors import LoratuneError
 from loratune.infer.load import RunFolder, make_format, quiet_loading, read_run_folder
+from loratune.model.hqq_base import dequantize_hqq
 from loratune.model.load import load_base, load_tokenizer
 from loratune.model.new_tokens import resize_for_tokens
 from loratune.model.quant import DTYPES
@@ -179,7 +180,7 @@ def _export(adapter: str | Path, out: str | Path, dtype: str, quantize_4bit: str
     cfg = Config(model=run.cfg.model, quantization=run.cfg.quantization)
     tok, info = load_tokenizer(ModelConfig(path=str(run.path)))
 
-    quantized = cfg.quantization.bits in (4, 8)
+    quantized = cfg.quantization.bits <= 8
     trained = prompts = None
     if quantized:  # the model as trained: the adapter on the quantized base, for the record
         model = _load_quantized_with_adapter(cfg, run)
@@ -190,7 +191,9 @@ def _export(adapter: str | Path, out: str | Path, dtype: str, quantize_4bit: str
     # A fresh base, dequantized before any forward: on CPU bitsandbytes repacks 4-bit weights into another
     # layout at the first inference forward, and dequantizing that layout gives garbage.
     base = load_base(cfg)
-    if quantized:
+    if quantized and cfg.quantization.method == "hqq":  # the HQQ weights trained against, as plain linear layers
+        dequantize_hqq(base, torch_dtype)
+    elif quantized:
         base = base.dequantize(dtype=torch_dtype)
     for p in base.parameters():  # parameters only: buffers such as rotary inv_freq stay as the model made them
         p.data = p.data.to(torch_dtype)
