@@ -85,8 +85,9 @@ class ModelConfig:
     cuda_graphs: Union[Literal["auto"], bool] = _f(
         "auto", "On a CUDA GPU, capture the forward and backward pass of loratune's decoder on its fixed-shape "
                 "padding-free micro-batches once as a CUDA graph and replay it (no Python per launch): `auto` (or "
-                "true) does so where it is exact (SFT, train.batching padding_free, no adapter dropout, bf16/fp32 "
-                "compute, not deterministic) and measured faster than eager, false never. The transformers + peft "
+                "true) does so where it is exact (SFT, train.batching padding_free, bf16/fp32 compute, not "
+                "deterministic, no NEFTune; adapter dropout replays the eager masks, reseeded per micro-batch) and "
+                "measured faster than eager, false never. The transformers + peft "
                 "fallback always runs eagerly. See loratune.kernels.graphs.")
     implementation: Literal["auto", "loratune", "transformers"] = _f(
         "auto", "Which model code trains: `loratune` is loratune's own decoder (loratune.decoder: Llama, Mistral, "

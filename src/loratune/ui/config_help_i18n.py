@@ -52,7 +52,8 @@ HELP: dict[str, dict[str, str]] = {
                          "在 CPU 上无效。transformers + peft 回退路径始终按 transformers 和 peft 发布的原样运行，忽略此键。",
         "model.cuda_graphs": "在 CUDA GPU 上，将 loratune 解码器在其固定形状的无填充微批次上的前向和反向传播捕获一次为 "
                              "CUDA 图并重放（每次启动不经过 Python）：`auto`（或 true）在精确的情况下这样做（SFT、"
-                             "train.batching 为 padding_free、无适配器 dropout、bf16/fp32 计算、非确定性模式）且实测比 "
+                             "train.batching 为 padding_free、bf16/fp32 计算、非确定性模式、无 NEFTune；适配器 dropout 按微批次"
+                             "重新播种，重放时得到与 eager 相同的掩码）且实测比 "
                              "eager 更快时才使用，false 从不使用。transformers + peft 回退路径始终以 eager 方式运行。"
                              "参见 loratune.kernels.graphs。",
         "model.implementation": "由哪套模型代码训练：`loratune` 是 loratune 自己的解码器（loratune.decoder：Llama、Mistral、"
@@ -240,7 +241,9 @@ HELP: dict[str, dict[str, str]] = {
         "model.cuda_graphs": "На GPU CUDA один раз записать прямой и обратный проход декодера loratune на его микропакетах "
                              "без паддинга фиксированной формы как граф CUDA и затем воспроизводить его (без Python при "
                              "каждом запуске): `auto` (или true) делает это там, где это точно (SFT, train.batching "
-                             "padding_free, нет dropout адаптера, вычисления в bf16/fp32, не детерминированный режим) и по "
+                             "padding_free, вычисления в bf16/fp32, не детерминированный режим, без NEFTune; dropout адаптера "
+                             "воспроизводится с теми же масками, что и eager, генератор пересеивается на каждый "
+                             "микропакет) и по "
                              "измерению быстрее eager, false — никогда. Запасной путь transformers + peft всегда работает "
                              "eager. См. loratune.kernels.graphs.",
         "model.implementation": "Какой код модели обучает: `loratune` — собственный декодер loratune (loratune.decoder: "
