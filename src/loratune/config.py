@@ -295,8 +295,32 @@ class TrainConfig:
                 "speed), not which samples a step trains on (batch_size x grad_accum). Ignored with train.batching "
                 "padded.")
     lr: float = _f(2e-4, "Peak learning rate (paper: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B).")
-    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw"] = _f(
-        "paged_adamw_32bit", "Optimizer; paged variants spill state to host memory under memory pressure (paper: paged AdamW 32-bit).")
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw", "galore_adamw", "apollo_adamw",
+                       "adam_mini", "badam"] = _f(
+        "paged_adamw_32bit", "Optimizer; paged variants spill state to host memory under memory pressure (paper: paged "
+                             "AdamW 32-bit). For full fine-tuning (adapter.type none; freeze too, except badam), the "
+                             "memory-efficient ones, each from its package (`pip install 'loratune[optim]'`): "
+                             "`galore_adamw` (GaLore: Adam on a rank-train.optim_rank SVD projection of each "
+                             "attention/MLP weight's gradient), `apollo_adamw` (APOLLO: a random projection's Adam "
+                             "gives the gradient a per-channel scale), `adam_mini` (Adam-mini: one second moment per "
+                             "head or neuron), `badam` (BAdam: one decoder layer trains at a time, the next every "
+                             "train.badam_switch_every steps). loratune.train.memopt")
+    optim_rank: int = _f(16, "galore_adamw, apollo_adamw: rank of the gradient projection.")
+    optim_update_proj_gap: int = _f(200, "galore_adamw, apollo_adamw: steps between recomputations of the "
+                                         "projection (GaLore paper: 200).")
+    optim_scale: Union[Literal["auto"], float] = _f(
+        "auto", "galore_adamw, apollo_adamw: scale of the projected update; auto: 0.25 for GaLore (paper), 1.0 for "
+                "APOLLO.")
+    optim_modules: list[str] = _f(["self_attn", "mlp"], "galore_adamw, apollo_adamw: the 2-D weights inside modules "
+                                                        "of these names (a part of the parameter's dotted name) are "
+                                                        "projected; the other parameters step as plain AdamW.")
+    apollo_scale_type: Literal["channel", "tensor"] = _f("channel", "apollo_adamw: one gradient scale per channel "
+                                                                    "(APOLLO) or per tensor (APOLLO-Mini, with "
+                                                                    "optim_rank 1).")
+    badam_switch_every: int = _f(50, "badam: optimizer steps between switches of the trained decoder layer.")
+    badam_switch_mode: Literal["descending", "ascending"] = _f("descending", "badam: the order in which the decoder "
+                                                                             "layers take turns (descending: last "
+                                                                             "layer first).")
     weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norms).")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warmup (paper: constant).")
@@ -575,6 +599,7 @@ def validate(cfg: Config) -> None:
          f"train.tokens_per_batch must be auto or at least data.max_length ({d.max_length}, the longest sample), "
          f"got {t.tokens_per_batch}"),
         *_train_checks(cfg),
+        *_memopt_checks(cfg),
         *_preference_checks(cfg),
         (d.max_length < 8, f"data.max_length must be >= 8, got {d.max_length}"),
         *_data_checks(d),
@@ -596,6 +621,20 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
          "output.adapter 'best' needs an eval split: set data.eval_split or data.eval_datasets"),
         (isinstance(t.resume, str) and not t.resume.strip(), "train.resume must be auto, off, or a path"),
         *_benchmark_checks(t.eval_benchmark),
+    ]
+
+
+def _memopt_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The memory-efficient optimizers' keys and combinations (loratune.train.memopt)."""
+    from loratune.train.memopt import check_memory_efficient
+
+    t = cfg.train
+    return [
+        *[(getattr(t, k) < 1, f"train.{k} must be >= 1, got {getattr(t, k)}")
+          for k in ("optim_rank", "optim_update_proj_gap", "badam_switch_every")],
+        (t.optim_scale != "auto" and t.optim_scale <= 0, f"train.optim_scale must be > 0 or auto, got {t.optim_scale}"),
+        (not t.optim_modules, "train.optim_modules is empty: name the modules whose weights are projected"),
+        *check_memory_efficient(t.optimizer, cfg.adapter.type, t.strategy),
     ]
 
 

@@ -128,10 +128,14 @@ class Loop:
         self.steps_per_epoch = steps_per_epoch(self.n_micro, self.accum)
         self.total = total_steps(cfg, self.steps_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg, self.total)
-        self.params = [p for p in runner.module.parameters() if p.requires_grad]
         # dropout masks drawn as a function of (seed, step, micro-batch, rank): reseeded before each micro-batch
         self.seeds = (DropoutSeeds(cfg.seed, accelerator.device, self.world.rank, self.world.size)
                       if draws_random(runner.module) else None)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The parameters training now: read at each use, as train.optimizer badam switches them by steps."""
+        return [p for p in self.runner.module.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------ data
 

@@ -40,6 +40,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    from loratune.train.memopt import MEMORY_EFFICIENT, build_memory_efficient
+
+    if cfg.optimizer in MEMORY_EFFICIENT:  # GaLore, APOLLO, Adam-mini, BAdam: their own groups
+        return build_memory_efficient(model, cfg)
     groups = param_groups(model, cfg)
     betas = (0.9, cfg.adam_beta2)
     if cfg.optimizer == "adamw":

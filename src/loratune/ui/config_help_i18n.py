@@ -151,7 +151,20 @@ HELP: dict[str, dict[str, str]] = {
                                   "如何切分为微批次（内存和速度），而不决定一步训练哪些样本（batch_size x grad_accum）。"
                                   "train.batching 为 padded 时忽略。",
         "train.lr": "峰值学习率（论文：7B 和 13B 为 2e-4，33B 和 65B 为 1e-4）。",
-        "train.optimizer": "优化器；分页（paged）变体在内存紧张时把状态转移到主机内存（论文：分页 AdamW 32 位）。",
+        "train.optimizer": "优化器；分页（paged）变体在内存紧张时把状态转移到主机内存（论文：分页 AdamW 32 位）。"
+                           "全量微调（adapter.type none；除 badam 外也可用于 freeze）可用省内存的优化器，各来自其软件包"
+                           "（`pip install 'loratune[optim]'`）：`galore_adamw`（GaLore：在每个注意力/MLP 权重梯度的 "
+                           "train.optim_rank 秩 SVD 投影上运行 Adam）、`apollo_adamw`（APOLLO：随机投影上的 Adam 给出"
+                           "梯度的逐通道缩放）、`adam_mini`（Adam-mini：每个注意力头或神经元一个二阶矩）、`badam`"
+                           "（BAdam：每次只训练一个解码层，每 train.badam_switch_every 步换下一层）。loratune.train.memopt",
+        "train.optim_rank": "galore_adamw、apollo_adamw：梯度投影的秩。",
+        "train.optim_update_proj_gap": "galore_adamw、apollo_adamw：两次重新计算投影之间的步数（GaLore 论文：200）。",
+        "train.optim_scale": "galore_adamw、apollo_adamw：投影更新的缩放；auto：GaLore 为 0.25（论文），APOLLO 为 1.0。",
+        "train.optim_modules": "galore_adamw、apollo_adamw：位于这些名称模块内（参数点分名称中的一段）的二维权重被投影；"
+                               "其余参数按普通 AdamW 更新。",
+        "train.apollo_scale_type": "apollo_adamw：梯度缩放按通道（APOLLO）或按张量（APOLLO-Mini，配合 optim_rank 1）。",
+        "train.badam_switch_every": "badam：切换所训练解码层之间的优化器步数。",
+        "train.badam_switch_mode": "badam：各解码层轮流训练的顺序（descending：从最后一层开始）。",
         "train.weight_decay": "AdamW 权重衰减（从不作用于偏置和归一化层）。",
         "train.adam_beta2": "AdamW 的 beta2。",
         "train.scheduler": "预热之后的学习率调度（论文：constant）。",
@@ -376,7 +389,25 @@ HELP: dict[str, dict[str, str]] = {
                                   "padded.",
         "train.lr": "Пиковая скорость обучения (в статье: 2e-4 для 7B и 13B, 1e-4 для 33B и 65B).",
         "train.optimizer": "Оптимизатор; страничные (paged) варианты выгружают состояние в память хоста при нехватке "
-                           "памяти (в статье: paged AdamW 32-bit).",
+                           "памяти (в статье: paged AdamW 32-bit). Для полного дообучения (adapter.type none; кроме "
+                           "badam — и freeze) — экономные по памяти, каждый из своего пакета (`pip install "
+                           "'loratune[optim]'`): `galore_adamw` (GaLore: Adam на SVD-проекции ранга train.optim_rank "
+                           "градиента каждого веса внимания/MLP), `apollo_adamw` (APOLLO: Adam случайной проекции задаёт "
+                           "градиенту масштаб по каналам), `adam_mini` (Adam-mini: один второй момент на голову или "
+                           "нейрон), `badam` (BAdam: обучается один слой декодера за раз, следующий — каждые "
+                           "train.badam_switch_every шагов). loratune.train.memopt",
+        "train.optim_rank": "galore_adamw, apollo_adamw: ранг проекции градиента.",
+        "train.optim_update_proj_gap": "galore_adamw, apollo_adamw: шагов между пересчётами проекции (в статье GaLore: "
+                                       "200).",
+        "train.optim_scale": "galore_adamw, apollo_adamw: масштаб проецированного обновления; auto: 0.25 для GaLore "
+                             "(статья), 1.0 для APOLLO.",
+        "train.optim_modules": "galore_adamw, apollo_adamw: проецируются двумерные веса внутри модулей с этими именами "
+                               "(часть имени параметра через точку); остальные параметры шагают как обычный AdamW.",
+        "train.apollo_scale_type": "apollo_adamw: один масштаб градиента на канал (APOLLO) или на тензор (APOLLO-Mini, "
+                                   "с optim_rank 1).",
+        "train.badam_switch_every": "badam: шагов оптимизатора между сменами обучаемого слоя декодера.",
+        "train.badam_switch_mode": "badam: порядок, в котором слои декодера обучаются по очереди (descending: с "
+                                   "последнего слоя).",
         "train.weight_decay": "Затухание весов AdamW (никогда не применяется к смещениям и нормализациям).",
         "train.adam_beta2": "Параметр beta2 оптимизатора AdamW.",
         "train.scheduler": "Расписание скорости обучения после разогрева (в статье: constant).",

@@ -1,0 +1,142 @@
+"""Full fine-tuning with the memory-efficient optimizers (train.optimizer galore_adamw, apollo_adamw, adam_mini,
+badam; loratune.train.memopt) on the tiny Llama, fp32 on CPU: the loss falls, only the parameters that should
+change do, a run resumed from a checkpoint ends on the uninterrupted run's weights bit for bit, and the
+combinations that make no sense are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import build_loop, config, write_run_yaml
+
+from loratune.config import load_config
+from loratune.data.sample import Sample
+from loratune.errors import ConfigError
+from loratune.train.checkpoint import list_checkpoints, step_of
+from loratune.train.loop import LoopState
+from loratune.train.run import train
+
+FULL = ["adapter.type=none", "quantization.bits=32", "model.implementation=transformers", "train.max_grad_norm=1.0",
+        "train.warmup_steps=0", "train.scheduler=constant"]
+
+
+def _samples(n: int = 4) -> list[Sample]:
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(5, 400, (12,), generator=g).tolist() for _ in range(n)]
+    return [Sample(x, list(x)) for x in ids]
+
+
+def _loss(loop, batch) -> float:
+    loop.runner.module.eval()
+    with torch.no_grad():
+        loss_sum, _ = loop.objective.loss_sum(loop.runner, batch)
+    return float(loss_sum)
+
+
+@pytest.mark.parametrize("optimizer, extra", [
+    ("galore_adamw", ["train.optim_rank=4", "train.optim_update_proj_gap=2"]),
+    ("apollo_adamw", ["train.optim_rank=4", "train.optim_update_proj_gap=2"]),
+    ("adam_mini", []),
+    ("badam", ["train.badam_switch_every=100"]),
+])
+def test_loss_falls_and_only_the_right_weights_change(tiny_llama: Path, optimizer: str, extra: list[str]) -> None:
+    samples = _samples()
+    loop = build_loop(tiny_llama, samples, *FULL, f"train.optimizer={optimizer}", "train.lr=1e-2",
+                      "train.batch_size=4", "train.grad_accum=1", "train.max_steps=6", "data.max_length=64",
+                      "train.batching=padded", *extra, random_adapters=False)
+    model = loop.runner.module
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    window = loop.order(0)[:1]
+    batch = loop.batches(window)[0]
+    first = _loss(loop, batch)
+    state = LoopState()
+    for _ in range(6):
+        result = loop.step(state, window)
+        assert not result.skipped
+    last = _loss(loop, batch)
+    assert last < first - 0.1, (first, last)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    if optimizer == "badam":  # descending: the last decoder layer only; embeddings, head, norm untouched
+        assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
+        assert any(".mlp." in n for n in changed) and any(".self_attn." in n for n in changed)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            n for n in before if n.startswith("model.layers.1.")}
+    else:  # full fine-tuning: every weight that gets a gradient moves
+        assert "model.embed_tokens.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed
+    if optimizer in ("galore_adamw", "apollo_adamw"):  # the projected weights' moments are rank 4
+        opt = loop.optimizer.optimizer
+        q = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+        assert 4 in opt.state[q]["exp_avg"].shape and opt.state[q]["exp_avg"].numel() < q.numel()
+        norm = dict(model.named_parameters())["model.norm.weight"]
+        assert opt.state[norm]["exp_avg"].shape == norm.shape
+
+
+def test_badam_switches_blocks_every_k_steps(tiny_llama: Path) -> None:
+    loop = build_loop(tiny_llama, _samples(), *FULL, "train.optimizer=badam", "train.badam_switch_every=2",
+                      "train.batch_size=4", "train.grad_accum=1", "train.max_steps=6", "data.max_length=64",
+                      "train.batching=padded", random_adapters=False)
+    model = loop.runner.module
+    window, state, trained = loop.order(0)[:1], LoopState(), []
+    for _ in range(5):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loop.step(state, window)
+        layers = {n.split(".")[2] for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        trained.append(layers)
+    # BAdam 1.4 switches when (steps done + 1) % K == 0: the first block trains K - 1 steps, the others K
+    assert trained == [{"1"}, {"0"}, {"0"}, {"1"}, {"1"}]
+
+
+@pytest.mark.parametrize("optimizer, extra", [
+    ("galore_adamw", {"optim_rank": 4, "optim_update_proj_gap": 2}),
+    ("apollo_adamw", {"optim_rank": 4, "optim_update_proj_gap": 2}),
+    ("adam_mini", {}),
+    ("badam", {"badam_switch_every": 3}),
+])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path: Path, tiny_llama: Path,
+                                                                  optimizer: str, extra: dict) -> None:
+    sections = {"adapter": {"type": "none"}, "quantization": {"bits": 32},
+                "model": {"path": str(tiny_llama), "implementation": "transformers"},
+                "train": {"optimizer": optimizer, "max_steps": 6, "save_every": 3, "keep_last": 0, "lr": 1e-3,
+                          **extra}}
+    for d in ("ref", "resumed"):
+        (tmp_path / d).mkdir()
+    ref = train(config(write_run_yaml(tmp_path / "ref", tiny_llama, **sections)))
+    assert ref.steps == 6
+    at3 = [c for c in list_checkpoints(ref.out_dir / "checkpoints") if step_of(c) == 3]
+    assert at3
+    resumed_dir = tmp_path / "resumed"
+    resumed = train(config(write_run_yaml(resumed_dir, tiny_llama, **sections), f"train.resume={at3[0]}"))
+    assert resumed.steps == 6
+    a, b = load_file(str(ref.out_dir / "model.safetensors")), load_file(str(resumed.out_dir / "model.safetensors"))
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], base[k]) for k in a if k in base)  # it trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.optimizer=galore_adamw"], "LoRA adapters are low-rank already"),
+    (["train.optimizer=adam_mini", "quantization.bits=32"], "is for full fine-tuning"),
+    (["train.optimizer=badam", "adapter.type=freeze", "quantization.bits=32"], "use adapter.type none"),
+    (["train.optimizer=galore_adamw", "adapter.type=none", "quantization.bits=4"], "needs quantization.bits 16"),
+    (["train.optimizer=galore_adamw", "adapter.type=none", "quantization.bits=32", "train.optim_rank=0"],
+     "optim_rank must be >= 1"),
+    (["train.optimizer=apollo_adamw", "adapter.type=none", "quantization.bits=32", "train.optim_modules=[]"],
+     "optim_modules is empty"),
+    (["train.optimizer=badam", "adapter.type=none", "quantization.bits=32", "train.badam_switch_every=0"],
+     "badam_switch_every must be >= 1"),
+])
+def test_config_refuses(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.path=demo://llama", *overrides])
+
+
+def test_galore_with_freeze_and_unmatched_modules(tiny_llama: Path) -> None:
+    load_config(None, ["model.path=demo://llama", "train.optimizer=galore_adamw", "adapter.type=freeze",
+                       "quantization.bits=32"])  # freeze-tuning with GaLore is fine
+    with pytest.raises(ConfigError, match="no trainable 2-D weight lies in a module named"):
+        build_loop(tiny_llama, _samples(), *FULL, "train.optimizer=galore_adamw", "train.optim_modules=[attention]",
+                   random_adapters=False)
