@@ -89,6 +89,14 @@ class ModelConfig:
                 "deterministic, no NEFTune; adapter dropout replays the eager masks, reseeded per micro-batch) and "
                 "measured faster than eager, false never. The transformers + peft "
                 "fallback always runs eagerly. See loratune.kernels.graphs.")
+    embedding_on_host: Union[Literal["auto"], bool] = _f(
+        "auto", "Keep loratune's decoder's frozen input embedding in host memory while training on a CUDA GPU: "
+                "each micro-batch's rows are gathered on the host and copied to the GPU without blocking (about "
+                "1 GiB less GPU memory for a 128k vocabulary at hidden size 4096 in bf16). `auto` does so on CUDA "
+                "when the output head is not tied to the embedding (a tied head needs it on the GPU) and train.strategy "
+                "is not fsdp; true also on CPU (the same numbers; for tests), an error for a "
+                "tied head; false never. The memory plan counts it as host memory. The transformers + peft "
+                "fallback ignores this key. loratune.decoder.model.TokenEmbedding")
     implementation: Literal["auto", "loratune", "transformers"] = _f(
         "auto", "Which model code trains: `loratune` is loratune's own decoder (loratune.decoder: Llama, Mistral, "
                 "Qwen2/2.5/3, Gemma 1-3, Phi-3; LoRA adapters on a 4-, 16- or 32-bit base), `transformers` the "

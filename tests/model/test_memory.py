@@ -221,7 +221,7 @@ def test_train_with_batch_size_auto_runs_with_the_resolved_size(tmp_path: Path, 
 def test_the_plan_follows_the_micro_batches_the_run_makes(tiny_llama: Path, monkeypatch) -> None:
     """Padding-free micro-batches are planned at their token budget (auto: batch_size x max_length, the padded
     micro-batch they replace); the model code's own choices (loratune's decoder: SDPA over the stream on CPU,
-    embedding on the GPU, no CUDA graphs yet) are the plan's."""
+    its input embedding in host memory on CUDA, CUDA graphs) are the plan's."""
     from loratune.model.resolve import ENV
 
     monkeypatch.delenv(ENV, raising=False)
@@ -253,7 +253,9 @@ def test_the_plan_follows_the_micro_batches_the_run_makes(tiny_llama: Path, monk
                         device="cuda", budget=budget).plan
 
     ours, theirs = cuda(), cuda("model.implementation=transformers", "train.batching=padded")
-    assert ours.get("embedding").bytes == shape.vocab * shape.hidden * 2
+    # model.embedding_on_host auto: the decoder's untied input embedding in host memory on CUDA
+    assert ours.get("embedding").bytes == 0 and "in host memory" in ours.get("embedding").detail
+    assert cuda("model.embedding_on_host=false").get("embedding").bytes == shape.vocab * shape.hidden * 2
     assert _pool(ours) > 0 and _pool(cuda("train.batching=padded")) == 0  # the decoder graphs its fixed-shape streams
     # the transformers fallback as shipped: its embedding on the GPU, no CUDA graphs, the plain MLP
     assert theirs.get("embedding").bytes == shape.vocab * shape.hidden * 2 and _pool(theirs) == 0

@@ -32,7 +32,7 @@ class SlotDecoder:
 
     def __init__(self, decoder: Decoder, slots: int, capacity: int, graphs: bool | None = None) -> None:
         self.decoder = decoder
-        self.device = decoder.embed.weight.device
+        self.device = decoder.device
         self.cache: KVCache = decoder.new_cache(slots, capacity)
         self.runner = DecodeRunner(decoder, self.cache, graphs)
 

@@ -140,14 +140,46 @@ class Block(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
+    """The frozen input embedding, on the compute device or kept in host memory (`to_host`).
+
+    In host memory (training on CUDA with an untied head, `model.embedding_on_host`: a 128k x 4096 bf16 table is
+    1 GiB less on the GPU) the rows of a batch are gathered on the host into pinned memory and copied to the
+    device without blocking: give it host ids (the runner has them before it moves the batch). Device ids are
+    read back first (a sync; generation on the training model), and refused inside a CUDA graph capture, whose
+    caller then runs eagerly. On CPU the same code runs with the "device" being the CPU too (tests)."""
+
     def __init__(self, weight: Tensor, scale: float | None) -> None:
         super().__init__()
         self.weight, self.scale = _frozen(weight), scale
+        self.device: torch.device | None = None  # set by `to_host`: where the gathered rows go
+
+    @property
+    def on_host(self) -> bool:
+        return self.device is not None
+
+    def to_host(self, device: torch.device | str) -> None:
+        """Keep the table in host memory from now on; rows go to `device` (the decoder's compute device)."""
+        if self.weight.requires_grad:
+            raise ValueError("a trained input embedding cannot be kept in host memory")
+        self.device = torch.device(device)
+        self.weight = nn.Parameter(self.weight.detach().to("cpu"), requires_grad=False)
 
     def forward(self, ids: Tensor) -> Tensor:
-        x = F.embedding(ids, self.weight)
+        x = self._gather(ids) if self.on_host else F.embedding(ids, self.weight)
         # transformers multiplies by the scale rounded to the weight dtype (sqrt(3072) is 55.5 in bf16)
         return x if self.scale is None else x * torch.tensor(self.scale, dtype=self.weight.dtype, device=x.device)
+
+    def _gather(self, ids: Tensor) -> Tensor:
+        if ids.device.type != "cpu":
+            if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the input embedding is in host memory: its ids must be host tensors in a "
+                                   "captured CUDA graph")
+            ids = ids.cpu()
+        cuda = self.device.type == "cuda"
+        rows = torch.empty((ids.numel(), self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=cuda)
+        torch.index_select(self.weight, 0, ids.reshape(-1), out=rows)
+        # from pinned memory: queued without waiting; the pinned block is reused only after the copy (host allocator)
+        return rows.to(self.device, non_blocking=cuda).view(*ids.shape, -1)
 
 
 class OutputHead(nn.Module):
@@ -234,11 +266,12 @@ class Decoder(nn.Module):
         return boundaries
 
     def hidden_states(self, input_ids: Tensor, boundaries: Boundaries | None = None,
-                      cache: KVCache | None = None) -> Tensor:
+                      cache: KVCache | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
         """Final-norm hidden states [N, hidden] of the token stream (input [N], [1, N], or [B, T] read as B
-        samples of T tokens when no boundaries are given)."""
+        samples of T tokens when no boundaries are given). `inputs_embeds` [N, hidden]: `embed(input_ids)` made
+        by the caller (an embedding in host memory, looked up on host ids before the batch moves)."""
         b = self._boundaries(input_ids, boundaries, cache)
-        x = self.embed(input_ids.reshape(-1)).to(self.compute_dtype)
+        x = (self.embed(input_ids.reshape(-1)) if inputs_embeds is None else inputs_embeds).to(self.compute_dtype)
         if self.training and self.neftune_alpha > 0 and cache is None:
             from loratune.model.neftune import add_noise, token_lengths
 
@@ -267,8 +300,20 @@ class Decoder(nn.Module):
         logits = self.logits(self.hidden_states(input_ids, boundaries, cache))
         return logits.reshape(*input_ids.shape, -1)
 
+    @property
+    def device(self) -> torch.device:
+        """The compute device (the input embedding may be in host memory: `TokenEmbedding.to_host`)."""
+        return self.norm.weight.device
+
+    def embed_on_host(self) -> None:
+        """Keep the frozen input embedding in host memory (`TokenEmbedding`); refused for a head tied to it."""
+        if self.config.tie_embeddings:
+            raise ConfigError("model.embedding_on_host: this model's output head is tied to its input embedding, "
+                              "which must stay on the GPU")
+        self.embed.to_host(self.device)
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.config, batch, capacity, self.compute_dtype, self.embed.weight.device)
+        return KVCache(self.config, batch, capacity, self.compute_dtype, self.device)
 
     # ------------------------------------------------------------------------------------------ adapters
 
@@ -291,7 +336,7 @@ class Decoder(nn.Module):
         `targets`/`exclude` are matched as loratune's `adapter.target_modules` are: `all-linear`, or module-name
         suffixes of the HF model (`q_proj`, `self_attn.q_proj`, `model.layers.0.mlp.down_proj`)."""
         chosen = select_layers(self.config, targets, exclude)
-        generator = None if seed is None else torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         layers = self.linear_layers()
         for name in chosen:
             layers[name].add_adapter(rank, alpha, dropout, rslora, self.casts, generator)

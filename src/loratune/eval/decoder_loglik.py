@@ -55,7 +55,7 @@ class DecoderScorer:
 
     def __init__(self, decoder: Decoder, *, batch_size: int = 8, share_prefix: bool = True) -> None:
         self.decoder, self.batch_size, self.share_prefix = decoder, max(1, batch_size), share_prefix
-        self.device = decoder.embed.weight.device
+        self.device = decoder.device
         self._prefix: tuple[tuple[int, ...], KVCache | None] = ((), None)
 
     def _tensor(self, tokens: Sequence[int]) -> torch.Tensor:

@@ -118,7 +118,7 @@ def document_nll(model: torch.nn.Module, token_lists: Sequence[list[int]], prefi
 def _windows_on_decoder(decoder: Decoder, part: list[tuple[int, list[int], tuple[int, int, int]]]) -> list[float]:
     """NLL of each window's scored tokens on loratune's decoder: the windows laid end to end in one padding-free
     stream, the output head run only on the positions whose predictions are scored."""
-    device = decoder.embed.weight.device
+    device = decoder.device
     ids = torch.tensor([t for _, seq, (start, end, _) in part for t in seq[start:end]], dtype=torch.long, device=device)
     lengths = [end - start for _, _, (start, end, _) in part]
     hidden = decoder.hidden_states(ids, Boundaries.from_lengths(lengths, device))

@@ -140,7 +140,7 @@ class AdapterBank:
             self._evict(victim)
 
     def _put(self, key: str, adapter: AdapterFile) -> None:
-        device = self.decoder.embed.weight.device
+        device = self.decoder.device
         states = {}
         for name, w in adapter.layers.items():
             a = nn.Parameter(w.lora_A.to(device, torch.float32), requires_grad=False)

@@ -10,8 +10,9 @@ What is replayed: loratune's decoder on padding-free streams (input_ids, labels,
 token budget, so every micro-batch has one shape; the loss function derives the sample boundaries from the
 position ids on the GPU (`loratune.decoder.attention.Boundaries.on_device`), so one graph serves every stream
 of that shape. The decoder computes in its own dtype (no autocast) and casts its adapters itself (its
-`frozen_adapters()`). The transformers + peft fallback is never graphed: it runs as transformers and peft
-ship, eagerly.
+`frozen_adapters()`). An input embedding kept in host memory is looked up outside the graph: its rows,
+gathered on the host ids, are one more static input (`inputs`; loratune.train.runner.host_embeds). The
+transformers + peft fallback is never graphed: it runs as transformers and peft ship, eagerly.
 
 When it applies (else the caller runs the micro-batch eagerly):
 - CUDA, `model.cuda_graphs` auto/true, no loss scaler (bf16 or fp32 compute), not in deterministic mode, no
@@ -92,11 +93,14 @@ class GraphedMicroBatch:
     """`run(batch, scale)`: forward + `backward(loss_sum * scale)` of one micro-batch by graph replay, or None.
 
     `model`: loratune's decoder (anything with `parameters()`, `modules()` and a `frozen_adapters()` context);
-    `loss_fn(model, batch)`: the summed token loss of a stream on the device, reading nothing back to the host."""
+    `loss_fn(model, batch)`: the summed token loss of a stream on the device, reading nothing back to the host;
+    `inputs(batch)`: more static inputs made outside the graph from the host-side batch, as device tensors of a
+    fixed shape per stream shape (the embedded ids of an input embedding kept in host memory), or {}."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-                 enabled: bool = True) -> None:
-        self.model, self.loss_fn = model, loss_fn
+                 enabled: bool = True,
+                 inputs: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
+        self.model, self.loss_fn, self.inputs = model, loss_fn, inputs or (lambda batch: {})
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.enabled = enabled and torch.cuda.is_available() and bool(self.params) and self.params[0].is_cuda
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -148,8 +152,9 @@ class GraphedMicroBatch:
 
     def _replay(self, batch: dict[str, Tensor], scale: float) -> Tensor:
         self._bind_grads()
+        sources = {**batch, **self.inputs(batch)}
         for k, t in self.static.items():
-            src = batch[k]
+            src = sources[k]
             # from pinned memory the copy is queued without waiting (a pageable source syncs the stream first)
             t.copy_(src if src.is_cuda else src.pin_memory(), non_blocking=True)
         self.scale.fill_(scale)
@@ -229,6 +234,7 @@ class GraphedMicroBatch:
         torch.cuda.empty_cache()
         dev = self.params[0].device
         self.static = {k: batch[k].to(dev).clone() for k in key[1]}
+        self.static.update({k: v.to(dev).clone() for k, v in self.inputs(batch).items()})
         self.scale = torch.zeros((), dtype=torch.float32, device=dev)
         self.grads, self.flat = _flat_grads(self.params)
         for p, g in zip(self.params, self.grads):

@@ -150,6 +150,8 @@ def build_trainable(cfg: Config, resolved: Resolved) -> TrainModel:
     from loratune.decoder.load import load_decoder
 
     decoder, base = load_decoder(cfg, checkpointing=resolved.checkpointing)
+    if resolved.embedding_on_host:  # the frozen input embedding in host memory (model.embedding_on_host)
+        decoder.embed_on_host()
     initial = None
     if cfg.adapter.type == "lora":
         initial = init_decoder(decoder, cfg.adapter.init, cfg.model.path, cfg.model.revision)

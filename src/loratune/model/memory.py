@@ -17,8 +17,8 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
   weights      NF4: n/2, plus constants per 64-value block: fp32 absmax (4 B), or with double
                quantization a uint8 absmax (1 B) + one fp32 absmax per 256 blocks + a 256-entry code;
                8-bit: n + fp32 row scales; 16/32-bit: n x e. Embedding V x H x e, head the same unless
-               tied (`embed_on_host` replays older measurements of a path, removed, that kept the frozen
-               input embedding in host memory).
+               tied; the decoder's frozen input embedding in host memory (model.embedding_on_host,
+               `embed_on_host`) is none of the GPU's.
   adapters     LoRA: r (d_in + d_out) per adapted layer (+ d_out for DoRA), fp32 weights and gradients,
                AdamW states 8 B/param (2 B for the 8-bit variants). Full fine-tuning: every parameter,
                fp32 weights + gradients + states.
@@ -365,7 +365,8 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
     `dense_attention`: attention materialises a [tokens, tokens] mask and scores (loratune's decoder on CPU);
     `stream_attention`: loratune's decoder on CUDA (FlexAttention or SDPA rows, `_stream_attention`);
     `stock`: the transformers + peft fallback's own modules (`_stock_modules`; it also runs the plain MLP and no
-    graphs, which `plan_for` passes). `embed_on_host`: replays measurements of the removed host-embedding path.
+    graphs, which `plan_for` passes). `embed_on_host`: the decoder's frozen input embedding in host memory
+    (model.embedding_on_host): counted as host memory, none on the GPU.
     Pure: reads no weights, touches no device. `plan_for` gives the plan of a run's `Resolved` decisions.
     """
     shape = model_config if isinstance(model_config, Shape) else Shape.from_config(model_config)
@@ -400,7 +401,8 @@ def estimate(cfg: Config, model_config: Any, batch_size: int, seq_len: int, devi
 def plan_for(cfg: Config, shape: Any, r: Resolved) -> MemoryPlan:
     """The plan of the decisions `r` (its batch size resolved): the model code, kernels, graphs and micro-batch
     `loratune train` will use."""
-    return estimate(cfg, shape, r.batch_size, r.max_length, r.device, False, r.fused_mlp, r.graphs,
+    return estimate(cfg, shape, r.batch_size, r.max_length, r.device, r.embedding_on_host and r.device == "cuda",
+                    r.fused_mlp, r.graphs,
                     tokens=r.tokens, padding_free=r.padding_free, dense_attention=r.decoder and r.device == "cpu",
                     stream_attention=r.decoder and r.device == "cuda", stock=not r.decoder)
 

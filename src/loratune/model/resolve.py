@@ -54,6 +54,8 @@ class Resolved:
     # instead of once per new length (and never meets a stream too short for its kernels); the padding is a segment
     # of its own that no label, no numbered sequence and no other sample sees
     pad_streams: bool = False
+    # the decoder's frozen input embedding kept in host memory (model.embedding_on_host; loratune.decoder.model)
+    embedding_on_host: bool = False
     batch_size: int | None = None  # samples per padded micro-batch; batch_size x grad_accum samples per step
     tokens_per_batch: int | None = None  # padding-free: the token budget of one micro-batch
 
@@ -108,6 +110,19 @@ def checkpointing_on(cfg: Config) -> bool:
     """train.gradient_checkpointing: auto is on for quantized (2- to 8-bit) bases."""
     mode = cfg.train.gradient_checkpointing
     return mode is True or (mode == "auto" and cfg.quantization.bits <= 8)
+
+
+def embedding_on_host(cfg: Config, device: str, decoder: bool, model_config: Any | None) -> bool:
+    """model.embedding_on_host: auto is on for the decoder on CUDA with an untied head, not under FSDP; true
+    anywhere the decoder trains (an error for a tied head); false never."""
+    mode = cfg.model.embedding_on_host
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    if mode is True and decoder and tied:
+        raise ConfigError("model.embedding_on_host: true, but this model's output head is tied to its input "
+                          "embedding, which must stay on the GPU; set it to auto or false")
+    if mode == "auto":
+        return decoder and device == "cuda" and not tied and cfg.train.strategy != "fsdp"
+    return bool(mode) and decoder
 
 
 def decoder_refusal(cfg: Config, model_config: Any | None) -> str | None:
@@ -175,5 +190,6 @@ def decide(cfg: Config, device: str | None = None, model_config: Any | None = No
         # graphs replay our decoder's fixed-shape streams (pad_streams); the transformers fallback runs eagerly
         graphs=graphs_wanted(cfg, device) and decoder and padding_free and cfg.train.method == "sft",
         fused_mlp=kernels, padding_free=padding_free,
-        pad_streams=padding_free and decoder and cuda, max_length=cfg.data.max_length)
+        pad_streams=padding_free and decoder and cuda, max_length=cfg.data.max_length,
+        embedding_on_host=embedding_on_host(cfg, device, decoder, model_config))
     return r if batch is None else r.with_batch(batch, cfg.train.tokens_per_batch)

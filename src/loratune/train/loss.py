@@ -118,14 +118,16 @@ def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 def decoder_loss_sum(decoder: Decoder, input_ids: torch.Tensor, boundaries: Boundaries, labels: torch.Tensor,
-                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                     rows: torch.Tensor | None = None,
+                     inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(summed token loss, supervised tokens) of loratune's decoder on a stream of samples.
 
     `input_ids`/`labels`: [1, N] (or [B, T], each row one sample of T tokens, right-padded), laid out as
-    `boundaries` says; `rows`: the flat indices `supervised_rows(labels)` gives (computed here if None)."""
+    `boundaries` says; `rows`: the flat indices `supervised_rows(labels)` gives (computed here if None);
+    `inputs_embeds`: the embedded ids, made by the caller (an input embedding in host memory)."""
     if rows is None:
         rows = supervised_rows(labels)
-    hidden = decoder.hidden_states(input_ids.reshape(-1), boundaries)
+    hidden = decoder.hidden_states(input_ids.reshape(-1), boundaries, inputs_embeds=inputs_embeds)
     targets = shift_labels(labels).reshape(-1)
     if rows.numel() != targets.numel():  # rows with no target: dropped before the head
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)

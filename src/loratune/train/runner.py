@@ -20,7 +20,9 @@ transformers (+ peft) model as accelerate prepared it and as the libraries ship 
 attention and masks, peft's forwards, eagerly (no graphs; nothing of ours inside the model: the loss reads
 only its final hidden states and the head's weight, `loratune.train.loss.lm_loss_sum`).
 Both move the batch to the device from pinned memory without blocking, with the supervised rows counted
-on the host (`with_target_rows`), so the host does not wait for the GPU inside a step.
+on the host (`with_target_rows`), so the host does not wait for the GPU inside a step. A decoder whose input
+embedding is in host memory (`model.embedding_on_host`) gets its rows gathered on the batch's host ids before
+the batch moves (`host_embeds`), eagerly and as a graphed micro-batch's static input.
 """
 
 from __future__ import annotations
@@ -69,12 +71,23 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in batch.items()}
 
 
+EMBEDS = "inputs_embeds"  # a batch's embedded ids, made on the host ids (an input embedding in host memory)
+
+
+def host_embeds(decoder: Decoder, batch: Batch) -> Batch:
+    """{EMBEDS: the rows of the batch's host-side ids on the device} where the decoder's input embedding is in host
+    memory (`TokenEmbedding.to_host`: gathered on the host, copied without blocking), else {}."""
+    if not decoder.embed.on_host:
+        return {}
+    return {EMBEDS: decoder.embed(batch["input_ids"].reshape(-1))}
+
+
 def decoder_stream_loss_sum(decoder: Decoder, batch: Batch) -> Tensor:
     """The summed token loss of a padding-free stream with nothing read back to the host (what a CUDA graph of
     the decoder captures): the boundaries from the position ids on the device, every row through the head
     (unsupervised rows add 0), the token count left to the caller."""
     b = Boundaries.on_device(batch["position_ids"])
-    hidden = decoder.hidden_states(batch["input_ids"].reshape(-1), b)
+    hidden = decoder.hidden_states(batch["input_ids"].reshape(-1), b, inputs_embeds=batch.get(EMBEDS))
     targets = shift_labels(batch["labels"]).reshape(-1)
     loss, _ = fused_linear_cross_entropy_sum(hidden, decoder.head.weight, targets, softcap=decoder.head.softcap,
                                              triton=decoder.kernels)
@@ -87,7 +100,7 @@ def decoder_graphs(decoder: Decoder) -> GraphedMicroBatch | None:
     micro-batch: `loratune.train.dropout_seeds`)."""
     if decoder.config.attention_dropout or decoder.config.residual_dropout:
         return None
-    graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum)
+    graphs = GraphedMicroBatch(decoder, decoder_stream_loss_sum, inputs=lambda batch: host_embeds(decoder, batch))
     return graphs if graphs.enabled else None
 
 
@@ -114,15 +127,18 @@ class DecoderRunner:
 
     def loss_sum(self, batch: Batch) -> tuple[Tensor, int]:
         b = self.boundaries(batch)
+        embeds = host_embeds(self.module, batch).get(EMBEDS)  # from the host ids, before they move
         moved = to_device(batch if TARGET_ROWS in batch else with_target_rows(batch), self.device)
-        return decoder_loss_sum(self.module, moved["input_ids"], b, moved["labels"], moved[TARGET_ROWS])
+        return decoder_loss_sum(self.module, moved["input_ids"], b, moved["labels"], moved[TARGET_ROWS],
+                                inputs_embeds=embeds)
 
     def frozen_adapters(self) -> contextlib.AbstractContextManager:
         return self.module.frozen_adapters()
 
     def head_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, float | None]:
+        embeds = host_embeds(self.module, batch).get(EMBEDS)
         ids = batch["input_ids"].to(self.device, non_blocking=self.device.type == "cuda")
-        hidden = self.module.hidden_states(ids.reshape(-1), self.boundaries(batch))
+        hidden = self.module.hidden_states(ids.reshape(-1), self.boundaries(batch), inputs_embeds=embeds)
         return hidden, self.module.head.weight, self.module.head.softcap
 
     def adapters_disabled(self) -> contextlib.AbstractContextManager:

@@ -56,6 +56,12 @@ HELP: dict[str, dict[str, str]] = {
                              "重新播种，重放时得到与 eager 相同的掩码）且实测比 "
                              "eager 更快时才使用，false 从不使用。transformers + peft 回退路径始终以 eager 方式运行。"
                              "参见 loratune.kernels.graphs。",
+        "model.embedding_on_host": "在 CUDA GPU 上训练时，把 loratune 解码器冻结的输入嵌入保存在主机内存中：每个微批次的"
+                                   "行在主机上收集，并以非阻塞方式复制到 GPU（词表 128k、隐藏维度 4096、bf16 时约少占 1 GiB "
+                                   "GPU 显存）。`auto` 在 CUDA 上、输出头未与嵌入绑定（绑定的输出头需要嵌入留在 GPU 上）且 "
+                                   "train.strategy 不是 fsdp 时启用；true 在 CPU 上也启用（数值相同；用于测试），输出头绑定"
+                                   "时报错；false 从不启用。内存计划把它计为主机内存。transformers + peft 回退路径忽略此键。"
+                                   "loratune.decoder.model.TokenEmbedding",
         "model.implementation": "由哪套模型代码训练：`loratune` 是 loratune 自己的解码器（loratune.decoder：Llama、Mistral、"
                                 "Qwen2/2.5/3、Gemma 1-3、Phi-3；在 4、16 或 32 位基座上的 LoRA 适配器），`transformers` 是 "
                                 "transformers 模型加 peft 的适配器。`auto` 在 loratune 的解码器支持该架构和设置时使用它，否则使用 "
@@ -259,6 +265,14 @@ HELP: dict[str, dict[str, str]] = {
                              "микропакет) и по "
                              "измерению быстрее eager, false — никогда. Запасной путь transformers + peft всегда работает "
                              "eager. См. loratune.kernels.graphs.",
+        "model.embedding_on_host": "Держать замороженное входное embedding-представление декодера loratune в памяти "
+                                   "хоста при обучении на GPU CUDA: строки каждого микропакета собираются на хосте и "
+                                   "копируются на GPU без блокировки (примерно на 1 GiB меньше памяти GPU для словаря "
+                                   "128k при скрытом размере 4096 в bf16). `auto` делает это на CUDA, когда выходная "
+                                   "голова не связана с embedding (связанной голове оно нужно на GPU) и train.strategy "
+                                   "не fsdp; true — также на CPU (те же числа; для тестов), ошибка для связанной головы; "
+                                   "false — никогда. План памяти считает его памятью хоста. Запасной путь transformers "
+                                   "+ peft игнорирует этот ключ. loratune.decoder.model.TokenEmbedding",
         "model.implementation": "Какой код модели обучает: `loratune` — собственный декодер loratune (loratune.decoder: "
                                 "Llama, Mistral, Qwen2/2.5/3, Gemma 1-3, Phi-3; адаптеры LoRA на 4-, 16- или 32-битной "
                                 "базе), `transformers` — модель transformers с адаптерами peft. `auto` берёт декодер "
