@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import build_loop, config, write_run_yaml
+from train_helpers import build_loop, config, run_cli, write_run_yaml
 
 from loratune.config import load_config
 from loratune.data.sample import Sample
@@ -140,3 +140,27 @@ def test_galore_with_freeze_and_unmatched_modules(tiny_llama: Path) -> None:
     with pytest.raises(ConfigError, match="no trainable 2-D weight lies in a module named"):
         build_loop(tiny_llama, _samples(), *FULL, "train.optimizer=galore_adamw", "train.optim_modules=[attention]",
                    random_adapters=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, extra", [
+    ("galore_adamw", {"optim_rank": 4, "optim_update_proj_gap": 2}),
+    ("badam", {"badam_switch_every": 3}),
+])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, tiny_llama: Path, optimizer: str,
+                                                         extra: dict) -> None:
+    """kill -9 in step 5 (after the step-3 checkpoint), `train.resume auto`: the final model is the same."""
+    sections = {"adapter": {"type": "none"}, "quantization": {"bits": 32},
+                "model": {"path": str(tiny_llama), "implementation": "transformers"},
+                "train": {"optimizer": optimizer, "max_steps": 6, "save_every": 3, "lr": 1e-3, **extra}}
+    for d in ("ref", "killed"):
+        (tmp_path / d).mkdir()
+    ref = train(config(write_run_yaml(tmp_path / "ref", tiny_llama, **sections)))
+    path = write_run_yaml(tmp_path / "killed", tiny_llama, **sections)
+    p = run_cli(path, fault="kill@step.backward#5")
+    assert p.returncode == -9, p.stderr[-3000:]
+    p = run_cli(path)
+    assert p.returncode == 0 and "resum" in p.stdout.lower(), p.stderr[-3000:]
+    a = load_file(str(ref.out_dir / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "out" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
