@@ -187,3 +187,20 @@ def test_cli_run_on_3bit_hqq_resumes_to_the_same_adapter(tiny_llama: Path, tmp_p
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming from" in p.stderr and "training done: 8 steps" in p.stdout and "3-bit HQQ" in p.stdout
     assert adapter_bytes(tmp_path / "out") == want
+
+
+@pytest.mark.parametrize("bits, group, slack", [(4, 64, 0.0), (2, 32, 0.0), (3, 64, 0.1)])
+def test_memory_plan_counts_the_bytes_hqq_holds(tiny_llama: Path, bits: int, group: int, slack: float) -> None:
+    """The plan's decoder weights and quantization constants are what the quantized layers hold: packed values,
+    and a scale and zero per group in the compute dtype. 3-bit packs ten values per int32 along the rows, so a
+    row count that ten does not divide (64 here) pads up to 10% more; at real sizes it is <1%."""
+    from loratune.model.memory import estimate
+
+    cfg = _cfg(tiny_llama, f"quantization.bits={bits}", f"quantization.group_size={group}")
+    model = load_base(cfg)
+    layers = [model.get_submodule(n) for n in hqq_layers(model)]
+    packed = sum(m.W_q.nbytes for m in layers)
+    consts = sum(m.meta["scale"].nbytes + m.meta["zero"].nbytes for m in layers)
+    plan = {c.name: c.bytes for c in estimate(cfg, load_model_config(cfg), 1, 32, "cpu").components}
+    assert plan["quantization constants"] == consts
+    assert plan["decoder weights"] <= packed <= plan["decoder weights"] * (1 + slack)

@@ -16,6 +16,7 @@ key-value widths, V vocabulary, L layers, a = bytes of the compute dtype, e = of
 
   weights      NF4: n/2, plus constants per 64-value block: fp32 absmax (4 B), or with double
                quantization a uint8 absmax (1 B) + one fp32 absmax per 256 blocks + a 256-entry code;
+               HQQ (quantization.method hqq): n x bits / 8 (3-bit: ten per int32) + scale and zero per group, e each;
                8-bit: n + fp32 row scales; 16/32-bit: n x e. Embedding V x H x e, head the same unless
                tied; the decoder's frozen input embedding in host memory (model.embedding_on_host,
                `embed_on_host`) is none of the GPU's.
@@ -79,6 +80,7 @@ from loratune.config import Config
 from loratune.errors import ConfigError, LoratuneError, ModelError
 from loratune.kernels.graphs import graphs_wanted
 from loratune.kernels.loss import CHUNK_ELEMENTS
+from loratune.model.hqq_base import PACKED_BITS, bytes_per_weight
 from loratune.model.resolve import Resolved, checkpointing_on, decide
 
 log = logging.getLogger(__name__)
@@ -232,7 +234,13 @@ def _weights(cfg: Config, shape: Shape, device: str, embed_on_host: bool, e: int
     q, full = cfg.quantization, cfg.adapter.type in ("none", "freeze")  # freeze: planned as full (an upper bound)
     mats = [i * o for i, o in shape.linears().values()]
     n = sum(mats) * shape.layers
-    if q.bits == 4 and not full:
+    if q.method == "hqq" and q.bits <= 8 and not full:  # packed values + a scale and zero per group, compute dtype
+        per = bytes_per_weight(q.bits, q.group_size, e)
+        dec = [Component("decoder weights", int(n * PACKED_BITS[q.bits] / 8),
+                         f"{q.bits}-bit HQQ, {_count(n)} parameters"),
+               Component("quantization constants", int(n * (per - PACKED_BITS[q.bits] / 8)),
+                         f"{8 * e}-bit scale and zero per {q.group_size} values")]
+    elif q.bits == 4 and not full:
         packed = consts = 0
         for m in mats:
             p, c = nf4_bytes(m, q.double_quant)
@@ -290,7 +298,7 @@ def _activations(cfg: Config, shape: Shape, tokens: int, a: int, e: int, fused_m
     m = 4 if fused_mlp else 6
     mlp = "fused SwiGLU" if fused_mlp else "plain MLP"
     largest = max(d_in * d_out for d_in, d_out in shape.linears().values())
-    dequant = largest * a if cfg.quantization.bits in (4, 8) and cfg.adapter.type == "lora" else 0
+    dequant = largest * a if cfg.quantization.bits <= 8 and cfg.adapter.type == "lora" else 0
     if checkpointing:
         saved = Component("saved activations", shape.layers * tokens * h * e,
                           f"checkpointing: the input of each layer, {shape.layers} x {tokens:,} tokens x {h:,}")
