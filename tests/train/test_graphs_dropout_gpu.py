@@ -113,21 +113,33 @@ def test_a_graphed_dropout_run_trains_like_the_eager_run(tmp_path: Path, tiny_ll
     assert apart > close, (a, b, c)
 
 
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 def test_a_graphed_dropout_run_killed_and_resumed_ends_with_the_same_adapter(tmp_path: Path,
                                                                                tiny_llama: Path) -> None:
     """Killed at the end of step 5 (resumes from 3) and right after step 6's checkpoint (resumes from 6): each
-    process captures its graph at other micro-batches than the uninterrupted run, which must not change a mask."""
-    folder, sections = _text_run(tmp_path, tiny_llama, "ref")
-    ref = train(config(write_run_yaml(folder, tiny_llama, **sections), *CODE))
-    path = write_run_yaml(tmp_path, tiny_llama, **sections)
+    process captures its graph at other micro-batches than the uninterrupted run, which must not change a mask.
+    Byte for byte where two uninterrupted runs are (no atomic adds in the kernels: flash-attn's backward has
+    them unless deterministic); else within the run-to-run difference, far below what other masks make."""
+    runs = {}
+    for name, extra in (("ref", ()), ("again", ()), ("seed", ("train.seed=7",))):
+        folder, sections = _text_run(tmp_path, tiny_llama, name)
+        out = train(config(write_run_yaml(folder, tiny_llama, **sections), *CODE, *extra)).out_dir
+        runs[name] = load_file(str(out / "adapter_model.safetensors"))
+    path = write_run_yaml(tmp_path, tiny_llama, **_sections(tmp_path / "corpus.txt"))
     for fault in ("kill@step.end#5", "kill@save.rotated#1"):
         p = run_cli(path, *CODE, fault=fault)
         assert p.returncode == -9, (fault, p.returncode, p.stderr[-3000:])
     done = run_cli(path, *CODE)
     assert done.returncode == 0 and "resuming from" in done.stderr, done.stderr[-3000:]
     assert "micro-batches replayed" in done.stdout
-    want = load_file(str(ref.out_dir / "adapter_model.safetensors"))
     got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
-    assert set(got) == set(want)
-    diff = {k: float((got[k].float() - want[k].float()).abs().max()) for k in want}
-    assert all(torch.equal(got[k], want[k]) for k in want), max(diff.values())
+    noise, other = _max_diff(runs["again"], runs["ref"]), _max_diff(runs["seed"], runs["ref"])
+    diff = _max_diff(got, runs["ref"])
+    if noise == 0:
+        assert diff == 0, (diff, other)
+    else:
+        assert diff <= 10 * noise < other, (diff, noise, other)
