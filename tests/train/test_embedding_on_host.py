@@ -74,6 +74,8 @@ def test_the_decision(tiny_llama: Path, tiny_models: dict[str, Path]) -> None:
     assert not resolved(tiny_llama, "cuda", "model.embedding_on_host=false")
     assert resolved(tiny_llama, "cpu", "model.embedding_on_host=true")
     assert not resolved(tiny_llama, "cuda", "train.strategy=fsdp")
+    with pytest.raises(ConfigError, match="fsdp"):
+        resolved(tiny_llama, "cuda", "train.strategy=fsdp", "model.embedding_on_host=true")
     assert not resolved(tiny_models["gemma"], "cuda")  # a tied head needs the embedding on the GPU
     with pytest.raises(ConfigError, match="tied"):
         resolved(tiny_models["gemma"], "cuda", "model.embedding_on_host=true")

@@ -120,6 +120,9 @@ def embedding_on_host(cfg: Config, device: str, decoder: bool, model_config: Any
     if mode is True and decoder and tied:
         raise ConfigError("model.embedding_on_host: true, but this model's output head is tied to its input "
                           "embedding, which must stay on the GPU; set it to auto or false")
+    if mode is True and decoder and cfg.train.strategy == "fsdp":
+        raise ConfigError("model.embedding_on_host: true is not supported with train.strategy fsdp (FSDP places "
+                          "the model by its input embedding's device); set it to auto or false")
     if mode == "auto":
         return decoder and device == "cuda" and not tied and cfg.train.strategy != "fsdp"
     return bool(mode) and decoder
