@@ -164,3 +164,29 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, tiny_ll
     a = load_file(str(ref.out_dir / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "out" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_memory_plan_counts_each_optimizers_states() -> None:
+    from transformers import AutoConfig
+
+    from loratune.model.memory import estimate
+
+    mc = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    mats = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]  # q k v o gate up down
+    per_layer = sum(i * o for i, o in mats)
+    n = 4 * per_layer + 2 * 1000 * 64 + (2 * 4 + 1) * 64
+
+    def plan(optimizer: str, *more: str):
+        cfg = load_config(None, ["model.path=unused", "adapter.type=none", "quantization.bits=32",
+                                 f"train.optimizer={optimizer}", *more])
+        return estimate(cfg, mc, 1, 128, "cpu")
+
+    assert plan("adamw").get("optimizer states").bytes == 8 * n
+    low = 4 * sum(2 * 8 * max(i, o) + 8 * min(i, o) for i, o in mats)
+    assert plan("galore_adamw", "train.optim_rank=8").get("optimizer states").bytes == 4 * (low + 2 * (n - 4 * per_layer))
+    assert plan("apollo_adamw", "train.optim_rank=8").get("optimizer states").bytes == 4 * (low + 2 * (n - 4 * per_layer))
+    assert plan("adam_mini").get("optimizer states").bytes == 4 * n
+    badam = plan("badam")
+    assert badam.get("optimizer states").bytes == 12 * (per_layer + 2 * 64)
+    assert badam.get("gradients").bytes == 8 * (per_layer + 2 * 64)

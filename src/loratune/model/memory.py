@@ -283,9 +283,30 @@ def _trainable(cfg: Config, shape: Shape) -> tuple[list[Component], int, str]:
         what = f"LoRA r={cfg.adapter.rank} on {k} layers x {shape.layers}: {_count(n)} parameters, fp32"
         comps = [Component("adapter weights", n * 4, what)]
     opt = cfg.train.optimizer + (" (managed memory, can spill to host)" if cfg.train.optimizer.startswith("paged") else "")
-    comps += [Component("gradients", n * 4, "fp32"),
-              Component("optimizer states", n * state, f"{opt}: {'2 x 8-bit' if eight_bit else '2 x fp32'}")]
+    grads, states, detail = n * 4, n * state, f"{opt}: {'2 x 8-bit' if eight_bit else '2 x fp32'}"
+    if cfg.adapter.type in ("none", "freeze") and cfg.train.optimizer in ("galore_adamw", "apollo_adamw",
+                                                                         "adam_mini", "badam"):
+        grads, states, detail = _memory_efficient_states(cfg, shape, n)
+    comps += [Component("gradients", grads, "fp32"), Component("optimizer states", states, detail)]
     return comps, n, what
+
+
+def _memory_efficient_states(cfg: Config, shape: Shape, n: int) -> tuple[int, int, str]:
+    """(gradient bytes, optimizer state bytes, detail) of full fine-tuning with train.optimizer galore_adamw,
+    apollo_adamw (the attention/MLP matrices' moments in rank r: 2 x r x max(d_in, d_out), plus the r x
+    min(d_in, d_out) projection; 2 x fp32 for the rest), adam_mini (one fp32 moment per weight, the second
+    per head or neuron) or badam (one decoder layer: its fp32 copy, gradients and 2 x fp32 moments)."""
+    t, mats = cfg.train, shape.linears().values()
+    per_layer = sum(i * o for i, o in mats)
+    if t.optimizer == "adam_mini":
+        return n * 4, n * 4, "adam_mini: 1 x fp32 (the second moment per head / neuron, negligible)"
+    if t.optimizer == "badam":
+        layer = per_layer + 2 * shape.hidden
+        return layer * 8, layer * 12, f"badam: one decoder layer ({_count(layer)}): fp32 copy + 2 x fp32"
+    r = t.optim_rank
+    low = sum(2 * r * max(i, o) + r * min(i, o) for i, o in mats) * shape.layers
+    return n * 4, (low + 2 * (n - per_layer * shape.layers)) * 4, (
+        f"{t.optimizer}: rank-{r} moments of the attention/MLP matrices, 2 x fp32 of the rest")
 
 
 def _activations(cfg: Config, shape: Shape, tokens: int, a: int, e: int, fused_mlp: bool,
