@@ -57,7 +57,7 @@ def check_init(init: str, bits: int, adapter_type: str, method: str = "sft", str
                           "(N a number of iterations, e.g. pissa_niter_4)")
     if init != "default" and adapter_type != "lora":
         raise ConfigError(f"adapter.init {init!r} initialises LoRA adapters: it needs adapter.type lora")
-    if changes_base(init) and bits in (4, 8):
+    if changes_base(init) and bits <= 8:
         raise ConfigError(f"adapter.init {init!r} moves the adapter's part of each weight out of the base, which a "
                           f"{bits}-bit base cannot hold exactly: use quantization.bits 16 or 32, or adapter.init "
                           "loftq for a 4-bit base")

@@ -90,7 +90,8 @@ def _front_matter(cfg: Config) -> str:
     path, hub = cfg.model.path, is_hub_id(cfg.model.path)
     tags = ["loratune", "text-generation"]
     if not _full(cfg):
-        tags += ["lora"] + (["qlora"] if cfg.quantization.bits == 4 else [])
+        tags += ["lora"] + (["qlora"] if cfg.quantization.bits == 4 and cfg.quantization.method == "bitsandbytes" else [])
+        tags += ["hqq"] if cfg.quantization.method == "hqq" and cfg.quantization.bits <= 8 else []
         if hub:
             tags.append(f"base_model:adapter:{path}")
     elif hub:
@@ -119,7 +120,7 @@ def _method(cfg: Config, f: CardFacts) -> str:
     if _full(cfg):
         lines.append(f"- Full fine-tuning: every weight trained, weights in {f.model.precision}")
     else:
-        qlora = "QLoRA: " if q.bits == 4 else ""
+        qlora = "QLoRA: " if q.bits == 4 and q.method == "bitsandbytes" else ""
         lines.append(f"- {qlora}frozen base weights in {f.model.precision}, computing in {_compute(cfg)}"
                      + (" (quantization.compute_dtype auto)" if q.compute_dtype == "auto" else ""))
         scale = a.alpha / (a.rank ** 0.5 if a.rslora else a.rank)
@@ -273,8 +274,12 @@ def _usage(cfg: Config) -> str:
     else:
         dtype = f"torch.{_TORCH_NAMES[_compute(cfg)]}"
         code[:0] = ["import torch", "from peft import PeftModel"]
-        setup, load = [], ""
-        if q.bits in (4, 8):
+        setup, load, after = [], "", []
+        if q.method == "hqq" and q.bits <= 8:  # the base quantized as in training (loratune.model.hqq_base)
+            code += ["from loratune.model.hqq_base import quantize_hqq"]
+            after = [f"quantize_hqq(base, {q.bits}, {q.group_size}, {dtype}, 'cuda')  # HQQ, as in training",
+                     "base.to('cuda')  # the rest of the model (embedding, norms, head)"]
+        elif q.bits in (4, 8):
             code[-1] += ", BitsAndBytesConfig"
             setup = ([f"quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.quant_type!r},",
                       f"                                  bnb_4bit_use_double_quant={q.double_quant}, "
@@ -288,7 +293,7 @@ def _usage(cfg: Config) -> str:
                      f"base_path = resolve_model_path({path!r})  # the demo model's folder (built offline once)"]
         else:
             code += ["", f"base_path = {path!r}"]
-        code += [*setup, f"base = AutoModelForCausalLM.from_pretrained(base_path{load})",
+        code += [*setup, f"base = AutoModelForCausalLM.from_pretrained(base_path{load})", *after,
                  f"model = PeftModel.from_pretrained(base, {out!r})", tokenizer]
     lines = ["## How to use it", "", "In the terminal, with the chat template and stop text of training:", "",
              "```bash", f"loratune chat {out}", "```", "", "In Python:", "", "```python", *code, "```"]
