@@ -579,6 +579,8 @@ def validate(cfg: Config) -> None:
         (q.bits in (2, 3) and q.method != "hqq", f"quantization.bits {q.bits} needs quantization.method hqq"),
         (q.method == "hqq" and q.bits > 8, f"quantization.method hqq needs quantization.bits 2, 3, 4 or 8, got {q.bits}"),
         (q.group_size < 1, f"quantization.group_size must be >= 1, got {q.group_size}"),
+        (a.init == "loftq" and q.method == "hqq", "adapter.init loftq absorbs bitsandbytes' NF4 quantization error: "
+                                                  "it needs quantization.method bitsandbytes"),
         (a.type == "none" and q.bits in (2, 3, 4, 8),
          f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
         (a.type == "freeze" and q.bits in (2, 3, 4, 8),
