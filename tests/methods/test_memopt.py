@@ -190,3 +190,12 @@ def test_memory_plan_counts_each_optimizers_states() -> None:
     badam = plan("badam")
     assert badam.get("optimizer states").bytes == 12 * (per_layer + 2 * 64)
     assert badam.get("gradients").bytes == 8 * (per_layer + 2 * 64)
+
+
+def test_adam_mini_in_one_process_on_a_host_with_several_gpus(tiny_llama: Path, monkeypatch) -> None:
+    """adam-mini 1.1.1 counts processes by visible GPUs; one process must not reach for torch.distributed."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    loop = build_loop(tiny_llama, _samples(), *FULL, "train.optimizer=adam_mini", "train.batch_size=4",
+                      "train.grad_accum=1", "data.max_length=64", "train.batching=padded", random_adapters=False)
+    assert loop.optimizer.optimizer.world_size == 1
+    assert not loop.step(LoopState(), loop.order(0)[:1]).skipped

@@ -160,8 +160,12 @@ def _adam_mini(model: nn.Module, cfg: TrainConfig, betas: tuple[float, float]) -
                           f"{heads * head_dim}, not its hidden size {hidden}; adam-mini 1.1.1 partitions q/k by "
                           "hidden_size^2 / heads and would cut across heads. Use another optimizer")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return Adam_mini(named, lr=cfg.lr, betas=betas, eps=1e-8, weight_decay=cfg.weight_decay, dim=hidden,
-                     n_heads=heads, n_kv_heads=getattr(mc, "num_key_value_heads", None) or heads, verbose=False)
+    opt = Adam_mini(named, lr=cfg.lr, betas=betas, eps=1e-8, weight_decay=cfg.weight_decay, dim=hidden,
+                    n_heads=heads, n_kv_heads=getattr(mc, "num_key_value_heads", None) or heads, verbose=False)
+    # adam-mini 1.1.1 takes the visible GPU count for the process count and all-gathers over it: one process
+    # on a host with several GPUs would call torch.distributed uninitialised. Its public setting, set right:
+    opt.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return opt
 
 
 def _badam(model: nn.Module, cfg: TrainConfig, betas: tuple[float, float]) -> torch.optim.Optimizer:
