@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Ollama Modelfile, checked against the merged model with llama-cpp-python if installed")
     p.add_argument("--gguf-min-agreement", type=float, default=None,
                    help="fail if llama.cpp's top-1 agreement with the merged model is below this (default: "
-                        "0.99 for f16, 0.95 for q8_0, 0.80 for q4_K)")
+                        "0.99 for f16, 0.95 for q8_0, none for q4_K; llama.cpp must also follow the GGUF's own weights, >= 0.90)")
     p.add_argument("--push-to-hub", metavar="REPO",
                    help="upload the merged folder (or with --adapter-only the adapter) to this hub repository, with "
                         "a model card from the run; the endpoint is HF_ENDPOINT (or --hub-endpoint), the token HF_TOKEN "
