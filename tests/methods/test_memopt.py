@@ -199,3 +199,19 @@ def test_adam_mini_in_one_process_on_a_host_with_several_gpus(tiny_llama: Path, 
                       "train.grad_accum=1", "data.max_length=64", "train.batching=padded", random_adapters=False)
     assert loop.optimizer.optimizer.world_size == 1
     assert not loop.step(LoopState(), loop.order(0)[:1]).skipped
+
+
+def test_galore_with_freeze_tuning_trains_only_the_unfrozen_layer(tiny_llama: Path) -> None:
+    loop = build_loop(tiny_llama, _samples(), "adapter.type=freeze", "adapter.freeze_layers=1", "quantization.bits=32",
+                      "model.implementation=transformers", "train.optimizer=galore_adamw", "train.optim_rank=4",
+                      "train.lr=1e-2", "train.batch_size=4", "train.grad_accum=1", "data.max_length=64",
+                      "train.batching=padded", random_adapters=False)
+    model = loop.runner.module
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state, window = LoopState(), loop.order(0)[:1]
+    for _ in range(3):
+        loop.step(state, window)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    projected = loop.optimizer.optimizer.param_groups[0]
+    assert projected["name"] == "projected" and len(projected["params"]) == 7  # q k v o gate up down of layer 1
