@@ -16,7 +16,7 @@ from loratune.data.sample import Sample
 from loratune.errors import ConfigError
 from loratune.model.memory import load_model_config, plan_for
 from loratune.model.resolve import decide
-from loratune.train.runner import EMBEDS, host_embeds
+from loratune.train.runner import EMBEDS, decoder_stream_loss_sum, host_embeds
 
 
 def _samples() -> list[Sample]:
@@ -61,6 +61,11 @@ def test_logits_and_the_runners_rows(tiny_llama: Path) -> None:
         assert torch.equal(a(ids), b(ids))
         assert torch.equal(host_embeds(a, {"input_ids": ids})[EMBEDS], b.embed(ids.reshape(-1)))
     assert host_embeds(b, {"input_ids": ids}) == {}  # on the device: the graph looks the ids up itself
+    # the loss a graphed micro-batch captures, given the host rows as its static input
+    stream = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
+    with torch.no_grad():
+        want = decoder_stream_loss_sum(b, stream)
+        assert torch.equal(decoder_stream_loss_sum(a, {**stream, **host_embeds(a, stream)}), want)
     assert a.embed.weight.device.type == "cpu" and not a.embed.weight.requires_grad
     assert a.device == b.device
 
