@@ -140,6 +140,9 @@ def test_galore_with_freeze_and_unmatched_modules(tiny_llama: Path) -> None:
     with pytest.raises(ConfigError, match="no trainable 2-D weight lies in a module named"):
         build_loop(tiny_llama, _samples(), *FULL, "train.optimizer=galore_adamw", "train.optim_modules=[attention]",
                    random_adapters=False)
+    with pytest.raises(ConfigError, match="train.optim_rank 64 is not below the smaller side of"):
+        build_loop(tiny_llama, _samples(), *FULL, "train.optimizer=apollo_adamw", "train.optim_rank=64",
+                   random_adapters=False)
 
 
 @pytest.mark.slow

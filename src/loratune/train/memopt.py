@@ -64,6 +64,11 @@ def _groups(model: nn.Module, cfg: TrainConfig, scale: float, extra: dict[str, A
     if not low:
         raise ConfigError(f"train.optimizer {cfg.optimizer}: no trainable 2-D weight lies in a module named in "
                           f"train.optim_modules {cfg.optim_modules}; name the attention/MLP modules of this model")
+    small = [(n, tuple(p.shape)) for n, p in zip(names, low) if min(p.shape) <= cfg.optim_rank]
+    if small:
+        raise ConfigError(f"train.optim_rank {cfg.optim_rank} is not below the smaller side of {small[0][0]} "
+                          f"{small[0][1]} ({len(small)} such weights): a rank-r projection would not save anything "
+                          "there; lower train.optim_rank")
     log.info("%s: %d weights projected to rank %d (%s, ...)", cfg.optimizer, len(low), cfg.optim_rank, names[0])
     groups = [{"params": low, "weight_decay": cfg.weight_decay, "name": "projected", "rank": cfg.optim_rank,
                "update_proj_gap": cfg.optim_update_proj_gap, "scale": scale, "proj_type": "std", **extra},
