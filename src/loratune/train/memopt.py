@@ -191,6 +191,12 @@ def _badam(model: nn.Module, cfg: TrainConfig, betas: tuple[float, float]) -> to
                                  switch_mode=cfg.badam_switch_mode, verbose=0)
             del self.state_dict  # the package points it at the base optimizer's; ours is below
 
+        def switch_trainable_params(self, verbose: int | None = 0) -> None:
+            """The package's switch, said in loratune's log instead of its prints."""
+            super().switch_trainable_params(verbose=0)
+            log.info("badam: from step %d the decoder layer %s trains", getattr(self, "global_step", 0) + 1,
+                     " ".join(self.active_param_prefixs))
+
         def active_block(self) -> int:
             """The index (in `block_prefix_list`) of the block training now."""
             step = -1 if self.switch_mode == "descending" else 1
@@ -208,9 +214,10 @@ def _badam(model: nn.Module, cfg: TrainConfig, betas: tuple[float, float]) -> to
 
         def load_state_dict(self, state_dict: dict) -> None:
             group = state_dict["param_groups"][0]
-            self.current_block_idx = int(group["badam_block"])
-            self.switch_trainable_params(verbose=0)  # fp32 copies of the (restored) weights of that block
-            self.global_step = int(group["badam_step"])
+            block, step = int(group["badam_block"]), int(group["badam_step"])
+            if (block, step) != (self.active_block(), self.global_step):  # not accelerate's round trip at start
+                self.current_block_idx, self.global_step = block, step
+                self.switch_trainable_params()  # fp32 copies of the (restored) weights of that block
             for i, entry in state_dict["state"].items():
                 hp = self.param_idx2hp[int(i)]
                 self.base_optimizer.state[hp] = {
