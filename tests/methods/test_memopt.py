@@ -5,6 +5,7 @@ combinations that make no sense are refused."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,14 @@ def test_galore_with_freeze_tuning_trains_only_the_unfrozen_layer(tiny_llama: Pa
     assert changed and all(n.startswith("model.layers.1.") for n in changed)
     projected = loop.optimizer.optimizer.param_groups[0]
     assert projected["name"] == "projected" and len(projected["params"]) == 7  # q k v o gate up down of layer 1
+
+
+@pytest.mark.parametrize("optimizer, module", [("galore_adamw", "galore_torch"), ("apollo_adamw", "apollo_torch"),
+                                               ("adam_mini", "adam_mini"), ("badam", "badam")])
+def test_a_missing_package_is_a_config_error_naming_it(tiny_llama: Path, monkeypatch, optimizer: str,
+                                                       module: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    package = {"galore_torch": "galore-torch", "apollo_torch": "apollo-torch", "adam_mini": "adam-mini",
+               "badam": "badam"}[module]
+    with pytest.raises(ConfigError, match=f"needs the {package} package .*loratune\\[optim\\]"):
+        build_loop(tiny_llama, _samples(), *FULL, f"train.optimizer={optimizer}", random_adapters=False)
