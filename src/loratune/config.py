@@ -86,11 +86,12 @@ class ModelConfig:
         "auto", "On a CUDA GPU, capture the forward and backward pass of loratune's decoder on its fixed-shape "
                 "padding-free micro-batches once as a CUDA graph and replay it (no Python per launch): `auto` (or "
                 "true) does so where it is exact (SFT, train.batching padding_free, bf16/fp32 compute, not "
-                "deterministic, no NEFTune; adapter dropout replays the eager masks, reseeded per micro-batch) and "
-                "measured faster than eager, false never. The transformers + peft "
+                "deterministic, no NEFTune, no adapter dropout) and measured faster than eager; true also with adapter "
+                "dropout (its masks reseeded per micro-batch and replayed; not yet measured on a GPU); false never. The transformers + peft "
                 "fallback always runs eagerly. See loratune.kernels.graphs.")
     embedding_on_host: Union[Literal["auto"], bool] = _f(
-        "auto", "Keep loratune's decoder's frozen input embedding in host memory while training on a CUDA GPU: "
+        False, "Keep loratune's decoder's frozen input embedding in host memory while training on a CUDA GPU "
+                "(default false until measured on a GPU): "
                 "each micro-batch's rows are gathered on the host and copied to the GPU without blocking (about "
                 "1 GiB less GPU memory for a 128k vocabulary at hidden size 4096 in bf16). `auto` does so on CUDA "
                 "when the output head is not tied to the embedding (a tied head needs it on the GPU) and train.strategy "

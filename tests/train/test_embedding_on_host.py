@@ -75,13 +75,15 @@ def test_the_decision(tiny_llama: Path, tiny_models: dict[str, Path]) -> None:
         cfg = load_config(None, [f"model.path={model}", "model.implementation=loratune", *overrides])
         return decide(cfg, device, load_model_config(cfg)).embedding_on_host
 
-    assert resolved(tiny_llama, "cuda") and not resolved(tiny_llama, "cpu")  # auto: on CUDA
+    assert not resolved(tiny_llama, "cuda")  # the default (false) until measured on a GPU
+    assert resolved(tiny_llama, "cuda", "model.embedding_on_host=auto")  # auto: on CUDA
+    assert not resolved(tiny_llama, "cpu", "model.embedding_on_host=auto")
     assert not resolved(tiny_llama, "cuda", "model.embedding_on_host=false")
     assert resolved(tiny_llama, "cpu", "model.embedding_on_host=true")
-    assert not resolved(tiny_llama, "cuda", "train.strategy=fsdp")
+    assert not resolved(tiny_llama, "cuda", "train.strategy=fsdp", "model.embedding_on_host=auto")
     with pytest.raises(ConfigError, match="fsdp"):
         resolved(tiny_llama, "cuda", "train.strategy=fsdp", "model.embedding_on_host=true")
-    assert not resolved(tiny_models["gemma"], "cuda")  # a tied head needs the embedding on the GPU
+    assert not resolved(tiny_models["gemma"], "cuda", "model.embedding_on_host=auto")  # a tied head needs the embedding on the GPU
     with pytest.raises(ConfigError, match="tied"):
         resolved(tiny_models["gemma"], "cuda", "model.embedding_on_host=true")
     cfg = load_config(None, [f"model.path={tiny_llama}", "model.implementation=transformers",
@@ -90,7 +92,8 @@ def test_the_decision(tiny_llama: Path, tiny_models: dict[str, Path]) -> None:
 
 
 def test_the_plan_counts_the_host_embedding_off_the_gpu(tiny_llama: Path) -> None:
-    cfg = load_config(None, [f"model.path={tiny_llama}", "model.implementation=loratune", "train.batch_size=2"])
+    cfg = load_config(None, [f"model.path={tiny_llama}", "model.implementation=loratune", "train.batch_size=2",
+                             "model.embedding_on_host=auto"])
     shape = load_model_config(cfg)
     on = decide(cfg, "cuda", shape)
     off = decide(load_config(None, [f"model.path={tiny_llama}", "model.implementation=loratune",
