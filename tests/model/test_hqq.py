@@ -206,3 +206,36 @@ def test_memory_plan_counts_the_bytes_hqq_holds(tiny_llama: Path, bits: int, gro
     plan = {c.name: c.bytes for c in estimate(cfg, load_model_config(cfg), 1, 32, "cpu").components}
     assert plan["quantization constants"] == consts
     assert plan["decoder weights"] <= packed <= plan["decoder weights"] * (1 + slack)
+
+
+@pytest.mark.parametrize("method, message", [
+    ("gptq", "is a GPTQ checkpoint (config.json's quantization_config); loading it through transformers needs "),
+    ("awq", "is a AWQ checkpoint"),
+    ("fp8", "quant_method 'fp8'; loratune trains on checkpoints saved with awq, bitsandbytes, gptq"),
+])
+def test_prequantized_checkpoint_without_its_packages_is_named(tiny_llama: Path, tmp_path: Path, method: str,
+                                                                message: str) -> None:
+    """A checkpoint saved GPTQ/AWQ-quantized (config.json's quantization_config) loads through transformers'
+    integrations, which need GPT-QModel (and optimum for GPTQ): without them the run stops before loading, saying
+    what to install; the plan sends it to transformers + peft (loratune's decoder reads bitsandbytes only)."""
+    import importlib.util
+    import json
+    import shutil
+
+    from loratune.model.prequantized import NEEDS
+
+    if NEEDS.get(method) and all(importlib.util.find_spec(p) for p in NEEDS[method]):
+        pytest.skip(f"the packages for {method} are installed here")
+    folder = tmp_path / "quantized"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = load_config(None, [f"model.path={folder}"])
+    with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        load_base(cfg)
+    if method != "fp8":
+        missing = [p for p in NEEDS[method] if importlib.util.find_spec(p) is None]
+        assert f"pip install {' '.join(missing)} " in str(e.value)
+    r = decide(cfg, "cpu", load_model_config(cfg))
+    assert r.implementation == "transformers" and f"saved {method.upper()}-quantized" in r.why

@@ -21,6 +21,7 @@ from loratune.errors import ModelError
 from loratune.model.hqq_base import quantize_hqq
 from loratune.model.hub import locate
 from loratune.model.new_tokens import add_to_tokenizer
+from loratune.model.prequantized import check_prequantized
 from loratune.model.quant import bnb_config, keep_standard_4bit_layout, resolve_compute_dtype
 from loratune.model.resolve import checkpointing_on
 
@@ -142,7 +143,7 @@ def load_base(cfg: Config) -> PreTrainedModel:
     hqq = q.method == "hqq" and q.bits < 16
     if hqq:
         check_hqq_source(source)
-    elif not _saved_quantized(source):  # a checkpoint saved quantized loads with its own settings
+    elif check_prequantized(source) is None:  # saved quantized (bitsandbytes, GPTQ, AWQ): loads with its own settings
         kwargs["quantization_config"] = bnb_config(q, compute)
     if cfg.model.rope_scaling is not None:  # the config stretched before the model (and its RoPE) is built
         from loratune.model.rope_scaling import scaled_config

@@ -143,6 +143,11 @@ def decoder_refusal(cfg: Config, model_config: Any | None) -> str | None:
         return str(e)
     if model_config is None:
         return "the model's config.json could not be read"
+    saved = getattr(model_config, "quantization_config", None)
+    method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", None)
+    if method is not None and str(getattr(method, "value", method)).lower() != "bitsandbytes":
+        return (f"the checkpoint is saved {str(getattr(method, 'value', method)).upper()}-quantized: it trains "
+                "through the HF + peft path, not loratune's decoder")
     try:
         decoder_config(model_config)
     except ModelError as e:
