@@ -168,8 +168,9 @@ def test_lora_on_hqq_lowers_the_loss_and_reloads_with_peft(tiny_llama: Path, tmp
 
 @pytest.mark.slow
 def test_cli_run_on_3bit_hqq_resumes_to_the_same_adapter(tiny_llama: Path, tmp_path: Path) -> None:
-    """`loratune train` on a 3-bit HQQ base: the eval loss falls, and a run killed mid-step 5 (after the
-    checkpoint at step 3) resumes to the uninterrupted run's adapter, byte for byte."""
+    """`loratune train` on a 3-bit HQQ base: the eval loss falls, a run killed mid-step 5 (after the checkpoint at
+    step 3) resumes to the uninterrupted run's adapter, byte for byte; `loratune chat`'s engine answers with the
+    trained logits exactly, and `loratune export` merges it."""
     from loratune.train.metrics import read_rows
     from loratune.train.run import train
 
@@ -188,7 +189,27 @@ def test_cli_run_on_3bit_hqq_resumes_to_the_same_adapter(tiny_llama: Path, tmp_p
     p = run_cli(path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming from" in p.stderr and "training done: 8 steps" in p.stdout and "3-bit HQQ" in p.stdout
-    assert adapter_bytes(tmp_path / "out") == want
+    out = tmp_path / "out"
+    assert adapter_bytes(out) == want
+
+    # what `loratune chat` answers with: the run's base quantized again with HQQ, its adapter on, as trained
+    from peft import PeftModel
+
+    from loratune.export.merge import export
+    from loratune.infer.load import load_engine
+
+    ids = torch.tensor([[3, 17, 99, 250, 4, 77, 12]])
+    cfg = config(path)
+    with torch.no_grad():
+        want_logits = PeftModel.from_pretrained(load_base(cfg), str(out)).eval()(input_ids=ids).logits
+        engine = load_engine([str(out)], implementation="transformers")
+        with engine.use() as model:
+            assert len(hqq_layers(model)) == 14
+            assert torch.equal(model(input_ids=ids).logits, want_logits)
+    # `loratune export`: merged into the dequantized HQQ weights, in fp32 it follows the adapter closely
+    report = export(out, tmp_path / "merged", dtype="fp32")
+    assert report.merged_vs_adapter.top1 == 1.0 and report.merged_vs_adapter.max_diff < 1e-4
+    assert report.adapter_dequant_vs_trained.max_diff < 1e-4 and report.reload_max_diff == 0
 
 
 @pytest.mark.parametrize("bits, group, slack", [(4, 64, 0.0), (2, 32, 0.0), (3, 64, 0.1)])
