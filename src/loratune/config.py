@@ -582,6 +582,9 @@ def validate(cfg: Config) -> None:
         (q.group_size < 1, f"quantization.group_size must be >= 1, got {q.group_size}"),
         (a.init == "loftq" and q.method == "hqq", "adapter.init loftq absorbs bitsandbytes' NF4 quantization error: "
                                                   "it needs quantization.method bitsandbytes"),
+        (q.method == "hqq" and q.bits <= 8 and t.strategy == "fsdp",
+         "quantization.method hqq does not run under train.strategy fsdp (HQQ's packed weights are not sharded): use "
+         "train.strategy ddp"),
         (a.type == "none" and q.bits in (2, 3, 4, 8),
          f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
         (a.type == "freeze" and q.bits in (2, 3, 4, 8),

@@ -92,6 +92,7 @@ def test_group_size_that_does_not_divide_is_named(tiny_llama: Path) -> None:
     (["quantization.group_size=0"], "quantization.group_size must be >= 1, got 0"),
     (["adapter.type=none", "quantization.bits=3"], "needs quantization.bits 16 or 32, got 3"),
     (["adapter.init=loftq"], "adapter.init loftq absorbs bitsandbytes' NF4 quantization error"),
+    (["train.strategy=fsdp"], "quantization.method hqq does not run under train.strategy fsdp"),
     (["adapter.init=pissa", "quantization.bits=3"], "which a 3-bit base cannot hold exactly"),
 ])
 def test_config_errors(tiny_llama: Path, overrides: list[str], message: str) -> None:
