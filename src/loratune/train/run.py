@@ -226,10 +226,6 @@ class Run:
             from loratune.model.eva import init_eva  # LoRA A from the training data's activations
 
             init_eva(model.module, self.data.train)
-        if cfg.adapter.type == "lora" and cfg.adapter.init == "eva" and start.checkpoint is None:
-            from loratune.model.eva import init_eva  # LoRA A from the training data's activations
-
-            init_eva(model.module, self.data.train)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
