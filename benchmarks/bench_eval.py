@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import random
 import statistics
@@ -51,64 +50,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES: dict[str, dict] = {
-    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False),
-    "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                        tie_word_embeddings=True),
-    "tiny": dict(model_type="llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
-                 max_position_embeddings=2048, tie_word_embeddings=False),
-}
-TOKENIZER_VOCAB = 4096  # of the offline BPE (ids below every shape's vocabulary)
+from bench_common import SHAPES, build_model, free, log  # noqa: E402
+
 LETTERS = "ABCD"
 MMLU_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}"
              "\nAnswer:")  # lm-evaluation-harness's tasks/mmlu/default template
 DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --------------------------------------------------------------------------------------------- inputs
-
-
-def build_model(shape: str, folder: Path, device: str) -> Path:
-    """Random bf16 weights of `shape` and the offline tokenizer, saved like a hub checkpoint (once)."""
-    if (folder / "config.json").is_file():
-        log(f"reusing {folder}")
-        return folder
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from loratune.model.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer("llama", TOKENIZER_VOCAB)
-    spec = dict(SHAPES[shape])
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec, **ids)
-    torch.manual_seed(0)
-    t = time.time()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, max_shard_size="4GB")
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(folder)
-    del model
-    free()
-    log(f"built and saved {shape} in {time.time() - t:.0f}s")
-    return folder
 
 
 def _words(rng: random.Random, vocab: list[str], lo: int, hi: int) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import socket
@@ -50,66 +49,32 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES: dict[str, dict] = {
-    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False),
-    "tiny": dict(model_type="llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
-                 max_position_embeddings=2048, tie_word_embeddings=False),
-}
-TOKENIZER_VOCAB = 4096  # of the offline BPE (ids below every shape's vocabulary)
+from bench_common import SHAPES, free, log  # noqa: E402
+from bench_common import build_model as build_saved  # noqa: E402
+
 RANK, ALPHA = 16, 32.0
 ADAPTERS = 4
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------ files
 
 
 def build_model(shape: str, folder: Path, device: str) -> Path:
-    """Random bf16 weights of `shape` and the offline tokenizer, saved like a hub checkpoint (once)."""
-    if (folder / "config.json").is_file():
-        log(f"reusing {folder}")
-        return folder
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Random bf16 weights of `shape` and the offline tokenizer, saved like a hub checkpoint (once); ids that are no
+    text (past the tokenizer, special, a lone byte of a character) get zero output rows, so greedy answers are text:
+    streamed one piece per token, as a trained model's are."""
 
-    from loratune.model.tiny import build_tokenizer
+    def text_only(model, tokenizer) -> None:
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight
+            keep = torch.zeros(head.shape[0], dtype=torch.bool)
+            keep[text_ids(tokenizer)] = True
+            head[~keep.to(head.device)] = 0
 
-    tokenizer = build_tokenizer("llama", TOKENIZER_VOCAB)
-    spec = dict(SHAPES[shape])
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec, **ids)
-    torch.manual_seed(0)
-    t = time.time()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    # ids that are no text (past the tokenizer, special, a lone byte of a character) get zero output rows, so
-    # greedy answers are text: streamed one piece per token, as a trained model's are
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        keep = torch.zeros(head.shape[0], dtype=torch.bool)
-        keep[text_ids(tokenizer)] = True
-        head[~keep.to(head.device)] = 0
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, max_shard_size="4GB")
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(folder)
-    del model
-    free()
-    log(f"built and saved {shape} in {time.time() - t:.0f}s")
-    return folder
+    return build_saved(shape, folder, device, prepare=text_only)
 
 
 def text_ids(tokenizer) -> list[int]:
