@@ -343,6 +343,15 @@ class TrainConfig:
                                    "alpha/sqrt(L x hidden) (L: the sample's length) added to the input embeddings "
                                    "in training only, never at evaluation, sampling, chat or serve; paper: 5. "
                                    "0 disables.")
+    s2_attn: bool = _f(False, "Shifted sparse attention (S²-Attn, LongLoRA: Chen et al. 2023) in training only: "
+                              "each sample attends within groups of train.s2_attn_group tokens, half of the heads "
+                              "with the groups shifted by half a group (so information flows between groups); "
+                              "evaluation, sampling, chat and serve use full attention. Cuts attention work on "
+                              "long samples. Needs loratune's decoder (refused on the transformers fallback); "
+                              "runs eagerly (no CUDA graphs). loratune.decoder.s2_attn")
+    s2_attn_group: float = _f(0.25, "S²-Attn's group size: a fraction in (0, 1] of each sample's length (LongLoRA: "
+                                    "1/4), or a whole number of tokens >= 2; a sample no longer than its group "
+                                    "attends with plain causal attention.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.")
     max_nonfinite: int = _f(5, "Stop after this many optimizer steps in a row skipped for a NaN/inf loss or gradient.")
     eval_every: int = _f(0, "Evaluate the loss on the eval split every N optimizer steps; 0: at each checkpoint and at the end. "
@@ -608,6 +617,9 @@ def validate(cfg: Config) -> None:
         (t.loraplus_ratio > 0 and a.type != "lora", "train.loraplus_ratio needs LoRA adapters (adapter.type lora)"),
         (t.max_nonfinite < 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}"),
         (t.neftune_alpha < 0, f"train.neftune_alpha must be >= 0, got {t.neftune_alpha}"),
+        (not (0 < t.s2_attn_group <= 1 or (t.s2_attn_group > 1 and float(t.s2_attn_group).is_integer())),
+         f"train.s2_attn_group must be a fraction in (0, 1] of the sample length or a whole number of tokens >= 2, "
+         f"got {t.s2_attn_group}"),
         (t.log_every < 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.tokens_per_batch != "auto" and t.tokens_per_batch < d.max_length,
          f"train.tokens_per_batch must be auto or at least data.max_length ({d.max_length}, the longest sample), "

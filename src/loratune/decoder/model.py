@@ -39,6 +39,7 @@ from loratune.decoder.keys import (
 from loratune.decoder.lora import QLoRALinear, project_group
 from loratune.decoder.norm import RMSNorm
 from loratune.decoder.rope import Rotary, apply_rope
+from loratune.decoder.s2_attn import S2Groups, prepare_s2, s2_attend
 from loratune.errors import ConfigError, ModelError
 from loratune.kernels.lora_linear import AdapterCasts
 from loratune.kernels.norm_swiglu import silu_mul
@@ -71,7 +72,7 @@ class Attention(nn.Module):
                 v.reshape(n, cfg.num_kv_heads, cfg.head_dim))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, b: Boundaries, backend: str,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, s2: S2Groups | None = None) -> Tensor:
         cfg = self.cfg
         q, k, v = self.project(x)
         if cfg.qk_norm:
@@ -80,6 +81,9 @@ class Attention(nn.Module):
         if cache is not None:
             out = cache.attend(self.layer, q, k, v, b, scale=cfg.attn_scale, window=self.window,
                                softcap=cfg.attn_softcap, backend=backend)
+        elif s2 is not None:  # S²-Attn (training only: `Decoder.s2_group`)
+            out = s2_attend(q, k, v, s2, scale=cfg.attn_scale, window=self.window, softcap=cfg.attn_softcap,
+                            dropout=cfg.attention_dropout if self.training else 0.0, backend=backend)
         else:
             out = attend(q, k, v, b, scale=cfg.attn_scale, window=self.window, softcap=cfg.attn_softcap,
                          dropout=cfg.attention_dropout if self.training else 0.0, backend=backend)
@@ -128,8 +132,8 @@ class Block(nn.Module):
         return F.dropout(h, self.residual_dropout, training=True) if self.training and self.residual_dropout else h
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, b: Boundaries, backend: str,
-                cache: KVCache | None = None) -> Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, b, backend, cache)
+                cache: KVCache | None = None, s2: S2Groups | None = None) -> Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, b, backend, cache, s2)
         if self.sandwich:
             h = self.post_attn_norm(h)
         x = x + self._residual(h)
@@ -249,6 +253,7 @@ class Decoder(nn.Module):
         self.casts = AdapterCasts()
         self.kernels = True  # loratune's Triton kernels on CUDA (`use_kernels`)
         self.neftune_alpha = 0.0  # > 0: NEFTune noise on the embeddings in training mode (loratune.model.neftune)
+        self.s2_group: float | None = None  # S²-Attn's group (fraction or tokens) in training mode (decoder.s2_attn)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -282,12 +287,17 @@ class Decoder(nn.Module):
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         if cache is None:  # every mask the layers read, built here: never first inside a checkpointed block
             prepare(b, self.config.windows, self.config.attn_softcap, backend)
+        s2 = None
+        if self.training and self.s2_group is not None and cache is None:
+            s2 = S2Groups.build(b, self.s2_group, self.config.num_heads)
+            prepare_s2(s2, self.config.windows, backend, x.device)
         for block, r in zip(self.layers, self.rope_of_layer):
             cos, sin = tables[r]
             if recompute:
-                x = checkpoint(block, x, cos, sin, b, backend, use_reentrant=False, context_fn=_recompute_as_forward)
+                x = checkpoint(block, x, cos, sin, b, backend, None, s2, use_reentrant=False,
+                               context_fn=_recompute_as_forward)
             else:
-                x = block(x, cos, sin, b, backend, cache)
+                x = block(x, cos, sin, b, backend, cache, s2)
         if cache is not None:
             cache.commit(b)
         return self.norm(x)

@@ -188,6 +188,10 @@ def decide(cfg: Config, device: str | None = None, model_config: Any | None = No
     device = _device(device)
     implementation, why = choose_implementation(cfg, model_config)
     decoder = implementation == "loratune"
+    if cfg.train.s2_attn and not decoder:
+        raise ConfigError(f"train.s2_attn (shifted sparse attention) needs loratune's decoder, but this run trains "
+                          f"through transformers + peft ({why}); set train.s2_attn false, or make the run fit the "
+                          f"decoder")
     cuda = device == "cuda"
     kernels = cuda and decoder and cfg.model.kernels in ("auto", True)
     padding_free = cfg.train.batching == "padding_free"

@@ -43,6 +43,7 @@ from loratune.data.pipeline import prepare_data
 from loratune.data.preference import prepare_preference_data
 from loratune.errors import ConfigError, ModelError
 from loratune.infer.load import quiet_loading
+from loratune.decoder import s2_attn
 from loratune.model import neftune
 from loratune.train.trackers import open_trackers
 from loratune.model.build import TrainModel, build_trainable
@@ -222,6 +223,8 @@ class Run:
         model = build_trainable(cfg, self.resolved)
         if cfg.train.method == "sft":  # NEFTune noise on the input embeddings, in training mode only
             neftune.attach(model.module, cfg.train.neftune_alpha)
+        if cfg.train.s2_attn:  # shifted sparse attention in training mode (loratune.decoder.s2_attn); decide checked
+            s2_attn.attach(model.module, cfg.train.s2_attn_group)
         if cfg.adapter.type == "lora" and cfg.adapter.init == "eva" and start.checkpoint is None:
             from loratune.model.eva import init_eva  # LoRA A from the training data's activations
 
