@@ -2,8 +2,8 @@
 starts at the top r principal directions of the inputs its layer sees on the training data, B at zero (the model
 is unchanged at step 0, the base untouched).
 
-As peft's `initialize_lora_eva_weights` does it: forward passes without gradients over the first `EVA_SAMPLES` training samples, each
-adapted layer's inputs collected at the positions that carry a label (peft's `use_label_mask`), centred, and
+As peft's `initialize_lora_eva_weights` does it: forward passes without gradients over the first `EVA_SAMPLES`
+training samples, each adapted layer's inputs collected at the positions that carry a label (peft's `use_label_mask`), centred, and
 decomposed (an exact SVD here, where peft runs an incremental randomized PCA until the components stop
 moving; peft's `tau`, the stopping threshold of that iteration, has no counterpart). With rho > 1 the ranks
 are redistributed between layers by explained variance (`eva_rank_distribution`, peft's `EvaConfig.rho` rule;
