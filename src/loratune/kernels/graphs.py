@@ -60,8 +60,9 @@ def graphs_wanted(cfg, device: str) -> bool:
     """Whether `loratune train` tries CUDA graphs for `cfg` on `device` ("cuda" or "cpu"): only where a replay
     is exact. Not in deterministic mode (bit-identical resume is promised there; replays and eager runs may
     round apart), not with fp16's loss scaler, not with NEFTune noise or S²-Attn (its masks are made per batch,
-    eagerly). Adapter dropout is replayed (its masks reseeded per micro-batch, module docstring) only when model.cuda_graphs is true: `auto` keeps such runs
-    eager until the replay is measured on a GPU. The memory plan asks the same question (loratune.model.memory)."""
+    eagerly). Adapter dropout is replayed (its masks reseeded per micro-batch, module docstring) only when
+    model.cuda_graphs is true: `auto` keeps such runs eager until the replay is measured on a GPU. The memory
+    plan asks the same question (loratune.model.memory)."""
     from loratune.model.quant import resolve_compute_dtype
 
     return (device == "cuda" and cfg.model.cuda_graphs is not False and not cfg.train.deterministic
