@@ -223,12 +223,12 @@ class Run:
         model = build_trainable(cfg, self.resolved)
         if cfg.train.method == "sft":  # NEFTune noise on the input embeddings, in training mode only
             neftune.attach(model.module, cfg.train.neftune_alpha)
-        if cfg.train.s2_attn:  # shifted sparse attention in training mode (loratune.decoder.s2_attn); decide checked
-            s2_attn.attach(model.module, cfg.train.s2_attn_group)
         if cfg.adapter.type == "lora" and cfg.adapter.init == "eva" and start.checkpoint is None:
             from loratune.model.eva import init_eva  # LoRA A from the training data's activations
 
             init_eva(model.module, self.data.train)
+        if cfg.train.s2_attn:  # shifted sparse attention in training mode, after any EVA init (loratune.decoder.s2_attn)
+            s2_attn.attach(model.module, cfg.train.s2_attn_group)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)
             attach_reward_head(model.module, cfg.train.seed)
         log.info("data: %d train, %d eval samples", len(self.data.train), len(self.data.eval))
