@@ -148,6 +148,11 @@ class AdapterConfig:
                    "rank-r SVD of the quantization error W - Q(W), W read from the checkpoint's safetensors); or "
                    "`eva` on any base (A from the top-r principal directions of each layer's inputs on the first "
                    "32 training samples, B zero).")
+    eva_rho: float = _f(2.0, "adapter.init eva: rank redistribution (peft's EvaConfig.rho, >= 1): each layer may take up "
+                             "to round(rank x rho) components, and the total rank (rank x adapted layers) goes to the "
+                             "components that explain the largest share of their layer's input variance, so layers "
+                             "get different ranks (some none; alpha scales with the rank; the saved adapter says so "
+                             "in rank_pattern/alpha_pattern). 1: every layer keeps adapter.rank.")
     freeze_layers: int = _f(2, "adapter.type freeze: how many decoder layers, the last ones, train in full.")
     freeze_modules: list[str] = _f([], "adapter.type freeze: more modules trained in full, by name suffix (e.g. "
                                        "`embed_tokens`, `norm`, `lm_head`, or `mlp` for every layer's MLP).")
@@ -596,6 +601,7 @@ def validate(cfg: Config) -> None:
          "train.strategy ddp"),
         (a.type == "none" and q.bits in (2, 3, 4, 8),
          f"adapter.type 'none' (full fine-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
+        (a.eva_rho < 1, f"adapter.eva_rho must be >= 1, got {a.eva_rho}"),
         (a.type == "freeze" and q.bits in (2, 3, 4, 8),
          f"adapter.type 'freeze' (freeze-tuning) needs quantization.bits 16 or 32, got {q.bits}: quantized weights cannot be trained"),
         (a.type == "freeze" and (a.freeze_layers < 0 or (a.freeze_layers == 0 and not a.freeze_modules)),

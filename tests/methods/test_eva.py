@@ -88,6 +88,24 @@ def test_train_with_eva(tmp_path: Path, tiny_llama: Path) -> None:
     path = write_run_yaml(tmp_path, tiny_llama, train={"max_steps": 2, "save_every": 0})
     assert main(["train", str(path), "adapter.init=eva"]) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"]  # adapter.eva_rho 2 (the default) redistributed the ranks
+
+
+@pytest.mark.parametrize("implementation", ["loratune", "transformers"])
+def test_eva_rho_run_resumes_exactly(tmp_path: Path, tiny_llama: Path, implementation: str) -> None:
+    from train_helpers import adapter_bytes, config
+
+    from loratune.train.checkpoint import checkpoint_name
+    from loratune.train.run import train
+
+    path = write_run_yaml(tmp_path, tiny_llama)
+    common = ("adapter.init=eva", "adapter.eva_rho=2", f"model.implementation={implementation}")
+    first = train(config(path, *common, "output.dir=" + str(tmp_path / "a")))
+    ckpt = tmp_path / "a" / "checkpoints" / checkpoint_name(6)
+    assert json.loads((ckpt / "adapter_config.json").read_text())["rank_pattern"]
+    result = train(config(path, *common, f"train.resume={ckpt}", "output.dir=" + str(tmp_path / "b")))
+    assert result.steps == 8 and adapter_bytes(tmp_path / "b") == adapter_bytes(first.out_dir)
 
 
 def test_explained_variance_ratios_are_the_squared_singular_values_shares() -> None:

@@ -223,10 +223,13 @@ class Run:
         model = build_trainable(cfg, self.resolved)
         if cfg.train.method == "sft":  # NEFTune noise on the input embeddings, in training mode only
             neftune.attach(model.module, cfg.train.neftune_alpha)
-        if cfg.adapter.type == "lora" and cfg.adapter.init == "eva" and start.checkpoint is None:
+        if cfg.adapter.type == "lora" and cfg.adapter.init == "eva" and (start.checkpoint is None
+                                                                         or cfg.adapter.eva_rho != 1):
             from loratune.model.eva import init_eva  # LoRA A from the training data's activations
 
-            init_eva(model.module, self.data.train)
+            # (resuming with rho > 1: recomputed from the same data for the layers' ranks; the checkpoint's
+            # weights replace the values)
+            init_eva(model.module, self.data.train, rho=cfg.adapter.eva_rho)
         if cfg.train.s2_attn:  # shifted sparse attention in training mode, after any EVA init (loratune.decoder.s2_attn)
             s2_attn.attach(model.module, cfg.train.s2_attn_group)
         if cfg.train.method == "rm":  # the reward head trains, and is saved, with the adapter (loratune.pref.reward)

@@ -83,6 +83,10 @@ HELP: dict[str, dict[str, str]] = {
         "adapter.type": "`lora` 在冻结的基座上训练适配器；`none` 为全量微调（需要 bits 为 16 或 32）；`freeze` 为冻结微调："
                         "最后 adapter.freeze_layers 个解码层和 adapter.freeze_modules 完整训练，其余冻结（bits 16 或 32；"
                         "与 `none` 一样写出整个模型）。",
+        "adapter.eva_rho": "adapter.init eva：秩的重新分配（peft 的 EvaConfig.rho，>= 1）：每层最多取 round(rank x rho) "
+                           "个分量，总秩（rank x 适配层数）分给在各自层输入方差中解释比例最大的分量，因此各层秩不同"
+                           "（有的层为零；alpha 随秩缩放；保存的适配器在 rank_pattern/alpha_pattern 中记录）。"
+                           "1：每层保持 adapter.rank。",
         "adapter.freeze_layers": "adapter.type freeze：完整训练的解码层数（最后几层）。",
         "adapter.freeze_modules": "adapter.type freeze：按名称后缀额外完整训练的模块（例如 `embed_tokens`、`norm`、"
                                   "`lm_head`，或 `mlp` 表示每层的 MLP）。",
@@ -303,6 +307,12 @@ HELP: dict[str, dict[str, str]] = {
                         "`freeze` — обучение с заморозкой: последние adapter.freeze_layers слоёв декодера и "
                         "adapter.freeze_modules обучаются полностью, остальное заморожено (bits 16 или 32; записывается вся "
                         "модель, как при `none`).",
+        "adapter.eva_rho": "adapter.init eva: перераспределение рангов (EvaConfig.rho из peft, >= 1): каждый слой "
+                           "может взять до round(rank x rho) компонент, а суммарный ранг (rank x число адаптированных "
+                           "слоёв) достаётся компонентам, объясняющим наибольшую долю дисперсии входов своего слоя, "
+                           "поэтому ранги слоёв различаются (у некоторых нулевые; alpha масштабируется вместе с "
+                           "рангом; сохранённый адаптер указывает это в rank_pattern/alpha_pattern). 1: каждый слой "
+                           "сохраняет adapter.rank.",
         "adapter.freeze_layers": "adapter.type freeze: сколько слоёв декодера (последних) обучаются полностью.",
         "adapter.freeze_modules": "adapter.type freeze: дополнительные модули, обучаемые полностью, по суффиксу имени "
                                   "(например, `embed_tokens`, `norm`, `lm_head` или `mlp` для MLP каждого слоя).",
