@@ -195,3 +195,14 @@ def test_eva_rho_redistributes_ranks_and_saves_a_rank_pattern(tmp_path: Path, ti
                                                str(tmp_path / "adapter")).eval()
         got = peft_model(input_ids=ids).logits[0]
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # and loratune's decoder reads the same file (per-layer ranks, layers without an adapter) to the same logits
+    from loratune.decoder import Boundaries, load_adapter
+
+    dec_cfg = load_config(None, [f"model.path={tiny_llama}", "quantization.bits=32", "model.implementation=loratune"])
+    decoder = build_trainable(dec_cfg, decide(dec_cfg, "cpu", load_model_config(dec_cfg))).module
+    load_adapter(decoder, tmp_path / "adapter")
+    assert {decoder.hf_name(n): m.rank for n, m in decoder.adapted_layers().items()} == \
+        {n: r for n, r in ours.items() if r}
+    with torch.no_grad():
+        theirs_dec = decoder.eval()(ids[0], Boundaries.from_lengths([ids.shape[1]]))
+    assert torch.allclose(theirs_dec, got, atol=1e-5), (theirs_dec - got).abs().max()
