@@ -87,9 +87,9 @@ def _decoder(checkpoint, name: str = "qwen3"):
     return dec
 
 
-@pytest.mark.parametrize("group", [1.0, 40])
-def test_a_group_covering_the_sample_is_full_causal_attention(checkpoint, quiet, group) -> None:
-    dec = _decoder(checkpoint).train()
+@pytest.mark.parametrize("family,group", [("qwen3", 1.0), ("qwen3", 40), ("gemma2", 40), ("mistral", 1.0)])
+def test_a_group_covering_the_sample_is_full_causal_attention(checkpoint, quiet, family, group) -> None:
+    dec = _decoder(checkpoint, family).train()  # gemma2: soft-cap and sliding windows; mistral: a window
     lengths = (23, 9, 40)
     ids = torch.randint(3, 97, (sum(lengths),), generator=torch.Generator().manual_seed(2))
     full = dec(ids, Boundaries.from_lengths(lengths))
