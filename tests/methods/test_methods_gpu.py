@@ -66,7 +66,9 @@ def test_pissa_bf16_base_reloads_close(tmp_path: Path, tiny_llama: Path) -> None
     assert (got.argmax(-1) == trained.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("overrides", [["train.neftune_alpha=5"], ["adapter.init=eva"], ["adapter.init=loftq"]])
+@pytest.mark.parametrize("overrides", [["train.neftune_alpha=5"], ["adapter.init=eva"],
+                                       ["adapter.init=eva", "adapter.eva_rho=6", "adapter.rank=2"],
+                                       ["adapter.init=loftq"]])
 def test_decoder_runs_on_cuda(tmp_path: Path, tiny_llama: Path, overrides: list[str]) -> None:
     from loratune.cli import main
 
