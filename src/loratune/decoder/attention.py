@@ -295,20 +295,26 @@ def _recompile_budget() -> Iterator[None]:
         setattr(config, name, before)
 
 
+def softcap_mod(softcap: float | None, device: torch.device):
+    """FlexAttention's score_mod for a logit soft-cap (None without one)."""
+    if softcap is None:
+        return None
+    # the cap as a tensor: a Python float captured here becomes an unbacked scalar under dynamic shapes,
+    # which Inductor cannot lower in the score_mod (torch 2.11, seen on the H200)
+    cap = torch.tensor(float(softcap), device=device)
+
+    def score_mod(score, bi, h, qi, ki):
+        return torch.tanh(score / cap) * cap
+    return score_mod
+
+
 def _flex(q: Tensor, k: Tensor, v: Tensor, b: Boundaries, scale: float, window: int | None,
           softcap: float | None, dropout: float) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if dropout:
         raise ConfigError("attention dropout is not available with FlexAttention; use the sdpa or flash backend")
-    score_mod = None
-    if softcap is not None:
-        # the cap as a tensor: a Python float captured here becomes an unbacked scalar under dynamic shapes,
-        # which Inductor cannot lower in the score_mod (torch 2.11, seen on the H200)
-        cap = torch.tensor(float(softcap), device=q.device)
-
-        def score_mod(score, bi, h, qi, ki):
-            return torch.tanh(score / cap) * cap
+    score_mod = softcap_mod(softcap, q.device)
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))
     kwargs = {"score_mod": score_mod, "block_mask": b.block_mask(window), "scale": scale,
               "enable_gqa": q.shape[1] != k.shape[1]}

@@ -154,16 +154,11 @@ def s2_attend(q: Tensor, k: Tensor, v: Tensor, s2: S2Groups, *, scale: float, wi
     if s2_path(s2, backend, q.device) == "sdpa":
         out = dense_attention(qh, kh, vh, s2.dense_mask(window)[None], scale, softcap, dropout)
         return out[0].transpose(0, 1)
-    from loratune.decoder.attention import _compiled_flex, _recompile_budget
+    from loratune.decoder.attention import _compiled_flex, _recompile_budget, softcap_mod
 
     if dropout:
         raise ConfigError("attention dropout is not available with S²-Attn on FlexAttention")
-    score_mod = None
-    if softcap is not None:
-        cap = torch.tensor(float(softcap), device=q.device)
-
-        def score_mod(score, bi, h, qi, ki):
-            return torch.tanh(score / cap) * cap
+    score_mod = softcap_mod(softcap, q.device)
     with _recompile_budget():
         out = _compiled_flex()(qh, kh, vh, score_mod=score_mod, block_mask=s2.block_mask(window), scale=scale,
                                enable_gqa=q.shape[1] != k.shape[1])
