@@ -4,13 +4,7 @@
 # graphed = eager decode, timing lines), then benchmarks/bench_decode.py on the Llama-3-8B shape.
 # Usage (repo root, on the GPU machine):  benchmarks/gpu_decode.sh [bench_decode.py args]
 # Environment: SKIP_TESTS=1, TEST_TIMEOUT (default 240 s), BENCH_TIMEOUT (default 300 s). Logs go to $OUT.
-set -uo pipefail
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+. "$(dirname "$0")/gpu_setup.sh"  # $OUT, the wheels, the environment, the GPU
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -rf -s -p no:cacheprovider tests/gpu/test_nf4_matvec_gpu.py \
     tests/gpu/test_decode_attention_gpu.py tests/infer/test_decode_graphs_gpu.py > "$OUT/decode_tests.log" 2>&1

@@ -6,13 +6,7 @@
 # Environment: SKIP_TESTS=1 (no tests), TESTS_LAST=1 (tests after the benchmarks, all of them, no -x),
 # TESTS (pytest paths), TEST_TIMEOUT, BENCH_TIMEOUT (seconds per shape), SFT=1 with TOK (the Llama-3.1
 # tokenizer folder, default .tok) and SFT_ARGS (more bench_sft.py arguments).
-set -uo pipefail
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+. "$(dirname "$0")/gpu_setup.sh"  # $OUT, the wheels, the environment, the GPU
 run_tests() {
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TESTS:-tests/gpu tests/kernels tests/train/test_decoder_train_gpu.py \
     tests/train/test_train_gpu.py tests/train/test_graphs_gpu.py tests/decoder/test_decoder_gpu.py} -q "$@" -p no:cacheprovider -rf \

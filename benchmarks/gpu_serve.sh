@@ -6,13 +6,7 @@
 # Usage (repo root, on the GPU machine):  benchmarks/gpu_serve.sh [bench_serve.py args]
 #   e.g. benchmarks/gpu_serve.sh --gen-tokens 128 --requests-per-client 1     (a first run within one call)
 # Environment: SKIP_TESTS=1, TEST_TIMEOUT (default 180 s), BENCH_TIMEOUT (default 540 s). Logs go to $OUT.
-set -uo pipefail
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+. "$(dirname "$0")/gpu_setup.sh"  # $OUT, the wheels, the environment, the GPU
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-180} python3 -m pytest -q -rf -s -p no:cacheprovider tests/infer/test_multi_lora_gpu.py \
     > "$OUT/serve_tests.log" 2>&1
