@@ -28,6 +28,19 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """One CPU thread for the test, put back after: the tiny models' many small products run much faster without
+    thread hand-offs on a busy machine, and bit-identical comparisons with subprocesses (OMP_NUM_THREADS=1) need
+    equal thread counts. The test folders that need it take it autouse (their conftest's `_one_thread`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def exact_cuda_matmuls():
     """CUDA float32 products without TF32 for the test (GPU tests that compare fp32 numbers at 1e-5)."""
     import torch

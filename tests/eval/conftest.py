@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mmlu_files import write_jsonl, write_mmlu  # noqa: E402
@@ -24,10 +23,6 @@ def mmlu_jsonl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread(one_thread) -> None:
     """One CPU thread, as tests/train runs: the tiny models' many small products run much faster without thread
     hand-offs on a busy machine (a decoder scoring test: 30 s on 2 threads under load, 2 s on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -12,12 +12,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread(one_thread) -> None:
     """One CPU thread, as the training subprocesses get: bit-identical comparisons need equal thread counts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 PAIRS = Path(__file__).parents[2] / "examples" / "data" / "preference.jsonl"

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import write_run_yaml  # noqa: E402
@@ -19,10 +18,6 @@ def run_yaml(tmp_path: Path, tiny_llama: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread(one_thread) -> None:
     """One CPU thread, as the subprocesses get (OMP_NUM_THREADS=1): tiny matmuls run many times faster
     without thread hand-offs on a busy machine, and bit-identical comparisons need equal thread counts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
