@@ -1,6 +1,7 @@
 """Launch `loratune train` as N ranks of one gloo process group, the way torchrun does (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT in each process's environment), forked from the training tests' preloaded
-server (tests/train/train_helpers.py) so each rank starts in milliseconds and SIGKILL ends it with no cleanup.
+server (tests/train/train_helpers.py) so each rank starts in milliseconds and SIGKILL ends it with no cleanup;
+and what the multi-process tests compare of two runs (their adapters, their training rows).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import load_file
 from train_helpers import _FORKS, ONE_THREAD, _child
+
+from loratune.train.metrics import read_rows
 
 
 def free_port() -> int:
@@ -53,3 +57,16 @@ def launch(path: Path, world: int, *overrides: str, faults: dict[int, str] | Non
             p.kill()
             p.join()
     return Ranks(codes, [log.read_text() if log.exists() else "" for log in logs])
+
+
+def max_adapter_diff(a: Path, b: Path) -> float:
+    """The largest difference between two runs' saved adapters (same keys; at least one lora_B moved)."""
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    assert any(bool((t != 0).any()) for k, t in x.items() if "lora_B" in k)  # it trained
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+def train_rows(out: Path) -> list[dict]:
+    """A run's training rows of metrics.jsonl (those with a loss)."""
+    return [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]

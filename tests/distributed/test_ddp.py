@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_helpers import launch
-from safetensors.torch import load_file
+from ddp_helpers import launch, max_adapter_diff, train_rows
 from train_helpers import config, write_run_yaml
 
 from loratune.errors import ConfigError
@@ -53,17 +52,6 @@ def _two_ranks(tmp_path: Path, model: Path, batching: str, faults: dict[int, str
     return folder / "out"
 
 
-def _max_diff(a: Path, b: Path) -> float:
-    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    assert x.keys() == y.keys()
-    assert any(bool((t != 0).any()) for k, t in x.items() if "lora_B" in k)  # it trained
-    return max(float((x[k] - y[k]).abs().max()) for k in x)
-
-
-def _train_rows(out: Path) -> list[dict]:
-    return [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.mark.parametrize("batching, implementation", [("padded", "auto"), ("padding_free", "auto"),
                                                       ("padded", "transformers")])
 def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Path, batching: str,
@@ -71,8 +59,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path: Path, tiny_llama: Pat
     """On loratune's decoder (auto) and on transformers + peft (not wrapped in DDP: the loop sums gradients)."""
     one = _one_process(tmp_path, tiny_llama, batching, implementation)
     two = _two_ranks(tmp_path, tiny_llama, batching, implementation=implementation)
-    assert _max_diff(one, two) < 1e-6
-    rows1, rows2 = _train_rows(one), _train_rows(two)  # one metrics file, written by rank 0 alone
+    assert max_adapter_diff(one, two) < 1e-6
+    rows1, rows2 = train_rows(one), train_rows(two)  # one metrics file, written by rank 0 alone
     assert [r["step"] for r in rows2] == list(range(1, STEPS + 1))
     for a, b in zip(rows1, rows2):
         assert a["tokens"] == b["tokens"]  # the same supervised tokens: the global normaliser
@@ -106,8 +94,8 @@ def test_dpo_on_two_ranks_equals_one_process(tmp_path: Path, tiny_llama: Path) -
             ranks = launch(path, 2)
             assert ranks.codes == [0, 0], ranks.tail()
         outs.append(folder / "out")
-    assert _max_diff(*outs) < 1e-6
-    rows1, rows2 = _train_rows(outs[0]), _train_rows(outs[1])
+    assert max_adapter_diff(*outs) < 1e-6
+    rows1, rows2 = train_rows(outs[0]), train_rows(outs[1])
     assert len(rows1) == len(rows2) == STEPS
     for a, b in zip(rows1, rows2):
         assert a["tokens"] == b["tokens"]  # pairs
@@ -129,8 +117,8 @@ def test_nonfinite_on_one_rank_skips_the_step_on_all(tmp_path: Path, tiny_llama:
     finally:
         del os.environ["LORATUNE_FAULT"]
     two = _two_ranks(tmp_path, tiny_llama, "padded", faults={1: "nan@loss#2"})
-    assert _max_diff(result.out_dir, two) < 1e-6
-    rows = _train_rows(two)
+    assert max_adapter_diff(result.out_dir, two) < 1e-6
+    rows = train_rows(two)
     assert rows[0]["skipped"] == 1 and rows[-1]["skipped"] == 1
     assert rows[0]["loss"] is None or not math.isfinite(rows[0]["loss"])
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_helpers import launch
-from test_ddp import STEPS, _max_diff, _sections, _train_rows
+from ddp_helpers import launch, max_adapter_diff, train_rows
+from test_ddp import STEPS, _sections
 from train_helpers import config, write_run_yaml
 
 from loratune.train.run import train
@@ -31,6 +31,6 @@ def test_two_gpus_train_what_one_gpu_trains(tmp_path: Path, tiny_llama: Path, ba
             ranks = launch(path, 2, timeout=600)
             assert ranks.codes == [0, 0], ranks.tail()
         outs.append(folder / "out")
-    assert _max_diff(*outs) < 1e-6
-    assert [r["tokens"] for r in _train_rows(outs[0])] == [r["tokens"] for r in _train_rows(outs[1])]
-    assert len(_train_rows(outs[1])) == STEPS
+    assert max_adapter_diff(*outs) < 1e-6
+    assert [r["tokens"] for r in train_rows(outs[0])] == [r["tokens"] for r in train_rows(outs[1])]
+    assert len(train_rows(outs[1])) == STEPS

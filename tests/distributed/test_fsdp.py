@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_helpers import launch
+from ddp_helpers import launch, max_adapter_diff, train_rows
 from safetensors.torch import load_file
 from train_helpers import adapter_bytes, config, write_run_yaml
 
@@ -42,17 +42,6 @@ def _one_process(tmp_path: Path, model: Path, batching: str, **train_extra: obje
     return result.out_dir
 
 
-def _max_diff(a: Path, b: Path) -> float:
-    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    assert x.keys() == y.keys()
-    assert any(bool((t != 0).any()) for k, t in x.items() if "lora_B" in k)  # it trained
-    return max(float((x[k] - y[k]).abs().max()) for k in x)
-
-
-def _train_rows(out: Path) -> list[dict]:
-    return [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.mark.parametrize("batching, extra", [("padded", {}), ("padding_free", {"gradient_checkpointing": True}),
                                              ("padded", {"fsdp_offload": True})],
                          ids=["padded", "padding_free-checkpointing", "padded-offload"])
@@ -66,8 +55,8 @@ def test_fsdp_on_two_ranks_trains_what_one_process_trains(tmp_path: Path, tiny_l
     assert ranks.codes == [0, 0], ranks.tail()
     two = folder / "out"
     assert "fsdp: 2 blocks and the root sharded over 2 processes" in ranks.logs[0], ranks.tail()
-    assert _max_diff(one, two) < 1e-6
-    rows1, rows2 = _train_rows(one), _train_rows(two)
+    assert max_adapter_diff(one, two) < 1e-6
+    rows1, rows2 = train_rows(one), train_rows(two)
     assert [r["step"] for r in rows2] == list(range(1, STEPS + 1))
     for a, b in zip(rows1, rows2):
         assert a["tokens"] == b["tokens"]
@@ -126,10 +115,10 @@ def test_resume_on_another_process_count_keeps_the_global_batch(tmp_path: Path, 
     alone = launch(path, 1, "train.grad_accum=4", "train.strategy=auto")
     assert alone.codes == [0], alone.tail()
     assert "resuming on 1 process(es) a checkpoint written by 2" in alone.logs[0], alone.tail()
-    assert _max_diff(ref / "out", tmp_path / "out") < 1e-6
-    rows = _train_rows(tmp_path / "out")
+    assert max_adapter_diff(ref / "out", tmp_path / "out") < 1e-6
+    rows = train_rows(tmp_path / "out")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert [r["tokens"] for r in rows] == [r["tokens"] for r in _train_rows(ref / "out")]
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in train_rows(ref / "out")]
 
 
 def test_a_sharded_process_group_of_one_trains_as_one_process(tmp_path: Path, tiny_llama: Path) -> None:
@@ -156,7 +145,7 @@ def test_a_sharded_process_group_of_one_trains_as_one_process(tmp_path: Path, ti
         outs.append(result.out_dir)
     assert json.loads((outs[1] / "loratune_run.json").read_text())["strategy"] == "fsdp"
     assert json.loads((outs[0] / "loratune_run.json").read_text())["strategy"] == "single"
-    assert _max_diff(*outs) < 1e-6
+    assert max_adapter_diff(*outs) < 1e-6
 
 
 def test_what_fsdp_does_not_train_is_refused_with_advice() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from ddp_helpers import free_port, launch
+from ddp_helpers import free_port, launch, max_adapter_diff, train_rows
 from safetensors.torch import load_file
-from test_fsdp import STEPS, _max_diff, _sections, _train_rows
+from test_fsdp import STEPS, _sections
 from train_helpers import config, write_run_yaml
 
 from loratune.train.run import train
@@ -43,7 +43,7 @@ def _plain_and_grouped(tmp_path: Path, model: Path, **train_extra: object) -> tu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_sharded_process_group_of_one_on_the_gpu_trains_as_one_gpu(tmp_path: Path, tiny_llama: Path) -> None:
     plain, grouped = _plain_and_grouped(tmp_path, tiny_llama)
-    assert _max_diff(plain, grouped) < 1e-6
+    assert max_adapter_diff(plain, grouped) < 1e-6
     assert (grouped / "loratune_run.json").read_text().count('"strategy": "fsdp"') == 1
     a, b = (load_file(str(o / "checkpoints" / f"step-{STEPS:08d}" / "trainer_state.safetensors")) for o in
             (plain, grouped))
@@ -66,5 +66,5 @@ def test_two_sharded_gpus_train_what_one_gpu_trains(tmp_path: Path, tiny_llama: 
             ranks = launch(path, 2, timeout=600)
             assert ranks.codes == [0, 0], ranks.tail()
         outs.append(folder / "out")
-    assert _max_diff(*outs) < 1e-6
-    assert [r["tokens"] for r in _train_rows(outs[0])] == [r["tokens"] for r in _train_rows(outs[1])]
+    assert max_adapter_diff(*outs) < 1e-6
+    assert [r["tokens"] for r in train_rows(outs[0])] == [r["tokens"] for r in train_rows(outs[1])]
