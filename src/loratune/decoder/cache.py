@@ -97,7 +97,7 @@ class KVCache:
         """Store this layer's new k/v [N, H_kv, D] and attend q [N, H, D] -> [N, H, D].
 
         `backend`: the decoder's attention implementation; a fresh prefill runs on flash when that is it, else
-        on sdpa (FlexAttention would compile for every new prompt length). None: the slot-by-slot path."""
+        on sdpa (FlexAttention would compile for every new prompt length). None: always the cached paths."""
         slots, index = self._current(b)
         keys, values = self.keys[layer], self.values[layer]
         keys[index, :, b.positions] = k.to(keys.dtype)
@@ -109,48 +109,61 @@ class KVCache:
             return self._step(keys, values, q, b, slots, scale, window, softcap)
         return self._continue(keys, values, q, b, slots, scale, window, softcap)
 
+    def _rows(self, b: Boundaries, slots: tuple[int, ...], device: torch.device) -> Tensor | None:
+        """The pass's slots as a device index (None: every slot, in order), made once per pass."""
+        if slots == tuple(range(self.batch)):
+            return None
+        if "cache_rows" not in b._derived:
+            b._derived["cache_rows"] = torch.tensor(slots, dtype=torch.long, device=device)
+        return b._derived["cache_rows"]
+
     def _continue(self, keys: Tensor, values: Tensor, q: Tensor, b: Boundaries, slots: tuple[int, ...], scale: float,
                   window: int | None, softcap: float | None) -> Tensor:
         """Runs of new tokens continuing their slots: one masked attention over the slots, each run's queries
         padded to the longest run (a padding query repeats its run's last one and is dropped), keys past each
-        query's position (and outside the window) masked."""
+        query's position (and outside the window) masked. The layout and mask are made once per pass (every
+        layer attends the same way), so no layer copies from the host."""
         device = q.device
         total = max(o + n for o, n in zip(b.offsets, b.lengths))
         longest = max(b.lengths)
-        if slots == tuple(range(self.batch)):
-            k, v = keys[:, :, :total], values[:, :, :total]
-        else:
-            rows = torch.tensor(slots, dtype=torch.long, device=device)
-            k, v = keys[rows, :, :total], values[rows, :, :total]
-        offsets = torch.tensor(b.offsets, dtype=torch.long, device=device)
-        within = b.positions - offsets[b.sample_ids]  # each token's place in its run
+        key = ("cache_continue", window)
+        if key not in b._derived:
+            offsets = torch.tensor(b.offsets, dtype=torch.long, device=device)
+            within = b.positions - offsets[b.sample_ids]  # each token's place in its run
+            last = offsets + torch.tensor(b.lengths, dtype=torch.long, device=device) - 1
+            # [S, longest]; a padding query takes its run's last position (never a row with every key masked)
+            qpos = torch.minimum(offsets[:, None] + torch.arange(longest, device=device)[None, :], last[:, None])
+            kpos = torch.arange(total, device=device)
+            mask = kpos[None, None, :] <= qpos[:, :, None]
+            if window is not None:
+                mask &= (qpos[:, :, None] - kpos[None, None, :]) < window
+            b._derived[key] = (within, mask[:, None])
+        within, mask = b._derived[key]
+        rows = self._rows(b, slots, device)
+        k, v = (keys[:, :, :total], values[:, :, :total]) if rows is None else (keys[rows, :, :total],
+                                                                               values[rows, :, :total])
         qr = q.new_zeros(len(slots), longest, q.shape[1], q.shape[2])
         qr[b.sample_ids, within] = q
-        last = offsets + torch.tensor(b.lengths, dtype=torch.long, device=device) - 1
-        # [S, longest]; a padding query takes its run's last position (never a row with every key masked)
-        qpos = torch.minimum(offsets[:, None] + torch.arange(longest, device=device)[None, :], last[:, None])
-        kpos = torch.arange(total, device=device)
-        mask = kpos[None, None, :] <= qpos[:, :, None]
-        if window is not None:
-            mask &= (qpos[:, :, None] - kpos[None, None, :]) < window
-        out = dense_attention(qr.transpose(1, 2), k, v, mask[:, None], scale, softcap)  # [S, H, longest, D]
+        out = dense_attention(qr.transpose(1, 2), k, v, mask, scale, softcap)  # [S, H, longest, D]
         return out.transpose(1, 2)[b.sample_ids, within]
 
     def _step(self, keys: Tensor, values: Tensor, q: Tensor, b: Boundaries, slots: tuple[int, ...], scale: float,
               window: int | None, softcap: float | None) -> Tensor:
-        """One new token per slot: one attention over the slots, keys past each slot's end masked."""
+        """One new token per slot: one attention over the slots, keys past each slot's end masked (the mask made
+        once per pass)."""
         total = max(b.offsets) + 1
-        if slots == tuple(range(self.batch)):
-            k, v = keys[:, :, :total], values[:, :, :total]
-        else:
-            rows = torch.tensor(slots, dtype=torch.long, device=q.device)
-            k, v = keys[rows, :, :total], values[rows, :, :total]
-        qpos = torch.tensor(b.offsets, device=q.device)[:, None]  # [B, 1]
-        kpos = torch.arange(total, device=q.device)[None, :]
-        mask = kpos <= qpos
-        if window is not None:
-            mask &= (qpos - kpos) < window
-        out = dense_attention(q[:, :, None, :], k, v, mask[:, None, None, :], scale, softcap)
+        key = ("cache_step", window)
+        if key not in b._derived:
+            qpos = torch.tensor(b.offsets, device=q.device)[:, None]  # [B, 1]
+            kpos = torch.arange(total, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= (qpos - kpos) < window
+            b._derived[key] = mask[:, None, None, :]
+        rows = self._rows(b, slots, q.device)
+        k, v = (keys[:, :, :total], values[:, :, :total]) if rows is None else (keys[rows, :, :total],
+                                                                               values[rows, :, :total])
+        out = dense_attention(q[:, :, None, :], k, v, b._derived[key], scale, softcap)
         return out[:, :, 0, :]
 
     def commit(self, b: Boundaries) -> None:
